@@ -1,0 +1,76 @@
+"""Perlin-noise anomalies: a 2-D Perlin field, thresholded into a blob mask, blends in another image.
+
+``perlin_noise`` is a pure noise function; ``perlin_blend`` is the paper's transform
+``x' = x (1 - M) + y M`` with ``y`` another normal image rotated by a random multiple of 90
+degrees and ``M = minmax(noise) > 0.9`` on an 8 x 8 lattice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LATTICE = 8
+THRESHOLD = 0.9
+
+
+def _fade(t: torch.Tensor) -> torch.Tensor:
+    return t * t * t * (t * (t * 6 - 15) + 10)
+
+
+def perlin_noise(height: int, width: int, res: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """Gradient (Perlin) noise ``(height, width)`` with ``res`` lattice cells along each axis.
+
+    Random unit gradients sit on the ``(res_y + 1) x (res_x + 1)`` lattice corners; each pixel
+    interpolates the four corner dot products with the quintic fade. Sizes that are not a
+    multiple of ``res`` are computed on the next multiple and cropped.
+    """
+    ry, rx = res
+    cell_h, cell_w = math.ceil(height / ry), math.ceil(width / rx)
+    angles = 2 * math.pi * torch.rand(ry + 1, rx + 1, generator=generator)
+    grads = torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)  # (ry+1, rx+1, 2)
+    # Position of every pixel inside its cell, in [0, 1).
+    ys = torch.arange(ry * cell_h, dtype=torch.float32) / cell_h
+    xs = torch.arange(rx * cell_w, dtype=torch.float32) / cell_w
+    yi, xi = ys.long(), xs.long()
+    fy, fx = (ys - yi)[:, None], (xs - xi)[None, :]
+
+    def corner(dy: int, dx: int) -> torch.Tensor:
+        g = grads[yi[:, None] + dy, xi[None, :] + dx]  # (H, W, 2)
+        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+
+    uy, ux = _fade(fy), _fade(fx)
+    top = corner(0, 0) * (1 - ux) + corner(0, 1) * ux
+    bottom = corner(1, 0) * (1 - ux) + corner(1, 1) * ux
+    noise = math.sqrt(2) * (top * (1 - uy) + bottom * uy)
+    return noise[:height, :width]
+
+
+def perlin_mask(height: int, width: int, generator: torch.Generator,
+                lattice: int = LATTICE, threshold: float = THRESHOLD) -> torch.Tensor:
+    """Binary blob mask ``(height, width)`` bool: min-max scaled Perlin noise above ``threshold``.
+
+    Never empty: the maximum of the scaled noise is 1.
+    """
+    noise = perlin_noise(height, width, (lattice, lattice), generator)
+    noise = (noise - noise.min()) / (noise.max() - noise.min()).clamp_min(1e-12)
+    return noise >= threshold
+
+
+def perlin_blend(image: torch.Tensor, source: torch.Tensor,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend a rotated ``source`` into ``image`` through a Perlin blob mask.
+
+    Args:
+        image, source: ``(3, S, S)`` float in [0, 1] (square, so rotations keep the shape).
+        generator: the only source of randomness.
+    Returns:
+        ``(anomalous image (3, S, S), mask (S, S) bool of the changed region)``.
+    """
+    _, height, width = image.shape
+    mask = perlin_mask(height, width, generator)
+    turns = int(torch.randint(0, 4, (1,), generator=generator))
+    rotated = torch.rot90(source, turns, dims=(1, 2)) if height == width else source
+    m = mask.to(image.dtype)
+    return image * (1 - m) + rotated * m, mask

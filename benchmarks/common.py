@@ -1,0 +1,60 @@
+"""Helpers shared by the benchmark scripts: timing with warm-up, Markdown tables, system info."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
+                   sync: Callable[[], None] | None = None) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed runs."""
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def system_info(device: torch.device) -> dict:
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d")}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def write_results(out_dir: str | Path, name: str, header: list[str], rows: list[list[object]],
+                  info: dict) -> Path:
+    """Write ``name.md`` (table + settings) and ``name.json`` (rows as dicts) into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(header, rows)
+    (out_dir / f"{name}.md").write_text(f"{table}\n\n{json.dumps(info)}\n")
+    (out_dir / f"{name}.json").write_text(
+        json.dumps({"info": info, "rows": [dict(zip(header, r)) for r in rows]}, indent=2))
+    return out_dir / f"{name}.md"

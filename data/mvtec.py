@@ -1,0 +1,204 @@
+"""MVTec-AD-layout data sets: category discovery, the training set with synthetic anomalies,
+and the labelled test set.
+
+Layout (MVTec AD and most industrial data sets)::
+
+    ROOT/<category>/train/good/*.png
+    ROOT/<category>/test/<good|defect>/*.png
+    ROOT/<category>/ground_truth/<defect>/<stem>_mask.png
+
+Images are decoded and resized once and cached in memory as uint8 (the data sets are small),
+so an epoch never decodes the same file twice. Synthetic anomalies are drawn from a
+``torch.Generator`` seeded by ``(seed, epoch, index)``: the same seed gives the same anomalies
+and batches whatever the number of loader workers or processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+import augment
+from errors import UserError
+
+from .images import (list_images, load_image, read_gray, read_rgb, resize_image, resize_mask,
+                     to_float)
+
+MVTEC_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
+    "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)
+MVTEC_URL = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
+# Above this many bytes of decoded, resized uint8 images, load from disk on every access.
+CACHE_LIMIT_BYTES = 8 * 1024**3
+
+
+def find_categories(root: str | Path) -> list[str]:
+    """Sub-folders of ``root`` that hold ``train/good`` (MVTec's 15 first, in their order)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(
+            f"data root {root} does not exist: download MVTec AD from {MVTEC_URL} and unpack it "
+            f"there, or pass --data-root DIR holding <category>/train/good, <category>/test/<type>, "
+            f"<category>/ground_truth/<type>")
+    found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+    if not found:
+        raise UserError(f"data root {root} has no <category>/train/good folders; expected the "
+                        f"MVTec AD layout (see {MVTEC_URL}) or pass the right --data-root")
+    ordered = [c for c in MVTEC_CATEGORIES if c in found]
+    return ordered + [c for c in found if c not in ordered]
+
+
+def resolve_categories(root: str | Path, spec: str) -> list[str]:
+    """``--c`` value (``all``, one name, or a comma list) -> category names, checked to exist."""
+    found = find_categories(root)
+    if spec == "all":
+        return found
+    asked = [c.strip() for c in spec.split(",") if c.strip()]
+    missing = [c for c in asked if c not in found]
+    if missing:
+        raise UserError(f"--c {spec}: no category {', '.join(missing)} under {root} "
+                        f"(found: {', '.join(found)})")
+    return asked
+
+
+def train_images(root: str | Path, category: str) -> list[Path]:
+    folder = Path(root) / category / "train" / "good"
+    paths = list_images(folder)
+    if not paths:
+        raise UserError(f"{folder} holds no images (png/jpg/bmp/tif); put the defect-free "
+                        "training images there")
+    return paths
+
+
+@dataclass(frozen=True)
+class TestSample:
+    path: Path
+    label: int  # 0 good, 1 defect
+    defect: str
+    mask_path: Path | None
+
+
+def find_mask(root: Path, category: str, defect: str, image: Path) -> Path | None:
+    """``ground_truth/<defect>/<stem>_mask.*`` (MVTec) or ``<stem>.*``; ``None`` if absent."""
+    folder = root / category / "ground_truth" / defect
+    for candidate in list_images(folder):
+        if candidate.stem in (f"{image.stem}_mask", image.stem):
+            return candidate
+    return None
+
+
+def test_samples(root: str | Path, category: str) -> list[TestSample]:
+    """All test images with labels; a defect image without a mask is a ``UserError``."""
+    root = Path(root)
+    test_dir = root / category / "test"
+    defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
+    if not defects:
+        raise UserError(f"{test_dir} has no sub-folders; expected test/good and test/<defect type>")
+    samples = []
+    for defect in defects:
+        for path in list_images(test_dir / defect):
+            if defect == "good":
+                samples.append(TestSample(path, 0, defect, None))
+                continue
+            mask = find_mask(root, category, defect, path)
+            if mask is None:
+                raise UserError(f"defect image {path} has no mask: expected "
+                                f"{root / category / 'ground_truth' / defect / (path.stem + '_mask.png')}")
+            samples.append(TestSample(path, 1, defect, mask))
+    if not samples:
+        raise UserError(f"{test_dir} holds no images")
+    return samples
+
+
+def check_mask_fits(image_path: Path, image_hw: tuple[int, int], mask_path: Path,
+                    mask_hw: tuple[int, int]) -> None:
+    """A mask may be scaled, but must have its image's aspect ratio (within 1%)."""
+    (ih, iw), (mh, mw) = image_hw, mask_hw
+    if abs(ih * mw - iw * mh) > 0.01 * ih * mw:
+        raise UserError(f"mask {mask_path} is {mw}x{mh} but image {image_path} is {iw}x{ih} "
+                        "(another aspect ratio); fix or replace the mask")
+
+
+def load_cached(paths: list[Path], size: int, antialias: bool, desc: str) -> torch.Tensor | None:
+    """Decode + resize every path into one ``(N, 3, size, size)`` uint8 tensor, or ``None`` if too big."""
+    if len(paths) * 3 * size * size > CACHE_LIMIT_BYTES:
+        return None
+    images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for i, path in enumerate(tqdm(paths, desc=desc, leave=False, unit="img", disable=len(paths) < 50)):
+        images[i] = load_image(path, size, antialias)
+    return images
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed unique to (seed, epoch, index), stable across processes and runs."""
+    value = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
+    return value % (2**63 - 1)
+
+
+class TrainSet(Dataset):
+    """Normal training images, each with one synthetic anomaly per selected generator.
+
+    ``dataset[i]`` is ``(normal (3, S, S) float, anomalies (G, 3, S, S) float)``; generator
+    ``g`` of ``augs`` is class ``g + 1``. Call ``set_epoch(e)`` before each epoch.
+    """
+
+    def __init__(self, root: str | Path, category: str, size: int, augs: list[str], seed: int = 0,
+                 antialias: bool = False, cache: bool = True):
+        self.paths = train_images(root, category)
+        self.size, self.augs, self.seed, self.antialias = size, augs, seed, antialias
+        self.generators = [augment.GENERATORS[name] for name in augs]
+        self.epoch = 0
+        self.images = load_cached(self.paths, size, antialias, f"{category}: caching train") if cache else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def image(self, index: int) -> torch.Tensor:
+        """``(3, S, S)`` float in [0, 1]."""
+        raw = self.images[index] if self.images is not None else load_image(
+            self.paths[index], self.size, self.antialias)
+        return to_float(raw)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        normal = self.image(index)
+        anomalies = []
+        for make in self.generators:
+            # Source: another random normal image (the image itself when there is only one).
+            other = int(torch.randint(0, max(len(self) - 1, 1), (1,), generator=gen))
+            other = other + (other >= index) if len(self) > 1 else index
+            anomalous, _ = make(normal, self.image(other), gen)
+            anomalies.append(anomalous)
+        return normal, torch.stack(anomalies)
+
+
+class TestSet(Dataset):
+    """Labelled test images: ``dataset[i]`` is a dict with ``image`` (3, S, S) float, ``mask``
+    (S, S) bool, ``label`` int, ``path`` str, ``defect`` str."""
+
+    def __init__(self, root: str | Path, category: str, size: int, antialias: bool = False):
+        self.samples = test_samples(root, category)
+        self.size, self.antialias = size, antialias
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        raw = read_rgb(sample.path)
+        if sample.mask_path is not None:
+            soft = read_gray(sample.mask_path)
+            check_mask_fits(sample.path, tuple(raw.shape[-2:]), sample.mask_path, tuple(soft.shape))
+            mask = resize_mask(soft, self.size)
+        else:
+            mask = torch.zeros(self.size, self.size, dtype=torch.bool)
+        return {"image": to_float(resize_image(raw, self.size, self.antialias)), "mask": mask,
+                "label": sample.label, "path": str(sample.path), "defect": sample.defect}

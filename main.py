@@ -1,0 +1,119 @@
+"""Stage 1: self-supervised training on normal images and their synthetic anomalies.
+
+    python main.py --c zipper                                   # the paper's run on MVTec AD
+    python main.py --c magnetic_tile --data-root ../shared/datasets --arch wave18 --size 128 --e 20
+    torchrun --nproc_per_node=2 main.py --c zipper              # several GPUs (or CPU processes)
+
+Writes ``<ckpt-dir>/<category>-<arch>/model.pt`` (checkpoint), ``log.jsonl`` (one JSON line per
+epoch), ``anomaly_preview.png`` (what the network learns from) and ``tensorboard/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import cli
+import models
+from augment import parse_augs
+from data import resolve_categories
+from errors import UserError
+from models.dwt import lowpass_filter
+from training import cleanup, init_distributed, resolve_precision, train_category
+
+MIN_SIZE = 32
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train a WaveCNet to tell normal images from synthetic anomalies (stage 1).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("Data")
+    data.add_argument("--c", "--category", dest="category", default="all",
+                      help="category folder under --data-root, a comma list, or 'all'")
+    data.add_argument("--data-root", default="./mvtec_anomaly_detection",
+                      help="folder with <category>/train/good, test/<type>, ground_truth/<type>")
+    data.add_argument("--size", type=int, default=256, help="images are resized to size x size")
+    data.add_argument("--antialias", action="store_true",
+                      help="antialiased resize (the paper's checkpoints were trained without)")
+    model = parser.add_argument_group("Model")
+    model.add_argument("--arch", default="wave50", choices=models.list_models())
+    model.add_argument("--wavelet", default=models.DEFAULT_WAVELET, help="any PyWavelets wavelet name")
+    aug = parser.add_argument_group("Augmentation")
+    aug.add_argument("--augs", default="cutpaste,perlin",
+                     help="synthetic anomaly generators, one class each: cutpaste, perlin, scar")
+    opt = parser.add_argument_group("Optimisation")
+    opt.add_argument("--e", "--epochs", dest="epochs", type=int, default=1600)
+    opt.add_argument("--b", "--batch-size", dest="batch_size", type=int, default=32,
+                     help="normal images per batch (each brings one anomaly per generator)")
+    opt.add_argument("--lr", type=float, default=0.03)
+    opt.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=3e-5)
+    opt.add_argument("--m", "--momentum", dest="momentum", type=float, default=0.9)
+    opt.add_argument("--seed", type=int, default=0, help="same seed -> same anomalies, batches and weights")
+    speed = parser.add_argument_group("Speed")
+    speed.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="auto = bfloat16 autocast where the CPU/GPU supports it natively")
+    speed.add_argument("--no-channels-last", dest="channels_last", action="store_false",
+                       help="keep NCHW memory format (channels_last is faster with oneDNN and cuDNN)")
+    speed.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
+    out = parser.add_argument_group("Output")
+    out.add_argument("--ckpt-dir", default="ckpt", help="checkpoints go to <ckpt-dir>/<category>-<arch>/")
+    out.add_argument("--resume", nargs="?", const="auto", default=None,
+                     help="continue from <ckpt-dir>/<category>-<arch>/model.pt, or from the given file")
+    out.add_argument("--save-every", type=int, default=50, help="also save every N epochs (0 = end only)")
+    out.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    cli.add_common_flags(parser)
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check flags before any work starts; every problem is a one-line ``UserError``."""
+    if args.size < MIN_SIZE:
+        raise UserError(f"--size {args.size}: the network needs at least {MIN_SIZE} px (it halves the "
+                        "image 5 times); use 128 or 256")
+    for flag, value in (("--e", args.epochs), ("--b", args.batch_size)):
+        if value < (0 if flag == "--e" else 1):
+            raise UserError(f"{flag} {value}: must be positive")
+    if args.lr <= 0:
+        raise UserError(f"--lr {args.lr}: must be positive")
+    if args.save_every < 0:
+        raise UserError(f"--save-every {args.save_every}: must be 0 or more")
+    args.augs = parse_augs(args.augs)
+    lowpass_filter(args.wavelet)
+    cli.check_workers(args.workers)
+
+
+def summary(args: argparse.Namespace, categories: list[str], device: torch.device, precision: str) -> str:
+    return (f"training {', '.join(categories)} | {args.arch} ({args.wavelet}) at {args.size} px | "
+            f"augs {'+'.join(args.augs)} | {args.epochs} epochs, batch {args.batch_size} x "
+            f"{1 + len(args.augs)}, SGD lr {args.lr} momentum {args.momentum} wd {args.weight_decay} | "
+            f"seed {args.seed} | {device} {precision}{' channels_last' if args.channels_last else ''} | "
+            f"-> {args.ckpt_dir}/<category>-{args.arch}/")
+
+
+def main(args: argparse.Namespace) -> list:
+    validate(args)
+    categories = resolve_categories(args.data_root, args.category)
+    device_type = cli.resolve_device(args.device).type
+    dist_info = init_distributed(device_type)
+    device = cli.resolve_device(args.device, dist_info.local_rank)
+    precision = resolve_precision(args.precision, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    if dist_info.is_main:
+        print(summary(args, categories, device, precision), flush=True)
+    paths = []
+    try:
+        for category in categories:
+            paths.append(train_category(args, category, device, dist_info))
+    finally:
+        cleanup(dist_info)
+    if dist_info.is_main:
+        for path in paths:
+            print(f"saved {path}")
+    return paths
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser().parse_args())

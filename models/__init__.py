@@ -1,0 +1,41 @@
+"""Model registry: ``create_model(name, wavelet, num_classes)`` for the WaveCNet ResNets.
+
+>>> import models
+>>> net = models.create_model("wave50")          # bior2.2 wavelet, 3 classes
+>>> logits, (f1, f2, f3, f4) = net(torch.rand(2, 3, 256, 256))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from errors import UserError
+
+from .dwt import DEFAULT_WAVELET, WaveletDownsample
+from .wavecnet import BasicBlock, Bottleneck, WaveCNet
+
+# name -> (block, blocks per stage); keep in sync with ``checkpoint.infer_arch``.
+ARCHS: dict[str, tuple[type, tuple[int, int, int, int]]] = {
+    "wave18": (BasicBlock, (2, 2, 2, 2)),
+    "wave34": (BasicBlock, (3, 4, 6, 3)),
+    "wave50": (Bottleneck, (3, 4, 6, 3)),
+    "wave101": (Bottleneck, (3, 4, 23, 3)),
+}
+
+
+def list_models() -> list[str]:
+    return list(ARCHS)
+
+
+def create_model(name: str, wavelet: str = DEFAULT_WAVELET, num_classes: int = 3,
+                 downsample_layer: Callable[[str], object] = WaveletDownsample) -> WaveCNet:
+    """Build an untrained network by name (``wave18``, ``wave34``, ``wave50``, ``wave101``)."""
+    if name not in ARCHS:
+        raise UserError(f"unknown arch '{name}': choose one of {', '.join(ARCHS)}")
+    block, depths = ARCHS[name]
+    return WaveCNet(block, depths, wavelet=wavelet, num_classes=num_classes,
+                    downsample_layer=downsample_layer)
+
+
+__all__ = ["ARCHS", "DEFAULT_WAVELET", "WaveCNet", "WaveletDownsample", "create_model",
+           "list_models"]

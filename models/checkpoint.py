@@ -1,0 +1,131 @@
+"""Checkpoint files: atomic saving, safe loading, and loading weights into a network.
+
+Two formats are read:
+
+- the paper's: ``{"epoch": int, "netD_state_dict": state_dict}`` (``ckpt/<class>-wave50/
+  e1600_model.pt``);
+- ours: the same two keys plus ``format_version``, ``arch``, ``wavelet``, ``size``, ``augs``,
+  ``args``, ``optimizer`` ... (see ``training/``), so the paper's code can read ours too.
+
+A bare state dict, and state dicts whose keys carry ``module.`` (DistributedDataParallel) or
+``_orig_mod.`` (``torch.compile``) prefixes, are accepted as well. Files are opened with
+``torch.load(weights_only=True)``: a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from errors import UserError
+
+STATE_KEY = "netD_state_dict"
+PREFIXES = ("module.", "_orig_mod.")
+
+
+def save_atomic(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
+
+    A crash, a full disk or a kill at any moment leaves either the old file or the new one,
+    never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint file safely; a missing, truncated or foreign file is a ``UserError``."""
+    path = Path(path)
+    if not path.is_file():
+        folder = path.parent
+        found = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.pt")) if folder.is_dir() else []
+        hint = f"checkpoints in {folder}/: {', '.join(found[:20])}" if found else \
+            f"no .pt files in {folder}/" if folder.is_dir() else f"{folder}/ does not exist"
+        raise UserError(f"checkpoint {path} not found ({hint}); train first with main.py or pass --p")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
+            OSError) as exc:
+        raise UserError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            "it is truncated or not a PyTorch checkpoint: re-copy it or retrain"
+        ) from None
+    if not isinstance(obj, dict):
+        raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def extract_state_dict(checkpoint: dict, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The network weights of a checkpoint dict, with ``module.``/``_orig_mod.`` prefixes removed."""
+    for key in (STATE_KEY, "state_dict", "model"):
+        if isinstance(checkpoint.get(key), dict):
+            state = checkpoint[key]
+            break
+    else:
+        state = checkpoint
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{source} has no network weights (expected a '{STATE_KEY}' entry)")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        cleaned[key] = value
+    return cleaned
+
+
+def infer_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Guess the registry name (``wave18`` ...) from a state dict's keys, or ``None``."""
+    from . import ARCHS  # late import: the registry imports this module's siblings
+
+    bottleneck = "layer1.0.conv3.weight" in state_dict
+    depths = []
+    for stage in range(1, 5):
+        blocks = {k.split(".")[1] for k in state_dict if k.startswith(f"layer{stage}.")}
+        depths.append(len(blocks))
+    for name, (block, arch_depths) in ARCHS.items():
+        if tuple(depths) == arch_depths and (block.expansion == 4) == bottleneck:
+            return name
+    return None
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint",
+                 arch: str | None = None) -> None:
+    """``model.load_state_dict(state_dict, strict=True)`` with a readable error on mismatch."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        looks_like = infer_arch(state_dict)
+        what = f"it looks like {looks_like}" if looks_like else "it matches no known arch"
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong_shape:
+            k = wrong_shape[0]
+            details.append(f"{len(wrong_shape)} of another shape (e.g. {k}: "
+                           f"{tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)})")
+        asked = f" for {arch}" if arch else ""
+        hint = f"; pass --arch {looks_like}" if looks_like and looks_like != arch else ""
+        raise UserError(f"{source} does not fit the network{asked}: {what}; keys "
+                        f"{', '.join(details)}{hint}")
+    model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,255 @@
+"""Stage 1: train a WaveCNet to tell normal images from their synthetic anomalies.
+
+One call of :func:`train_category` trains one category: the batch is
+``[normal; anomaly_1; ...; anomaly_G]`` with labels ``0, 1, ..., G`` and a cross-entropy loss,
+SGD with momentum (the paper's optimiser). Every random choice derives from ``--seed`` and the
+epoch, so a run resumed from a checkpoint ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from tqdm import tqdm
+
+import models
+from data import TrainSet
+from errors import UserError
+from models.checkpoint import extract_state_dict, load_weights, read_checkpoint, save_atomic
+
+from .distributed import DistInfo, all_reduce_sum, barrier
+from .logger import EpochLogger
+from .preview import save_preview
+
+FORMAT_VERSION = 1
+CHECKPOINT_NAME = "model.pt"
+PREVIEW_NAME = "anomaly_preview.png"
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation of ``range(n)`` drawn from ``(seed, epoch)``: same order on every resume."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def run_dir_for(ckpt_dir: str | Path, category: str, arch: str) -> Path:
+    return Path(ckpt_dir) / f"{category}-{arch}"
+
+
+def bf16_available(device: torch.device) -> bool:
+    """bfloat16 autocast pays on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if bf16_available(device) else "fp32"
+    if precision == "bf16" and not bf16_available(device):
+        raise UserError(f"--precision bf16: this {device.type.upper()} has no native bfloat16; use fp32")
+    return precision
+
+
+def make_batch(normal: torch.Tensor, anomalies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, 3, S, S)``, ``(B, G, 3, S, S)`` -> images ``((G+1) B, 3, S, S)``, labels ``((G+1) B,)``.
+
+    Order as the paper: all normals, then all of generator 1, then generator 2, ...
+    """
+    groups = [normal] + list(anomalies.unbind(1))
+    labels = torch.arange(len(groups), device=normal.device).repeat_interleave(normal.shape[0])
+    return torch.cat(groups), labels
+
+
+def checkpoint_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                       args: Namespace, category: str) -> dict:
+    """The checkpoint dict: the paper's keys plus what rebuilds the run (plain types only)."""
+    plain_args = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                  if isinstance(v, (str, int, float, bool, type(None), Path, list))}
+    return {
+        "format_version": FORMAT_VERSION,
+        "epoch": epoch,
+        "netD_state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "arch": args.arch,
+        "wavelet": args.wavelet,
+        "size": args.size,
+        "augs": list(args.augs),
+        "num_classes": 1 + len(args.augs),
+        "category": category,
+        "seed": args.seed,
+        "recipe": getattr(args, "recipe", "paper"),
+        "args": plain_args,
+        "torch": torch.__version__,
+    }
+
+
+def check_resume_compatible(ckpt: dict, args: Namespace, path: Path) -> None:
+    for key in ("arch", "wavelet", "size"):
+        if key in ckpt and ckpt[key] != getattr(args, key):
+            raise UserError(f"--resume {path}: checkpoint has {key}={ckpt[key]} but this run asks "
+                            f"--{key} {getattr(args, key)}; use the same settings or another --ckpt-dir")
+    if "augs" in ckpt and list(ckpt["augs"]) != list(args.augs):
+        raise UserError(f"--resume {path}: checkpoint was trained with --augs {','.join(ckpt['augs'])}")
+
+
+def train_category(args: Namespace, category: str, device: torch.device, dist_info: DistInfo) -> Path:
+    """Train one category; returns the final checkpoint's path."""
+    run_dir = run_dir_for(args.ckpt_dir, category, args.arch)
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    main_rank = dist_info.is_main
+    precision = resolve_precision(args.precision, device)
+    channels_last = args.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    dataset = TrainSet(args.data_root, category, args.size, list(args.augs), seed=args.seed,
+                       antialias=args.antialias)
+    per_rank = math.ceil(len(dataset) / dist_info.world_size)
+    if args.batch_size > per_rank and not getattr(args, "allow_small_data", False):
+        raise UserError(f"--b {args.batch_size} is larger than the {len(dataset)} training images of "
+                        f"{category}{' per process' if dist_info.enabled else ''}; use --b {per_rank} or less")
+    if dist_info.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=dist_info.world_size, rank=dist_info.rank,
+                                     shuffle=True, seed=args.seed, drop_last=False)
+    else:
+        sampler = EpochShuffleSampler(len(dataset), args.seed)
+    loader_kwargs = {"batch_size": args.batch_size, "sampler": sampler, "num_workers": args.workers,
+                     "pin_memory": device.type == "cuda", "drop_last": False}
+    if args.workers > 0:
+        loader_kwargs["prefetch_factor"] = 4
+    loader = DataLoader(dataset, **loader_kwargs)
+
+    torch.manual_seed(args.seed)
+    model = models.create_model(args.arch, wavelet=args.wavelet, num_classes=1 + len(args.augs))
+    model = model.to(device=device, memory_format=memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+
+    start_epoch = 0
+    if args.resume:
+        resume_path = ckpt_path if args.resume == "auto" else Path(args.resume)
+        if resume_path.is_file():
+            ckpt = read_checkpoint(resume_path, map_location=device)
+            check_resume_compatible(ckpt, args, resume_path)
+            load_weights(model, extract_state_dict(ckpt, str(resume_path)), str(resume_path), args.arch)
+            if "optimizer" in ckpt:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            start_epoch = int(ckpt.get("epoch", 0))
+            if main_rank:
+                tqdm.write(f"resumed {resume_path} at epoch {start_epoch}")
+        elif args.resume != "auto":
+            raise UserError(f"--resume {resume_path}: no such checkpoint")
+    net = model
+    if dist_info.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    logger = EpochLogger(run_dir, enabled=main_rank, tensorboard=not args.no_tensorboard)
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        logger.truncate_after(start_epoch)
+        if start_epoch == 0 or not (run_dir / PREVIEW_NAME).exists():
+            save_preview(dataset, run_dir / PREVIEW_NAME, seed=args.seed)
+
+    class_names = ["normal", *args.augs]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    saved_epoch = start_epoch
+    # The last completed epoch's weights, kept so that Ctrl-C can save a resumable state.
+    snapshot = None
+
+    def save(epoch: int, state: dict | None = None) -> None:
+        nonlocal saved_epoch
+        if main_rank:
+            payload = state or checkpoint_payload(model, optimizer, epoch, args, category)
+            save_atomic(payload, ckpt_path)
+        saved_epoch = epoch
+
+    epochs = range(start_epoch, args.epochs)
+    bar = tqdm(epochs, desc=f"{category} {args.arch}", unit="epoch", disable=not main_rank,
+               initial=start_epoch, total=args.epochs, dynamic_ncols=True)
+    try:
+        for epoch in bar:
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
+            net.train()
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            correct = torch.zeros(len(class_names), device=device, dtype=torch.float64)
+            seen = torch.zeros(len(class_names), device=device, dtype=torch.float64)
+            start = time.perf_counter()
+            batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
+                           disable=not main_rank or len(loader) < 20, dynamic_ncols=True)
+            for normal, anomalies in batches:
+                normal = normal.to(device, non_blocking=True)
+                anomalies = anomalies.to(device, non_blocking=True)
+                images, labels = make_batch(normal, anomalies)
+                images = images.contiguous(memory_format=memory_format)
+                with autocast:
+                    logits, _ = net(images)
+                loss = F.cross_entropy(logits.float(), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                # Accumulated on the device: no host synchronisation inside the step.
+                loss_sum += loss.detach() * labels.numel()
+                hits = (logits.detach().argmax(1) == labels).double()
+                correct.index_add_(0, labels, hits)
+                seen.index_add_(0, labels, torch.ones_like(hits))
+            stats = all_reduce_sum(torch.cat([loss_sum[None], correct, seen]), dist_info).cpu()
+            seconds = time.perf_counter() - start
+            total = float(stats[1 + len(class_names):].sum())
+            loss_value = float(stats[0]) / max(total, 1)
+            if not math.isfinite(loss_value):
+                where = f"{ckpt_path} (epoch {saved_epoch})" if saved_epoch > 0 and ckpt_path.exists() \
+                    else "no checkpoint was saved yet"
+                raise UserError(f"loss became {loss_value} in epoch {epoch + 1}; training stopped, the last "
+                                f"good checkpoint is {where}; lower --lr (now {args.lr})")
+            accuracy = {f"acc_{name}": float(stats[1 + i] / max(stats[1 + len(class_names) + i], 1))
+                        for i, name in enumerate(class_names)}
+            record = {"epoch": epoch + 1, "loss": round(loss_value, 6),
+                      **{k: round(v, 4) for k, v in accuracy.items()},
+                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": round(total / seconds, 1),
+                      "seconds": round(seconds, 2)}
+            logger.log(record)
+            bar.set_postfix(loss=f"{loss_value:.4f}", **{name: f"{accuracy[f'acc_{name}']:.2f}"
+                                                        for name in class_names},
+                            ips=f"{total / seconds:.0f}")
+            done = epoch + 1
+            if args.save_every and done % args.save_every == 0 and done < args.epochs:
+                save(done)
+                snapshot = None
+            else:
+                snapshot = copy.deepcopy(checkpoint_payload(model, optimizer, done, args, category))
+        save(args.epochs)
+    except KeyboardInterrupt:
+        if snapshot is not None and main_rank:
+            save(snapshot["epoch"], snapshot)
+        if main_rank:
+            tqdm.write(f"interrupted: {ckpt_path} holds epoch {saved_epoch}; continue with the same "
+                       f"command plus --resume")
+        raise
+    finally:
+        bar.close()
+        logger.close()
+    barrier(dist_info)
+    return ckpt_path
