@@ -38,25 +38,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--antialias", action="store_true",
                       help="antialiased resize (the paper's checkpoints were trained without)")
     model = parser.add_argument_group("Model")
-    model.add_argument("--arch", default="wave50", choices=models.list_models())
+    model.add_argument("--arch", default="wave50", choices=models.list_models(), help="backbone")
     model.add_argument("--wavelet", default=models.DEFAULT_WAVELET, help="any PyWavelets wavelet name")
     aug = parser.add_argument_group("Augmentation")
     aug.add_argument("--augs", default="cutpaste,perlin",
                      help="synthetic anomaly generators, one class each: cutpaste, perlin, scar")
     opt = parser.add_argument_group("Optimisation")
-    opt.add_argument("--e", "--epochs", dest="epochs", type=int, default=1600)
+    opt.add_argument("--e", "--epochs", dest="epochs", type=int, default=1600, help="epochs (the paper: 1600)")
     opt.add_argument("--b", "--batch-size", dest="batch_size", type=int, default=32,
                      help="normal images per batch (each brings one anomaly per generator)")
-    opt.add_argument("--lr", type=float, default=0.03)
-    opt.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=3e-5)
-    opt.add_argument("--m", "--momentum", dest="momentum", type=float, default=0.9)
+    opt.add_argument("--lr", type=float, default=0.03, help="SGD learning rate")
+    opt.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=3e-5,
+                     help="weight decay")
+    opt.add_argument("--m", "--momentum", dest="momentum", type=float, default=0.9, help="SGD momentum")
     opt.add_argument("--seed", type=int, default=0, help="same seed -> same anomalies, batches and weights")
     speed = parser.add_argument_group("Speed")
     speed.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="auto = bfloat16 autocast where the CPU/GPU supports it natively")
     speed.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                        help="keep NCHW memory format (channels_last is faster with oneDNN and cuDNN)")
-    speed.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false")
+    speed.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                       help="turn off cudnn.benchmark autotuning")
     out = parser.add_argument_group("Output")
     out.add_argument("--ckpt-dir", default="ckpt", help="checkpoints go to <ckpt-dir>/<category>-<arch>/")
     out.add_argument("--resume", nargs="?", const="auto", default=None,

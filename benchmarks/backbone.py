@@ -24,10 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import models  # noqa: E402
 from common import device_sync, markdown_table, median_seconds, system_info, write_results  # noqa: E402
-from models.dwt import WaveletDownsample  # noqa: E402
 from paper_style_dwt import PaperStyleDownsample  # noqa: E402
+
+import models  # noqa: E402
+from models.dwt import WaveletDownsample  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -70,7 +70,7 @@ def read_rgb(path: Path) -> torch.Tensor:
     arr = _to_uint8_array(open_image(path))
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
 
 
 def read_gray(path: Path) -> torch.Tensor:
@@ -78,7 +78,7 @@ def read_gray(path: Path) -> torch.Tensor:
     arr = _to_uint8_array(open_image(path))
     if arr.ndim == 3:
         arr = arr.max(axis=2)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    return torch.from_numpy(np.array(arr, copy=True))
 
 
 def resize_image(image: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:

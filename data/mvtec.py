@@ -25,8 +25,7 @@ from tqdm import tqdm
 import augment
 from errors import UserError
 
-from .images import (list_images, load_image, read_gray, read_rgb, resize_image, resize_mask,
-                     to_float)
+from .images import list_images, load_image, read_gray, read_rgb, resize_image, resize_mask, to_float
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
@@ -77,6 +76,7 @@ def train_images(root: str | Path, category: str) -> list[Path]:
 
 @dataclass(frozen=True)
 class TestSample:
+    __test__ = False  # not a pytest class
     path: Path
     label: int  # 0 good, 1 defect
     defect: str
@@ -183,6 +183,8 @@ class TrainSet(Dataset):
 class TestSet(Dataset):
     """Labelled test images: ``dataset[i]`` is a dict with ``image`` (3, S, S) float, ``mask``
     (S, S) bool, ``label`` int, ``path`` str, ``defect`` str."""
+
+    __test__ = False  # not a pytest class
 
     def __init__(self, root: str | Path, category: str, size: int, antialias: bool = False):
         self.samples = test_samples(root, category)

@@ -123,6 +123,8 @@ class WaveCNet(nn.Module):
 
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_ch, num_classes)  # unused; kept for state-dict compatibility
+        # Frozen so that DistributedDataParallel does not wait for its (never coming) gradient.
+        self.fc.requires_grad_(False)
         self.head = nn.Sequential(
             nn.Linear(in_ch, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),
             nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(inplace=True),

@@ -101,7 +101,7 @@ def checkpoint_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         "seed": args.seed,
         "recipe": getattr(args, "recipe", "paper"),
         "args": plain_args,
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),
     }
 
 
@@ -126,7 +126,7 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
     dataset = TrainSet(args.data_root, category, args.size, list(args.augs), seed=args.seed,
                        antialias=args.antialias)
     per_rank = math.ceil(len(dataset) / dist_info.world_size)
-    if args.batch_size > per_rank and not getattr(args, "allow_small_data", False):
+    if args.batch_size > per_rank:
         raise UserError(f"--b {args.batch_size} is larger than the {len(dataset)} training images of "
                         f"{category}{' per process' if dist_info.enabled else ''}; use --b {per_rank} or less")
     if dist_info.enabled:

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny MVTec-layout data set written once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth random grayscale texture, uint8 (H, W)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    base = 110 + 40 * np.sin(xx / 3.0 + phase[0]) * np.cos(yy / 4.0 + phase[1])
+    return np.clip(base + rng.normal(0, 6, (height, width)), 0, 255).astype(np.uint8)
+
+
+def write_category(root: Path, name: str, seed: int, n_train: int = 8, size=(48, 40)) -> None:
+    """``root/name`` in the MVTec layout: RGB PNG train/good, test/good, test/scratch + soft masks."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    (root / name / "train" / "good").mkdir(parents=True)
+    (root / name / "test" / "good").mkdir(parents=True)
+    (root / name / "test" / "scratch").mkdir(parents=True)
+    (root / name / "ground_truth" / "scratch").mkdir(parents=True)
+    for i in range(n_train):
+        gray = texture(rng, height, width)
+        Image.fromarray(np.stack([gray] * 3, -1)).save(root / name / "train" / "good" / f"{i:03d}.png")
+    for i in range(3):
+        gray = texture(rng, height, width)
+        Image.fromarray(np.stack([gray] * 3, -1)).save(root / name / "test" / "good" / f"{i:03d}.png")
+    for i in range(3):
+        gray = texture(rng, height, width)
+        mask = np.zeros((height, width), np.uint8)
+        r, c = rng.integers(8, height - 16), rng.integers(4, width - 16)
+        gray[r:r + 3, c:c + 12] = 250  # a bright scratch
+        # Soft mask: JPEG-like values around the 128 threshold, as in Magnetic Tile.
+        mask[r:r + 3, c:c + 12] = 200
+        mask[r + 3, c:c + 12] = 100
+        Image.fromarray(np.stack([gray] * 3, -1)).save(root / name / "test" / "scratch" / f"{i:03d}.png")
+        Image.fromarray(mask).save(root / name / "ground_truth" / "scratch" / f"{i:03d}_mask.png")
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """Two categories, ``widget`` and ``gizmo``: 8 train, 3 good + 3 defect test images each."""
+    root = tmp_path_factory.mktemp("mvtec")
+    write_category(root, "widget", seed=1)
+    write_category(root, "gizmo", seed=2, size=(40, 40))
+    return root

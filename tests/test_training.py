@@ -1,0 +1,103 @@
+"""Stage 1 end to end on the tiny data set: checkpoints, logs, resume equality, torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main as train_main
+import models
+from models.checkpoint import extract_state_dict, load_weights, read_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def train_args(root, ckpt_dir, *extra):
+    return train_main.get_args_parser().parse_args(
+        ["--c", "widget", "--data-root", str(root), "--arch", "wave18", "--size", "32", "--b", "4",
+         "--ckpt-dir", str(ckpt_dir), "--no-tensorboard", "--precision", "fp32", *extra])
+
+
+def test_one_epoch_writes_loadable_checkpoint(tiny_root, tmp_path):
+    [path] = train_main.main(train_args(tiny_root, tmp_path, "--e", "1"))
+    assert path == tmp_path / "widget-wave18" / "model.pt"
+    ckpt = read_checkpoint(path)
+    for key in ("epoch", "netD_state_dict", "optimizer", "arch", "wavelet", "size", "augs", "args",
+                "format_version"):
+        assert key in ckpt, key
+    assert ckpt["epoch"] == 1 and ckpt["arch"] == "wave18" and ckpt["augs"] == ["cutpaste", "perlin"]
+    net = models.create_model(ckpt["arch"], ckpt["wavelet"], ckpt["num_classes"])
+    load_weights(net, extract_state_dict(ckpt))
+    log = [json.loads(line) for line in (path.parent / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]
+    assert {"loss", "acc_normal", "acc_cutpaste", "acc_perlin", "lr", "images_per_s", "seconds"} <= set(log[0])
+    assert (path.parent / "anomaly_preview.png").stat().st_size > 0
+
+
+def test_resume_equals_uninterrupted(tiny_root, tmp_path):
+    straight = train_main.main(train_args(tiny_root, tmp_path / "a", "--e", "3"))[0]
+    train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "1"))
+    resumed = train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "3", "--resume"))[0]
+    a, b = read_checkpoint(straight), read_checkpoint(resumed)
+    assert a["epoch"] == b["epoch"] == 3
+    for key, value in a["netD_state_dict"].items():
+        assert torch.equal(value, b["netD_state_dict"][key]), key
+    lines = (resumed.parent / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_same_seed_same_weights_different_seed_differs(tiny_root, tmp_path):
+    a = read_checkpoint(train_main.main(train_args(tiny_root, tmp_path / "a", "--e", "1"))[0])
+    b = read_checkpoint(train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "1", "--workers", "2"))[0])
+    c = read_checkpoint(train_main.main(train_args(tiny_root, tmp_path / "c", "--e", "1", "--seed", "1"))[0])
+    key = "layer1.0.conv1.weight"
+    assert torch.equal(a["netD_state_dict"][key], b["netD_state_dict"][key])
+    assert not torch.equal(a["netD_state_dict"][key], c["netD_state_dict"][key])
+
+
+def test_scar_as_third_class(tiny_root, tmp_path):
+    [path] = train_main.main(train_args(tiny_root, tmp_path, "--e", "1", "--augs", "cutpaste,perlin,scar"))
+    ckpt = read_checkpoint(path)
+    assert ckpt["num_classes"] == 4 and ckpt["netD_state_dict"]["out.weight"].shape[0] == 4
+
+
+def test_cli_help_shows_defaults():
+    out = subprocess.run([sys.executable, "main.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0
+    for text in ("--c", "--e", "--b", "--lr", "--wd", "--m", "default: 1600", "default: 0.03",
+                 "default: wave50", "default: bior2.2", "default: cutpaste,perlin"):
+        assert text in out.stdout, text
+
+
+def test_torchrun_two_processes_gloo(tiny_root, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           # torchrun's own parser takes abbreviations, so --e/--m/--b/--c must be spelled out
+           "main.py", "--category", "widget", "--data-root", str(tiny_root), "--arch", "wave18",
+           "--size", "32", "--batch-size", "2", "--epochs", "1", "--device", "cpu",
+           "--ckpt-dir", str(tmp_path), "--no-tensorboard", "--precision", "fp32"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ckpt = read_checkpoint(tmp_path / "widget-wave18" / "model.pt")
+    load_weights(models.create_model("wave18"), extract_state_dict(ckpt))
+    assert len((tmp_path / "widget-wave18" / "log.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--size", "16"], "--size 16"),
+    (["--wavelet", "nope"], "unknown wavelet 'nope'"),
+    (["--augs", "cutpaste,blur"], "--augs"),
+    (["--b", "100"], "--b 100 is larger than the 8 training images"),
+    (["--c", "nope"], "no category nope"),
+])
+def test_bad_flags_one_line(tiny_root, tmp_path, flags, message):
+    cmd = [sys.executable, "main.py", "--c", "widget", "--data-root", str(tiny_root), "--arch", "wave18",
+           "--size", "32", "--e", "1", "--ckpt-dir", str(tmp_path), "--b", "4", *flags]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
