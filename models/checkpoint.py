@@ -129,3 +129,31 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
         raise UserError(f"{source} does not fit the network{asked}: {what}; keys "
                         f"{', '.join(details)}{hint}")
     model.load_state_dict(state_dict, strict=True)
+
+
+def build_from_checkpoint(checkpoint: dict, source: str, arch: str | None = None,
+                          wavelet: str | None = None) -> tuple[nn.Module, dict]:
+    """A network with the checkpoint's weights, and what is known about it.
+
+    The arch comes from the checkpoint (ours record it), else from its keys (the paper's do not),
+    else from ``arch``; asking for another arch than the file holds is a ``UserError``.
+
+    Returns:
+        ``(model, info)`` with ``info`` = arch, wavelet, num_classes, size (or None), epoch, recipe.
+    """
+    from . import create_model  # late import: the registry imports this module's siblings
+
+    state = extract_state_dict(checkpoint, source)
+    found = checkpoint.get("arch") or infer_arch(state)
+    if found is None:
+        raise UserError(f"{source} matches no known arch (wave18/34/50/101); is it a WaveCNet checkpoint?")
+    if arch is not None and arch != found:
+        raise UserError(f"{source} holds a {found} network, not {arch}; pass --arch {found} or another --p")
+    wavelet = checkpoint.get("wavelet") or wavelet or "bior2.2"
+    num_classes = int(state["out.weight"].shape[0]) if "out.weight" in state else 3
+    model = create_model(found, wavelet=wavelet, num_classes=num_classes)
+    load_weights(model, state, source, found)
+    info = {"arch": found, "wavelet": wavelet, "num_classes": num_classes, "size": checkpoint.get("size"),
+            "epoch": checkpoint.get("epoch"), "recipe": checkpoint.get("recipe", "paper"),
+            "augs": checkpoint.get("augs")}
+    return model, info

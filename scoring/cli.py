@@ -1,0 +1,144 @@
+"""The command line shared by ``inference_concatenation.py`` and ``inference_multiplication.py``.
+
+Both scripts are this parser and :func:`main` with a different ``fusion``; nothing else differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import cli
+import models
+from data import resolve_categories
+from errors import UserError
+
+from .core import score_category, write_summary
+from .fusion import FUSIONS
+from .knn import BACKENDS
+
+
+def parse_layers(text: str) -> list[int]:
+    try:
+        layers = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma list of stage numbers, e.g. 2,3") from None
+    if not layers or any(not 1 <= layer <= 4 for layer in layers) or len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"'{text}': stages are numbered 1 to 4, each at most once (e.g. 2,3)")
+    return sorted(layers)
+
+
+def get_args_parser(fusion: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=f"Score test images with the {fusion} fusion of multi-level features (stage 2).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("Data")
+    data.add_argument("--c", "--category", dest="category", default="all",
+                      help="category under --data-root, a comma list, or 'all'")
+    data.add_argument("--data-root", default="./mvtec_anomaly_detection", help="MVTec-layout data root")
+    data.add_argument("--size", type=int, default=None, help="image size (default: the checkpoint's, else 256)")
+    data.add_argument("--antialias", action="store_true",
+                      help="antialiased resize (as the training run, if it used it)")
+    data.add_argument("--images", default=None,
+                      help="score this folder of unlabeled images instead of the test set (scores.csv + heatmaps)")
+    model = parser.add_argument_group("Model")
+    model.add_argument("--p", default=None,
+                       help="checkpoint: sub-folder of --ckpt-dir holding model.pt or e1600_model.pt, or a file "
+                            "(default: <category>-<arch>; '{category}' in it is replaced)")
+    model.add_argument("--ckpt-dir", default="ckpt", help="where checkpoints live")
+    model.add_argument("--arch", default=None, choices=models.list_models(),
+                       help="expected arch (default: whatever the checkpoint holds; wave50 for the default --p)")
+    model.add_argument("--wavelet", default=None,
+                       help="wavelet for checkpoints that do not record one (the paper's: bior2.2)")
+    scoring = parser.add_argument_group("Scoring")
+    scoring.add_argument("--layers", type=parse_layers, default=[2, 3], help="stages whose features are scored")
+    scoring.add_argument("--k", type=int, default=1, help="nearest neighbours averaged per patch (the paper: 1)")
+    scoring.add_argument("--coreset", type=float, default=1.0,
+                         help="fraction of the memory bank kept by greedy k-center (1.0 = whole bank, the paper)")
+    scoring.add_argument("--coreset-dim", type=int, default=32,
+                         help="random-projection dimension used while selecting the coreset")
+    scoring.add_argument("--smooth", type=float, default=0.0,
+                         help="Gaussian sigma (px) applied to the maps (0 = the paper; PatchCore uses 4)")
+    scoring.add_argument("--knn", default="auto", choices=BACKENDS,
+                         help="nearest-neighbour backend (auto = faiss when installed, else torch); same distances")
+    scoring.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                         help="feature extraction precision")
+    scoring.add_argument("--threshold", type=float, default=None,
+                         help="anomaly score threshold for verdicts and predicted regions (default: calibrated "
+                              "on training images for --images, image F1-max for the test set)")
+    scoring.add_argument("--calib-percentile", type=float, default=99.0,
+                         help="percentile of cross-fitted training scores used as the calibrated threshold")
+    scoring.add_argument("--seed", type=int, default=0, help="seed of the coreset and the calibration split")
+    scoring.add_argument("--rebuild-bank", action="store_true", help="ignore a cached memory bank")
+    out = parser.add_argument_group("Output")
+    out.add_argument("--out", default=None,
+                     help=f"output folder (default: results/<p>/{fusion}, or results/<p>/{fusion}-images)")
+    out.add_argument("--save-maps", action="store_true", help="also write maps.npz (maps, masks, labels, scores)")
+    out.add_argument("--no-pictures", action="store_true", help="skip the heatmap PNGs and the ROC plot")
+    runtime = parser.add_argument_group("Batching")
+    runtime.add_argument("--batch-size", type=int, default=32, help="images per feature-extraction batch")
+    cli.add_common_flags(parser)
+    parser.set_defaults(fusion=fusion)
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    if not 0 < args.coreset <= 1:
+        raise UserError(f"--coreset {args.coreset}: must be in (0, 1]; 1 keeps the whole bank (the paper)")
+    if args.k < 1:
+        raise UserError(f"--k {args.k}: must be at least 1")
+    if args.size is not None and args.size < 32:
+        raise UserError(f"--size {args.size}: the network needs at least 32 px; use 128 or 256")
+    if args.smooth < 0:
+        raise UserError(f"--smooth {args.smooth}: must be 0 or more")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if not 0 < args.calib_percentile <= 100:
+        raise UserError(f"--calib-percentile {args.calib_percentile}: must be in (0, 100]")
+    if args.wavelet is not None:
+        from models.dwt import lowpass_filter
+
+        lowpass_filter(args.wavelet)
+    cli.check_workers(args.workers)
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    validate(args)
+    device = cli.resolve_device(args.device)
+    categories = resolve_categories(args.data_root, args.category)
+    if args.images is not None and len(categories) != 1:
+        raise UserError("--images scores new images against one category's bank: pass --c <category>")
+    args.category_count = len(categories)
+    records = []
+    for category in categories:
+        record = score_category(args, args.fusion, category, device)
+        records.append(record)
+        print(format_record(record), flush=True)
+    if len(records) > 1:
+        path = write_summary(Path(args.out or "results"), records, args.fusion)
+        print(f"summary: {path}")
+    return records
+
+
+def format_record(record: dict) -> str:
+    head = f"{record['category']} [{record['fusion']}]"
+    if "metrics" in record:
+        m = record["metrics"]
+        body = (f"image AUROC {m['image_auroc']:.4f} | pixel AUROC {m['pixel_auroc']:.4f} | "
+                f"AUPRO {m['aupro']:.4f} | F1-max {m['image_f1_max']:.4f} | pixel AP {m['pixel_ap']:.4f}")
+    else:
+        body = (f"{record['images']['scored']} images scored, {record['images']['anomalous']} anomalous "
+                f"(threshold {record['threshold']['value']:.4f}), {len(record['images']['skipped'])} skipped")
+    timing = (f"bank {record['timings']['bank_s']:.1f}s{' (cached)' if record['bank']['cached'] else ''}, "
+              f"{record['timings']['s_per_test_image'] * 1000:.0f} ms/image")
+    return f"{head} {body} | {timing} -> {record['out_dir']}"
+
+
+def run(fusion: str) -> None:
+    assert fusion in FUSIONS
+    args = get_args_parser(fusion).parse_args()
+    cli.run(main, args)
+
+
+if __name__ == "__main__":
+    raise SystemExit("run inference_concatenation.py or inference_multiplication.py")

@@ -1,0 +1,42 @@
+"""Patch features of a trained network: chosen stages, each through a 3x3 average pool.
+
+The paper scores ``layer2`` and ``layer3`` outputs after ``AvgPool2d(3, stride=1, padding=1)``
+(``count_include_pad=True``, PyTorch's default), which gives each patch its neighbourhood.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+
+def pooled_features(model: torch.nn.Module, images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+    """``(N, 3, S, S)`` -> ``[(N, C_l, S / 2**(l+1), S / 2**(l+1)) for l in layers]`` (1-based stages)."""
+    stages = model.forward_features(images)
+    return [F.avg_pool2d(stages[layer - 1], 3, stride=1, padding=1) for layer in layers]
+
+
+@torch.no_grad()
+def extract(model: torch.nn.Module, loader, layers: list[int], device: torch.device,
+            bf16: bool = False, desc: str = "features") -> tuple[list[torch.Tensor], list[dict]]:
+    """Run ``model`` over every batch of ``loader`` (dicts with an ``image`` entry).
+
+    Returns:
+        per layer one float32 CPU tensor ``(N, C_l, h_l, w_l)``, and the batches' other
+        entries (labels, masks, paths, ...) as a list of dicts, one per batch.
+    """
+    model.eval()
+    chunks: list[list[torch.Tensor]] = [[] for _ in layers]
+    extras = []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+        images = batch["image"].to(device, non_blocking=True)
+        with autocast:
+            feats = pooled_features(model, images, layers)
+        for store, feat in zip(chunks, feats):
+            store.append(feat.float().cpu())
+        extras.append({k: v for k, v in batch.items() if k != "image"})
+    return [torch.cat(store) for store in chunks], extras

@@ -1,0 +1,82 @@
+"""Result files: JSON written atomically, tables as Markdown + CSV, and the run's environment."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from argparse import Namespace
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "pillow", "pywavelets", "faiss-cpu")
+
+
+def _clean(value):
+    """NaN/inf -> None so the JSON stays standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temporary file in the same folder, then ``os.replace``: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, record: dict) -> None:
+    write_text_atomic(path, json.dumps(_clean(record), indent=2) + "\n")
+
+
+def write_table(base: Path, header: list[str], rows: list[list[object]]) -> None:
+    """``base.md`` (Markdown table) and ``base.csv``."""
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    write_text_atomic(base.with_suffix(".md"), "\n".join(md) + "\n")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows([[str(c).replace("**", "") for c in row] for row in rows])
+    write_text_atomic(base.with_suffix(".csv"), buffer.getvalue())
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def environment(args: Namespace) -> dict:
+    return {"seed": getattr(args, "seed", None), "git_commit": git_commit(), "versions": versions(),
+            "command": " ".join(sys.argv)}

@@ -1,0 +1,95 @@
+"""Both inference scripts end to end on the tiny data set, as a user runs them."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import main as train_main
+from scoring import metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_root, tmp_path_factory):
+    """A checkpoint per category of the tiny set (wave18, 32 px, 2 epochs)."""
+    ckpt_dir = tmp_path_factory.mktemp("ckpt")
+    args = train_main.get_args_parser().parse_args(
+        ["--c", "all", "--data-root", str(tiny_root), "--arch", "wave18", "--size", "32", "--b", "4",
+         "--e", "2", "--ckpt-dir", str(ckpt_dir), "--no-tensorboard", "--precision", "fp32"])
+    train_main.main(args)
+    return ckpt_dir
+
+
+def infer(script, tiny_root, ckpt_dir, out, *extra):
+    cmd = [sys.executable, script, "--data-root", str(tiny_root), "--ckpt-dir", str(ckpt_dir),
+           "--out", str(out), "--batch-size", "4", *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("script", ["inference_concatenation.py", "inference_multiplication.py"])
+def test_scripts_write_results_and_recomputable_maps(script, tiny_root, trained, tmp_path):
+    run = infer(script, tiny_root, trained, tmp_path, "--c", "widget", "--p", "widget-wave18", "--save-maps")
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["fusion"] == script.split("_")[1].split(".")[0]
+    assert record["data"]["test_images"] == 6 and record["bank"]["train_images"] == 8
+    assert record["settings"]["size"] == 32 and record["checkpoint"]["arch"] == "wave18"
+    assert len(record["checkpoint"]["sha256"]) == 64
+    for key in ("seed", "git_commit", "versions", "memory", "timings"):
+        assert key in record
+    assert record["memory"]["peak_rss_mb"] > 0 and record["timings"]["s_per_test_image"] > 0
+    saved = np.load(tmp_path / "maps.npz")
+    assert saved["maps"].shape == (6, 32, 32) and saved["masks"].shape == (6, 32, 32)
+    m = record["metrics"]
+    assert metrics.image_auroc(saved["labels"], saved["scores"]) == pytest.approx(m["image_auroc"], abs=1e-4)
+    assert metrics.pixel_auroc(saved["masks"].astype(bool), saved["maps"]) == pytest.approx(m["pixel_auroc"], abs=1e-4)
+    assert metrics.aupro(saved["masks"].astype(bool), saved["maps"]) == pytest.approx(m["aupro"], abs=0.01)
+    heatmaps = sorted(p.relative_to(tmp_path / "heatmaps") for p in (tmp_path / "heatmaps").rglob("*.png"))
+    assert len(heatmaps) == 6 and {p.parts[0] for p in heatmaps} == {"good", "scratch"}
+    assert (tmp_path / "roc.png").stat().st_size > 0
+    assert (tmp_path / "results.md").read_text().count("|") > 10
+    assert len((tmp_path / "image_scores.csv").read_text().splitlines()) == 7
+    # Second run reuses the cached bank.
+    again = infer(script, tiny_root, trained, tmp_path / "again", "--c", "widget", "--p", "widget-wave18",
+                  "--no-pictures")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["bank"]["cached"] is True
+
+
+def test_all_categories_summary(tiny_root, trained, tmp_path):
+    run = infer("inference_concatenation.py", tiny_root, trained, tmp_path, "--c", "all", "--p",
+                "{category}-wave18", "--no-pictures", "--coreset", "0.5")
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = (tmp_path / "summary-concatenation.md").read_text()
+    assert "gizmo" in table and "widget" in table and "mean" in table
+    assert (tmp_path / "summary-concatenation.csv").read_text().count("\n") == 4
+    record = json.loads((tmp_path / "widget" / "results.json").read_text())
+    assert record["bank"]["patches"] == [8 * 4 * 4 // 2]
+
+
+def test_unlabeled_images(tiny_root, trained, tmp_path):
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for p in sorted((tiny_root / "widget" / "test").rglob("*.png")):
+        shutil.copy(p, folder / f"{p.parent.name}_{p.name}")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    run = infer("inference_multiplication.py", tiny_root, trained, out, "--c", "widget", "--p", "widget-wave18",
+                "--images", str(folder))
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = (out / "scores.csv").read_text().splitlines()
+    assert rows[0] == "path,score,verdict" and len(rows) == 1 + 6
+    assert all(r.split(",")[2] in ("normal", "anomalous") for r in rows[1:])
+    record = json.loads((out / "results.json").read_text())
+    assert "cross-fitted" in record["threshold"]["source"]
+    skipped = {Path(s["path"]).name for s in record["images"]["skipped"]}
+    assert skipped == {"broken.png", "notes.txt"}
+    assert "broken.png" in run.stderr  # warned
+    assert len(list((out / "heatmaps").glob("*.png"))) == 6

@@ -1,0 +1,157 @@
+"""Scoring building blocks: fusion, k-NN backends, coreset, metrics against brute force."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from scoring import metrics
+from scoring.fusion import Scorer, concat_layers, gaussian_smooth, resize_map, to_patches
+from scoring.knn import NearestNeighbours, faiss_available, greedy_coreset
+
+
+def test_concat_layers_nearest_upsampling():
+    l2 = torch.arange(2 * 4 * 4, dtype=torch.float32).view(1, 2, 4, 4)
+    l3 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    out = concat_layers([l2, l3])
+    assert out.shape == (1, 3, 4, 4)
+    assert torch.equal(out[0, :2], l2[0])
+    assert out[0, 2].tolist() == [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]
+
+
+def test_concatenation_scores_by_hand():
+    # Bank: one training image whose every patch is the zero vector.
+    train = [torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 2, 2)]
+    scorer = Scorer("concatenation", Scorer.build_banks("concatenation", train), backend="torch")
+    test2 = torch.zeros(1, 2, 4, 4)
+    test2[0, 0, 1, 2] = 3.0  # one layer-2 patch at distance 3
+    test3 = torch.zeros(1, 1, 2, 2)
+    test3[0, 0, 1, 1] = 4.0  # one layer-3 cell = 4 layer-2 patches at distance 4
+    scores, maps = scorer.score([test2, test3], size=8)
+    expected = torch.zeros(4, 4)
+    expected[1, 2] = 3.0
+    expected[2:, 2:] = 4.0
+    assert scores.tolist() == [4.0]
+    torch.testing.assert_close(maps, resize_map(expected[None], 8))
+
+
+def test_multiplication_scores_by_hand():
+    train = [torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2)]
+    scorer = Scorer("multiplication", Scorer.build_banks("multiplication", train), backend="torch")
+    test2 = torch.full((1, 1, 4, 4), 2.0)
+    test3 = torch.full((1, 1, 2, 2), 5.0)
+    scores, maps = scorer.score([test2, test3], size=8)
+    torch.testing.assert_close(maps, torch.full((1, 8, 8), 10.0))
+    assert scores.tolist() == [10.0]
+    assert len(scorer.banks) == 2 and scorer.banks[0].shape == (16, 1) and scorer.banks[1].shape == (4, 1)
+
+
+def test_to_patches_order():
+    feat = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    patches = to_patches(feat)
+    assert patches.shape == (8, 3)
+    assert torch.equal(patches[1], feat[0, :, 0, 1])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_chunked_knn_equals_brute_force(k):
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(1000, 16, generator=gen)
+    queries = torch.randn(300, 16, generator=gen)
+    index = NearestNeighbours(bank, backend="torch", chunk_mb=0)  # forces one-row chunks of the budget
+    index.chunk_elems = 300 * 37  # many bank blocks, uneven last block
+    dist = index.search(queries, k)
+    ref = torch.cdist(queries.double(), bank.double()).topk(k, largest=False).values
+    torch.testing.assert_close(dist.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
+def test_faiss_equals_torch():
+    gen = torch.Generator().manual_seed(1)
+    bank = torch.randn(2000, 32, generator=gen)
+    queries = torch.randn(100, 32, generator=gen)
+    a = NearestNeighbours(bank, backend="faiss").search(queries, 2)
+    b = NearestNeighbours(bank, backend="torch").search(queries, 2)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_coreset_keeps_first_centre_and_covers_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.eye(5, 8) * 100
+    bank = torch.cat([c + 0.1 * torch.randn(40, 8, generator=gen) for c in centres])
+    chosen = greedy_coreset(bank, 5 / 200, seed=3, proj_dim=0, progress=False)
+    first = int(torch.randint(0, 200, (1,), generator=torch.Generator().manual_seed(3)))
+    assert int(chosen[0]) == first
+    assert len(chosen) == 5
+    assert sorted(int(i) // 40 for i in chosen) == [0, 1, 2, 3, 4]  # one per cluster
+    # Covering radius: every bank row is close to some chosen row.
+    radius = torch.cdist(bank, bank[chosen]).min(1).values.max()
+    assert radius < 5
+    assert torch.equal(greedy_coreset(bank, 1.0), torch.arange(200))
+
+
+def test_coreset_with_projection_is_seeded():
+    bank = torch.randn(500, 64, generator=torch.Generator().manual_seed(0))
+    a = greedy_coreset(bank, 0.1, seed=1, proj_dim=16, progress=False)
+    b = greedy_coreset(bank, 0.1, seed=1, proj_dim=16, progress=False)
+    assert torch.equal(a, b) and len(set(a.tolist())) == 50
+
+
+def brute_force_aupro(masks, maps, limit=0.3):
+    """Definition: at every distinct threshold, FPR over normal pixels and mean region overlap."""
+    from scipy import ndimage
+
+    regions = []
+    for i in range(len(masks)):
+        lab, n = ndimage.label(masks[i], structure=np.ones((3, 3)))
+        regions += [(i, lab == j) for j in range(1, n + 1)]
+    normal = ~masks
+    points = [(0.0, 0.0)]
+    for t in sorted(set(maps.ravel().tolist()), reverse=True):
+        pred = maps >= t
+        fpr = (pred & normal).sum() / normal.sum()
+        pro = np.mean([(pred[i] & r).sum() / r.sum() for i, r in regions])
+        points.append((fpr, pro))
+    fpr, pro = np.array(points).T
+    # Integrate to the limit with linear interpolation at the limit.
+    x = np.r_[fpr[fpr <= limit], limit]
+    y = np.r_[pro[fpr <= limit], np.interp(limit, fpr, pro)]
+    return np.trapezoid(y, x) / limit if hasattr(np, "trapezoid") else np.trapz(y, x) / limit
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_aupro_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((3, 12, 12), dtype=bool)
+    masks[0, 2:5, 3:7] = True
+    masks[0, 8:10, 8:11] = True
+    masks[1, 5:9, 1:4] = True  # image 2 has no region
+    maps = rng.random((3, 12, 12)).round(2) + 0.5 * masks  # ties on purpose
+    assert metrics.aupro(masks, maps) == pytest.approx(brute_force_aupro(masks, maps), abs=1e-9)
+
+
+def test_aupro_perfect_and_empty():
+    masks = np.zeros((2, 8, 8), dtype=bool)
+    masks[0, 2:4, 2:4] = True
+    assert metrics.aupro(masks, masks.astype(float)) == pytest.approx(1.0)
+    assert np.isnan(metrics.aupro(np.zeros((1, 4, 4), bool), np.random.rand(1, 4, 4)))
+
+
+def test_image_metrics():
+    labels = np.array([0, 0, 1, 1, 1])
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.9])
+    assert metrics.image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
+    f1, threshold = metrics.f1_max(labels, scores)
+    assert f1 == pytest.approx(2 * 1.0 * (2 / 3) / (1 + 2 / 3)) or f1 == pytest.approx(6 / 7)
+    pred = scores >= threshold
+    tp = (pred & (labels == 1)).sum()
+    assert f1 == pytest.approx(2 * tp / (pred.sum() + labels.sum()))
+
+
+def test_gaussian_smooth_matches_scipy():
+    from scipy.ndimage import gaussian_filter
+
+    maps = torch.rand(2, 20, 24, generator=torch.Generator().manual_seed(0))
+    ours = gaussian_smooth(maps, 2.0).numpy()
+    ref = np.stack([gaussian_filter(m, 2.0, mode="mirror") for m in maps.numpy()])
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
