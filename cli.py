@@ -7,6 +7,7 @@ on stderr with exit status 2 (``--debug`` shows the traceback), Ctrl-C exits wit
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -14,6 +15,17 @@ from collections.abc import Callable
 import torch
 
 from errors import UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: argument --k: ... (see --help)``, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+# Write failures a user can fix by freeing space or choosing another folder.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,16 +54,31 @@ def check_workers(workers: int) -> None:
         raise UserError(f"--workers {workers}: this machine has {cores} cores; use 0..{cores}")
 
 
-def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace) -> None:
+def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,
+        batch_flag: str = "--batch-size") -> None:
+    """Call ``main(args)``; user-fixable failures end as one line on stderr and a non-zero exit."""
+    debug = getattr(args, "debug", False)
     try:
         main(args)
     except UserError as exc:
-        if getattr(args, "debug", False):
+        if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except torch.OutOfMemoryError:
+        if debug:
+            raise
+        print(f"error: out of GPU memory; lower {batch_flag} (now {getattr(args, 'batch_size', '?')}) or --size, "
+              "or use --precision bf16", file=sys.stderr)
+        sys.exit(3)
+    except OSError as exc:
+        if debug or exc.errno not in WRITE_ERRNOS:
+            raise
+        print(f"error: cannot write {exc.filename or 'an output file'} ({exc.strerror}); free disk space or "
+              "choose a writable folder (--ckpt-dir / --out); files written before are intact", file=sys.stderr)
+        sys.exit(4)
     except KeyboardInterrupt:
-        if getattr(args, "debug", False):
+        if debug:
             raise
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -65,9 +65,22 @@ def open_image(path: Path) -> Image.Image:
         raise UserError(f"cannot read image {path} ({reason}); replace or remove the file") from None
 
 
-def read_rgb(path: Path) -> torch.Tensor:
-    """``path`` -> ``(3, H, W)`` uint8 RGB (grayscale repeated on the three channels)."""
-    arr = _to_uint8_array(open_image(path))
+# Images at least this many times the target size are first shrunk by PIL's box reduction
+# (fast, antialiased) so that huge photographs (e.g. 8000 x 6000) do not need gigabytes of floats.
+PRE_REDUCE_FACTOR = 8
+
+
+def read_rgb(path: Path, target: int | None = None) -> torch.Tensor:
+    """``path`` -> ``(3, H, W)`` uint8 RGB (grayscale repeated on the three channels).
+
+    With ``target``, an image whose short side is ``>= 8 * target`` is first reduced by an
+    integer factor (to a short side of at least ``4 * target``).
+    """
+    img = open_image(path)
+    if target is not None and min(img.size) >= PRE_REDUCE_FACTOR * target and img.mode in ("L", "RGB", "RGBA", "P"):
+        img = img.convert("RGB") if img.mode == "P" else img
+        img = img.reduce(min(img.size) // (4 * target))
+    arr = _to_uint8_array(img)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
@@ -99,7 +112,7 @@ def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
 
 def load_image(path: Path, size: int, antialias: bool = False) -> torch.Tensor:
     """Read and resize: ``(3, size, size)`` uint8."""
-    return resize_image(read_rgb(path), size, antialias)
+    return resize_image(read_rgb(path, size), size, antialias)
 
 
 def to_float(image: torch.Tensor) -> torch.Tensor:

@@ -148,9 +148,10 @@ class TrainSet(Dataset):
     """
 
     def __init__(self, root: str | Path, category: str, size: int, augs: list[str], seed: int = 0,
-                 antialias: bool = False, cache: bool = True):
+                 antialias: bool = False, cache: bool = True, rotflip: bool = False):
         self.paths = train_images(root, category)
         self.size, self.augs, self.seed, self.antialias = size, augs, seed, antialias
+        self.rotflip = rotflip
         self.generators = [augment.GENERATORS[name] for name in augs]
         self.epoch = 0
         self.images = load_cached(self.paths, size, antialias, f"{category}: caching train") if cache else None
@@ -170,6 +171,11 @@ class TrainSet(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         normal = self.image(index)
+        if self.rotflip:
+            # A random multiple of 90 degrees and a random mirror: the 8 symmetries of the square.
+            turns, mirror = (int(v) for v in torch.randint(0, 4, (2,), generator=gen))
+            normal = torch.rot90(normal, turns, dims=(1, 2))
+            normal = normal.flip(2) if mirror % 2 else normal
         anomalies = []
         for make in self.generators:
             # Source: another random normal image (the image itself when there is only one).
@@ -195,7 +201,7 @@ class TestSet(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        raw = read_rgb(sample.path)
+        raw = read_rgb(sample.path, self.size)
         if sample.mask_path is not None:
             soft = read_gray(sample.mask_path)
             check_mask_fits(sample.path, tuple(raw.shape[-2:]), sample.mask_path, tuple(soft.shape))

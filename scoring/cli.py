@@ -12,6 +12,7 @@ import cli
 import models
 from data import resolve_categories
 from errors import UserError
+from recipes import RECIPES
 
 from .core import score_category, write_summary
 from .fusion import FUSIONS
@@ -29,7 +30,7 @@ def parse_layers(text: str) -> list[int]:
 
 
 def get_args_parser(fusion: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=f"Score test images with the {fusion} fusion of multi-level features (stage 2).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group("Data")
@@ -69,6 +70,8 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     scoring.add_argument("--calib-percentile", type=float, default=99.0,
                          help="percentile of cross-fitted training scores used as the calibrated threshold")
     scoring.add_argument("--seed", type=int, default=0, help="seed of the coreset and the calibration split")
+    scoring.add_argument("--recipe", default="paper", choices=list(RECIPES),
+                         help="named set of scoring defaults (paper = the paper's protocol); flags you give win")
     scoring.add_argument("--rebuild-bank", action="store_true", help="ignore a cached memory bank")
     out = parser.add_argument_group("Output")
     out.add_argument("--out", default=None,
@@ -134,10 +137,19 @@ def format_record(record: dict) -> str:
     return f"{head} {body} | {timing} -> {record['out_dir']}"
 
 
+def parse_args(fusion: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; a ``--recipe`` other than ``paper`` changes the defaults (given flags win)."""
+    parser = get_args_parser(fusion)
+    args = parser.parse_args(argv)
+    if args.recipe != "paper":
+        parser.set_defaults(**RECIPES[args.recipe]["score"])
+        args = parser.parse_args(argv)
+    return args
+
+
 def run(fusion: str) -> None:
     assert fusion in FUSIONS
-    args = get_args_parser(fusion).parse_args()
-    cli.run(main, args)
+    cli.run(main, parse_args(fusion))
 
 
 if __name__ == "__main__":

@@ -171,7 +171,7 @@ def image_uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def settings_record(args: Namespace, size: int, backend: str) -> dict:
-    return {"size": size, "layers": args.layers, "k": args.k, "coreset": args.coreset,
+    return {"recipe": args.recipe, "size": size, "layers": args.layers, "k": args.k, "coreset": args.coreset,
             "coreset_dim": args.coreset_dim, "smooth": args.smooth, "knn": backend,
             "precision": args.precision, "seed": args.seed, "batch_size": args.batch_size,
             "antialias": args.antialias,
@@ -192,7 +192,7 @@ def score_category(args: Namespace, fusion: str, category: str, device: torch.de
             raise UserError(f"--layers {','.join(map(str, args.layers))}: stages are numbered 1 to 4")
     model = model.to(device).eval()
     ckpt_sha = file_sha256(ckpt_path)
-    p_name = args.p or f"{category}-{info['arch']}"
+    p_name = (args.p or f"{category}-{info['arch']}").replace("{category}", category)
     unlabeled = args.images is not None
     out_dir = Path(args.out) if args.out else Path("results") / p_name / (fusion + ("-images" if unlabeled else ""))
     if args.out and args.category_count > 1:

@@ -64,12 +64,11 @@ def knn_map(index: NearestNeighbours, feat: torch.Tensor, k: int, batch_images: 
 
 
 class Scorer:
-    """A memory bank (or one per layer) built from training features, scoring new features.
+    """Nearest-neighbour search over a memory bank (or one per layer), scoring new features.
 
     Args:
         fusion: ``concatenation`` or ``multiplication``.
-        train_feats: per layer ``(N, C_l, h_l, w_l)`` features of the normal training images.
-        coreset: fraction of each bank kept by greedy k-center (1.0 keeps all, the paper).
+        banks: from :meth:`build_banks`: one ``(B, sum C_l)`` bank, or one ``(B_l, C_l)`` per layer.
         backend, device: see ``NearestNeighbours``.
     """
 
@@ -85,7 +84,11 @@ class Scorer:
     @staticmethod
     def build_banks(fusion: str, train_feats: list[torch.Tensor], coreset: float = 1.0, seed: int = 0,
                     proj_dim: int = 32, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-        """Bank rows ``(B, D)``: one bank of concatenated features, or one bank per layer."""
+        """Bank rows ``(B, D)``: one bank of concatenated features, or one bank per layer.
+
+        ``train_feats``: per layer ``(N, C_l, h_l, w_l)`` features of the normal training images;
+        ``coreset``: fraction of each bank kept by greedy k-center (1.0 keeps all, the paper).
+        """
         grids = [concat_layers(train_feats)] if fusion == "concatenation" else train_feats
         banks = []
         for grid in grids:

@@ -72,6 +72,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def lr_at(epoch: int, args: Namespace) -> float:
+    """Learning rate of ``epoch`` (0-based): constant (the paper), or linear warm-up then cosine.
+
+    A pure function of the epoch, so a resumed run follows the same schedule.
+    """
+    if args.sched == "constant":
+        return args.lr
+    warmup = min(args.warmup, args.epochs)
+    if epoch < warmup:
+        return args.lr * (epoch + 1) / warmup
+    span = max(args.epochs - warmup, 1)
+    return 0.5 * args.lr * (1 + math.cos(math.pi * (epoch - warmup) / span))
+
+
 def make_batch(normal: torch.Tensor, anomalies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, 3, S, S)``, ``(B, G, 3, S, S)`` -> images ``((G+1) B, 3, S, S)``, labels ``((G+1) B,)``.
 
@@ -124,7 +138,7 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     dataset = TrainSet(args.data_root, category, args.size, list(args.augs), seed=args.seed,
-                       antialias=args.antialias)
+                       antialias=args.antialias, rotflip=args.rotflip)
     per_rank = math.ceil(len(dataset) / dist_info.world_size)
     if args.batch_size > per_rank:
         raise UserError(f"--b {args.batch_size} is larger than the {len(dataset)} training images of "
@@ -155,6 +169,9 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
             load_weights(model, extract_state_dict(ckpt, str(resume_path)), str(resume_path), args.arch)
             if "optimizer" in ckpt:
                 optimizer.load_state_dict(ckpt["optimizer"])
+                # The flags of this run win over the saved hyper-parameters (momentum buffers stay).
+                for group in optimizer.param_groups:
+                    group.update(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
             start_epoch = int(ckpt.get("epoch", 0))
             if main_rank:
                 tqdm.write(f"resumed {resume_path} at epoch {start_epoch}")
@@ -192,6 +209,8 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
         for epoch in bar:
             sampler.set_epoch(epoch)
             dataset.set_epoch(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch, args)
             net.train()
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             correct = torch.zeros(len(class_names), device=device, dtype=torch.float64)

@@ -1,0 +1,111 @@
+"""Accuracy benchmark: train + score with both fusions over seeds, one table with mean +- std.
+
+Every run includes the untrained network (0 epochs, same seeds) as a baseline row. Variants
+are ``NAME=TRAIN FLAGS|SCORE FLAGS`` (flags of main.py | of the inference scripts):
+
+    python benchmarks/accuracy.py --data-root ../shared/datasets --c magnetic_tile \\
+        --arch wave18 --size 128 --e 20 --seeds 0,1,2 --variants paper best
+
+Writes ``accuracy.md``, ``accuracy.csv`` and ``accuracy.json`` (every run's metrics) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import main as train_main  # noqa: E402
+from recipes import RECIPES, recipe_flags  # noqa: E402
+from scoring import cli as score_cli  # noqa: E402
+from scoring.report import write_json, write_table  # noqa: E402
+
+FUSIONS = ("concatenation", "multiplication")
+METRICS = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-root", default="../shared/datasets")
+    parser.add_argument("--c", dest="category", default="magnetic_tile")
+    parser.add_argument("--arch", default="wave18")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--e", dest="epochs", type=int, default=20)
+    parser.add_argument("--b", dest="batch_size", type=int, default=32)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--variants", nargs="*", default=["paper"],
+                        help="recipe names (" + ", ".join(RECIPES) + ") or NAME=TRAIN FLAGS|SCORE FLAGS")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the untrained row")
+    parser.add_argument("--fusions", default=",".join(FUSIONS))
+    parser.add_argument("--work-dir", default="runs/accuracy", help="checkpoints and per-run results")
+    parser.add_argument("--out", default="results/benchmarks", help="folder for accuracy.md/csv/json")
+    return parser
+
+
+def parse_variant(text: str) -> tuple[str, list[str], list[str]]:
+    if "=" not in text:
+        train, score = recipe_flags(text)
+        return text, train, score
+    name, flags = text.split("=", 1)
+    train, _, score = flags.partition("|")
+    return name, shlex.split(train), shlex.split(score)
+
+
+def run_one(args, name: str, train_flags: list[str], score_flags: list[str], seed: int, epochs: int) -> list[dict]:
+    ckpt_dir = Path(args.work_dir) / name / f"seed{seed}"
+    train_argv = ["--c", args.category, "--data-root", args.data_root, "--arch", args.arch, "--size",
+                  str(args.size), "--e", str(epochs), "--b", str(args.batch_size), "--seed", str(seed),
+                  "--ckpt-dir", str(ckpt_dir), "--no-tensorboard", "--save-every", "0", *train_flags]
+    start = time.perf_counter()
+    train_main.main(train_main.parse_args(train_argv))
+    train_s = time.perf_counter() - start
+    rows = []
+    for fusion in args.fusions.split(","):
+        score_args = score_cli.parse_args(fusion, [
+            "--c", args.category, "--data-root", args.data_root, "--ckpt-dir", str(ckpt_dir),
+            "--p", f"{args.category}-{args.arch}", "--out", str(ckpt_dir / "results" / fusion),
+            "--no-pictures", "--seed", str(seed), *score_flags])
+        [record] = score_cli.main(score_args)
+        rows.append({"variant": name, "seed": seed, "fusion": fusion, "epochs": epochs, "train_s": train_s,
+                     "score_s_per_image": record["timings"]["s_per_test_image"],
+                     **{k: record["metrics"][k] for k in METRICS}})
+    return rows
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main(args: argparse.Namespace) -> None:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = [parse_variant(v) for v in args.variants]
+    plan = ([] if args.no_baseline else [("untrained", [], [], 0)]) + [(n, t, s, args.epochs) for n, t, s in variants]
+    runs = []
+    for name, train_flags, score_flags, epochs in plan:
+        for seed in seeds:
+            runs += run_one(args, name, train_flags, score_flags, seed, epochs)
+            write_json(Path(args.out) / "accuracy.json", {"settings": vars(args), "runs": runs})
+    header = ["variant", "fusion", "image AUROC", "pixel AUROC", "AUPRO", "train s", "score s/img"]
+    rows = []
+    for name, _, _, _ in plan:
+        for fusion in args.fusions.split(","):
+            sel = [r for r in runs if r["variant"] == name and r["fusion"] == fusion]
+            rows.append([name, fusion] + [mean_std([r[m] for r in sel]) for m in METRICS]
+                        + [f"{statistics.mean(r['train_s'] for r in sel):.0f}",
+                           f"{statistics.mean(r['score_s_per_image'] for r in sel):.3f}"])
+    write_table(Path(args.out) / "accuracy", header, rows)
+    print((Path(args.out) / "accuracy.md").read_text())
+    print(json.dumps({"seeds": seeds, "command": " ".join(sys.argv)}))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,34 @@
+"""Named recipes: sets of defaults for training and scoring. ``paper`` is the paper's protocol.
+
+A recipe only changes defaults: any flag given on the command line still wins, and the
+checkpoint records the recipe it was trained with (``recipe`` key). See README "Results" for
+what ``best`` was chosen on and what it gains.
+"""
+
+from __future__ import annotations
+
+RECIPES: dict[str, dict[str, dict]] = {
+    "paper": {"train": {}, "score": {}},
+    "best": {
+        "train": {"sched": "cosine", "warmup": 2},
+        "score": {},
+    },
+}
+
+
+def recipe_flags(name: str) -> tuple[list[str], list[str]]:
+    """The recipe as command-line flags ``(train flags, score flags)``, for scripts and docs."""
+    def flags(values: dict) -> list[str]:
+        out = []
+        for key, value in values.items():
+            flag = "--" + key.replace("_", "-")
+            if value is True:
+                out.append(flag)
+            elif isinstance(value, list):
+                out += [flag, ",".join(map(str, value))]
+            else:
+                out += [flag, str(value)]
+        return out
+
+    recipe = RECIPES[name]
+    return flags(recipe["train"]), flags(recipe["score"])

@@ -1,0 +1,59 @@
+"""Learning-rate schedules, the rotation/flip option and named recipes."""
+
+import math
+
+import torch
+
+import main as train_main
+from data import TrainSet
+from recipes import RECIPES, recipe_flags
+from scoring import cli as score_cli
+from training.loop import lr_at
+
+
+def test_constant_schedule_is_the_paper():
+    args = train_main.parse_args([])
+    assert args.sched == "constant" and args.recipe == "paper"
+    assert all(lr_at(e, args) == 0.03 for e in range(0, 1600, 100))
+
+
+def test_cosine_with_warmup():
+    args = train_main.parse_args(["--sched", "cosine", "--warmup", "2", "--e", "10", "--lr", "0.1"])
+    lrs = [lr_at(e, args) for e in range(10)]
+    assert math.isclose(lrs[0], 0.05) and math.isclose(lrs[1], 0.1)
+    assert math.isclose(lrs[2], 0.1) and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[-1] > 0
+
+
+def test_recipe_sets_defaults_but_flags_win():
+    best_train, _ = recipe_flags("best")
+    args = train_main.parse_args(["--recipe", "best"])
+    for key, value in RECIPES["best"]["train"].items():
+        assert getattr(args, key) == value
+    if "--sched" in best_train:
+        assert train_main.parse_args(["--recipe", "best", "--sched", "constant"]).sched == "constant"
+    score_args = score_cli.parse_args("concatenation", ["--recipe", "best"])
+    for key, value in RECIPES["best"]["score"].items():
+        assert getattr(score_args, key) == value
+    assert score_cli.parse_args("concatenation", ["--recipe", "best", "--k", "7"]).k == 7
+
+
+def test_demo_defaults_and_given_flags_win():
+    args = train_main.parse_args(["--demo", "--e", "3"])
+    assert args.data_root == "demo_data" and args.arch == "wave18" and args.epochs == 3 and args.eval
+
+
+def test_rotflip_gives_symmetries_of_the_image(tiny_root):
+    plain = TrainSet(tiny_root, "gizmo", 32, ["cutpaste"], seed=0)
+    turned = TrainSet(tiny_root, "gizmo", 32, ["cutpaste"], seed=0, rotflip=True)
+    image = plain.image(0)
+    symmetries = [torch.rot90(image, k, (1, 2)).flip(2) if m else torch.rot90(image, k, (1, 2))
+                  for k in range(4) for m in (0, 1)]
+    seen = set()
+    for epoch in range(12):
+        turned.set_epoch(epoch)
+        normal, _ = turned[0]
+        matches = [i for i, s in enumerate(symmetries) if torch.equal(normal, s)]
+        assert matches
+        seen.add(matches[0])
+    assert len(seen) > 2
