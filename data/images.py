@@ -61,7 +61,8 @@ def open_image(path: Path) -> Image.Image:
             img.load()
         return img
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        reason = "empty file" if path.exists() and path.stat().st_size == 0 else str(exc).splitlines()[0][:100]
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0][:100]
+        reason = "empty file" if path.exists() and path.stat().st_size == 0 else first_line
         raise UserError(f"cannot read image {path} ({reason}); replace or remove the file") from None
 
 

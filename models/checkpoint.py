@@ -70,7 +70,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
             OSError) as exc:
         raise UserError(
-            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}); "
             "it is truncated or not a PyTorch checkpoint: re-copy it or retrain"
         ) from None
     if not isinstance(obj, dict):
