@@ -87,7 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # A configuration that trains and scores the demo data in well under 3 minutes on 2 CPU cores.
-DEMO_DEFAULTS = {"data_root": "demo_data", "category": "all", "arch": "wave18", "size": 64, "epochs": 15,
+DEMO_DEFAULTS = {"data_root": "demo_data", "category": "all", "arch": "wave18", "size": 96, "epochs": 15,
                  "batch_size": 20, "save_every": 0, "eval": True}
 
 

@@ -35,13 +35,14 @@ def weave(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     """A woven texture ``(size, size, 3)`` float in [0, 1]: over/under threads with jitter."""
     yy, xx = _grid(size)
     period = 8.0
-    shift_y, shift_x = rng.uniform(0, period, 2)
+    # Small registration jitter only: like a fixed camera over a moving web of fabric, aligned.
+    shift_y, shift_x = rng.uniform(0, 1.5, 2)
     u, v = (xx + shift_x) / period, (yy + shift_y) / period
     warp = 0.5 + 0.5 * np.cos(2 * np.pi * u) ** 2
     weft = 0.5 + 0.5 * np.cos(2 * np.pi * v) ** 2
     over = ((np.floor(u) + np.floor(v)) % 2 == 0)
     thread = np.where(over, warp, weft)
-    base = np.array([0.55, 0.45, 0.30]) + rng.normal(0, 0.02, 3)
+    base = np.array([0.55, 0.45, 0.30]) + rng.normal(0, 0.01, 3)
     img = base[None, None, :] * (0.6 + 0.4 * thread[..., None])
     img += rng.normal(0, 0.015, img.shape)
     return np.clip(img, 0, 1)

@@ -45,10 +45,18 @@ def panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, thresho
     return np.concatenate([image, gap, overlay, gap, marked], axis=1)
 
 
+MIN_PANEL_HEIGHT = 256
+
+
 def save_panel(path: Path, image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float,
                threshold: float, mask: np.ndarray | None = None) -> None:
+    """Write the panel; small images are enlarged by an integer factor (nearest) to stay legible."""
+    out = panel(image, heat, vmin, vmax, threshold, mask)
+    scale = max(1, MIN_PANEL_HEIGHT // image.shape[0])
+    if scale > 1:
+        out = out.repeat(scale, axis=0).repeat(scale, axis=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(panel(image, heat, vmin, vmax, threshold, mask)).save(path)
+    Image.fromarray(out).save(path)
 
 
 def save_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> None:
