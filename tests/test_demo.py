@@ -1,0 +1,70 @@
+"""The built-in demo data and the newcomer's first command, end to end as subprocesses."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import demo
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("category,defect", [(c, d) for c, ds in demo.DEFECTS.items() for d in ds])
+def test_defect_pixels_are_inside_the_mask(category, defect):
+    rng = np.random.default_rng(3)
+    normal, inside = demo._normal(rng, category)
+    broken, mask = demo.add_defect(rng, category, defect, normal, inside)
+    changed = np.abs(broken - normal).max(axis=2) > 1e-9
+    assert mask.sum() >= 10
+    assert not (changed & ~mask).any()  # nothing outside the mask changed
+    assert changed[mask].mean() > 0.9  # and the mask is really the defect
+
+
+def digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.png")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_demo_is_deterministic_small_and_complete(tmp_path):
+    a, b = demo.write_demo(tmp_path / "a", seed=0), demo.write_demo(tmp_path / "b", seed=0)
+    assert digest(a) == digest(b)
+    assert digest(demo.write_demo(tmp_path / "c", seed=1)) != digest(a)
+    assert demo.demo_exists(a)
+    size = sum(p.stat().st_size for p in a.rglob("*"))
+    assert size < 10 * 2**20
+    for category, defects in demo.DEFECTS.items():
+        assert len(list((a / category / "train" / "good").glob("*.png"))) == demo.TRAIN
+        for defect in defects:
+            for image in (a / category / "test" / defect).glob("*.png"):
+                mask = np.array(Image.open(a / category / "ground_truth" / defect / f"{image.stem}_mask.png"))
+                assert mask.max() == 255 and set(np.unique(mask)) <= {0, 255}
+
+
+def test_demo_command_and_both_inference_scripts(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "main.py"), "--demo", "--e", "1", "--size", "32",
+                          "--no-tensorboard"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "writing the demo data set to demo_data/" in run.stdout
+    printed = [line.split() for line in run.stdout.splitlines()]
+    for category in demo.DEFECTS:
+        for fusion in ("concatenation", "multiplication"):
+            row = [cells for cells in printed if cells[:2] == [category, fusion]]
+            assert len(row) == 1 and 0 <= float(row[0][2]) <= 1  # image AUROC printed
+            heatmaps = tmp_path / "results" / f"{category}-wave18" / fusion / "heatmaps"
+            assert len(list(heatmaps.rglob("*.png"))) == demo.TEST_GOOD + 3 * demo.TEST_PER_DEFECT
+    table = (tmp_path / "results" / "eval-wave18.md").read_text()
+    assert table.count("| concatenation |") == 2 and table.count("| multiplication |") == 2
+    for script in ("inference_concatenation.py", "inference_multiplication.py"):
+        out = subprocess.run([sys.executable, str(REPO / script), "--c", "pill", "--data-root", "demo_data",
+                              "--p", "pill-wave18", "--out", f"again-{script}", "--no-pictures"],
+                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert (tmp_path / f"again-{script}" / "results.json").is_file()
