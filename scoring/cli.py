@@ -58,6 +58,9 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
                          help="fraction of the memory bank kept by greedy k-center (1.0 = whole bank, the paper)")
     scoring.add_argument("--coreset-dim", type=int, default=32,
                          help="random-projection dimension used while selecting the coreset")
+    scoring.add_argument("--refine", type=int, default=16,
+                         help="with --coreset < 1: re-search each image's N highest patches in the whole bank, "
+                              "so image scores stay exact (0 = pure coreset scores)")
     scoring.add_argument("--smooth", type=float, default=0.0,
                          help="Gaussian sigma (px) applied to the maps (0 = the paper; PatchCore uses 4)")
     scoring.add_argument("--knn", default="auto", choices=BACKENDS,
@@ -88,6 +91,8 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
 def validate(args: argparse.Namespace) -> None:
     if not 0 < args.coreset <= 1:
         raise UserError(f"--coreset {args.coreset}: must be in (0, 1]; 1 keeps the whole bank (the paper)")
+    if args.refine < 0:
+        raise UserError(f"--refine {args.refine}: must be 0 or more")
     if args.k < 1:
         raise UserError(f"--k {args.k}: must be at least 1")
     if args.size is not None and args.size < 32:

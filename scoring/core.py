@@ -31,7 +31,7 @@ from .fusion import Scorer
 from .pictures import save_panel, save_roc
 from .report import environment, write_json, write_table
 
-BANK_FORMAT = 1
+BANK_FORMAT = 2  # 2: whole banks kept beside coreset banks (for --refine)
 CHECKPOINT_NAMES = ("model.pt", "e1600_model.pt")
 
 
@@ -115,9 +115,9 @@ def calibrate_threshold(fusion: str, train_feats: list[torch.Tensor], args: Name
     halves = [order[: count // 2], order[count // 2:]]
     scores = torch.empty(count)
     for fit, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
-        banks = Scorer.build_banks(fusion, [f[fit] for f in train_feats], args.coreset, args.seed,
-                                   args.coreset_dim, device)
-        scorer = Scorer(fusion, banks, args.knn, device)
+        banks, full = Scorer.build_banks(fusion, [f[fit] for f in train_feats], args.coreset, args.seed,
+                                         args.coreset_dim, device)
+        scorer = Scorer(fusion, banks, args.knn, device, full, args.refine)
         held_scores, _ = scorer.score([f[held_out] for f in train_feats], size, args.k)
         scores[held_out] = held_scores
     value = float(np.percentile(scores.numpy(), args.calib_percentile))
@@ -146,8 +146,8 @@ def load_or_build_bank(fusion: str, model: torch.nn.Module, args: Namespace, dev
         train_feats, _ = extract(model, loader, args.layers, device, args.precision == "bf16",
                                  f"{category}: train features")
         if entry is None:
-            banks = Scorer.build_banks(fusion, train_feats, args.coreset, args.seed, args.coreset_dim, device)
-            entry = {"settings": settings, "banks": banks, "train_images": len(paths)}
+            banks, full = Scorer.build_banks(fusion, train_feats, args.coreset, args.seed, args.coreset_dim, device)
+            entry = {"settings": settings, "banks": banks, "full_banks": full, "train_images": len(paths)}
         if need_threshold:
             entry["threshold"] = calibrate_threshold(fusion, train_feats, args, device, size)
         try:
@@ -172,7 +172,8 @@ def image_uint8(image: torch.Tensor) -> np.ndarray:
 
 def settings_record(args: Namespace, size: int, backend: str) -> dict:
     return {"recipe": args.recipe, "size": size, "layers": args.layers, "k": args.k, "coreset": args.coreset,
-            "coreset_dim": args.coreset_dim, "smooth": args.smooth, "knn": backend,
+            "coreset_dim": args.coreset_dim, "refine": args.refine if args.coreset < 1 else 0,
+            "smooth": args.smooth, "knn": backend,
             "precision": args.precision, "seed": args.seed, "batch_size": args.batch_size,
             "antialias": args.antialias,
             "mask_protocol": "masks resized with nearest neighbour, defective where >= 128",
@@ -190,7 +191,8 @@ def score_category(args: Namespace, fusion: str, category: str, device: torch.de
     for layer in args.layers:
         if not 1 <= layer <= 4:
             raise UserError(f"--layers {','.join(map(str, args.layers))}: stages are numbered 1 to 4")
-    model = model.to(device).eval()
+    # channels_last lets the wavelet layers take their fastest (convolution) form on CPU and GPU.
+    model = model.to(device, memory_format=torch.channels_last).eval()
     ckpt_sha = file_sha256(ckpt_path)
     p_name = (args.p or f"{category}-{info['arch']}").replace("{category}", category)
     unlabeled = args.images is not None
@@ -202,7 +204,7 @@ def score_category(args: Namespace, fusion: str, category: str, device: torch.de
     entry, cached, bank_seconds = load_or_build_bank(
         fusion, model, args, device, size, ckpt_path, ckpt_sha, category,
         need_threshold=unlabeled and args.threshold is None)
-    scorer = Scorer(fusion, entry["banks"], args.knn, device)
+    scorer = Scorer(fusion, entry["banks"], args.knn, device, entry.get("full_banks"), args.refine)
 
     record = {
         "category": category, "fusion": fusion,

@@ -33,7 +33,7 @@ def extract(model: torch.nn.Module, loader, layers: list[int], device: torch.dev
     extras = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
-        images = batch["image"].to(device, non_blocking=True)
+        images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast:
             feats = pooled_features(model, images, layers)
         for store, feat in zip(chunks, feats):

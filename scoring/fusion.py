@@ -53,13 +53,24 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[:, 0]
 
 
-def knn_map(index: NearestNeighbours, feat: torch.Tensor, k: int, batch_images: int = 64) -> torch.Tensor:
-    """``(N, C, h, w)`` features -> ``(N, h, w)`` mean distance to the ``k`` nearest bank patches."""
+def knn_map(index: NearestNeighbours, feat: torch.Tensor, k: int, batch_images: int = 64,
+            exact: NearestNeighbours | None = None, refine: int = 0) -> torch.Tensor:
+    """``(N, C, h, w)`` features -> ``(N, h, w)`` mean distance to the ``k`` nearest bank patches.
+
+    With a coreset ``index``, ``exact`` (the whole bank) and ``refine > 0``, the ``refine``
+    highest-scoring patches of every image are searched again in the whole bank, so that the
+    image score (the maximum) and the peaks of the map are exact at a small extra cost.
+    """
     n, _, h, w = feat.shape
     out = []
     for i in range(0, n, batch_images):
-        dist = index.search(to_patches(feat[i:i + batch_images]), k)
-        out.append(dist.mean(1).view(-1, h, w))
+        patches = to_patches(feat[i:i + batch_images])
+        dist = index.search(patches, k).mean(1).view(-1, h * w)
+        if exact is not None and refine > 0:
+            top = dist.topk(min(refine, h * w), dim=1).indices  # (b, refine) patch positions
+            rows = (top + torch.arange(dist.shape[0])[:, None] * (h * w)).reshape(-1)
+            dist.scatter_(1, top, exact.search(patches[rows], k).mean(1).view(top.shape))
+        out.append(dist.view(-1, h, w))
     return torch.cat(out)
 
 
@@ -73,30 +84,35 @@ class Scorer:
     """
 
     def __init__(self, fusion: str, banks: list[torch.Tensor], backend: str = "auto",
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", full_banks: list[torch.Tensor] | None = None,
+                 refine: int = 0):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}")
         self.fusion = fusion
         self.banks = banks
         self.indices = [NearestNeighbours(bank, backend, device) for bank in banks]
         self.backend = self.indices[0].backend
+        self.refine = refine if full_banks is not None else 0
+        self.exact = ([NearestNeighbours(bank, backend, device) for bank in full_banks] if self.refine
+                      else [None] * len(banks))
 
     @staticmethod
     def build_banks(fusion: str, train_feats: list[torch.Tensor], coreset: float = 1.0, seed: int = 0,
-                    proj_dim: int = 32, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+                    proj_dim: int = 32, device: torch.device | str = "cpu"
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         """Bank rows ``(B, D)``: one bank of concatenated features, or one bank per layer.
 
         ``train_feats``: per layer ``(N, C_l, h_l, w_l)`` features of the normal training images;
         ``coreset``: fraction of each bank kept by greedy k-center (1.0 keeps all, the paper).
+        Returns ``(banks searched, whole banks)``; the second is ``None`` without a coreset.
         """
         grids = [concat_layers(train_feats)] if fusion == "concatenation" else train_feats
-        banks = []
-        for grid in grids:
-            bank = to_patches(grid)
-            if coreset < 1:
-                bank = bank[greedy_coreset(bank, coreset, seed=seed, proj_dim=proj_dim, device=device)]
-            banks.append(bank.contiguous())
-        return banks
+        full = [to_patches(grid).contiguous() for grid in grids]
+        if coreset >= 1:
+            return full, None
+        banks = [bank[greedy_coreset(bank, coreset, seed=seed, proj_dim=proj_dim, device=device)].contiguous()
+                 for bank in full]
+        return banks, full
 
     def score(self, feats: list[torch.Tensor], size: int, k: int = 1,
               smooth: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,13 +121,13 @@ class Scorer:
         ``smooth`` blurs the maps only; image scores follow the paper (see module doc).
         """
         if self.fusion == "concatenation":
-            patch_map = knn_map(self.indices[0], concat_layers(feats), k)
+            patch_map = knn_map(self.indices[0], concat_layers(feats), k, exact=self.exact[0], refine=self.refine)
             scores = patch_map.flatten(1).max(1).values
             maps = resize_map(patch_map, size)
         else:
             maps = None
-            for index, feat in zip(self.indices, feats):
-                layer_map = resize_map(knn_map(index, feat, k), size)
+            for index, exact, feat in zip(self.indices, self.exact, feats):
+                layer_map = resize_map(knn_map(index, feat, k, exact=exact, refine=self.refine), size)
                 maps = layer_map if maps is None else maps * layer_map
             scores = maps.flatten(1).max(1).values
         return scores, gaussian_smooth(maps, smooth)

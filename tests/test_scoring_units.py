@@ -1,5 +1,7 @@
 """Scoring building blocks: fusion, k-NN backends, coreset, metrics against brute force."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +24,9 @@ def test_concat_layers_nearest_upsampling():
 def test_concatenation_scores_by_hand():
     # Bank: one training image whose every patch is the zero vector.
     train = [torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 2, 2)]
-    scorer = Scorer("concatenation", Scorer.build_banks("concatenation", train), backend="torch")
+    banks, full = Scorer.build_banks("concatenation", train)
+    assert full is None
+    scorer = Scorer("concatenation", banks, backend="torch")
     test2 = torch.zeros(1, 2, 4, 4)
     test2[0, 0, 1, 2] = 3.0  # one layer-2 patch at distance 3
     test3 = torch.zeros(1, 1, 2, 2)
@@ -37,7 +41,7 @@ def test_concatenation_scores_by_hand():
 
 def test_multiplication_scores_by_hand():
     train = [torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2)]
-    scorer = Scorer("multiplication", Scorer.build_banks("multiplication", train), backend="torch")
+    scorer = Scorer("multiplication", Scorer.build_banks("multiplication", train)[0], backend="torch")
     test2 = torch.full((1, 1, 4, 4), 2.0)
     test3 = torch.full((1, 1, 2, 2), 5.0)
     scores, maps = scorer.score([test2, test3], size=8)
@@ -155,3 +159,22 @@ def test_gaussian_smooth_matches_scipy():
     ours = gaussian_smooth(maps, 2.0).numpy()
     ref = np.stack([gaussian_filter(m, 2.0, mode="mirror") for m in maps.numpy()])
     np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["concatenation", "multiplication"])
+def test_coreset_refine_restores_exact_image_scores(fusion):
+    gen = torch.Generator().manual_seed(0)
+    train = [torch.randn(20, 8, 8, 8, generator=gen), torch.randn(20, 4, 4, 4, generator=gen)]
+    test = [torch.randn(5, 8, 8, 8, generator=gen), torch.randn(5, 4, 4, 4, generator=gen)]
+    exact = Scorer(fusion, Scorer.build_banks(fusion, train)[0], backend="torch")
+    banks, full = Scorer.build_banks(fusion, train, coreset=0.1, proj_dim=0)
+    assert full is not None and banks[0].shape[0] == math.ceil(0.1 * full[0].shape[0])
+    coarse = Scorer(fusion, banks, backend="torch")
+    refined = Scorer(fusion, banks, backend="torch", full_banks=full, refine=64)
+    ref_scores, ref_maps = exact.score(test, 16)
+    coarse_scores, _ = coarse.score(test, 16)
+    refined_scores, refined_maps = refined.score(test, 16)
+    assert (coarse_scores >= ref_scores - 1e-5).all() and (coarse_scores > ref_scores + 1e-3).any()
+    # Refining every patch (64 = all patches of the finest grid) gives the exact result.
+    torch.testing.assert_close(refined_scores, ref_scores)
+    torch.testing.assert_close(refined_maps, ref_maps)
