@@ -64,6 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="auto = bfloat16 autocast where the CPU/GPU supports it natively")
     speed.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                        help="keep NCHW memory format (channels_last is faster with oneDNN and cuDNN)")
+    speed.add_argument("--no-pin-memory", dest="pin_memory", action="store_false",
+                       help="do not pin host memory of batches (CUDA only)")
     speed.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
                        help="turn off cudnn.benchmark autotuning")
     out = parser.add_argument_group("Output")

@@ -55,11 +55,13 @@ def test_scripts_write_results_and_recomputable_maps(script, tiny_root, trained,
     assert (tmp_path / "roc.png").stat().st_size > 0
     assert (tmp_path / "results.md").read_text().count("|") > 10
     assert len((tmp_path / "image_scores.csv").read_text().splitlines()) == 7
-    # Second run reuses the cached bank.
+    # Second run reuses the cached bank and repeats bit for bit.
     again = infer(script, tiny_root, trained, tmp_path / "again", "--c", "widget", "--p", "widget-wave18",
-                  "--no-pictures")
+                  "--no-pictures", "--save-maps")
     assert again.returncode == 0, again.stderr[-2000:]
     assert json.loads((tmp_path / "again" / "results.json").read_text())["bank"]["cached"] is True
+    repeat = np.load(tmp_path / "again" / "maps.npz")
+    assert np.array_equal(repeat["maps"], saved["maps"]) and np.array_equal(repeat["scores"], saved["scores"])
 
 
 def test_all_categories_summary(tiny_root, trained, tmp_path):

@@ -23,6 +23,7 @@ import models
 from data import TrainSet
 from errors import UserError
 from models.checkpoint import extract_state_dict, load_weights, read_checkpoint, save_atomic
+from scoring.report import git_commit
 
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .logger import EpochLogger
@@ -116,6 +117,7 @@ def checkpoint_payload(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         "recipe": getattr(args, "recipe", "paper"),
         "args": plain_args,
         "torch": str(torch.__version__),
+        "git_commit": git_commit(),
     }
 
 
@@ -149,7 +151,7 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
     else:
         sampler = EpochShuffleSampler(len(dataset), args.seed)
     loader_kwargs = {"batch_size": args.batch_size, "sampler": sampler, "num_workers": args.workers,
-                     "pin_memory": device.type == "cuda", "drop_last": False}
+                     "pin_memory": device.type == "cuda" and args.pin_memory, "drop_last": False}
     if args.workers > 0:
         loader_kwargs["prefetch_factor"] = 4
     loader = DataLoader(dataset, **loader_kwargs)
