@@ -29,6 +29,7 @@ from paper_style_dwt import PaperStyleDownsample  # noqa: E402
 
 import models  # noqa: E402
 from models.dwt import WaveletDownsample  # noqa: E402
+from training.loop import bf16_available  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,15 +47,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def precision_context(device: torch.device, bf16: bool):
     if not bf16:
         return contextlib.nullcontext()
@@ -66,7 +58,7 @@ def variants(device: torch.device) -> list[tuple[str, str, bool, bool]]:
     rows = [("paper-style layer, fp32", "paper", False, False),
             ("ours, fp32", "ours", False, False),
             ("ours, fp32 channels_last", "ours", True, False)]
-    if bf16_supported(device):
+    if bf16_available(device):
         rows += [("ours, bf16 autocast", "ours", False, True),
                  ("ours, bf16 autocast channels_last", "ours", True, True)]
     return rows
@@ -80,7 +72,7 @@ def time_dwt(device, repeats, warmup, wavelet) -> list[list[object]]:
               "conv": WaveletDownsample(wavelet, impl="conv").to(device),
               "matmul": WaveletDownsample(wavelet, impl="matmul").to(device)}
     modes = [("fp32", False, False), ("fp32 channels_last", True, False)]
-    if bf16_supported(device):
+    if bf16_available(device):
         modes.append(("bf16 autocast", False, True))
     for name, layer in layers.items():
         for mode, channels_last, bf16 in modes:
