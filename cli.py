@@ -25,7 +25,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 # Write failures a user can fix by freeing space or choosing another folder.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
+WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                errno.EISDIR}
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

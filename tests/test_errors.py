@@ -180,6 +180,16 @@ def test_bad_scoring_flags(tiny_root, ckpt_dir, tmp_path, capsys, argv, expected
     assert code == 2 and expected in one_line(err)
 
 
+def test_unwritable_output_folder(tiny_root, ckpt_dir, tmp_path, capsys):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the output folder should go")
+    code, err = run_score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(ckpt_dir),
+                           "--p", "widget-wave18", "--out", str(blocker / "sub")], capsys)
+    line = one_line(err)
+    assert code == 4 and "cannot write" in line and "taken" in line
+    assert blocker.read_text().startswith("a file")
+
+
 def test_missing_checkpoint_lists_folder(tiny_root, ckpt_dir, tmp_path, capsys):
     code, err = run_score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(ckpt_dir),
                            "--p", "widget-wave50"], capsys)
