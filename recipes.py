@@ -9,8 +9,11 @@ from __future__ import annotations
 
 RECIPES: dict[str, dict[str, dict]] = {
     "paper": {"train": {}, "score": {}},
+    # Chosen on the training loss curve and one seed of Magnetic Tile (wave18, 128 px, 20 epochs):
+    # +3.8 points image AUROC, +2.8 pixel AUROC over the paper protocol (README "Results").
+    # Still to confirm over three seeds and another data set.
     "best": {
-        "train": {"sched": "cosine", "warmup": 2},
+        "train": {"sched": "cosine", "warmup": 2, "augs": "cutpaste,perlin,scar"},
         "score": {},
     },
 }
