@@ -24,8 +24,6 @@ from models.dwt import lowpass_filter
 from recipes import RECIPES
 from training import cleanup, init_distributed, resolve_precision, train_category
 
-MIN_SIZE = 32
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(
@@ -105,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def validate(args: argparse.Namespace) -> None:
     """Check flags before any work starts; every problem is a one-line ``UserError``."""
-    if args.size < MIN_SIZE:
-        raise UserError(f"--size {args.size}: the network needs at least {MIN_SIZE} px (it halves the "
+    if args.size < models.MIN_SIZE:
+        raise UserError(f"--size {args.size}: the network needs at least {models.MIN_SIZE} px (it halves the "
                         "image 5 times); use 128 or 256")
     for flag, value in (("--e", args.epochs), ("--b", args.batch_size)):
         if value < (0 if flag == "--e" else 1):

@@ -6,11 +6,15 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scoring.report import markdown_table  # noqa: E402  (re-exported for the benchmark scripts)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
@@ -33,12 +37,6 @@ def device_sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def markdown_table(header: list[str], rows: list[list[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def system_info(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -54,7 +52,7 @@ def write_results(out_dir: str | Path, name: str, header: list[str], rows: list[
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = markdown_table(header, rows)
-    (out_dir / f"{name}.md").write_text(f"{table}\n\n{json.dumps(info)}\n")
+    (out_dir / f"{name}.md").write_text(f"{table}\n\n{json.dumps(info)}\n")  # settings under the table
     (out_dir / f"{name}.json").write_text(
         json.dumps({"info": info, "rows": [dict(zip(header, r)) for r in rows]}, indent=2))
     return out_dir / f"{name}.md"

@@ -134,6 +134,14 @@ def load_cached(paths: list[Path], size: int, antialias: bool, desc: str) -> tor
     return images
 
 
+def other_index(index: int, count: int, generator: torch.Generator) -> int:
+    """A uniformly random index in ``range(count)`` other than ``index`` (itself when ``count == 1``)."""
+    if count < 2:
+        return index
+    other = int(torch.randint(0, count - 1, (1,), generator=generator))
+    return other + (other >= index)
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed unique to (seed, epoch, index), stable across processes and runs."""
     value = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
@@ -178,10 +186,8 @@ class TrainSet(Dataset):
             normal = normal.flip(2) if mirror % 2 else normal
         anomalies = []
         for make in self.generators:
-            # Source: another random normal image (the image itself when there is only one).
-            other = int(torch.randint(0, max(len(self) - 1, 1), (1,), generator=gen))
-            other = other + (other >= index) if len(self) > 1 else index
-            anomalous, _ = make(normal, self.image(other), gen)
+            # Source: another random normal image, as in the paper.
+            anomalous, _ = make(normal, self.image(other_index(index, len(self), gen)), gen)
             anomalies.append(anomalous)
         return normal, torch.stack(anomalies)
 

@@ -14,6 +14,9 @@ from errors import UserError
 from .dwt import DEFAULT_WAVELET, WaveletDownsample
 from .wavecnet import BasicBlock, Bottleneck, WaveCNet
 
+# The network halves the image five times: smaller inputs leave layer4 without pixels.
+MIN_SIZE = 32
+
 # name -> (block, blocks per stage); keep in sync with ``checkpoint.infer_arch``.
 ARCHS: dict[str, tuple[type, tuple[int, int, int, int]]] = {
     "wave18": (BasicBlock, (2, 2, 2, 2)),
@@ -37,5 +40,5 @@ def create_model(name: str, wavelet: str = DEFAULT_WAVELET, num_classes: int = 3
                     downsample_layer=downsample_layer)
 
 
-__all__ = ["ARCHS", "DEFAULT_WAVELET", "WaveCNet", "WaveletDownsample", "create_model",
+__all__ = ["ARCHS", "DEFAULT_WAVELET", "MIN_SIZE", "WaveCNet", "WaveletDownsample", "create_model",
            "list_models"]

@@ -95,8 +95,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--refine {args.refine}: must be 0 or more")
     if args.k < 1:
         raise UserError(f"--k {args.k}: must be at least 1")
-    if args.size is not None and args.size < 32:
-        raise UserError(f"--size {args.size}: the network needs at least 32 px; use 128 or 256")
+    if args.size is not None and args.size < models.MIN_SIZE:
+        raise UserError(f"--size {args.size}: the network needs at least {models.MIN_SIZE} px; use 128 or 256")
     if args.smooth < 0:
         raise UserError(f"--smooth {args.smooth}: must be 0 or more")
     if args.batch_size < 1:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from data import TestSet, load_image, to_float, train_images
+from data import IMAGE_SUFFIXES, TestSet, load_image, to_float, train_images
 from errors import UserError
 from models.checkpoint import build_from_checkpoint, read_checkpoint, save_atomic
 
@@ -295,8 +295,7 @@ def score_folder(args, model, scorer, entry, size, device, out_dir: Path) -> dic
     if not folder.is_dir():
         raise UserError(f"--images {folder}: no such folder")
     candidates = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    paths = [p for p in candidates if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff",
-                                                            ".webp")]
+    paths = [p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES]
     skipped = [{"path": str(p), "reason": "not an image file (by extension)"} for p in candidates if p not in paths]
     if not paths:
         raise UserError(f"--images {folder}: no image files (png/jpg/bmp/tif) found")

@@ -46,11 +46,15 @@ def write_json(path: Path, record: dict) -> None:
     write_text_atomic(path, json.dumps(_clean(record), indent=2) + "\n")
 
 
+def markdown_table(header: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def write_table(base: Path, header: list[str], rows: list[list[object]]) -> None:
     """``base.md`` (Markdown table) and ``base.csv``."""
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    write_text_atomic(base.with_suffix(".md"), "\n".join(md) + "\n")
+    write_text_atomic(base.with_suffix(".md"), markdown_table(header, rows) + "\n")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)

@@ -13,6 +13,7 @@ import torch
 from torchvision.utils import save_image
 
 import augment
+from data.mvtec import other_index
 
 
 def outline(mask: torch.Tensor) -> torch.Tensor:
@@ -31,8 +32,8 @@ def save_preview(dataset, path: Path, columns: int = 8, seed: int = 0) -> Path:
         normal = dataset.image(index)
         rows[0].append(normal)
         for row, name in enumerate(dataset.augs, start=1):
-            other = (index + 1 + int(torch.randint(0, max(len(dataset) - 1, 1), (1,), generator=gen))) % len(dataset)
-            image, mask = augment.GENERATORS[name](normal, dataset.image(other), gen)
+            source = dataset.image(other_index(index, len(dataset), gen))
+            image, mask = augment.GENERATORS[name](normal, source, gen)
             image = image.clone()
             edge = outline(mask)
             image[:, edge] = torch.tensor([1.0, 0.0, 0.0])[:, None]
