@@ -62,7 +62,10 @@ def resolve_checkpoint(args: Namespace, category: str) -> Path:
     direct = Path(name)
     if direct.is_file():
         return direct
+    # A sub-folder of --ckpt-dir (the paper's form), or a folder path given directly.
     folder = Path(args.ckpt_dir) / name
+    if not folder.is_dir() and direct.is_dir():
+        folder = direct
     for candidate in CHECKPOINT_NAMES:
         if (folder / candidate).is_file():
             return folder / candidate

@@ -64,6 +64,14 @@ def test_scripts_write_results_and_recomputable_maps(script, tiny_root, trained,
     assert np.array_equal(repeat["maps"], saved["maps"]) and np.array_equal(repeat["scores"], saved["scores"])
 
 
+def test_checkpoint_given_as_folder_or_file(tiny_root, trained, tmp_path):
+    for i, p in enumerate([trained / "widget-wave18", trained / "widget-wave18" / "model.pt"]):
+        run = infer("inference_concatenation.py", tiny_root, trained, tmp_path / str(i), "--c", "widget",
+                    "--p", str(p), "--no-pictures")
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert json.loads((tmp_path / str(i) / "results.json").read_text())["checkpoint"]["arch"] == "wave18"
+
+
 def test_all_categories_summary(tiny_root, trained, tmp_path):
     run = infer("inference_concatenation.py", tiny_root, trained, tmp_path, "--c", "all", "--p",
                 "{category}-wave18", "--no-pictures", "--coreset", "0.5")
