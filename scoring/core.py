@@ -85,9 +85,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def make_loader(dataset: Dataset, args: Namespace, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                      pin_memory=device.type == "cuda")
+def dataset_features(model: torch.nn.Module, dataset: Dataset, args: Namespace, device: torch.device,
+                     desc: str) -> tuple[list[torch.Tensor], list[dict]]:
+    """``extract`` over ``dataset`` with the run's batch size, workers, layers and precision."""
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
+                        pin_memory=device.type == "cuda")
+    return extract(model, loader, args.layers, device, args.precision == "bf16", desc)
 
 
 def bank_settings(args: Namespace, fusion: str, ckpt_sha: str, size: int, paths: list[Path]) -> dict:
@@ -145,9 +148,8 @@ def load_or_build_bank(fusion: str, model: torch.nn.Module, args: Namespace, dev
             entry = None
     cached = entry is not None
     if entry is None or (need_threshold and "threshold" not in entry):
-        loader = make_loader(ImageFiles(paths, size, args.antialias), args, device)
-        train_feats, _ = extract(model, loader, args.layers, device, args.precision == "bf16",
-                                 f"{category}: train features")
+        train_feats, _ = dataset_features(model, ImageFiles(paths, size, args.antialias), args, device,
+                                          f"{category}: train features")
         if entry is None:
             banks, full = Scorer.build_banks(fusion, train_feats, args.coreset, args.seed, args.coreset_dim, device)
             entry = {"settings": settings, "banks": banks, "full_banks": full, "train_images": len(paths)}
@@ -234,8 +236,7 @@ def score_category(args: Namespace, fusion: str, category: str, device: torch.de
 def score_test_set(args, model, scorer, size, device, out_dir: Path, category: str) -> dict:
     dataset = TestSet(args.data_root, category, size, args.antialias)
     start = time.perf_counter()
-    feats, extras = extract(model, make_loader(dataset, args, device), args.layers, device,
-                            args.precision == "bf16", f"{category}: test features")
+    feats, extras = dataset_features(model, dataset, args, device, f"{category}: test features")
     scores, maps = scorer.score(feats, size, args.k, args.smooth)
     test_seconds = time.perf_counter() - start
     labels = np.concatenate([np.asarray(e["label"]) for e in extras])
@@ -304,8 +305,7 @@ def score_folder(args, model, scorer, entry, size, device, out_dir: Path) -> dic
         raise UserError(f"--images {folder}: no image files (png/jpg/bmp/tif) found")
     dataset = ImageFiles(paths, size, args.antialias, skip_bad=True)
     start = time.perf_counter()
-    feats, extras = extract(model, make_loader(dataset, args, device), args.layers, device,
-                            args.precision == "bf16", "images: features")
+    feats, extras = dataset_features(model, dataset, args, device, "images: features")
     ok = torch.tensor([flag for e in extras for flag in e["ok"]], dtype=torch.bool)
     all_paths = [p for e in extras for p in e["path"]]
     reasons = [r for e in extras for r in e["reason"]]
