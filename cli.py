@@ -33,8 +33,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("Runtime")
     group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="auto = CUDA when available, else CPU")
-    group.add_argument("--workers", type=int, default=0,
-                       help="data loader worker processes (0 = load in the main process)")
+    group.add_argument("--workers", type=parse_workers, default=None, metavar="N|auto",
+                       help="data loader worker processes (0 = load in the main process); auto = 0 on the "
+                            "CPU (the network already uses every core), min(8, cores) with CUDA")
     group.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
@@ -49,9 +50,26 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def check_workers(workers: int) -> None:
+def parse_workers(text: str) -> int | None:
+    """``--workers`` value: ``auto`` -> ``None`` (see :func:`resolve_workers`), else an int."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'auto'") from None
+
+
+def resolve_workers(workers: int | None, device: torch.device) -> int:
+    """Loader workers: the given number, or for ``auto`` none on the CPU and up to 8 feeding a GPU."""
+    if workers is not None:
+        return workers
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def check_workers(workers: int | None) -> None:
     cores = os.cpu_count() or 1
-    if workers < 0 or workers > cores:
+    if workers is not None and (workers < 0 or workers > cores):
         raise UserError(f"--workers {workers}: this machine has {cores} cores; use 0..{cores}")
 
 

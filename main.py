@@ -66,6 +66,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="do not pin host memory of batches (CUDA only)")
     speed.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
                        help="turn off cudnn.benchmark autotuning")
+    speed.add_argument("--anomalies-on", default="auto", choices=["auto", "device", "loader"],
+                       help="where synthetic anomalies are made: device = whole batches on the training device "
+                            "(GPU), loader = one image at a time in the data loader; auto = device on CUDA")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the network (first epoch slower while it compiles)")
     out = parser.add_argument_group("Output")
     out.add_argument("--ckpt-dir", default="ckpt", help="checkpoints go to <ckpt-dir>/<category>-<arch>/")
     out.add_argument("--resume", nargs="?", const="auto", default=None,
@@ -169,7 +174,8 @@ def evaluate(args: argparse.Namespace, categories: list[str]) -> list[dict]:
     for fusion in ("concatenation", "multiplication"):
         score_args = scoring_parse(fusion, [
             "--c", ",".join(categories), "--data-root", str(args.data_root), "--ckpt-dir", str(args.ckpt_dir),
-            "--p", f"{{category}}-{args.arch}", "--device", args.device, "--workers", str(args.workers),
+            "--p", f"{{category}}-{args.arch}", "--device", args.device,
+            "--workers", "auto" if args.workers is None else str(args.workers),
             "--recipe", args.recipe])
         records += score(score_args)
     header = ["category", "fusion", "image AUROC", "pixel AUROC", "AUPRO", "heatmaps"]

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import main as train_main  # noqa: E402
@@ -46,6 +48,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fusions", default=",".join(FUSIONS))
     parser.add_argument("--work-dir", default="runs/accuracy", help="checkpoints and per-run results")
     parser.add_argument("--out", default="results/benchmarks", help="folder for accuracy.md/csv/json")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a finished run already in --work-dir (its checkpoint at the asked epochs, "
+                             "its results.json) instead of training and scoring it again")
     return parser
 
 
@@ -63,20 +68,45 @@ def run_one(args, name: str, train_flags: list[str], score_flags: list[str], see
     train_argv = ["--c", args.category, "--data-root", args.data_root, "--arch", args.arch, "--size",
                   str(args.size), "--e", str(epochs), "--b", str(args.batch_size), "--seed", str(seed),
                   "--ckpt-dir", str(ckpt_dir), "--no-tensorboard", "--save-every", "0", *train_flags]
-    start = time.perf_counter()
-    train_main.main(train_main.parse_args(train_argv))
-    train_s = time.perf_counter() - start
+    run_dir = ckpt_dir / f"{args.category}-{args.arch}"
+    train_s = finished_training_seconds(run_dir, epochs, seed) if args.reuse else None
+    if train_s is None:
+        start = time.perf_counter()
+        train_main.main(train_main.parse_args(train_argv))
+        train_s = time.perf_counter() - start
     rows = []
     for fusion in args.fusions.split(","):
+        done = ckpt_dir / "results" / fusion / "results.json"
+        if args.reuse and done.is_file():
+            record = json.loads(done.read_text())
+            rows.append(result_row(name, seed, fusion, epochs, train_s, record))
+            continue
         score_args = score_cli.parse_args(fusion, [
             "--c", args.category, "--data-root", args.data_root, "--ckpt-dir", str(ckpt_dir),
             "--p", f"{args.category}-{args.arch}", "--out", str(ckpt_dir / "results" / fusion),
             "--no-pictures", "--seed", str(seed), *score_flags])
         [record] = score_cli.main(score_args)
-        rows.append({"variant": name, "seed": seed, "fusion": fusion, "epochs": epochs, "train_s": train_s,
-                     "score_s_per_image": record["timings"]["s_per_test_image"],
-                     **{k: record["metrics"][k] for k in METRICS}})
+        rows.append(result_row(name, seed, fusion, epochs, train_s, record))
     return rows
+
+
+def result_row(name: str, seed: int, fusion: str, epochs: int, train_s: float, record: dict) -> dict:
+    return {"variant": name, "seed": seed, "fusion": fusion, "epochs": epochs, "train_s": train_s,
+            "score_s_per_image": record["timings"]["s_per_test_image"],
+            **{k: record["metrics"][k] for k in METRICS}}
+
+
+def finished_training_seconds(run_dir: Path, epochs: int, seed: int) -> float | None:
+    """Training seconds of a finished run in ``run_dir`` (sum of its logged epochs), else ``None``."""
+    ckpt_path = run_dir / "model.pt"
+    if not ckpt_path.is_file():
+        return None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if ckpt.get("epoch") != epochs or ckpt.get("seed") != seed:
+        return None
+    log = run_dir / "log.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return sum(json.loads(line)["seconds"] for line in lines)
 
 
 def mean_std(values: list[float]) -> str:

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+import cli
 from data import IMAGE_SUFFIXES, TestSet, load_image, to_float, train_images
 from errors import UserError
 from models.checkpoint import build_from_checkpoint, read_checkpoint, save_atomic
@@ -88,8 +89,8 @@ def file_sha256(path: Path) -> str:
 def dataset_features(model: torch.nn.Module, dataset: Dataset, args: Namespace, device: torch.device,
                      desc: str) -> tuple[list[torch.Tensor], list[dict]]:
     """``extract`` over ``dataset`` with the run's batch size, workers, layers and precision."""
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
+                        num_workers=cli.resolve_workers(args.workers, device), pin_memory=device.type == "cuda")
     return extract(model, loader, args.layers, device, args.precision == "bf16", desc)
 
 

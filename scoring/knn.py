@@ -122,16 +122,17 @@ def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim:
         x = x @ proj
     sq = (x * x).sum(1)
     first = int(torch.randint(0, count, (1,), generator=gen))
-    chosen = torch.empty(keep, dtype=torch.long)
+    # Kept on the device: reading each new centre back to the host would stall a GPU every step.
+    chosen = torch.empty(keep, dtype=torch.long, device=x.device)
     chosen[0] = first
     min_dist = torch.full((count,), float("inf"), device=x.device)
-    centre = first
+    centre = chosen[0]
     for i in tqdm(range(1, keep), desc="coreset", unit="centre", leave=False, disable=not progress,
                   mininterval=1.0):
         c = x[centre]
         # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one fused matrix-vector product per new centre
         dist = torch.addmv(sq, x, c, alpha=-2).add_(sq[centre])
         torch.minimum(min_dist, dist, out=min_dist)
-        centre = int(torch.argmax(min_dist))
+        centre = torch.argmax(min_dist)
         chosen[i] = centre
-    return chosen
+    return chosen.cpu()

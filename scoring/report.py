@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import math
@@ -62,6 +63,7 @@ def write_table(base: Path, header: list[str], rows: list[list[object]]) -> None
     write_text_atomic(base.with_suffix(".csv"), buffer.getvalue())
 
 
+@functools.cache
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,

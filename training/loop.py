@@ -20,11 +20,13 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 import models
+from cli import resolve_workers
 from data import TrainSet
 from errors import UserError
 from models.checkpoint import extract_state_dict, load_weights, read_checkpoint, save_atomic
 from scoring.report import git_commit
 
+from .device_batches import DeviceBatches
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .logger import EpochLogger
 from .preview import save_preview
@@ -49,6 +51,17 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def anomalies_on_device(args: Namespace, device: torch.device, dataset: TrainSet) -> bool:
+    """Make anomalies batched on the device (``--anomalies-on``; auto = on CUDA when the images fit in memory)."""
+    site = getattr(args, "anomalies_on", "auto")
+    if site == "auto":
+        return device.type == "cuda" and dataset.images is not None
+    if site == "device" and dataset.images is None:
+        raise UserError("--anomalies-on device needs the training images cached in memory, but they are "
+                        "larger than the cache limit; use --anomalies-on loader or a smaller --size")
+    return site == "device"
 
 
 def run_dir_for(ckpt_dir: str | Path, category: str, arch: str) -> Path:
@@ -150,17 +163,24 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
                                      shuffle=True, seed=args.seed, drop_last=False)
     else:
         sampler = EpochShuffleSampler(len(dataset), args.seed)
-    loader_kwargs = {"batch_size": args.batch_size, "sampler": sampler, "num_workers": args.workers,
-                     "pin_memory": device.type == "cuda" and args.pin_memory, "drop_last": False}
-    if args.workers > 0:
-        loader_kwargs["prefetch_factor"] = 4
-    loader = DataLoader(dataset, **loader_kwargs)
+    if anomalies_on_device(args, device, dataset):
+        loader = DeviceBatches(dataset, sampler, args.batch_size, device)
+    else:
+        workers = resolve_workers(args.workers, device)
+        loader_kwargs = {"batch_size": args.batch_size, "sampler": sampler, "num_workers": workers,
+                         "pin_memory": device.type == "cuda" and args.pin_memory, "drop_last": False}
+        if workers > 0:
+            # Workers live across epochs: an epoch of a small data set is shorter than their start-up.
+            loader_kwargs.update(prefetch_factor=4, persistent_workers=True)
+        loader = DataLoader(dataset, **loader_kwargs)
 
     torch.manual_seed(args.seed)
     model = models.create_model(args.arch, wavelet=args.wavelet, num_classes=1 + len(args.augs))
     model = model.to(device=device, memory_format=memory_format)
+    # One fused kernel for the whole update on CUDA instead of a launch per parameter tensor.
+    fused = device.type == "cuda"
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+                                weight_decay=args.weight_decay, fused=fused)
 
     start_epoch = 0
     if args.resume:
@@ -173,7 +193,7 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
                 optimizer.load_state_dict(ckpt["optimizer"])
                 # The flags of this run win over the saved hyper-parameters (momentum buffers stay).
                 for group in optimizer.param_groups:
-                    group.update(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+                    group.update(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=fused)
             start_epoch = int(ckpt.get("epoch", 0))
             if main_rank:
                 tqdm.write(f"resumed {resume_path} at epoch {start_epoch}")
@@ -183,6 +203,8 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
     if dist_info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
+    if getattr(args, "compile", False):
+        net = torch.compile(net)
 
     logger = EpochLogger(run_dir, enabled=main_rank, tensorboard=not args.no_tensorboard)
     if main_rank:
