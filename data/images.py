@@ -111,6 +111,16 @@ def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
     return mask >= MASK_THRESHOLD
 
 
+def resize_mask_paper(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """The paper code's mask convention, for comparable numbers: bilinear resize, defective where > 0.
+
+    Counting every non-zero value of a bilinearly resized soft mask widens each defect by about
+    a pixel (and by the whole soft rim of JPEG-like masks such as Magnetic Tile's).
+    """
+    out = F.interpolate(mask[None, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    return out > 0
+
+
 def load_image(path: Path, size: int, antialias: bool = False) -> torch.Tensor:
     """Read and resize: ``(3, size, size)`` uint8."""
     return resize_image(read_rgb(path, size), size, antialias)

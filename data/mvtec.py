@@ -25,7 +25,7 @@ from tqdm import tqdm
 import augment
 from errors import UserError
 
-from .images import list_images, load_image, read_gray, read_rgb, resize_image, resize_mask, to_float
+from .images import list_images, load_image, read_gray, read_rgb, resize_image, resize_mask, resize_mask_paper, to_float
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
@@ -211,8 +211,9 @@ class TestSet(Dataset):
         if sample.mask_path is not None:
             soft = read_gray(sample.mask_path)
             check_mask_fits(sample.path, tuple(raw.shape[-2:]), sample.mask_path, tuple(soft.shape))
-            mask = resize_mask(soft, self.size)
+            mask, paper_mask = resize_mask(soft, self.size), resize_mask_paper(soft, self.size)
         else:
-            mask = torch.zeros(self.size, self.size, dtype=torch.bool)
+            mask = paper_mask = torch.zeros(self.size, self.size, dtype=torch.bool)
         return {"image": to_float(resize_image(raw, self.size, self.antialias)), "mask": mask,
+                "paper_mask": paper_mask,
                 "label": sample.label, "path": str(sample.path), "defect": sample.defect}

@@ -16,7 +16,7 @@ from recipes import RECIPES
 
 from .core import score_category, write_summary
 from .fusion import FUSIONS
-from .knn import BACKENDS
+from .knn import BACKENDS, PRECISIONS
 
 
 def parse_layers(text: str) -> list[int]:
@@ -65,6 +65,9 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
                          help="Gaussian sigma (px) applied to the maps (0 = the paper; PatchCore uses 4)")
     scoring.add_argument("--knn", default="auto", choices=BACKENDS,
                          help="nearest-neighbour backend (auto = faiss when installed, else torch); same distances")
+    scoring.add_argument("--knn-precision", default="auto", choices=PRECISIONS,
+                         help="torch k-NN products: fp32, or bf16 shortlist + exact float32 re-rank (auto: bf16 on "
+                              "CUDA and on CPUs with native bfloat16; returned distances are exact either way)")
     scoring.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                          help="feature extraction precision")
     scoring.add_argument("--threshold", type=float, default=None,

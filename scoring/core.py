@@ -124,7 +124,7 @@ def calibrate_threshold(fusion: str, train_feats: list[torch.Tensor], args: Name
     for fit, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
         banks, full = Scorer.build_banks(fusion, [f[fit] for f in train_feats], args.coreset, args.seed,
                                          args.coreset_dim, device)
-        scorer = Scorer(fusion, banks, args.knn, device, full, args.refine)
+        scorer = Scorer(fusion, banks, args.knn, device, full, args.refine, args.knn_precision)
         held_scores, _ = scorer.score([f[held_out] for f in train_feats], size, args.k)
         scores[held_out] = held_scores
     value = float(np.percentile(scores.numpy(), args.calib_percentile))
@@ -182,7 +182,8 @@ def settings_record(args: Namespace, size: int, backend: str) -> dict:
             "smooth": args.smooth, "knn": backend,
             "precision": args.precision, "seed": args.seed, "batch_size": args.batch_size,
             "antialias": args.antialias,
-            "mask_protocol": "masks resized with nearest neighbour, defective where >= 128",
+            "mask_protocol": "masks resized with nearest neighbour, defective where >= 128 "
+                             "(pixel_auroc_paper_masks: bilinear resize, defective where > 0, as the paper's code)",
             "image_score": "max of the patch map (concatenation) / of the product map (multiplication), "
                            "before --smooth"}
 
@@ -210,7 +211,8 @@ def score_category(args: Namespace, fusion: str, category: str, device: torch.de
     entry, cached, bank_seconds = load_or_build_bank(
         fusion, model, args, device, size, ckpt_path, ckpt_sha, category,
         need_threshold=unlabeled and args.threshold is None)
-    scorer = Scorer(fusion, entry["banks"], args.knn, device, entry.get("full_banks"), args.refine)
+    scorer = Scorer(fusion, entry["banks"], args.knn, device, entry.get("full_banks"), args.refine,
+                    args.knn_precision)
 
     record = {
         "category": category, "fusion": fusion,
@@ -242,6 +244,7 @@ def score_test_set(args, model, scorer, size, device, out_dir: Path, category: s
     test_seconds = time.perf_counter() - start
     labels = np.concatenate([np.asarray(e["label"]) for e in extras])
     masks = torch.cat([e["mask"] for e in extras]).numpy()
+    paper_masks = torch.cat([e["paper_mask"] for e in extras]).numpy()
     paths = [p for e in extras for p in e["path"]]
     defects = [d for e in extras for d in e["defect"]]
     scores_np, maps_np = scores.numpy(), maps.numpy()
@@ -253,6 +256,8 @@ def score_test_set(args, model, scorer, size, device, out_dir: Path, category: s
         "aupro": metrics.aupro(masks, maps_np),
         "image_f1_max": f1,
         "pixel_ap": metrics.pixel_ap(masks, maps_np),
+        # The same maps against the paper code's wider masks (bilinear resize, any non-zero value).
+        "pixel_auroc_paper_masks": metrics.pixel_auroc(paper_masks, maps_np),
     }
     per_defect = {}
     for defect in sorted(set(defects) - {"good"}):

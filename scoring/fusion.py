@@ -85,15 +85,16 @@ class Scorer:
 
     def __init__(self, fusion: str, banks: list[torch.Tensor], backend: str = "auto",
                  device: torch.device | str = "cpu", full_banks: list[torch.Tensor] | None = None,
-                 refine: int = 0):
+                 refine: int = 0, precision: str = "auto"):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}")
         self.fusion = fusion
         self.banks = banks
-        self.indices = [NearestNeighbours(bank, backend, device) for bank in banks]
+        self.indices = [NearestNeighbours(bank, backend, device, precision=precision) for bank in banks]
         self.backend = self.indices[0].backend
         self.refine = refine if full_banks is not None else 0
-        self.exact = ([NearestNeighbours(bank, backend, device) for bank in full_banks] if self.refine
+        self.exact = ([NearestNeighbours(bank, backend, device, precision=precision) for bank in full_banks]
+                      if self.refine
                       else [None] * len(banks))
 
     @staticmethod
