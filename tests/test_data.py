@@ -73,6 +73,9 @@ def test_test_set(tiny_root):
         assert item["image"].shape == (3, 32, 32) and 0 <= item["image"].min() <= item["image"].max() <= 1
         assert item["mask"].dtype == torch.bool
         assert item["mask"].any() == bool(item["label"])  # soft 100-valued border excluded, 200 kept
+        # The paper code's convention counts the soft border too: a strict superset.
+        assert item["paper_mask"].sum() > item["mask"].sum() or not item["label"]
+        assert not (item["mask"] & ~item["paper_mask"]).any()
 
 
 def test_missing_mask_and_bad_ratio(tiny_root, tmp_path):

@@ -50,6 +50,7 @@ def test_scripts_write_results_and_recomputable_maps(script, tiny_root, trained,
     assert metrics.image_auroc(saved["labels"], saved["scores"]) == pytest.approx(m["image_auroc"], abs=1e-4)
     assert metrics.pixel_auroc(saved["masks"].astype(bool), saved["maps"]) == pytest.approx(m["pixel_auroc"], abs=1e-4)
     assert metrics.aupro(saved["masks"].astype(bool), saved["maps"]) == pytest.approx(m["aupro"], abs=0.01)
+    assert 0 <= m["pixel_auroc_paper_masks"] <= 1 and m["pixel_auroc_paper_masks"] != m["pixel_auroc"]
     heatmaps = sorted(p.relative_to(tmp_path / "heatmaps") for p in (tmp_path / "heatmaps").rglob("*.png"))
     assert len(heatmaps) == 6 and {p.parts[0] for p in heatmaps} == {"good", "scratch"}
     assert (tmp_path / "roc.png").stat().st_size > 0

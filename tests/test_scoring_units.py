@@ -57,16 +57,31 @@ def test_to_patches_order():
     assert torch.equal(patches[1], feat[0, :, 0, 1])
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_chunked_knn_equals_brute_force(k):
+def test_chunked_knn_equals_brute_force(k, precision):
     gen = torch.Generator().manual_seed(0)
     bank = torch.randn(1000, 16, generator=gen)
     queries = torch.randn(300, 16, generator=gen)
-    index = NearestNeighbours(bank, backend="torch", chunk_mb=0)  # forces one-row chunks of the budget
+    index = NearestNeighbours(bank, backend="torch", chunk_mb=0, precision=precision)
     index.chunk_elems = 300 * 37  # many bank blocks, uneven last block
     dist = index.search(queries, k)
     ref = torch.cdist(queries.double(), bank.double()).topk(k, largest=False).values
     torch.testing.assert_close(dist.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_shortlist_keeps_exact_neighbours_of_relu_like_features():
+    # Clustered, non-negative, high-dimensional: large shared mean, small gaps between neighbours,
+    # where plain bf16 products misrank; the centred shortlist + float32 re-rank must not.
+    gen = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(50, 384, generator=gen)
+    bank = (centres[torch.randint(0, 50, (20000,), generator=gen)] + torch.randn(20000, 384, generator=gen)).abs()
+    queries = (centres[torch.randint(0, 50, (1000,), generator=gen)] + torch.randn(1000, 384, generator=gen)).abs()
+    ref = torch.cdist(queries.double(), bank.double()).topk(3, largest=False).values
+    dist = NearestNeighbours(bank, backend="torch", precision="bf16").search(queries, 3)
+    torch.testing.assert_close(dist.double(), ref, rtol=1e-5, atol=1e-4)
+    tiny = NearestNeighbours(bank[:5], backend="torch", precision="bf16").search(queries[:4], 5)
+    assert tiny.shape == (4, 5)  # shortlist longer than the bank
 
 
 @pytest.mark.skipif(not faiss_available(), reason="faiss not installed")

@@ -1,6 +1,7 @@
 """Stage 1 end to end on the tiny data set: checkpoints, logs, resume equality, torchrun."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import main as train_main
 import models
 from models.checkpoint import extract_state_dict, load_weights, read_checkpoint
@@ -63,6 +65,27 @@ def test_scar_as_third_class(tiny_root, tmp_path):
     [path] = train_main.main(train_args(tiny_root, tmp_path, "--e", "1", "--augs", "cutpaste,perlin,scar"))
     ckpt = read_checkpoint(path)
     assert ckpt["num_classes"] == 4 and ckpt["netD_state_dict"]["out.weight"].shape[0] == 4
+
+
+def test_anomalies_made_on_the_device_path_train(tiny_root, tmp_path):
+    # The GPU data path (batched anomalies on the training device), run on the CPU here.
+    [path] = train_main.main(train_args(tiny_root, tmp_path, "--e", "2", "--anomalies-on", "device", "--rotflip",
+                                        "--augs", "cutpaste,perlin,scar"))
+    log = [json.loads(line) for line in (path.parent / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    assert {"acc_normal", "acc_cutpaste", "acc_perlin", "acc_scar"} <= set(log[0])
+    again_dir = tmp_path / "again"
+    [again] = train_main.main(train_args(tiny_root, again_dir, "--e", "2", "--anomalies-on", "device", "--rotflip",
+                                         "--augs", "cutpaste,perlin,scar"))
+    a, b = extract_state_dict(read_checkpoint(path)), extract_state_dict(read_checkpoint(again))
+    assert all(torch.equal(a[key], b[key]) for key in a), "same seed, same weights on the device path"
+
+
+def test_workers_flag_accepts_auto():
+    assert cli.parse_workers("auto") is None and cli.parse_workers("3") == 3
+    assert cli.resolve_workers(None, torch.device("cpu")) == 0
+    assert cli.resolve_workers(None, torch.device("cuda")) >= 1
+    assert cli.resolve_workers(2, torch.device("cuda")) == 2
 
 
 def test_cli_help_shows_defaults():
