@@ -81,6 +81,15 @@ def test_anomalies_made_on_the_device_path_train(tiny_root, tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a), "same seed, same weights on the device path"
 
 
+def test_loader_workers_see_every_epoch(tiny_root, tmp_path):
+    # Workers hold their own copy of the data set: the epoch (which seeds the anomalies) must still
+    # reach them, so 2 epochs with a worker end with the weights of 2 epochs without one.
+    paths = [train_main.main(train_args(tiny_root, tmp_path / str(n), "--e", "2", "--workers", str(n)))[0]
+             for n in (0, 1)]
+    a, b = (extract_state_dict(read_checkpoint(p)) for p in paths)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_workers_flag_accepts_auto():
     assert cli.parse_workers("auto") is None and cli.parse_workers("3") == 3
     assert cli.resolve_workers(None, torch.device("cpu")) == 0

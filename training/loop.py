@@ -170,8 +170,9 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
         loader_kwargs = {"batch_size": args.batch_size, "sampler": sampler, "num_workers": workers,
                          "pin_memory": device.type == "cuda" and args.pin_memory, "drop_last": False}
         if workers > 0:
-            # Workers live across epochs: an epoch of a small data set is shorter than their start-up.
-            loader_kwargs.update(prefetch_factor=4, persistent_workers=True)
+            # Not persistent_workers: workers hold a copy of the data set, and set_epoch (which
+            # seeds the anomalies) only reaches workers started after it.
+            loader_kwargs["prefetch_factor"] = 4
         loader = DataLoader(dataset, **loader_kwargs)
 
     torch.manual_seed(args.seed)
