@@ -50,6 +50,16 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def bf16_available(device: torch.device) -> bool:
+    """bfloat16 autocast pays on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def parse_workers(text: str) -> int | None:
     """``--workers`` value: ``auto`` -> ``None`` (see :func:`resolve_workers`), else an int."""
     if text == "auto":

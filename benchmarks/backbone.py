@@ -28,8 +28,8 @@ from common import device_sync, markdown_table, median_seconds, system_info, wri
 from paper_style_dwt import PaperStyleDownsample  # noqa: E402
 
 import models  # noqa: E402
+from cli import bf16_available  # noqa: E402
 from models.dwt import WaveletDownsample  # noqa: E402
-from training.loop import bf16_available  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

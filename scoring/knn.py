@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cli import bf16_available
 from errors import UserError
 
 BACKENDS = ("auto", "torch", "faiss")
@@ -75,8 +76,6 @@ class NearestNeighbours:
             self.bank = bank.detach().to(self.device, torch.float32).contiguous()
             self.bank_sq = (self.bank * self.bank).sum(1)
             if precision == "auto":
-                from training.loop import bf16_available
-
                 precision = "bf16" if bf16_available(self.device) else "fp32"
             # bf16 + re-rank: the matrix products run on tensor cores (15x the float32 rate on an H200).
             # Centred on the bank mean first: distances do not change, but the vectors' norms (and

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 import models
-from cli import resolve_workers
+from cli import bf16_available, resolve_workers
 from data import TrainSet
 from errors import UserError
 from models.checkpoint import extract_state_dict, load_weights, read_checkpoint, save_atomic
@@ -66,16 +66,6 @@ def anomalies_on_device(args: Namespace, device: torch.device, dataset: TrainSet
 
 def run_dir_for(ckpt_dir: str | Path, category: str, arch: str) -> Path:
     return Path(ckpt_dir) / f"{category}-{arch}"
-
-
-def bf16_available(device: torch.device) -> bool:
-    """bfloat16 autocast pays on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
