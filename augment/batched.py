@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from .perlin import LATTICE, THRESHOLD, _fade
+from .perlin import LATTICE, blob_masks, perlin_noise_batch
 
 BatchGenerator = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -70,30 +70,6 @@ def cutpaste_batch(images: torch.Tensor, sources: torch.Tensor,
     return torch.where(masks[:, None], patch, images), masks
 
 
-def perlin_noise_batch(count: int, height: int, width: int, res: tuple[int, int],
-                       generator: torch.Generator) -> torch.Tensor:
-    """``count`` independent Perlin fields ``(count, height, width)`` (see :func:`augment.perlin.perlin_noise`)."""
-    device = generator.device
-    ry, rx = res
-    cell_h, cell_w = math.ceil(height / ry), math.ceil(width / rx)
-    angles = 2 * math.pi * torch.rand(count, ry + 1, rx + 1, generator=generator, device=device)
-    grads = torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)  # (B, ry+1, rx+1, 2)
-    ys = torch.arange(ry * cell_h, dtype=torch.float32, device=device) / cell_h
-    xs = torch.arange(rx * cell_w, dtype=torch.float32, device=device) / cell_w
-    yi, xi = ys.long(), xs.long()
-    fy, fx = (ys - yi)[:, None], (xs - xi)[None, :]
-
-    def corner(dy: int, dx: int) -> torch.Tensor:
-        g = grads[:, yi[:, None] + dy, xi[None, :] + dx]  # (B, H, W, 2)
-        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
-
-    uy, ux = _fade(fy), _fade(fx)
-    top = corner(0, 0) * (1 - ux) + corner(0, 1) * ux
-    bottom = corner(1, 0) * (1 - ux) + corner(1, 1) * ux
-    noise = math.sqrt(2) * (top * (1 - uy) + bottom * uy)
-    return noise[:, :height, :width]
-
-
 def rotate_quarter_turns(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Rotate square image ``i`` of ``(B, C, S, S)`` by ``turns[i]`` x 90 degrees (``turns`` int ``(B,)``).
 
@@ -108,10 +84,7 @@ def perlin_blend_batch(images: torch.Tensor, sources: torch.Tensor,
                        generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's Perlin anomaly per image (see :func:`augment.perlin.perlin_blend`), batched."""
     count, _, height, width = images.shape
-    noise = perlin_noise_batch(count, height, width, (LATTICE, LATTICE), generator)
-    low = noise.amin(dim=(1, 2), keepdim=True)
-    high = noise.amax(dim=(1, 2), keepdim=True)
-    masks = (noise - low) / (high - low).clamp_min(1e-12) >= THRESHOLD
+    masks = blob_masks(perlin_noise_batch(count, height, width, (LATTICE, LATTICE), generator))
     turns = torch.randint(0, 4, (count,), generator=generator, device=images.device)
     rotated = rotate_quarter_turns(sources, turns) if height == width else sources
     m = masks[:, None].to(images.dtype)
