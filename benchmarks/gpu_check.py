@@ -25,6 +25,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from common import markdown_table  # noqa: E402
 
+sys.path.insert(0, str(REPO))
+from scoring.knn import faiss_available  # noqa: E402
+
 PAPER_EPOCHS = 1600
 
 
@@ -106,7 +109,7 @@ def main(args: argparse.Namespace) -> None:
     images_per_epoch = None
 
     # 1. Throughput table: real epochs, real scoring runs.
-    scoring = "torch,coreset" + (",faiss" if _has_faiss() else "")
+    scoring = "torch,coreset" + (",faiss" if faiss_available() else "")
     ok, _ = steps.run("throughput", [py, "benchmarks/throughput.py", "--data-root", args.data_root, "--c",
                                      args.category, "--configs", args.config, "--device", args.device,
                                      "--epochs", str(args.throughput_epochs), "--scoring", scoring,
@@ -194,14 +197,6 @@ def summary_markdown(info: dict) -> str:
         for fusion in ("concatenation", "multiplication"):
             lines.append(f"  - {fusion}: {t.get(fusion)}")
     return "\n".join(lines) + "\n"
-
-
-def _has_faiss() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

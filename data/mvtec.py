@@ -134,12 +134,18 @@ def load_cached(paths: list[Path], size: int, antialias: bool, desc: str) -> tor
     return images
 
 
-def other_index(index: int, count: int, generator: torch.Generator) -> int:
-    """A uniformly random index in ``range(count)`` other than ``index`` (itself when ``count == 1``)."""
+def other_indices(index: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """For each entry of ``index`` ``(B,)``, a uniformly random index in ``range(count)`` other than
+    it (itself when ``count == 1``), drawn on the generator's device."""
     if count < 2:
-        return index
-    other = int(torch.randint(0, count - 1, (1,), generator=generator))
-    return other + (other >= index)
+        return index.clone()
+    other = torch.randint(0, count - 1, index.shape, generator=generator, device=generator.device)
+    return other + (other >= index).long()
+
+
+def other_index(index: int, count: int, generator: torch.Generator) -> int:
+    """:func:`other_indices` for one index."""
+    return int(other_indices(torch.tensor([index]), count, generator)[0])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -15,7 +15,8 @@ from torchvision.transforms import functional as TF
 import augment
 from augment.batched import BATCH_GENERATORS, apply_color_jitter, rotflip_batch
 from data import TrainSet
-from training.device_batches import DeviceBatches, other_indices
+from data.mvtec import other_indices
+from training.device_batches import DeviceBatches
 from training.loop import EpochShuffleSampler
 
 SIZE = 64

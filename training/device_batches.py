@@ -20,15 +20,7 @@ from torch.utils.data import Sampler
 
 from augment.batched import BATCH_GENERATORS, rotflip_batch
 from data import TrainSet
-from data.mvtec import sample_seed
-
-
-def other_indices(index: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """For each entry of ``index`` ``(B,)``, a uniformly random index in ``range(count)`` other than it."""
-    if count < 2:
-        return index.clone()
-    other = torch.randint(0, count - 1, index.shape, generator=generator, device=index.device)
-    return other + (other >= index).long()
+from data.mvtec import other_indices, sample_seed
 
 
 class DeviceBatches:
