@@ -1,7 +1,10 @@
 """Accuracy benchmark: train + score with both fusions over seeds, one table with mean +- std.
 
 Every run includes the untrained network (0 epochs, same seeds) as a baseline row. Variants
-are ``NAME=TRAIN FLAGS|SCORE FLAGS`` (flags of main.py | of the inference scripts):
+are ``NAME=TRAIN FLAGS|SCORE FLAGS`` (flags of main.py | of the inference scripts); TRAIN FLAGS
+may start with a recipe name (``"best-l123=best|--layers 1,2,3"``). Variants with the same
+training flags share one training per seed (the first such variant's folder), so a scoring
+option costs only scoring:
 
     python benchmarks/accuracy.py --data-root ../shared/datasets --c magnetic_tile \\
         --arch wave18 --size 128 --e 20 --seeds 0,1,2 --variants paper best
@@ -60,11 +63,18 @@ def parse_variant(text: str) -> tuple[str, list[str], list[str]]:
         return text, train, score
     name, flags = text.split("=", 1)
     train, _, score = flags.partition("|")
-    return name, shlex.split(train), shlex.split(score)
+    train, score = shlex.split(train), shlex.split(score)
+    if train and train[0] in RECIPES:
+        recipe_train, recipe_score = recipe_flags(train[0])
+        train, score = recipe_train + train[1:], recipe_score + score
+    return name, train, score
 
 
-def run_one(args, name: str, train_flags: list[str], score_flags: list[str], seed: int, epochs: int) -> list[dict]:
-    ckpt_dir = Path(args.work_dir) / name / f"seed{seed}"
+def run_one(args, name: str, train_name: str, train_flags: list[str], score_flags: list[str], seed: int,
+            epochs: int) -> list[dict]:
+    """Train (in ``train_name``'s folder, unless reused) and score one variant and seed."""
+    ckpt_dir = Path(args.work_dir) / train_name / f"seed{seed}"
+    results_dir = Path(args.work_dir) / name / f"seed{seed}" / "results"
     train_argv = ["--c", args.category, "--data-root", args.data_root, "--arch", args.arch, "--size",
                   str(args.size), "--e", str(epochs), "--b", str(args.batch_size), "--seed", str(seed),
                   "--ckpt-dir", str(ckpt_dir), "--no-tensorboard", "--save-every", "0", *train_flags]
@@ -76,14 +86,14 @@ def run_one(args, name: str, train_flags: list[str], score_flags: list[str], see
         train_s = time.perf_counter() - start
     rows = []
     for fusion in args.fusions.split(","):
-        done = ckpt_dir / "results" / fusion / "results.json"
+        done = results_dir / fusion / "results.json"
         if args.reuse and done.is_file():
             record = json.loads(done.read_text())
             rows.append(result_row(name, seed, fusion, epochs, train_s, record))
             continue
         score_args = score_cli.parse_args(fusion, [
             "--c", args.category, "--data-root", args.data_root, "--ckpt-dir", str(ckpt_dir),
-            "--p", f"{args.category}-{args.arch}", "--out", str(ckpt_dir / "results" / fusion),
+            "--p", f"{args.category}-{args.arch}", "--out", str(results_dir / fusion),
             "--no-pictures", "--seed", str(seed), *score_flags])
         [record] = score_cli.main(score_args)
         rows.append(result_row(name, seed, fusion, epochs, train_s, record))
@@ -119,10 +129,14 @@ def main(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [parse_variant(v) for v in args.variants]
     plan = ([] if args.no_baseline else [("untrained", [], [], 0)]) + [(n, t, s, args.epochs) for n, t, s in variants]
+    train_names: dict[tuple, str] = {}
+    for name, train_flags, _, epochs in plan:
+        train_names.setdefault((tuple(train_flags), epochs), name)
     runs = []
     for name, train_flags, score_flags, epochs in plan:
+        train_name = train_names[(tuple(train_flags), epochs)]
         for seed in seeds:
-            runs += run_one(args, name, train_flags, score_flags, seed, epochs)
+            runs += run_one(args, name, train_name, train_flags, score_flags, seed, epochs)
             write_json(Path(args.out) / "accuracy.json", {"settings": vars(args), "runs": runs})
     header = ["variant", "fusion", "image AUROC", "pixel AUROC", "AUPRO", "pixel AUROC (paper's masks)", "train s",
               "score s/img"]

@@ -79,6 +79,10 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     scoring.add_argument("--recipe", default="paper", choices=list(RECIPES),
                          help="named set of scoring defaults (paper = the paper's protocol); flags you give win")
     scoring.add_argument("--rebuild-bank", action="store_true", help="ignore a cached memory bank")
+    scoring.add_argument("--synthetic-check", action="store_true",
+                         help="also score a held-out fifth of the training images with synthetic anomalies "
+                              "(bank from the rest): a label-free signal for choosing options "
+                              "(results.json 'synthetic_check')")
     out = parser.add_argument_group("Output")
     out.add_argument("--out", default=None,
                      help=f"output folder (default: results/<p>/{fusion}, or results/<p>/{fusion}-images)")
@@ -140,6 +144,10 @@ def format_record(record: dict) -> str:
     else:
         body = (f"{record['images']['scored']} images scored, {record['images']['anomalous']} anomalous "
                 f"(threshold {record['threshold']['value']:.4f}), {len(record['images']['skipped'])} skipped")
+    if "synthetic_check" in record:
+        c = record["synthetic_check"]
+        body += (f" | synthetic check: image AUROC {c['image_auroc']:.4f}, pixel AUROC {c['pixel_auroc']:.4f}, "
+                 f"AUPRO {c['aupro']:.4f}")
     timing = (f"bank {record['timings']['bank_s']:.1f}s{' (cached)' if record['bank']['cached'] else ''}, "
               f"{record['timings']['s_per_test_image'] * 1000:.0f} ms/image")
     return f"{head} {body} | {timing} -> {record['out_dir']}"

@@ -31,6 +31,7 @@ from .features import extract
 from .fusion import Scorer
 from .pictures import save_panel, save_roc
 from .report import environment, write_json, write_table
+from .synthetic_check import synthetic_check
 
 BANK_FORMAT = 2  # 2: whole banks kept beside coreset banks (for --refine)
 CHECKPOINT_NAMES = ("model.pt", "e1600_model.pt")
@@ -225,6 +226,12 @@ def score_category(args: Namespace, fusion: str, category: str, device: torch.de
         record.update(score_folder(args, model, scorer, entry, size, device, out_dir))
     else:
         record.update(score_test_set(args, model, scorer, size, device, out_dir, category))
+    if args.synthetic_check:
+        check_start = time.perf_counter()
+        record["synthetic_check"] = synthetic_check(
+            model, args, fusion, category, device, size,
+            lambda dataset, desc: dataset_features(model, dataset, args, device, desc))
+        record["timings"]["synthetic_check_s"] = round(time.perf_counter() - check_start, 3)
     record["timings"]["bank_s"] = round(bank_seconds, 3)
     record["timings"]["total_s"] = round(time.perf_counter() - total_start, 3)
     record["memory"] = peak_memory()

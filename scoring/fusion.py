@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from .knn import NearestNeighbours, greedy_coreset
 
@@ -54,7 +55,7 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def knn_map(index: NearestNeighbours, feat: torch.Tensor, k: int, batch_images: int = 64,
-            exact: NearestNeighbours | None = None, refine: int = 0) -> torch.Tensor:
+            exact: NearestNeighbours | None = None, refine: int = 0, desc: str = "k-NN search") -> torch.Tensor:
     """``(N, C, h, w)`` features -> ``(N, h, w)`` mean distance to the ``k`` nearest bank patches.
 
     With a coreset ``index``, ``exact`` (the whole bank) and ``refine > 0``, the ``refine``
@@ -63,6 +64,7 @@ def knn_map(index: NearestNeighbours, feat: torch.Tensor, k: int, batch_images: 
     """
     n, _, h, w = feat.shape
     out = []
+    bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=n <= batch_images, dynamic_ncols=True)
     for i in range(0, n, batch_images):
         patches = to_patches(feat[i:i + batch_images])
         dist = index.search(patches, k).mean(1).view(-1, h * w)
@@ -71,6 +73,8 @@ def knn_map(index: NearestNeighbours, feat: torch.Tensor, k: int, batch_images: 
             rows = (top + torch.arange(dist.shape[0])[:, None] * (h * w)).reshape(-1)
             dist.scatter_(1, top, exact.search(patches[rows], k).mean(1).view(top.shape))
         out.append(dist.view(-1, h, w))
+        bar.update(dist.shape[0])
+    bar.close()
     return torch.cat(out)
 
 
@@ -122,13 +126,15 @@ class Scorer:
         ``smooth`` blurs the maps only; image scores follow the paper (see module doc).
         """
         if self.fusion == "concatenation":
-            patch_map = knn_map(self.indices[0], concat_layers(feats), k, exact=self.exact[0], refine=self.refine)
+            patch_map = knn_map(self.indices[0], concat_layers(feats), k, exact=self.exact[0], refine=self.refine,
+                                desc="k-NN search, concatenated layers")
             scores = patch_map.flatten(1).max(1).values
             maps = resize_map(patch_map, size)
         else:
             maps = None
-            for index, exact, feat in zip(self.indices, self.exact, feats):
-                layer_map = resize_map(knn_map(index, feat, k, exact=exact, refine=self.refine), size)
+            for layer, (index, exact, feat) in enumerate(zip(self.indices, self.exact, feats)):
+                layer_map = resize_map(knn_map(index, feat, k, exact=exact, refine=self.refine,
+                                               desc=f"k-NN search, layer {layer + 1} of {len(feats)}"), size)
                 maps = layer_map if maps is None else maps * layer_map
             scores = maps.flatten(1).max(1).values
         return scores, gaussian_smooth(maps, smooth)

@@ -104,3 +104,23 @@ def test_unlabeled_images(tiny_root, trained, tmp_path):
     assert skipped == {"broken.png", "notes.txt"}
     assert "broken.png" in run.stderr  # warned
     assert len(list((out / "heatmaps").glob("*.png"))) == 6
+
+
+def test_synthetic_check_uses_held_out_training_images_only(tiny_root, trained, tmp_path):
+    run = infer("inference_multiplication.py", tiny_root, trained, tmp_path, "--c", "widget", "--p",
+                "widget-wave18", "--synthetic-check", "--no-pictures")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "synthetic check: image AUROC" in run.stdout
+    record = json.loads((tmp_path / "results.json").read_text())
+    check = record["synthetic_check"]
+    # 8 training images: a fifth (2) held out, each scored as is and with 3 kinds of anomaly.
+    assert check["held_out_images"] == 2 and check["bank_images"] == 6
+    assert check["kinds"] == ["cutpaste", "perlin", "scar"]
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0 <= check[key] <= 1
+    assert record["timings"]["synthetic_check_s"] > 0
+    # The test-set metrics are those of a run without the check.
+    plain = infer("inference_multiplication.py", tiny_root, trained, tmp_path / "plain", "--c", "widget", "--p",
+                  "widget-wave18", "--no-pictures")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert json.loads((tmp_path / "plain" / "results.json").read_text())["metrics"] == record["metrics"]

@@ -1,0 +1,104 @@
+"""Label-free check of a network and its scoring settings: synthetic anomalies on held-out normal images.
+
+Choosing options (layers, ``--k``, ``--smooth``, a training recipe) on the test set's labels
+overfits it. This check uses the normal training images only: a seeded fifth of them is held
+out, the memory bank is built from the rest, and every held-out image is scored as it is and
+with one synthetic anomaly of each kind in ``CHECK_AUGS`` (CutPaste, Perlin blend, CutPaste
+scar, whose masks are known). Image AUROC (held-out normal vs. anomalous) and pixel AUROC / AUPRO
+against the synthetic masks are the selection signal. The kinds are the same for every recipe,
+so recipes that train on fewer kinds are compared on equal terms.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+import torch
+from torch.utils.data import Dataset
+
+import augment
+from data import to_float, train_images
+from data.mvtec import load_cached
+from errors import UserError
+
+from . import metrics
+from .fusion import Scorer
+
+CHECK_AUGS = ("cutpaste", "perlin", "scar")
+HOLDOUT_FRACTION = 0.2
+# Offsets the check's random streams from the training's, which uses the same seeds.
+SEED_OFFSET = 7_919
+
+
+class HeldOutImages(Dataset):
+    """``{"image"}`` items of a fixed ``(N, 3, S, S)`` float tensor, for feature extraction."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index]}
+
+
+def split_train(count: int, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded ``(fit, held_out)`` index tensors over ``count`` images; both non-empty."""
+    if count < 3:
+        raise UserError(f"the synthetic check needs at least 3 training images, found {count}")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + SEED_OFFSET))
+    held = min(count - 2, max(1, round(fraction * count)))
+    return order[held:], order[:held]
+
+
+def synthetic_images(images: torch.Tensor, held_out: torch.Tensor, fit: torch.Tensor, seed: int,
+                     augs: tuple[str, ...] = CHECK_AUGS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Held-out normals followed by one anomaly per kind for each of them.
+
+    ``images``: ``(N, 3, S, S)`` uint8 training images. Returns ``(M, 3, S, S)`` float images,
+    ``(M, S, S)`` bool masks (empty for the normals) and ``(M,)`` labels, with
+    ``M = len(held_out) * (1 + len(augs))``; the pasted/blended source is a fit image.
+    """
+    gen = torch.Generator().manual_seed(seed + SEED_OFFSET)
+    normals = [to_float(images[i]) for i in held_out.tolist()]
+    size = images.shape[-1]
+    out_images, out_masks = list(normals), [torch.zeros(size, size, dtype=torch.bool)] * len(normals)
+    for name in augs:
+        make = augment.GENERATORS[name]
+        for normal in normals:
+            source = to_float(images[fit[int(torch.randint(len(fit), (1,), generator=gen))]])
+            anomalous, mask = make(normal, source, gen)
+            out_images.append(anomalous)
+            out_masks.append(mask)
+    labels = torch.tensor([0] * len(normals) + [1] * (len(out_images) - len(normals)))
+    return torch.stack(out_images), torch.stack(out_masks), labels
+
+
+def synthetic_check(model: torch.nn.Module, args: Namespace, fusion: str, category: str, device: torch.device,
+                    size: int, features) -> dict:
+    """Score held-out training images with and without synthetic anomalies; returns the metrics.
+
+    ``features(dataset, desc)`` extracts per-layer features the way the run does (its layers,
+    batch size, precision); the bank follows the run's fusion, coreset, ``--k`` and ``--smooth``.
+    """
+    paths = train_images(args.data_root, category)
+    images = load_cached(paths, size, args.antialias, f"{category}: synthetic check images")
+    if images is None:
+        raise UserError(f"--synthetic-check: the {len(paths)} training images of {category} do not fit in "
+                        "memory at this size; leave the check out")
+    fit, held_out = split_train(len(paths), args.seed)
+    fit_feats, _ = features(HeldOutImages(to_float(images[fit])), f"{category}: synthetic check bank")
+    check_images, masks, labels = synthetic_images(images, held_out, fit, args.seed)
+    check_feats, _ = features(HeldOutImages(check_images), f"{category}: synthetic check images")
+    banks, full = Scorer.build_banks(fusion, fit_feats, args.coreset, args.seed, args.coreset_dim, device)
+    scorer = Scorer(fusion, banks, args.knn, device, full, args.refine, args.knn_precision)
+    scores, maps = scorer.score(check_feats, size, args.k, args.smooth)
+    scores_np, maps_np, masks_np, labels_np = scores.numpy(), maps.numpy(), masks.numpy(), labels.numpy()
+    return {
+        "image_auroc": metrics.image_auroc(labels_np, scores_np),
+        "pixel_auroc": metrics.pixel_auroc(masks_np, maps_np),
+        "aupro": metrics.aupro(masks_np, maps_np),
+        "held_out_images": len(held_out), "bank_images": len(fit), "kinds": list(CHECK_AUGS),
+        "seed": args.seed,
+    }
