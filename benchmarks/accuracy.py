@@ -33,6 +33,7 @@ from scoring.report import write_json, write_table  # noqa: E402
 
 FUSIONS = ("concatenation", "multiplication")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_auroc_paper_masks")
+CHECK_METRICS = ("image_auroc", "pixel_auroc")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fusions", default=",".join(FUSIONS))
     parser.add_argument("--work-dir", default="runs/accuracy", help="checkpoints and per-run results")
     parser.add_argument("--out", default="results/benchmarks", help="folder for accuracy.md/csv/json")
+    parser.add_argument("--synthetic-check", action="store_true",
+                        help="also report the label-free synthetic check (held-out training images with synthetic "
+                             "anomalies) of every run: the signal to choose options by, not the test labels")
     parser.add_argument("--reuse", action="store_true",
                         help="keep a finished run already in --work-dir (its checkpoint at the asked epochs, "
                              "its results.json) instead of training and scoring it again")
@@ -89,21 +93,25 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
         done = results_dir / fusion / "results.json"
         if args.reuse and done.is_file():
             record = json.loads(done.read_text())
-            rows.append(result_row(name, seed, fusion, epochs, train_s, record))
-            continue
+            if not args.synthetic_check or "synthetic_check" in record:
+                rows.append(result_row(name, seed, fusion, epochs, train_s, record))
+                continue
         score_args = score_cli.parse_args(fusion, [
             "--c", args.category, "--data-root", args.data_root, "--ckpt-dir", str(ckpt_dir),
             "--p", f"{args.category}-{args.arch}", "--out", str(results_dir / fusion),
-            "--no-pictures", "--seed", str(seed), *score_flags])
+            "--no-pictures", "--seed", str(seed), *(["--synthetic-check"] if args.synthetic_check else []),
+            *score_flags])
         [record] = score_cli.main(score_args)
         rows.append(result_row(name, seed, fusion, epochs, train_s, record))
     return rows
 
 
 def result_row(name: str, seed: int, fusion: str, epochs: int, train_s: float, record: dict) -> dict:
+    check = record.get("synthetic_check", {})
     return {"variant": name, "seed": seed, "fusion": fusion, "epochs": epochs, "train_s": train_s,
             "score_s_per_image": record["timings"]["s_per_test_image"],
-            **{k: record["metrics"][k] for k in METRICS}}
+            **{k: record["metrics"][k] for k in METRICS},
+            **{f"synthetic_{k}": check[k] for k in CHECK_METRICS if k in check}}
 
 
 def finished_training_seconds(run_dir: Path, epochs: int, seed: int) -> float | None:
@@ -140,13 +148,17 @@ def main(args: argparse.Namespace) -> None:
             write_json(Path(args.out) / "accuracy.json", {"settings": vars(args), "runs": runs})
     header = ["variant", "fusion", "image AUROC", "pixel AUROC", "AUPRO", "pixel AUROC (paper's masks)", "train s",
               "score s/img"]
+    if args.synthetic_check:
+        header += ["synthetic check image AUROC", "synthetic check pixel AUROC"]
     rows = []
     for name, _, _, _ in plan:
         for fusion in args.fusions.split(","):
             sel = [r for r in runs if r["variant"] == name and r["fusion"] == fusion]
             rows.append([name, fusion] + [mean_std([r[m] for r in sel]) for m in METRICS]
                         + [f"{statistics.mean(r['train_s'] for r in sel):.0f}",
-                           f"{statistics.mean(r['score_s_per_image'] for r in sel):.3f}"])
+                           f"{statistics.mean(r['score_s_per_image'] for r in sel):.3f}"]
+                        + ([mean_std([r[f"synthetic_{m}"] for r in sel]) for m in CHECK_METRICS]
+                           if args.synthetic_check else []))
     write_table(Path(args.out) / "accuracy", header, rows)
     print((Path(args.out) / "accuracy.md").read_text())
     print(json.dumps({"seeds": seeds, "command": " ".join(sys.argv)}))
