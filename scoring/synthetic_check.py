@@ -83,7 +83,7 @@ def synthetic_check(model: torch.nn.Module, args: Namespace, fusion: str, catego
     batch size, precision); the bank follows the run's fusion, coreset, ``--k`` and ``--smooth``.
     """
     paths = train_images(args.data_root, category)
-    images = load_cached(paths, size, args.antialias, f"{category}: synthetic check images")
+    images = load_cached(paths, size, args.antialias, f"{category}: synthetic check, caching train")
     if images is None:
         raise UserError(f"--synthetic-check: the {len(paths)} training images of {category} do not fit in "
                         "memory at this size; leave the check out")
