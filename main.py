@@ -92,6 +92,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # A configuration that trains and scores the demo data in well under 3 minutes on 2 CPU cores.
+# The settings that decide the trained weights (what a reused or resumed run must match); paths,
+# logging and pure speed flags (workers, pin memory, channels_last, compile) are left out.
+WEIGHT_SETTINGS = ("category", "size", "antialias", "arch", "wavelet", "augs", "rotflip", "epochs", "batch_size",
+                   "lr", "weight_decay", "momentum", "sched", "warmup", "seed", "precision", "anomalies_on")
+
 DEMO_DEFAULTS = {"data_root": "demo_data", "category": "all", "arch": "wave18", "size": 96, "epochs": 15,
                  "batch_size": 20, "save_every": 0, "eval": True}
 
@@ -101,7 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.demo or args.recipe != "paper":
-        parser.set_defaults(**RECIPES[args.recipe]["train"], **(DEMO_DEFAULTS if args.demo else {}))
+        # The recipe's settings win over the demo's where both set one (e.g. the batch size).
+        parser.set_defaults(**{**(DEMO_DEFAULTS if args.demo else {}), **RECIPES[args.recipe]["train"]})
         args = parser.parse_args(argv)
     return args
 

@@ -1,10 +1,13 @@
 """Accuracy benchmark: train + score with both fusions over seeds, one table with mean +- std.
 
 Every run includes the untrained network (0 epochs, same seeds) as a baseline row. Variants
-are ``NAME=TRAIN FLAGS|SCORE FLAGS`` (flags of main.py | of the inference scripts); TRAIN FLAGS
-may start with a recipe name (``"best-l123=best|--layers 1,2,3"``). Variants with the same
-training flags share one training per seed (the first such variant's folder), so a scoring
-option costs only scoring:
+are recipe names or ``NAME=TRAIN FLAGS|SCORE FLAGS`` (flags of main.py | of the inference
+scripts); TRAIN FLAGS may start with a recipe name (``"best-l123=best|--layers 1,2,3"``), which
+becomes ``--recipe NAME`` on both sides, so checkpoints and results record the recipe. Variants
+whose training settings resolve to the same values share one training per seed (the first such
+variant's folder), so a scoring option costs only scoring. ``--reuse`` keeps a finished run only
+if its checkpoint was trained with the settings asked now and its results scored that checkpoint
+with the scoring settings asked now; anything else is trained / scored again:
 
     python benchmarks/accuracy.py --data-root ../shared/datasets --c magnetic_tile \\
         --arch wave18 --size 128 --e 20 --seeds 0,1,2 --variants paper best
@@ -26,14 +29,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import cli  # noqa: E402
 import main as train_main  # noqa: E402
-from recipes import RECIPES, recipe_flags  # noqa: E402
+from augment import parse_augs  # noqa: E402
+from errors import UserError  # noqa: E402
+from recipes import RECIPES  # noqa: E402
 from scoring import cli as score_cli  # noqa: E402
+from scoring.core import file_sha256  # noqa: E402
 from scoring.report import write_json, write_table  # noqa: E402
 
 FUSIONS = ("concatenation", "multiplication")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_auroc_paper_masks")
 CHECK_METRICS = ("image_auroc", "pixel_auroc")
+# Scoring settings a reused results.json must have been made with (as recorded in its "settings").
+RESULT_SETTINGS = ("layers", "k", "coreset", "coreset_dim", "smooth", "antialias")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,7 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", default="wave18")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--e", dest="epochs", type=int, default=20)
-    parser.add_argument("--b", dest="batch_size", type=int, default=32)
+    parser.add_argument("--b", dest="batch_size", type=int, default=None,
+                        help="batch size for every variant (default: main.py's 32, or the recipe's)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--variants", nargs="*", default=["paper"],
                         help="recipe names (" + ", ".join(RECIPES) + ") or NAME=TRAIN FLAGS|SCORE FLAGS")
@@ -62,16 +72,36 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_variant(text: str) -> tuple[str, list[str], list[str]]:
+    """``"NAME=TRAIN FLAGS|SCORE FLAGS"`` or a recipe name -> ``(name, train flags, score flags)``."""
     if "=" not in text:
-        train, score = recipe_flags(text)
-        return text, train, score
+        if text not in RECIPES:
+            raise UserError(f"--variants {text}: not a recipe ({', '.join(RECIPES)}); "
+                            "write NAME=TRAIN FLAGS|SCORE FLAGS")
+        return text, ["--recipe", text], ["--recipe", text]
     name, flags = text.split("=", 1)
     train, _, score = flags.partition("|")
     train, score = shlex.split(train), shlex.split(score)
     if train and train[0] in RECIPES:
-        recipe_train, recipe_score = recipe_flags(train[0])
-        train, score = recipe_train + train[1:], recipe_score + score
+        train, score = ["--recipe", train[0], *train[1:]], ["--recipe", train[0], *score]
     return name, train, score
+
+
+def train_argv(args: argparse.Namespace, train_flags: list[str], seed: int, epochs: int, ckpt_dir: Path) -> list[str]:
+    return ["--c", args.category, "--data-root", args.data_root, "--arch", args.arch, "--size", str(args.size),
+            "--e", str(epochs), *(["--b", str(args.batch_size)] if args.batch_size else []), "--seed", str(seed),
+            "--ckpt-dir", str(ckpt_dir), "--no-tensorboard", "--save-every", "0", *train_flags]
+
+
+def training_settings(argv: list[str]) -> dict:
+    """The settings of ``main.py argv`` that decide the trained weights (paths and speed flags left out)."""
+    resolved = vars(train_main.parse_args(argv))
+    resolved["augs"] = parse_augs(resolved["augs"])
+    return {k: resolved[k] for k in train_main.WEIGHT_SETTINGS}
+
+
+def settings_mismatch(recorded: dict, wanted: dict) -> list[str]:
+    """``key: recorded -> wanted`` for every key both have and that differs (older files lack some keys)."""
+    return [f"{k}: {recorded[k]} -> {v}" for k, v in wanted.items() if k in recorded and recorded[k] != v]
 
 
 def run_one(args, name: str, train_name: str, train_flags: list[str], score_flags: list[str], seed: int,
@@ -79,28 +109,30 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
     """Train (in ``train_name``'s folder, unless reused) and score one variant and seed."""
     ckpt_dir = Path(args.work_dir) / train_name / f"seed{seed}"
     results_dir = Path(args.work_dir) / name / f"seed{seed}" / "results"
-    train_argv = ["--c", args.category, "--data-root", args.data_root, "--arch", args.arch, "--size",
-                  str(args.size), "--e", str(epochs), "--b", str(args.batch_size), "--seed", str(seed),
-                  "--ckpt-dir", str(ckpt_dir), "--no-tensorboard", "--save-every", "0", *train_flags]
+    argv = train_argv(args, train_flags, seed, epochs, ckpt_dir)
     run_dir = ckpt_dir / f"{args.category}-{args.arch}"
-    train_s = finished_training_seconds(run_dir, epochs, seed) if args.reuse else None
+    train_s = finished_training_seconds(run_dir, training_settings(argv)) if args.reuse else None
     if train_s is None:
         start = time.perf_counter()
-        train_main.main(train_main.parse_args(train_argv))
+        train_main.main(train_main.parse_args(argv))
         train_s = time.perf_counter() - start
+    ckpt_sha = file_sha256(run_dir / "model.pt")
     rows = []
     for fusion in args.fusions.split(","):
-        done = results_dir / fusion / "results.json"
-        if args.reuse and done.is_file():
-            record = json.loads(done.read_text())
-            if not args.synthetic_check or "synthetic_check" in record:
-                rows.append(result_row(name, seed, fusion, epochs, train_s, record))
-                continue
         score_args = score_cli.parse_args(fusion, [
             "--c", args.category, "--data-root", args.data_root, "--ckpt-dir", str(ckpt_dir),
             "--p", f"{args.category}-{args.arch}", "--out", str(results_dir / fusion),
             "--no-pictures", "--seed", str(seed), *(["--synthetic-check"] if args.synthetic_check else []),
             *score_flags])
+        done = results_dir / fusion / "results.json"
+        if args.reuse and done.is_file():
+            record = json.loads(done.read_text())
+            wanted = {k: getattr(score_args, k) for k in RESULT_SETTINGS}
+            wanted["refine"] = score_args.refine if score_args.coreset < 1 else 0
+            if (record["checkpoint"]["sha256"] == ckpt_sha and not settings_mismatch(record["settings"], wanted)
+                    and (not args.synthetic_check or "synthetic_check" in record)):
+                rows.append(result_row(name, seed, fusion, epochs, train_s, record))
+                continue
         [record] = score_cli.main(score_args)
         rows.append(result_row(name, seed, fusion, epochs, train_s, record))
     return rows
@@ -114,13 +146,18 @@ def result_row(name: str, seed: int, fusion: str, epochs: int, train_s: float, r
             **{f"synthetic_{k}": check[k] for k in CHECK_METRICS if k in check}}
 
 
-def finished_training_seconds(run_dir: Path, epochs: int, seed: int) -> float | None:
-    """Training seconds of a finished run in ``run_dir`` (sum of its logged epochs), else ``None``."""
+def finished_training_seconds(run_dir: Path, wanted: dict) -> float | None:
+    """Training seconds of a run in ``run_dir`` finished with the ``wanted`` settings (sum of its
+    logged epochs), else ``None`` (then it is trained again)."""
     ckpt_path = run_dir / "model.pt"
     if not ckpt_path.is_file():
         return None
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    if ckpt.get("epoch") != epochs or ckpt.get("seed") != seed:
+    if ckpt.get("epoch") != wanted["epochs"] or ckpt.get("seed") != wanted["seed"]:
+        return None
+    changed = settings_mismatch(ckpt.get("args", {}), wanted)
+    if changed:
+        print(f"--reuse: {ckpt_path} was trained with other settings ({'; '.join(changed)}); training again")
         return None
     log = run_dir / "log.jsonl"
     lines = log.read_text().splitlines() if log.is_file() else []
@@ -137,12 +174,14 @@ def main(args: argparse.Namespace) -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [parse_variant(v) for v in args.variants]
     plan = ([] if args.no_baseline else [("untrained", [], [], 0)]) + [(n, t, s, args.epochs) for n, t, s in variants]
-    train_names: dict[tuple, str] = {}
+    first_with_settings: dict[str, str] = {}
+    train_names: dict[str, str] = {}
     for name, train_flags, _, epochs in plan:
-        train_names.setdefault((tuple(train_flags), epochs), name)
+        key = json.dumps(training_settings(train_argv(args, train_flags, 0, epochs, Path("."))), sort_keys=True)
+        train_names[name] = first_with_settings.setdefault(key, name)
     runs = []
     for name, train_flags, score_flags, epochs in plan:
-        train_name = train_names[(tuple(train_flags), epochs)]
+        train_name = train_names[name]
         for seed in seeds:
             runs += run_one(args, name, train_name, train_flags, score_flags, seed, epochs)
             write_json(Path(args.out) / "accuracy.json", {"settings": vars(args), "runs": runs})
@@ -161,8 +200,8 @@ def main(args: argparse.Namespace) -> None:
                            if args.synthetic_check else []))
     write_table(Path(args.out) / "accuracy", header, rows)
     print((Path(args.out) / "accuracy.md").read_text())
-    print(json.dumps({"seeds": seeds, "command": " ".join(sys.argv)}))
+    print(json.dumps({"seeds": seeds, "command": shlex.join(sys.argv)}))
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli.run(main, get_args_parser().parse_args(), batch_flag="--b")

@@ -8,6 +8,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import accuracy  # noqa: E402
+import pytest  # noqa: E402
+
+from errors import UserError  # noqa: E402
+from recipes import RECIPES  # noqa: E402
 
 
 def test_accuracy_table_with_shared_training_and_reuse(tiny_root, tmp_path):
@@ -38,7 +42,43 @@ def test_accuracy_table_with_shared_training_and_reuse(tiny_root, tmp_path):
         [{k: v for k, v in r.items() if k != "train_s"} for r in runs]
 
 
-def test_recipe_variant_prefix_expands_to_its_flags():
+def test_recipe_variant_prefix_becomes_recipe_flag():
     name, train, score = accuracy.parse_variant("best-k3=best --rotflip|--k 3")
-    best_train, best_score = accuracy.recipe_flags("best")
-    assert name == "best-k3" and train == best_train + ["--rotflip"] and score == best_score + ["--k", "3"]
+    assert name == "best-k3" and train == ["--recipe", "best", "--rotflip"]
+    assert score == ["--recipe", "best", "--k", "3"]
+    assert accuracy.parse_variant("best") == ("best", ["--recipe", "best"], ["--recipe", "best"])
+    with pytest.raises(UserError, match="--variants bset: not a recipe"):
+        accuracy.parse_variant("bset")
+
+
+def test_variants_share_training_by_resolved_settings():
+    """Flags spelled differently but meaning the same training share it; a recipe's flag wins over
+    accuracy.py's default batch, and an explicit --b wins over the recipe."""
+    args = accuracy.get_args_parser().parse_args(["--c", "widget"])
+    explicit = accuracy.training_settings(accuracy.train_argv(args, ["--lr", "0.030", "--b", "32"], 0, 20, Path(".")))
+    default = accuracy.training_settings(accuracy.train_argv(args, ["--recipe", "paper"], 0, 20, Path(".")))
+    assert explicit == default
+    best = accuracy.training_settings(accuracy.train_argv(args, ["--recipe", "best"], 0, 20, Path(".")))
+    assert best["batch_size"] == RECIPES["best"]["train"].get("batch_size", 32) and best["sched"] == "cosine"
+    args.batch_size = 8
+    assert accuracy.training_settings(accuracy.train_argv(args, ["--recipe", "best"], 0, 20, Path(".")))[
+        "batch_size"] == 8
+
+
+def test_reuse_trains_and_scores_again_when_settings_changed(tiny_root, tmp_path, capsys):
+    work, out = tmp_path / "work", tmp_path / "out"
+    base = ["--data-root", str(tiny_root), "--c", "widget", "--arch", "wave18", "--size", "32", "--e", "1",
+            "--b", "4", "--seeds", "0", "--fusions", "multiplication", "--work-dir", str(work), "--out", str(out),
+            "--no-baseline", "--reuse"]
+    ckpt = work / "v" / "seed0" / "widget-wave18" / "model.pt"
+    results = work / "v" / "seed0" / "results" / "multiplication" / "results.json"
+    accuracy.main(accuracy.get_args_parser().parse_args(base + ["--variants", "v=--lr 0.01|"]))
+    first_sha = json.loads(results.read_text())["checkpoint"]["sha256"]
+    # Same training, other scoring: the checkpoint is kept, the results are made again with k = 2.
+    stamp = ckpt.stat().st_mtime_ns
+    accuracy.main(accuracy.get_args_parser().parse_args(base + ["--variants", "v=--lr 0.01|--k 2"]))
+    assert ckpt.stat().st_mtime_ns == stamp and json.loads(results.read_text())["settings"]["k"] == 2
+    # Other training under the same name: trained again (said so), and scored from the new weights.
+    accuracy.main(accuracy.get_args_parser().parse_args(base + ["--variants", "v=--lr 0.05|--k 2"]))
+    assert "was trained with other settings (lr: 0.01 -> 0.05)" in capsys.readouterr().out
+    assert json.loads(results.read_text())["checkpoint"]["sha256"] != first_sha

@@ -57,3 +57,13 @@ def test_rotflip_gives_symmetries_of_the_image(tiny_root):
         assert matches
         seen.add(matches[0])
     assert len(seen) > 2
+
+
+def test_demo_with_a_recipe_takes_the_recipes_settings():
+    """--demo and a recipe may set the same key (batch size): the recipe wins, given flags still win."""
+    for name, recipe in RECIPES.items():
+        args = train_main.parse_args(["--demo", "--recipe", name])
+        assert args.data_root == "demo_data" and args.recipe == name
+        for key, value in recipe["train"].items():
+            assert getattr(args, key) == value
+    assert train_main.parse_args(["--demo", "--recipe", "best", "--b", "5"]).batch_size == 5
