@@ -18,6 +18,7 @@ import cli
 import main as train_main
 from models.checkpoint import read_checkpoint
 from scoring import cli as score_cli
+from training.interrupt import StopRequest
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = ["--arch", "wave18", "--size", "32", "--b", "4", "--no-tensorboard", "--precision", "fp32"]
@@ -262,6 +263,34 @@ def test_ctrl_c_saves_and_says_how_to_resume(tiny_root, tmp_path):
     assert proc.returncode == 130
     assert "--resume" in out + err and "Traceback" not in err
     assert _checkpoint_epoch(ckpt) >= 1
+
+
+def test_ctrl_c_in_a_terminal_with_loader_workers_saves_and_exits_130(tiny_root, tmp_path):
+    # A terminal sends SIGINT to the whole process group, DataLoader workers included.
+    ckpt = tmp_path / "widget-wave18" / "model.pt"
+    proc = subprocess.Popen(_train_cmd(tiny_root, tmp_path, 400, "--workers", "2"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert _wait_for_checkpoint(proc, ckpt)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in out + err and "Traceback" not in err
+    assert 1 <= _checkpoint_epoch(ckpt) < 400
+
+
+def test_stop_request_defers_the_first_ctrl_c_and_not_the_second():
+    previous = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs at the next bytecode boundary of the main thread
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            stop.check()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_sigkill_then_resume_equals_uninterrupted(tiny_root, tmp_path):

@@ -28,6 +28,7 @@ from scoring.report import git_commit
 
 from .device_batches import DeviceBatches
 from .distributed import DistInfo, all_reduce_sum, barrier
+from .interrupt import StopRequest, ignore_sigint_in_worker
 from .logger import EpochLogger
 from .preview import save_preview
 
@@ -163,6 +164,7 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
             # Not persistent_workers: workers hold a copy of the data set, and set_epoch (which
             # seeds the anomalies) only reaches workers started after it.
             loader_kwargs["prefetch_factor"] = 4
+            loader_kwargs["worker_init_fn"] = ignore_sigint_in_worker
         loader = DataLoader(dataset, **loader_kwargs)
 
     torch.manual_seed(args.seed)
@@ -220,6 +222,7 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
     epochs = range(start_epoch, args.epochs)
     bar = tqdm(epochs, desc=f"{category} {args.arch}", unit="epoch", disable=not main_rank,
                initial=start_epoch, total=args.epochs, dynamic_ncols=True)
+    stop = StopRequest().install()
     try:
         for epoch in bar:
             sampler.set_epoch(epoch)
@@ -233,22 +236,29 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
             start = time.perf_counter()
             batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
                            disable=not main_rank or len(loader) < 20, dynamic_ncols=True)
-            for normal, anomalies in batches:
-                normal = normal.to(device, non_blocking=True)
-                anomalies = anomalies.to(device, non_blocking=True)
-                images, labels = make_batch(normal, anomalies)
-                images = images.contiguous(memory_format=memory_format)
-                with autocast:
-                    logits, _ = net(images)
-                loss = F.cross_entropy(logits.float(), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                # Accumulated on the device: no host synchronisation inside the step.
-                loss_sum += loss.detach() * labels.numel()
-                hits = (logits.detach().argmax(1) == labels).double()
-                correct.index_add_(0, labels, hits)
-                seen.index_add_(0, labels, torch.ones_like(hits))
+            try:
+                for normal, anomalies in batches:
+                    normal = normal.to(device, non_blocking=True)
+                    anomalies = anomalies.to(device, non_blocking=True)
+                    images, labels = make_batch(normal, anomalies)
+                    images = images.contiguous(memory_format=memory_format)
+                    with autocast:
+                        logits, _ = net(images)
+                    loss = F.cross_entropy(logits.float(), labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    # Accumulated on the device: no host synchronisation inside the step.
+                    loss_sum += loss.detach() * labels.numel()
+                    hits = (logits.detach().argmax(1) == labels).double()
+                    correct.index_add_(0, labels, hits)
+                    seen.index_add_(0, labels, torch.ones_like(hits))
+                    stop.check()
+            except RuntimeError:
+                # A worker killed by the same Ctrl-C (before it could ignore it) fails the fetch.
+                if stop.requested:
+                    raise KeyboardInterrupt from None
+                raise
             stats = all_reduce_sum(torch.cat([loss_sum[None], correct, seen]), dist_info).cpu()
             seconds = time.perf_counter() - start
             total = float(stats[1 + len(class_names):].sum())
@@ -274,6 +284,7 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
                 snapshot = None
             else:
                 snapshot = copy.deepcopy(checkpoint_payload(model, optimizer, done, args, category))
+            stop.check()
         save(args.epochs)
     except KeyboardInterrupt:
         if snapshot is not None and main_rank:
@@ -283,6 +294,7 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
                        f"command plus --resume")
         raise
     finally:
+        stop.restore()
         bar.close()
         logger.close()
     barrier(dist_info)
