@@ -52,6 +52,18 @@ def test_resume_equals_uninterrupted(tiny_root, tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+def test_resume_with_other_settings_says_which_changed(tiny_root, tmp_path, capsys):
+    train_main.main(train_args(tiny_root, tmp_path, "--e", "1"))
+    capsys.readouterr()
+    train_main.main(train_args(tiny_root, tmp_path, "--e", "2", "--resume", "--lr", "0.01"))
+    err = capsys.readouterr()
+    assert "lr 0.03 -> 0.01" in err.out + err.err
+    # The same flags (more epochs only) continue without a warning.
+    train_main.main(train_args(tiny_root, tmp_path, "--e", "3", "--resume", "--lr", "0.01"))
+    err = capsys.readouterr()
+    assert "continuing with" not in err.out + err.err
+
+
 def test_same_seed_same_weights_different_seed_differs(tiny_root, tmp_path):
     a = read_checkpoint(train_main.main(train_args(tiny_root, tmp_path / "a", "--e", "1"))[0])
     b = read_checkpoint(train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "1", "--workers", "2"))[0])

@@ -132,6 +132,23 @@ def check_resume_compatible(ckpt: dict, args: Namespace, path: Path) -> None:
                             f"--{key} {getattr(args, key)}; use the same settings or another --ckpt-dir")
     if "augs" in ckpt and list(ckpt["augs"]) != list(args.augs):
         raise UserError(f"--resume {path}: checkpoint was trained with --augs {','.join(ckpt['augs'])}")
+    changed = resume_setting_changes(ckpt, args)
+    if changed:
+        tqdm.write(f"--resume {path}: continuing with {', '.join(changed)}; the weights will differ from an "
+                   f"uninterrupted run with the checkpoint's settings")
+
+
+# Settings that change the weights but can be changed between runs; --epochs is left out on
+# purpose (resuming with more epochs is how a run is extended).
+RESUME_WARN_SETTINGS = ("batch_size", "lr", "momentum", "weight_decay", "sched", "warmup", "seed", "rotflip",
+                        "antialias", "precision")
+
+
+def resume_setting_changes(ckpt: dict, args: Namespace) -> list[str]:
+    """``["lr 0.03 -> 0.05", ...]``: settings of this run that differ from the checkpoint's run."""
+    saved = ckpt.get("args") or {}
+    return [f"{key} {saved[key]} -> {getattr(args, key)}" for key in RESUME_WARN_SETTINGS
+            if key in saved and hasattr(args, key) and saved[key] != getattr(args, key)]
 
 
 def train_category(args: Namespace, category: str, device: torch.device, dist_info: DistInfo) -> Path:
