@@ -23,7 +23,7 @@ class StopRequest:
         self.requested = False
         self._previous = None
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         # Signal handlers can only be installed from the main thread (tests may train elsewhere).
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
@@ -35,7 +35,7 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         return self.install()
 
     def __exit__(self, *exc_info) -> None:
