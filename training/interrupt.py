@@ -2,8 +2,8 @@
 
 Python raises ``KeyboardInterrupt`` at an arbitrary bytecode. Landing inside ``torch.save``
 corrupts the zip writer (a ``RuntimeError`` with a traceback instead of a clean stop), and
-landing inside a ``__del__`` (a DataLoader iterator shutting its workers down at an epoch's
-end) is swallowed, so training silently goes on. :class:`StopRequest` turns the first Ctrl-C
+once in CI a Ctrl-C right after a checkpoint was lost and the run went on to exit 0 (probably
+swallowed in a ``__del__``, where Python ignores exceptions). :class:`StopRequest` turns the first Ctrl-C
 into a flag that the loop checks after each step and after each save; a second Ctrl-C
 interrupts at once, for a user who does not want to wait for the step.
 """
