@@ -138,10 +138,14 @@ def check_resume_compatible(ckpt: dict, args: Namespace, path: Path) -> None:
                    f"uninterrupted run with the checkpoint's settings")
 
 
-# Settings that change the weights but can be changed between runs; --epochs is left out on
-# purpose (resuming with more epochs is how a run is extended).
-RESUME_WARN_SETTINGS = ("batch_size", "lr", "momentum", "weight_decay", "sched", "warmup", "seed", "rotflip",
-                        "antialias", "precision")
+# The settings that decide the trained weights (what a reused or resumed run must match); paths,
+# logging and pure speed flags (workers, pin memory, channels_last, compile) are left out.
+WEIGHT_SETTINGS = ("category", "size", "antialias", "arch", "wavelet", "augs", "rotflip", "epochs", "batch_size",
+                   "lr", "weight_decay", "momentum", "sched", "warmup", "seed", "precision", "anomalies_on")
+# Of those, the ones a resume may change with a warning: arch, wavelet, size and augs are refused
+# above, and --epochs is left out on purpose (resuming with more epochs extends a run).
+RESUME_WARN_SETTINGS = tuple(k for k in WEIGHT_SETTINGS
+                             if k not in ("category", "epochs", "arch", "wavelet", "size", "augs"))
 
 
 def resume_setting_changes(ckpt: dict, args: Namespace) -> list[str]:
