@@ -5,9 +5,13 @@ For every ``arch@size`` it measures, each in its own process so memory peaks are
 - training images/s: real epochs of ``main.py`` on the data (every normal and synthetic image
   counted, data pipeline included), median of the epochs after the first (warm-up);
 - scoring: seconds and images/s per test image with the exact bank (faiss and torch k-NN) and
-  with ``--coreset 0.1``; memory-bank build time; peak host RSS (and GPU memory on CUDA).
+  with ``--coreset 0.1``; memory-bank build time; peak host RSS (and GPU memory on CUDA);
+- with ``--paper-baseline`` (CPU), the same epochs run the paper code's way
+  (``paper_style_train.py``: float32, images decoded per sample, wavelet matrices rebuilt per
+  call, a host synchronisation per step), side by side, and the table gives the ratio.
 
     python benchmarks/throughput.py                                     # CPU, wave18@128 on Magnetic Tile
+    python benchmarks/throughput.py --configs wave18@128 --device cpu --paper-baseline
     python benchmarks/throughput.py --configs wave50@256 --device cuda --epochs 4
 """
 
@@ -40,7 +44,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs + 1 warm-up")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--scoring", default="faiss,torch,coreset",
-                        help="scoring runs: faiss, torch (exact banks), coreset (0.1, auto backend)")
+                        help="scoring runs: faiss, torch (exact banks), coreset (0.1, auto backend); "
+                             "'none' for training only")
+    parser.add_argument("--paper-baseline", action="store_true",
+                        help="also time the same epochs the paper code's way (CPU, float32; "
+                             "benchmarks/paper_style_train.py) and report the speed-up")
+    parser.add_argument("--baseline-workers", type=int, default=2,
+                        help="DataLoader workers of the paper-style run (the paper code asks for 24; "
+                             "on 2 cores 2 is its faster setting)")
     parser.add_argument("--work-dir", default="runs/throughput")
     parser.add_argument("--out", default="results/benchmarks")
     parser.add_argument("--extra-train", default="", help="extra main.py flags, e.g. '--no-channels-last'")
@@ -64,6 +75,15 @@ def train_throughput(args, arch: str, size: int, ckpt_dir: Path) -> tuple[float,
     return statistics.median(timed), timed
 
 
+def paper_style_throughput(args, arch: str, size: int) -> float:
+    out = Path(args.work_dir) / f"paper_style_{arch}_{size}"
+    run([sys.executable, "benchmarks/paper_style_train.py", "--data-root", args.data_root, "--c", args.category,
+         "--arch", arch, "--size", str(size), "--b", str(args.batch_size), "--epochs", str(args.epochs),
+         "--workers", str(args.baseline_workers), "--out", str(out)])
+    rows = json.loads((out / "paper_style_train.json").read_text())["rows"]
+    return float(rows[0]["train img/s (median)"])
+
+
 def score_run(args, arch: str, ckpt_dir: Path, name: str) -> dict:
     out = Path(args.work_dir) / "scores" / f"{arch}-{name}"
     flags = {"faiss": ["--knn", "faiss"], "torch": ["--knn", "torch"], "coreset": ["--coreset", "0.1"]}[name]
@@ -74,18 +94,27 @@ def score_run(args, arch: str, ckpt_dir: Path, name: str) -> dict:
 
 
 def main(args: argparse.Namespace) -> None:
-    header = ["config", "device", "train img/s", "scoring", "bank build s", "s / test image", "test img/s",
-              "image AUROC", "pixel AUROC", "peak RSS MB", "GPU max MB"]
+    if args.paper_baseline and args.device == "cuda":
+        raise SystemExit("--paper-baseline: the paper-style stand-in runs on the CPU only; use --device cpu")
+    header = ["config", "device", "train img/s", "paper-style train img/s", "train speed-up", "scoring",
+              "bank build s", "s / test image", "test img/s", "image AUROC", "pixel AUROC", "peak RSS MB", "GPU max MB"]
     rows = []
     for config in args.configs.split(","):
         arch, size = config.split("@")
         ckpt_dir = Path(args.work_dir) / config.replace("@", "_")
         ips, epochs = train_throughput(args, arch, int(size), ckpt_dir)
         print(f"{config}: training {ips:.1f} img/s (epochs: {epochs})", flush=True)
-        for name in args.scoring.split(","):
+        baseline = paper_style_throughput(args, arch, int(size)) if args.paper_baseline else None
+        side = [f"{baseline:.1f}", f"{ips / baseline:.2f}x"] if baseline else ["-", "-"]
+        if baseline:
+            print(f"{config}: paper-style {baseline:.1f} img/s, ours {ips / baseline:.2f}x", flush=True)
+        names = [n for n in args.scoring.split(",") if n and n != "none"]
+        if not names:
+            rows.append([config, args.device, f"{ips:.1f}", *side, "-", "-", "-", "-", "-", "-", "-", "-"])
+        for name in names:
             record = score_run(args, arch, ckpt_dir, name)
             per_image = record["timings"]["s_per_test_image"]
-            rows.append([config, args.device, f"{ips:.1f}", name, f"{record['timings']['bank_s']:.1f}",
+            rows.append([config, args.device, f"{ips:.1f}", *side, name, f"{record['timings']['bank_s']:.1f}",
                          f"{per_image:.4f}", f"{1 / per_image:.1f}",
                          f"{record['metrics']['image_auroc']:.4f}", f"{record['metrics']['pixel_auroc']:.4f}",
                          record["memory"]["peak_rss_mb"], record["memory"].get("cuda_max_allocated_mb", "-")])

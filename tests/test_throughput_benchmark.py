@@ -1,0 +1,40 @@
+"""benchmarks/throughput.py and its paper-style stand-in on the tiny data set."""
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import paper_style_train  # noqa: E402
+import throughput  # noqa: E402
+import torch  # noqa: E402
+from paper_style_dwt import PaperStyleDownsample  # noqa: E402
+
+from models.dwt import WaveletDownsample  # noqa: E402
+
+
+def test_paper_style_stand_in_matches_our_layer_and_times_epochs(tiny_root, tmp_path):
+    """The stand-in's wavelet layer computes our LL band (only the cost differs), and its
+    epochs count every normal and synthetic image."""
+    x = torch.rand(2, 4, 16, 12, dtype=torch.float64)
+    assert (PaperStyleDownsample()(x.float()) - WaveletDownsample()(x).float()).abs().max() < 1e-5
+    argv = ["--data-root", str(tiny_root), "--c", "widget", "--size", "32", "--b", "4", "--epochs", "1",
+            "--workers", "0", "--out", str(tmp_path)]
+    result = paper_style_train.main(paper_style_train.get_args_parser().parse_args(argv))
+    assert len(result["epochs"]) == 2 and result["images_per_s"] > 0
+    row = json.loads((tmp_path / "paper_style_train.json").read_text())["rows"][0]
+    assert row["config"] == "wave18@32" and float(row["train img/s (median)"]) == round(result["images_per_s"], 1)
+
+
+def test_throughput_table_side_by_side(tiny_root, tmp_path):
+    argv = ["--data-root", str(tiny_root), "--c", "widget", "--configs", "wave18@32", "--device", "cpu",
+            "--b", "4", "--epochs", "1", "--scoring", "torch", "--paper-baseline", "--baseline-workers", "0",
+            "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    throughput.main(throughput.get_args_parser().parse_args(argv))
+    rows = json.loads((tmp_path / "out" / "throughput_cpu.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["scoring"] == "torch"
+    ours, paper = float(rows[0]["train img/s"]), float(rows[0]["paper-style train img/s"])
+    assert rows[0]["train speed-up"] == f"{ours / paper:.2f}x"
+    assert 0 <= float(rows[0]["image AUROC"]) <= 1
