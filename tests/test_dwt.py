@@ -95,6 +95,27 @@ def test_autocast_and_channels_last():
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("wavelet", ["haar", "bior2.2"])
+@pytest.mark.parametrize("size", SIZES)
+def test_matmul_in_channels_last_layout(wavelet, size):
+    """The channels_last matmul path (no layout conversion) gives the formula, keeps the layout,
+    and its gradient comes back channels_last too."""
+    rng = np.random.default_rng(1)
+    x_np = rng.standard_normal((2, 5, *size))
+    x = torch.from_numpy(x_np).contiguous(memory_format=torch.channels_last).requires_grad_()
+    layer = WaveletDownsample(wavelet, impl="matmul").double()
+    inner = x * 1  # not a leaf: its gradient arrives in whatever layout the layer's backward makes
+    grads = []
+    inner.register_hook(grads.append)
+    out = layer(inner)
+    np.testing.assert_allclose(out.detach().numpy(), lowpass_reference(x_np, wavelet), rtol=1e-10, atol=1e-12)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out.backward(torch.ones_like(out).contiguous(memory_format=torch.channels_last))
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    small = torch.rand(1, 3, 7, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert torch.autograd.gradcheck(layer, (small.requires_grad_(),))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda(dtype):
