@@ -72,6 +72,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                             "(GPU), loader = one image at a time in the data loader; auto = device on CUDA")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the network (first epoch slower while it compiles)")
+    speed.add_argument("--dwt-impl", default="auto", choices=list(models.WaveletDownsample.IMPLS),
+                       help="form of the wavelet layer in training: conv = depthwise convolution, matmul = "
+                            "banded matrix products; auto = matmul under CPU bfloat16, else conv (measured)")
     out = parser.add_argument_group("Output")
     out.add_argument("--ckpt-dir", default="ckpt", help="checkpoints go to <ckpt-dir>/<category>-<arch>/")
     out.add_argument("--resume", nargs="?", const="auto", default=None,

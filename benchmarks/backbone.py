@@ -3,7 +3,8 @@
 Prints (and writes to ``--out``) two Markdown tables of median times:
 
 1. the DWT layer alone (forward + backward) for each implementation (``conv``, ``matmul``, the
-   paper-style per-call matrix rebuild), in float32, float32 channels_last and bfloat16 autocast;
+   paper-style per-call matrix rebuild), in float32 and bfloat16 autocast, each in NCHW and
+   channels_last;
 2. each arch at ``--batch`` x ``--size``: inference forward and a full train step (forward,
    backward, SGD step), with the paper-style layer as the baseline and ours in float32,
    channels_last and bfloat16 autocast.
@@ -73,7 +74,7 @@ def time_dwt(device, repeats, warmup, wavelet) -> list[list[object]]:
               "matmul": WaveletDownsample(wavelet, impl="matmul").to(device)}
     modes = [("fp32", False, False), ("fp32 channels_last", True, False)]
     if bf16_available(device):
-        modes.append(("bf16 autocast", False, True))
+        modes += [("bf16 autocast", False, True), ("bf16 autocast channels_last", True, True)]
     for name, layer in layers.items():
         for mode, channels_last, bf16 in modes:
             if bf16 and name == "paper-style":

@@ -43,6 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--throughput-epochs", type=int, default=6, help="timed epochs (+1 warm-up)")
     parser.add_argument("--loader-epochs", type=int, default=4,
                         help="epochs with --anomalies-on loader, to compare (0 = skip)")
+    parser.add_argument("--matmul-epochs", type=int, default=4,
+                        help="epochs with --dwt-impl matmul, to compare with the convolution (0 = skip)")
     parser.add_argument("--compile-epochs", type=int, default=8, help="epochs of the torch.compile run (0 = skip)")
     parser.add_argument("--work-dir", default="runs/gpu_check")
     parser.add_argument("--out", default="results/gpu_check")
@@ -147,27 +149,26 @@ def main(args: argparse.Namespace) -> None:
                                         | {"s_per_test_image": record["timings"]["s_per_test_image"]}
                                         if record else "failed")
 
-    # 3. The same training with anomalies made one image at a time by loader workers (the CPU path).
-    if args.loader_epochs and train_ips:
-        ckpt = work / "loader"
-        ok, _ = steps.run("loader", [py, "main.py", *common, "--arch", arch, "--size", size, "--e",
-                                     str(args.loader_epochs), "--anomalies-on", "loader", "--ckpt-dir", str(ckpt),
-                                     "--no-tensorboard", "--save-every", "0"], reserve_s=30)
+    def variant(name: str, flags: list[str], epochs: int, warmup: int = 1, reserve_s: float = 0.0) -> None:
+        """A few epochs of the same training with ``flags``; images/s = median after ``warmup`` epochs."""
+        if not (epochs and train_ips):
+            return
+        ckpt = work / name
+        ok, _ = steps.run(name, [py, "main.py", *common, "--arch", arch, "--size", size, "--e", str(epochs),
+                                 *flags, "--ckpt-dir", str(ckpt), "--no-tensorboard", "--save-every", "0"],
+                          reserve_s=reserve_s)
         log = epoch_log(ckpt / f"{args.category}-{arch}")
-        timed = [r["images_per_s"] for r in log[1:]]
-        info["loader"] = {"ok": ok, "images_per_s": statistics.median(timed) if timed else None,
-                          "epochs": [r["images_per_s"] for r in log]}
+        timed = [r["images_per_s"] for r in log[warmup:]]
+        info[name] = {"ok": ok, "images_per_s": statistics.median(timed) if timed else None,
+                      "epochs": [r["images_per_s"] for r in log]}
 
-    # 4. torch.compile (last: it is the optional part, and compiling takes a while).
-    if args.compile_epochs and train_ips:
-        ckpt = work / "compiled"
-        ok, _ = steps.run("compile", [py, "main.py", *common, "--arch", arch, "--size", size, "--e",
-                                      str(args.compile_epochs), "--compile", "--ckpt-dir", str(ckpt),
-                                      "--no-tensorboard", "--save-every", "0"])
-        log = epoch_log(ckpt / f"{args.category}-{arch}")
-        timed = [r["images_per_s"] for r in log[2:]]
-        info["compile"] = {"ok": ok, "images_per_s": statistics.median(timed) if timed else None,
-                           "epochs": [r["images_per_s"] for r in log]}
+    # 3. Anomalies made one image at a time by loader workers (the CPU path) instead of on the GPU.
+    variant("loader", ["--anomalies-on", "loader"], args.loader_epochs, reserve_s=60)
+    # 4. The wavelet layer as matrix products (channels_last layout kept) instead of the depthwise
+    #    convolution: the suspect of the 2026-11-28 run's low bf16 gain.
+    variant("dwt_matmul", ["--dwt-impl", "matmul"], args.matmul_epochs, reserve_s=30)
+    # 5. torch.compile (last: it is the optional part, and compiling takes a while).
+    variant("compile", ["--compile"], args.compile_epochs, warmup=2)
 
     (out / "gpu_check.json").write_text(json.dumps(info, indent=2))
     (out / "gpu_check.md").write_text(summary_markdown(info))
@@ -187,6 +188,9 @@ def summary_markdown(info: dict) -> str:
     if "loader" in info:
         lines.append(f"- anomalies made by loader workers instead of on the GPU: {info['loader']['images_per_s']} "
                      f"images/s (epochs: {info['loader']['epochs']})")
+    if "dwt_matmul" in info:
+        lines.append(f"- wavelet layer as matrix products (--dwt-impl matmul): {info['dwt_matmul']['images_per_s']} "
+                     f"images/s (epochs: {info['dwt_matmul']['epochs']})")
     if "compile" in info:
         compiled = info["compile"]
         lines.append(f"- with --compile: {compiled['images_per_s']} images/s (epochs: {compiled['epochs']})")

@@ -12,6 +12,7 @@ import copy
 import math
 import time
 from argparse import Namespace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -189,7 +190,9 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
         loader = DataLoader(dataset, **loader_kwargs)
 
     torch.manual_seed(args.seed)
-    model = models.create_model(args.arch, wavelet=args.wavelet, num_classes=1 + len(args.augs))
+    model = models.create_model(args.arch, wavelet=args.wavelet, num_classes=1 + len(args.augs),
+                                downsample_layer=partial(models.WaveletDownsample,
+                                                         impl=getattr(args, "dwt_impl", "auto")))
     model = model.to(device=device, memory_format=memory_format)
     # One fused kernel for the whole update on CUDA instead of a launch per parameter tensor.
     fused = device.type == "cuda"
