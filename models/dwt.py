@@ -111,19 +111,13 @@ class WaveletDownsample(nn.Module):
         self._cache = {}
         return super()._apply(fn, recurse)
 
-    def matrices(self, height: int, width: int, dtype: torch.dtype, device: torch.device,
-                 transposed_w: bool = True):
-        """Cached ``(A_H, A_W^T)`` with shapes ``(H//2, H)`` and ``(W, W//2)``
-        (``(A_H, A_W)``, ``A_W`` ``(W//2, W)``, with ``transposed_w=False``)."""
-        key = ("matmul", height, width, dtype, device, transposed_w)
+    def matrices(self, height: int, width: int, dtype: torch.dtype, device: torch.device):
+        """Cached ``(A_H, A_W)`` with shapes ``(H//2, H)`` and ``(W//2, W)``."""
+        key = ("matmul", height, width, dtype, device)
         cached = self._cache.get(key)
         if cached is None:
             filt = self.filt.to(device=device, dtype=torch.float64)
-            a_w = banded_matrix(filt, width)
-            cached = (
-                banded_matrix(filt, height).to(dtype),
-                (a_w.t() if transposed_w else a_w).contiguous().to(dtype),
-            )
+            cached = (banded_matrix(filt, height).to(dtype), banded_matrix(filt, width).to(dtype))
             self._cache[key] = cached
         return cached
 
@@ -161,8 +155,8 @@ class WaveletDownsample(nn.Module):
             return F.conv2d(x, weight, stride=2, padding=pad, groups=x.shape[1])
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return self._matmul_channels_last(x)
-        a_h, a_w_t = self.matrices(height, width, x.dtype, x.device)
-        return torch.matmul(torch.matmul(a_h, x), a_w_t)
+        a_h, a_w = self.matrices(height, width, x.dtype, x.device)
+        return torch.matmul(torch.matmul(a_h, x), a_w.mT)
 
     def _matmul_channels_last(self, x: torch.Tensor) -> torch.Tensor:
         """``channels_last`` ``(N, C, H, W)`` -> ``channels_last`` ``(N, C, H // 2, W // 2)``.
@@ -171,7 +165,7 @@ class WaveletDownsample(nn.Module):
         ``(N*H/2, W, C)``, both plain views, so neither pass (nor its gradient) copies.
         """
         n, c, height, width = x.shape
-        a_h, a_w = self.matrices(height, width, x.dtype, x.device, transposed_w=False)
+        a_h, a_w = self.matrices(height, width, x.dtype, x.device)
         rows = torch.matmul(a_h, x.permute(0, 2, 3, 1).reshape(n, height, width * c))
         out = torch.matmul(a_w, rows.reshape(n * (height // 2), width, c))
         return out.reshape(n, height // 2, width // 2, c).permute(0, 3, 1, 2)
