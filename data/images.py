@@ -1,10 +1,13 @@
 """Reading images and masks from disk into fixed-size tensors, as the paper's pipeline does.
 
 Any format PIL reads (PNG, JPEG, BMP, TIFF, ...); grayscale, RGBA, palette, 16-bit and float
-images all become 8-bit RGB. Resizing is plain bilinear without antialiasing (half-pixel
-centres, like OpenCV's INTER_LINEAR that the released checkpoints were trained with) unless
-``antialias`` is asked for; the result is rounded to uint8 as OpenCV would return it. Masks are
-resized with nearest neighbour and a pixel is defective when its value is >= 128.
+images all become 8-bit RGB. The EXIF orientation tag is applied, so a phone photo is read the
+way every viewer shows it (and its mask, drawn on the upright picture, fits it). Resizing is
+plain bilinear without antialiasing (half-pixel centres, like OpenCV's INTER_LINEAR that the
+released checkpoints were trained with) unless ``antialias`` is asked for; the result is rounded
+to uint8 as OpenCV would return it. Masks are resized with nearest neighbour and a pixel is
+defective when its value is >= 128; masks stored as 0/1 (the whole mask's maximum is 1) are
+read as binary, 1 = defective.
 """
 
 from __future__ import annotations
@@ -24,6 +27,18 @@ MASK_THRESHOLD = 128
 # Decompression-bomb guard off: inspection images can be legitimately huge (e.g. 8000 x 6000).
 Image.MAX_IMAGE_PIXELS = None
 
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # 16-bit, 32-bit integer and float
+# EXIF Orientation (tag 0x0112) -> the transpose that makes the picture upright (as PIL.ImageOps.exif_transpose).
+EXIF_ORIENTATION_TAG = 0x0112
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+# Wide-mode images are converted this many pixels at a time, so no full-size float64 copy
+# (8 bytes a pixel: 1.15 GB for 12000 x 12000) is ever made.
+STRIP_PIXELS = 1 << 20
+
 
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
@@ -34,15 +49,41 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_image_file(p)) if folder.is_dir() else []
 
 
-def _to_uint8_array(img: Image.Image) -> np.ndarray:
-    """Any PIL mode -> ``(H, W)`` or ``(H, W, C)`` uint8, scaling 16-bit and float ranges."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if img.mode == "F":
-            hi = 1.0 if arr.max() <= 1.0 else 255.0
-        else:
-            hi = 65535.0 if arr.max() > 255 else 255.0
-        return np.clip(np.rint(arr / hi * 255.0), 0, 255).astype(np.uint8)
+def is_mask_name(path: Path) -> bool:
+    """``True`` for MVTec mask names (``<stem>_mask.<ext>``), which belong in ``ground_truth``."""
+    return path.stem.lower().endswith("_mask")
+
+
+def wide_mode_max(img: Image.Image) -> float:
+    """The value that maps to 255 for a 16-bit, 32-bit or float image (from the whole image's maximum).
+
+    16-bit and integer images use 65535 when any value exceeds 255 (else they already are
+    8-bit values); float images use 1.0 when all values are <= 1, else 255.
+    """
+    high = img.getextrema()[1]
+    if img.mode == "F":
+        return 1.0 if high <= 1.0 else 255.0
+    return 65535.0 if high > 255 else 255.0
+
+
+def _to_uint8_array(img: Image.Image, high: float | None = None) -> np.ndarray:
+    """Any PIL mode -> ``(H, W)`` or ``(H, W, C)`` uint8, scaling 16-bit and float ranges.
+
+    ``high`` is the value mapped to 255 for wide modes (:func:`wide_mode_max` of the image when
+    ``None``; pass the full image's when ``img`` has been reduced). Wide modes are converted in
+    strips of rows, so memory stays near the decoded image's own size.
+    """
+    if img.mode in WIDE_MODES:
+        high = wide_mode_max(img) if high is None else high
+        arr = np.asarray(img)  # native uint16 / int32 / float32
+        out = np.empty(arr.shape, np.uint8)
+        rows = max(1, STRIP_PIXELS // max(1, arr.shape[1]))
+        for top in range(0, arr.shape[0], rows):
+            block = arr[top:top + rows].astype(np.float64)
+            if img.mode == "F":
+                np.nan_to_num(block, copy=False)
+            out[top:top + rows] = np.clip(np.rint(block / high * 255.0), 0, 255)
+        return out
     if img.mode in ("P", "PA"):
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "La", "RGBa"):
@@ -53,7 +94,11 @@ def _to_uint8_array(img: Image.Image) -> np.ndarray:
 
 
 def open_image(path: Path) -> Image.Image:
-    """Open and fully decode ``path``; unreadable, truncated or non-image files are a ``UserError``."""
+    """Open and fully decode ``path``; unreadable, truncated or non-image files are a ``UserError``.
+
+    The EXIF orientation is not applied yet (see :func:`exif_orientation`), so a huge image can
+    be reduced before it is turned.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -66,33 +111,84 @@ def open_image(path: Path) -> Image.Image:
         raise UserError(f"cannot read image {path} ({reason}); replace or remove the file") from None
 
 
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF Orientation value of an opened image (1 = upright; also for no or broken EXIF)."""
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION_TAG, 1)
+    except Exception:  # a corrupt EXIF block must not make an otherwise readable image unreadable
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
+def upright(img: Image.Image, orientation: int) -> Image.Image:
+    """Apply an EXIF orientation value (from :func:`exif_orientation`) to ``img``."""
+    return img.transpose(_UPRIGHT[orientation]) if orientation in _UPRIGHT else img
+
+
 # Images at least this many times the target size are first shrunk by PIL's box reduction
 # (fast, antialiased) so that huge photographs (e.g. 8000 x 6000) do not need gigabytes of floats.
 PRE_REDUCE_FACTOR = 8
 
 
+def box_reduce(img: Image.Image, factor: int) -> Image.Image:
+    """PIL's ``Image.reduce`` (box average over ``factor x factor`` blocks) for any mode.
+
+    16-bit modes, which ``reduce`` rejects, are widened to 32-bit ``I`` a strip of rows at a
+    time (strip heights are multiples of ``factor``, so the blocks are those of a whole-image
+    reduce); the full-size image is never copied.
+    """
+    if img.mode.startswith("I;16"):
+        width, height = img.size
+        out = Image.new("I", (-(-width // factor), -(-height // factor)))
+        step = factor * max(1, STRIP_PIXELS // (factor * width))
+        for top in range(0, height, step):
+            strip = img.crop((0, top, width, min(height, top + step))).convert("I").reduce(factor)
+            out.paste(strip, (0, top // factor))
+        return out
+    if img.mode not in ("L", "RGB", "RGBA", "I", "F"):
+        img = Image.fromarray(_to_uint8_array(img))  # palette, LA, CMYK, 1-bit, ... -> L or RGB
+    return img.reduce(factor)
+
+
 def read_rgb(path: Path, target: int | None = None) -> torch.Tensor:
-    """``path`` -> ``(3, H, W)`` uint8 RGB (grayscale repeated on the three channels).
+    """``path`` -> ``(3, H, W)`` uint8 RGB, upright (grayscale repeated on the three channels).
 
     With ``target``, an image whose short side is ``>= 8 * target`` is first reduced by an
-    integer factor (to a short side of at least ``4 * target``).
+    integer factor (to a short side of at least ``4 * target``), whatever its bit depth.
     """
     img = open_image(path)
-    if target is not None and min(img.size) >= PRE_REDUCE_FACTOR * target and img.mode in ("L", "RGB", "RGBA", "P"):
-        img = img.convert("RGB") if img.mode == "P" else img
-        img = img.reduce(min(img.size) // (4 * target))
-    arr = _to_uint8_array(img)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[:, :, None], 3, axis=2)
-    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).contiguous()
+    orientation = exif_orientation(img)
+    high = None
+    if target is not None and min(img.size) >= PRE_REDUCE_FACTOR * target:
+        high = wide_mode_max(img) if img.mode in WIDE_MODES else None
+        img = box_reduce(img, min(img.size) // (4 * target))
+    arr = _to_uint8_array(upright(img, orientation), high)
+    tensor = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    if tensor.ndim == 2:
+        return tensor.expand(3, *tensor.shape).contiguous()
+    return tensor.permute(2, 0, 1).contiguous()
 
 
 def read_gray(path: Path) -> torch.Tensor:
-    """``path`` -> ``(H, W)`` uint8 (colour masks are reduced to their maximum channel)."""
-    arr = _to_uint8_array(open_image(path))
+    """``path`` -> ``(H, W)`` uint8, upright (colour masks are reduced to their maximum channel)."""
+    img = open_image(path)
+    arr = _to_uint8_array(upright(img, exif_orientation(img)))
     if arr.ndim == 3:
         arr = arr.max(axis=2)
     return torch.from_numpy(np.array(arr, copy=True))
+
+
+def read_mask(path: Path) -> torch.Tensor:
+    """A ground-truth mask: ``(H, W)`` uint8 where defective pixels are ``>= 128``.
+
+    Masks stored as 0/1 (the whole mask's maximum is 1, as many tools other than MVTec's
+    write them) are read as binary masks: 1 becomes 255. A soft 0..255 mask always has values
+    above 1 where it matters, so it is never mistaken for one.
+    """
+    mask = read_gray(path)
+    if int(mask.max()) == 1:
+        mask.mul_(255)
+    return mask
 
 
 def resize_image(image: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:

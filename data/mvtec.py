@@ -15,6 +15,7 @@ and batches whatever the number of loader workers or processes.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,17 @@ from tqdm import tqdm
 import augment
 from errors import UserError
 
-from .images import list_images, load_image, read_gray, read_rgb, resize_image, resize_mask, resize_mask_paper, to_float
+from .images import (
+    is_mask_name,
+    list_images,
+    load_image,
+    read_mask,
+    read_rgb,
+    resize_image,
+    resize_mask,
+    resize_mask_paper,
+    to_float,
+)
 
 MVTEC_CATEGORIES = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut", "pill",
@@ -58,6 +69,8 @@ def resolve_categories(root: str | Path, spec: str) -> list[str]:
     if spec == "all":
         return found
     asked = [c.strip() for c in spec.split(",") if c.strip()]
+    if not asked:
+        raise UserError(f"--c '{spec}': no category named; pass a category (found: {', '.join(found)}) or 'all'")
     missing = [c for c in asked if c not in found]
     if missing:
         raise UserError(f"--c {spec}: no category {', '.join(missing)} under {root} "
@@ -93,15 +106,23 @@ def find_mask(root: Path, category: str, defect: str, image: Path) -> Path | Non
 
 
 def test_samples(root: str | Path, category: str) -> list[TestSample]:
-    """All test images with labels; a defect image without a mask is a ``UserError``."""
+    """All test images with labels; a defect image without a mask is a ``UserError``.
+
+    Files named like masks (``<stem>_mask.*``) inside ``test/<type>`` are skipped with one
+    warning line: they are ground truth put in the wrong folder, not test images.
+    """
     root = Path(root)
     test_dir = root / category / "test"
     defects = sorted(p.name for p in test_dir.iterdir() if p.is_dir()) if test_dir.is_dir() else []
     if not defects:
         raise UserError(f"{test_dir} has no sub-folders; expected test/good and test/<defect type>")
-    samples = []
+    samples, masks_found = [], []
     for defect in defects:
         for path in list_images(test_dir / defect):
+            if is_mask_name(path):
+                # A mask copied next to its image would be scored as one more test image.
+                masks_found.append(path.relative_to(test_dir).as_posix())
+                continue
             if defect == "good":
                 samples.append(TestSample(path, 0, defect, None))
                 continue
@@ -110,6 +131,10 @@ def test_samples(root: str | Path, category: str) -> list[TestSample]:
                 raise UserError(f"defect image {path} has no mask: expected "
                                 f"{root / category / 'ground_truth' / defect / (path.stem + '_mask.png')}")
             samples.append(TestSample(path, 1, defect, mask))
+    if masks_found:
+        shown = ", ".join(masks_found[:5]) + (f" and {len(masks_found) - 5} more" if len(masks_found) > 5 else "")
+        tqdm.write(f"warning: {test_dir}: skipped {len(masks_found)} mask file(s) named *_mask ({shown}); "
+                   f"masks belong in {root / category / 'ground_truth'}/<type>/", file=sys.stderr)
     if not samples:
         raise UserError(f"{test_dir} holds no images")
     return samples
@@ -215,7 +240,7 @@ class TestSet(Dataset):
         sample = self.samples[index]
         raw = read_rgb(sample.path, self.size)
         if sample.mask_path is not None:
-            soft = read_gray(sample.mask_path)
+            soft = read_mask(sample.mask_path)
             check_mask_fits(sample.path, tuple(raw.shape[-2:]), sample.mask_path, tuple(soft.shape))
             mask, paper_mask = resize_mask(soft, self.size), resize_mask_paper(soft, self.size)
         else:

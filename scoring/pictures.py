@@ -1,12 +1,21 @@
 """Pictures of a scoring run: one PNG panel per image and the ROC curves.
 
-Panel: the input image | the heatmap over the image | the image with the ground-truth outline
-(green) and the predicted region (red outline: map >= threshold). One colour scale for the
-whole run (``vmin``, ``vmax``), so panels compare with each other.
+A panel explains itself, so it can be read without this file:
+
+* a header: the title (file name, defect type) and ``score S / threshold T -> ANOMALOUS``;
+* three captioned tiles: the input ``image`` | the ``heatmap`` over the image | the image with
+  the ground-truth outline (green) and the predicted region (red outline: map >= threshold), the
+  rest dimmed, or, when nothing is above the threshold, the dimmed image saying so;
+* under the heatmap, its colour bar from ``vmin`` to ``vmax`` with the threshold marked.
+
+One colour scale for the whole run (``vmin``, ``vmax``), so panels compare with each other.
+Panels are drawn with PIL (not matplotlib): a run writes hundreds of them, at ~10 ms each.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import matplotlib
@@ -14,15 +23,65 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 _JET = (plt.get_cmap("jet")(np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+GREEN, RED = (0, 255, 0), (255, 0, 0)
+VERDICT_COLOURS = {"ANOMALOUS": (200, 0, 0), "NORMAL": (0, 120, 0)}
+MIN_PANEL_HEIGHT = 256  # smaller images are enlarged (nearest, integer factor) to at least this
+DIM = 0.4  # brightness kept outside the predicted region in the third tile
 
 
-def outline(mask: np.ndarray) -> np.ndarray:
-    """``(H, W)`` bool -> its 1-px inner border, bool."""
-    return mask & ~ndimage.binary_erosion(mask, border_value=0)
+@functools.lru_cache(maxsize=8)
+def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """PIL's built-in font at ``size`` px (no font file needed); its fixed small bitmap font
+    where Pillow is built without FreeType."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError, AttributeError):
+        return ImageFont.load_default()
+
+
+def font_size(tile_height: int) -> int:
+    """Text height for tiles of this many pixels: legible at 256 px, not tiny on large panels."""
+    return max(13, min(28, round(tile_height / 18)))
+
+
+def text_width(text: str, face) -> int:
+    return math.ceil(face.getlength(text))
+
+
+def wrap(text: str, width: int, face) -> list[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` px wide (a long word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and text_width(f"{lines[-1]} {word}", face) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def shorten(text: str, width: int, face) -> str:
+    """``text``, cut at the start with ``...`` to fit ``width`` px (a path's end says most)."""
+    if text_width(text, face) <= width:
+        return text
+    while len(text) > 1 and text_width("..." + text, face) > width:
+        text = text[1:]
+    return "..." + text
+
+
+def fmt(value: float) -> str:
+    """A score or map value in 4 significant digits (scores range from 1e-3 to 1e3)."""
+    return f"{value:.4g}"
+
+
+def outline(mask: np.ndarray, width: int = 1, outer: bool = False) -> np.ndarray:
+    """``(H, W)`` bool -> its ``width``-px border just inside (or, ``outer``, just outside), bool."""
+    if outer:
+        return ndimage.binary_dilation(mask, iterations=width) & ~mask
+    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
 
 
 def colorize(heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
@@ -31,32 +90,150 @@ def colorize(heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     return _JET[(scaled * 255).astype(np.uint8)]
 
 
-def panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, threshold: float,
-          mask: np.ndarray | None = None) -> np.ndarray:
-    """``image`` (H, W, 3) uint8, ``heat`` (H, W) -> ``(H, 3W + 8, 3)`` uint8 panel."""
+def has_threshold(threshold: float | None) -> bool:
+    return threshold is not None and math.isfinite(threshold)
+
+
+def panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, threshold: float | None,
+          mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three tiles, each ``(H, W, 3)`` uint8, from ``image`` (H, W, 3) uint8 and ``heat`` (H, W).
+
+    The third tile keeps the predicted region (``heat >= threshold``, red outline) at full
+    brightness and dims the rest, so it never just repeats the image; the ground truth ``mask``
+    (H, W) bool is outlined in green just outside it, so a prediction that matches it exactly
+    shows both outlines side by side.
+    """
     overlay = (0.5 * image + 0.5 * colorize(heat, vmin, vmax)).astype(np.uint8)
-    marked = image.copy()
+    predicted = heat >= threshold if has_threshold(threshold) else np.zeros(heat.shape, bool)
+    marked = np.where(predicted[..., None], image, (DIM * image).astype(np.uint8))
+    width = max(1, image.shape[0] // 300)  # 1 px up to 599 px, then thicker so it stays visible
     if mask is not None and mask.any():
-        marked[outline(mask)] = (0, 255, 0)
-    predicted = heat >= threshold
+        marked[outline(mask, width, outer=True)] = GREEN
     if predicted.any():
-        marked[outline(predicted)] = (255, 0, 0)
-    gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-    return np.concatenate([image, gap, overlay, gap, marked], axis=1)
+        marked[outline(predicted, width)] = RED
+    return image, overlay, marked
 
 
-MIN_PANEL_HEIGHT = 256
+def colour_bar(width: int, height: int) -> np.ndarray:
+    """``(height, width, 3)`` uint8: the jet scale from left (vmin) to right (vmax)."""
+    return np.broadcast_to(_JET[np.linspace(0, 255, width).astype(np.intp)], (height, width, 3))
+
+
+def render_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, threshold: float | None,
+                 mask: np.ndarray | None = None, *, score: float | None = None, verdict: str | None = None,
+                 title: str | None = None, label: str | None = None) -> np.ndarray:
+    """The annotated panel ``(H', W', 3)`` uint8 for ``image`` (H, W, 3) uint8 and ``heat`` (H, W).
+
+    See :func:`save_panel` for the arguments.
+    """
+    scale = max(1, MIN_PANEL_HEIGHT // image.shape[0])
+    tiles = [t.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else t
+             for t in panel(image, heat, vmin, vmax, threshold, mask)]
+    tile_h, tile_w = tiles[0].shape[:2]
+    face = font(font_size(tile_h))
+    line = face.getbbox("Ag")[3] + 4  # one text line's height
+    gap, margin = max(4, line // 3), max(6, line // 2)
+    width = 3 * tile_w + 2 * gap + 2 * margin
+    inner = width - 2 * margin
+
+    # Header: what the picture is, then the numbers and the verdict.
+    thresholded = has_threshold(threshold)
+    if verdict is None and score is not None and thresholded:
+        verdict = "anomalous" if score >= threshold else "normal"
+    header: list[tuple[str, tuple[int, int, int]]] = []
+    if title:
+        header.append((shorten(title, inner, face), (0, 0, 0)))
+    numbers = []
+    if score is not None:
+        numbers.append(f"score {fmt(score)}")
+    numbers.append(f"threshold {fmt(threshold)}" if thresholded else "no threshold")
+    text = " / ".join(numbers)
+    if verdict:
+        text += f" -> {verdict.upper()}"
+    if label:
+        text += f"   (truth: {label})"
+    header.append((shorten(text, inner, face), VERDICT_COLOURS.get((verdict or "").upper(), (0, 0, 0))))
+
+    third = "ground truth (green) and prediction (red)" if mask is not None else "prediction (red)"
+    captions = [wrap(c, tile_w, face) for c in ("image", f"heatmap ({fmt(vmin)} .. {fmt(vmax)})", third)]
+    caption_h = max(len(c) for c in captions) * line
+    bar_h, pointer = max(8, line // 2), max(5, line // 3)
+    footer_h = bar_h + pointer + 2 * line  # colour bar, threshold pointer, the min/max line, one spare
+    top_tiles = margin + len(header) * line + gap + caption_h
+    height = top_tiles + tile_h + gap + footer_h + margin
+
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    lefts = [margin + i * (tile_w + gap) for i in range(3)]
+    for left, tile in zip(lefts, tiles):
+        canvas[top_tiles:top_tiles + tile_h, left:left + tile_w] = tile
+    bar_top = top_tiles + tile_h + gap
+    canvas[bar_top:bar_top + bar_h, lefts[1]:lefts[1] + tile_w] = colour_bar(tile_w, bar_h)
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+
+    y = margin
+    for text, colour in header:
+        draw.text((margin, y), text, fill=colour, font=face)
+        y += line
+    y += gap
+    for left, lines in zip(lefts, captions):
+        for i, text in enumerate(lines):
+            draw.text((left, y + i * line), text, fill=(0, 0, 0), font=face)
+
+    if not (thresholded and (heat >= threshold).any()):
+        # The third tile is the dimmed image: say why, in the middle of it.
+        message = "no region above threshold" if thresholded else "no threshold set"
+        lines = wrap(message, tile_w - 8, face)
+        box_h = len(lines) * line + 6
+        box_top = top_tiles + (tile_h - box_h) // 2
+        draw.rectangle((lefts[2], box_top, lefts[2] + tile_w - 1, box_top + box_h), fill=(0, 0, 0))
+        for i, text in enumerate(lines):
+            draw.text((lefts[2] + (tile_w - text_width(text, face)) // 2, box_top + 3 + i * line), text,
+                      fill=(255, 255, 255), font=face)
+
+    # Colour bar labels: the run's scale ends, then the threshold's place on it (a pointer under
+    # the bar and its value, on the same line when it does not collide with the ends).
+    right = lefts[1] + tile_w
+    below = bar_top + bar_h + pointer
+    low, high = fmt(vmin), fmt(vmax)
+    draw.text((lefts[1], below), low, fill=(0, 0, 0), font=face)
+    draw.text((right - text_width(high, face), below), high, fill=(0, 0, 0), font=face)
+    if thresholded:
+        fraction = (threshold - vmin) / (vmax - vmin) if vmax > vmin else 0.5
+        x = lefts[1] + round(min(max(fraction, 0.0), 1.0) * (tile_w - 1))
+        draw.rectangle((x - 1, bar_top - 2, x + 1, bar_top + bar_h), fill=(0, 0, 0))
+        draw.polygon([(x, bar_top + bar_h), (x - pointer + 1, below - 1), (x + pointer - 1, below - 1)],
+                     fill=(0, 0, 0))
+        side = "" if 0 <= fraction <= 1 else (" (below the scale)" if fraction < 0 else " (above the scale)")
+        text = f"threshold {fmt(threshold)}{side}"
+        size = text_width(text, face)
+        text_x = min(max(x - size // 2, lefts[1]), right - size)
+        pad = text_width("  ", face)
+        clear = (text_x >= lefts[1] + text_width(low, face) + pad
+                 and text_x + size <= right - text_width(high, face) - pad)
+        draw.text((max(text_x, margin), below if clear else below + line), text, fill=(0, 0, 0), font=face)
+        draw.text((lefts[2], below), "red: heat >= threshold", fill=(0, 0, 0), font=face)
+    return np.asarray(picture)
 
 
 def save_panel(path: Path, image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float,
-               threshold: float, mask: np.ndarray | None = None) -> None:
-    """Write the panel; small images are enlarged by an integer factor (nearest) to stay legible."""
-    out = panel(image, heat, vmin, vmax, threshold, mask)
-    scale = max(1, MIN_PANEL_HEIGHT // image.shape[0])
-    if scale > 1:
-        out = out.repeat(scale, axis=0).repeat(scale, axis=1)
+               threshold: float | None, mask: np.ndarray | None = None, *, score: float | None = None,
+               verdict: str | None = None, title: str | None = None, label: str | None = None) -> None:
+    """Write the annotated panel of one image to ``path`` (PNG).
+
+    ``image`` (H, W, 3) uint8, ``heat`` (H, W) its anomaly map, ``vmin``/``vmax`` the run's colour
+    scale, ``threshold`` the map value that marks the predicted region (``None`` or NaN: none),
+    ``mask`` (H, W) bool the ground truth (``None``: unlabelled). Keyword-only: ``score`` (the
+    image score), ``verdict`` (e.g. ``"anomalous"``; derived from ``score >= threshold`` when
+    omitted), ``title`` (e.g. the file name and defect type), ``label`` (the true class, e.g.
+    ``"good"`` or ``"scratch"``). Small images are enlarged by an integer factor (nearest) to stay
+    legible.
+    """
+    out = render_panel(image, heat, vmin, vmax, threshold, mask, score=score, verdict=verdict, title=title,
+                       label=label)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(out).save(path)
+    # compress_level 1: 4x faster than the default 6 (18 vs 80 ms at 256 px) for 5% larger files.
+    Image.fromarray(out).save(path, compress_level=1)
 
 
 def save_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> None:
