@@ -5,12 +5,17 @@
     torchrun --nproc_per_node=2 main.py --c zipper              # several GPUs (or CPU processes)
 
 Writes ``<ckpt-dir>/<category>-<arch>/model.pt`` (checkpoint), ``log.jsonl`` (one JSON line per
-epoch), ``anomaly_preview.png`` (what the network learns from) and ``tensorboard/``.
+epoch), ``anomaly_preview.png`` (what the network learns from) and ``tensorboard/``. A run folder
+that already holds a run is refused unless ``--resume`` (continue it) or ``--overwrite`` (rename
+it to ``<run>.old-<date>-<time>`` and start over) says what to do; a folder another training is
+writing (its ``.lock``) is refused as well (``training/rundir.py``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -22,8 +27,10 @@ from data import resolve_categories
 from errors import UserError
 from models.dwt import lowpass_filter
 from recipes import RECIPES
-from training import cleanup, init_distributed, resolve_precision, train_category
+from training import cleanup, init_distributed, resolve_precision, run_dir_for, train_category
+from training.distributed import all_reduce_sum
 from training.loop import WEIGHT_SETTINGS  # noqa: F401  (benchmarks read it from here)
+from training.rundir import RunClaim
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -79,6 +86,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     out.add_argument("--ckpt-dir", default="ckpt", help="checkpoints go to <ckpt-dir>/<category>-<arch>/")
     out.add_argument("--resume", nargs="?", const="auto", default=None,
                      help="continue from <ckpt-dir>/<category>-<arch>/model.pt, or from the given file")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start over in a run folder that already holds a run: the old folder is renamed to "
+                          "<category>-<arch>.old-<date>-<time> (nothing is deleted); without it (or --resume) "
+                          "such a folder is refused")
     out.add_argument("--save-every", type=int, default=50, help="also save every N epochs (0 = end only)")
     out.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     out.add_argument("--eval", action="store_true",
@@ -90,7 +101,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     demo.add_argument("--demo", action="store_true",
                       help="write the built-in demo data (if absent), train and evaluate on it; defaults become "
                            + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_DEFAULTS.items()
-                                      if not isinstance(v, bool)) + " --eval (flags you give still win)")
+                                      if not isinstance(v, bool)) + " --eval (flags you give still win); a "
+                           "previous demo run is moved aside as with --overwrite unless you add --resume")
     cli.add_common_flags(parser)
     return parser
 
@@ -119,8 +131,19 @@ def validate(args: argparse.Namespace) -> None:
     for flag, value in (("--e", args.epochs), ("--b", args.batch_size)):
         if value < (0 if flag == "--e" else 1):
             raise UserError(f"{flag} {value}: must be positive")
-    if args.lr <= 0:
-        raise UserError(f"--lr {args.lr}: must be positive")
+    # Checked here, not by torch.optim.SGD (a traceback) or after a whole epoch (a NaN loss).
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr {args.lr}: must be a positive finite number (the paper: 0.03)")
+    if not (math.isfinite(args.momentum) and 0 <= args.momentum < 1):
+        raise UserError(f"--m {args.momentum}: momentum must be in [0, 1) (the paper: 0.9)")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UserError(f"--wd {args.weight_decay}: weight decay must be a finite number, 0 or more (the paper: 3e-5)")
+    if args.resume == "auto" and getattr(args, "overwrite", False):
+        raise UserError("--resume and --overwrite: choose one (--resume continues the run in the run folder, "
+                        "--overwrite moves it aside and starts over)")
+    if args.resume not in (None, "auto") and not Path(args.resume).is_file():
+        raise UserError(f"--resume {args.resume}: no such checkpoint file (give a .pt file, or --resume alone for "
+                        f"{args.ckpt_dir}/<category>-{args.arch}/model.pt)")
     if args.warmup < 0:
         raise UserError(f"--warmup {args.warmup}: must be 0 or more")
     if args.save_every < 0:
@@ -139,6 +162,11 @@ def summary(args: argparse.Namespace, categories: list[str], device: torch.devic
 
 
 def main(args: argparse.Namespace) -> list:
+    args.overwrite = getattr(args, "overwrite", False)
+    if args.demo and not args.resume:
+        # The quick start is run more than once: a second `python main.py --demo` trains again,
+        # the previous demo run moved aside (printed), instead of failing on its own output.
+        args.overwrite = True
     validate(args)
     if args.demo:
         from data.demo import demo_exists, write_demo
@@ -155,18 +183,49 @@ def main(args: argparse.Namespace) -> list:
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if dist_info.is_main:
         print(summary(args, categories, device, precision), flush=True)
-    paths = []
+    paths, trained = [], []
     try:
-        for category in categories:
-            paths.append(train_category(args, category, device, dist_info))
+        # Every run folder is checked and locked before the first category trains, and stays
+        # locked until the last one is done (released on every way out, Ctrl-C included).
+        with claim_runs(args, categories, device, dist_info):
+            for category in categories:
+                path, did_train = train_category(args, category, device, dist_info)
+                paths.append(path)
+                trained.append(did_train)
     finally:
         cleanup(dist_info)
     if dist_info.is_main:
-        for path in paths:
-            print(f"saved {path}")
+        for path, did_train in zip(paths, trained):
+            print(f"saved {path}" if did_train else f"unchanged {path}")
         if args.eval:
             evaluate(args, categories)
     return paths
+
+
+def claim_runs(args: argparse.Namespace, categories: list[str], device: torch.device,
+               dist_info) -> contextlib.ExitStack:
+    """Check, lock and (``--overwrite``) move aside every run folder; only rank 0 does it under torchrun.
+
+    Returns the context that releases the locks. The other ranks learn whether rank 0 succeeded
+    through one all-reduce, so a refusal stops every process instead of leaving them waiting in
+    the first collective.
+    """
+    held = contextlib.ExitStack()
+    failure = None
+    if dist_info.is_main:
+        claim = RunClaim([run_dir_for(args.ckpt_dir, c, args.arch) for c in categories], args.resume,
+                         args.overwrite, epochs=args.epochs, why_overwrite="--demo" if args.demo else "--overwrite")
+        try:
+            held.enter_context(claim)
+        except BaseException as exc:  # passed on to the other ranks first, then raised
+            failure = exc
+    if dist_info.enabled:
+        flag = all_reduce_sum(torch.tensor([float(failure is not None)], device=device), dist_info)
+        if flag.item() and failure is None:
+            raise SystemExit(2)  # rank 0 prints the reason
+    if failure is not None:
+        raise failure
+    return held
 
 
 def evaluate(args: argparse.Namespace, categories: list[str]) -> list[dict]:

@@ -104,6 +104,10 @@ def settings_mismatch(recorded: dict, wanted: dict) -> list[str]:
     return [f"{k}: {recorded[k]} -> {v}" for k, v in wanted.items() if k in recorded and recorded[k] != v]
 
 
+# Run folders trained by this process (finished_training_seconds still checks their settings).
+TRAINED_HERE: set[Path] = set()
+
+
 def run_one(args, name: str, train_name: str, train_flags: list[str], score_flags: list[str], seed: int,
             epochs: int) -> list[dict]:
     """Train (in ``train_name``'s folder, unless reused) and score one variant and seed."""
@@ -111,11 +115,16 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
     results_dir = Path(args.work_dir) / name / f"seed{seed}" / "results"
     argv = train_argv(args, train_flags, seed, epochs, ckpt_dir)
     run_dir = ckpt_dir / f"{args.category}-{args.arch}"
-    train_s = finished_training_seconds(run_dir, training_settings(argv)) if args.reuse else None
+    # A variant sharing another's training uses the run this command already made for it.
+    reuse = args.reuse or run_dir.resolve() in TRAINED_HERE
+    train_s = finished_training_seconds(run_dir, training_settings(argv)) if reuse else None
     if train_s is None:
         start = time.perf_counter()
-        train_main.main(train_main.parse_args(argv))
+        # A run already in the folder (other settings, or no --reuse) is retrained from scratch:
+        # --overwrite moves it aside (printed), it is not deleted.
+        train_main.main(train_main.parse_args([*argv, "--overwrite"]))
         train_s = time.perf_counter() - start
+        TRAINED_HERE.add(run_dir.resolve())
     ckpt_sha = file_sha256(run_dir / "model.pt")
     rows = []
     for fusion in args.fusions.split(","):

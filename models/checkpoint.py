@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -24,36 +23,35 @@ import torch
 from torch import nn
 
 from errors import UserError
+from fileio import atomic_write, no_space
 
 STATE_KEY = "netD_state_dict"
 PREFIXES = ("module.", "_orig_mod.")
 
 
 def save_atomic(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``.
+    """``torch.save`` through :func:`fileio.atomic_write` (temporary file, fsync, ``os.replace``).
 
     A crash, a full disk or a kill at any moment leaves either the old file or the new one,
-    never a half-written one.
+    never a half-written one. ``torch.save`` reports a failed write (a full disk) as a
+    ``RuntimeError`` from its zip writer, not an ``OSError``; it is turned into one naming
+    ``path`` here, so callers handle it like any other write failure (``cli.run``: one line,
+    exit 4; the bank cache: a warning).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        # Name the checkpoint, not the temporary file; the previous checkpoint is untouched.
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write(path, lambda handle: torch.save(obj, handle))
+    except RuntimeError as exc:
+        message = str(exc)
+        if not any(sign in message for sign in TORCH_WRITE_FAILED):
+            raise
+        # "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file
+        # write failed": keep the part after the C++ location.
+        detail = message.splitlines()[0].split("] . ", 1)[-1].strip()[:160]
+        raise no_space(path, f"torch.save: {detail}") from None
+
+
+# How torch.save's zip writer words a failed write (PyTorch 2.x).
+TORCH_WRITE_FAILED = ("PytorchStreamWriter failed writing", "file write failed", "unexpected pos")
 
 
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

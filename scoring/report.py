@@ -7,14 +7,14 @@ import functools
 import io
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 from argparse import Namespace
 from importlib import metadata
 from pathlib import Path
+
+import fileio
 
 PACKAGES = ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "pillow", "pywavelets", "faiss-cpu")
 
@@ -31,16 +31,9 @@ def _clean(value):
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Temporary file in the same folder, then ``os.replace``: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """UTF-8 text via :func:`fileio.write_text_atomic`: readers never see half a file, and the file
+    has the permissions of any new file (umask), not ``mkstemp``'s 0600."""
+    fileio.write_text_atomic(path, text)
 
 
 def write_json(path: Path, record: dict) -> None:

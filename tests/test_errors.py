@@ -112,6 +112,9 @@ def test_small_and_huge_images_train(root, tmp_path):
     (["--b", "64"], "--b 64 is larger than the 8 training images"),
     (["--workers", "999"], "--workers 999"),
     (["--e", "-1"], "--e -1"),
+    (["--m", "-5"], "--m -5.0: momentum must be in [0, 1)"),
+    (["--wd", "-1"], "--wd -1.0: weight decay must be"),
+    (["--lr", "nan"], "--lr nan: must be a positive finite number"),
     (["--arch", "wave9"], "argument --arch: invalid choice: 'wave9'"),
 ])
 def test_bad_training_flags(root, tmp_path, capsys, argv, expected):
@@ -263,6 +266,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tiny_root, tmp_path):
     assert proc.returncode == 130
     assert "--resume" in out + err and "Traceback" not in err
     assert _checkpoint_epoch(ckpt) >= 1
+    assert not (ckpt.parent / ".lock").exists()  # the run folder's lock is released on Ctrl-C too
 
 
 def test_ctrl_c_in_a_terminal_with_loader_workers_saves_and_exits_130(tiny_root, tmp_path):
@@ -306,7 +310,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_root, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert 1 <= _checkpoint_epoch(ckpt) <= epochs  # still loadable
+    assert (ckpt.parent / ".lock").is_file()  # the killed run's lock file stays; its lock died with it
     subprocess.run(_train_cmd(tiny_root, killed, epochs, "--resume"), cwd=REPO, check=True, capture_output=True)
+    assert not (ckpt.parent / ".lock").exists()
     a = read_checkpoint(straight / "widget-wave18" / "model.pt")["netD_state_dict"]
     b = read_checkpoint(ckpt)["netD_state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -52,6 +52,16 @@ def test_resume_equals_uninterrupted(tiny_root, tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+def test_resume_after_a_kill_mid_log_line(tiny_root, tmp_path):
+    """A run killed while appending to log.jsonl leaves a cut last line: the resume drops it."""
+    train_main.main(train_args(tiny_root, tmp_path, "--e", "1"))
+    log = tmp_path / "widget-wave18" / "log.jsonl"
+    with log.open("a") as handle:
+        handle.write('{"epoch": 2, "lo')
+    train_main.main(train_args(tiny_root, tmp_path, "--e", "2", "--resume"))
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
+
+
 def test_resume_with_other_settings_says_which_changed(tiny_root, tmp_path, capsys):
     train_main.main(train_args(tiny_root, tmp_path, "--e", "1"))
     capsys.readouterr()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fileio import write_text_atomic
+
 
 class EpochLogger:
     """Appends ``record`` dicts to ``run_dir/log.jsonl`` and mirrors numbers to TensorBoard."""
@@ -26,8 +28,9 @@ class EpochLogger:
         if not self.enabled or not self.path.exists():
             return
         kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", 0) <= epoch]
-        self.path.write_text("".join(line + "\n" for line in kept))
+                if (done := parsed_epoch(line)) is not None and done <= epoch]
+        # Atomic: a kill here must not leave the log empty or cut in the middle of a line.
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -43,3 +46,12 @@ class EpochLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def parsed_epoch(line: str) -> int | None:
+    """The epoch of a log line; ``None`` for a blank line or one cut short by a killed run."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("epoch", 0) if isinstance(record, dict) else None

@@ -133,6 +133,9 @@ def check_resume_compatible(ckpt: dict, args: Namespace, path: Path) -> None:
                             f"--{key} {getattr(args, key)}; use the same settings or another --ckpt-dir")
     if "augs" in ckpt and list(ckpt["augs"]) != list(args.augs):
         raise UserError(f"--resume {path}: checkpoint was trained with --augs {','.join(ckpt['augs'])}")
+
+
+def warn_resume_changes(ckpt: dict, args: Namespace, path: Path) -> None:
     changed = resume_setting_changes(ckpt, args)
     if changed:
         tqdm.write(f"--resume {path}: continuing with {', '.join(changed)}; the weights will differ from an "
@@ -156,14 +159,40 @@ def resume_setting_changes(ckpt: dict, args: Namespace) -> list[str]:
             if key in saved and hasattr(args, key) and saved[key] != getattr(args, key)]
 
 
-def train_category(args: Namespace, category: str, device: torch.device, dist_info: DistInfo) -> Path:
-    """Train one category; returns the final checkpoint's path."""
+def train_category(args: Namespace, category: str, device: torch.device, dist_info: DistInfo) -> tuple[Path, bool]:
+    """Train one category; returns the final checkpoint's path and whether anything was trained.
+
+    The run folder is expected to be claimed already (``training.rundir.RunClaim``: locked, and
+    empty unless ``--resume`` continues it). A resumed run that already holds ``--e`` epochs is
+    left byte-identical; fewer epochs than it holds is a ``UserError``.
+    """
     run_dir = run_dir_for(args.ckpt_dir, category, args.arch)
     ckpt_path = run_dir / CHECKPOINT_NAME
     main_rank = dist_info.is_main
     precision = resolve_precision(args.precision, device)
     channels_last = args.channels_last
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    # Read first: a resume with nothing to train must return before anything is written.
+    ckpt, resume_path = None, None
+    if args.resume:
+        resume_path = ckpt_path if args.resume == "auto" else Path(args.resume)
+        if resume_path.is_file():
+            ckpt = read_checkpoint(resume_path, map_location=device)
+            check_resume_compatible(ckpt, args, resume_path)
+            done = int(ckpt.get("epoch", 0))
+            if args.epochs < done:
+                raise UserError(f"--e {args.epochs}: {resume_path} already holds {done} epochs; give --e {done} or "
+                                f"more to continue it, or drop --resume and add --overwrite to start over")
+            if args.epochs == done and resume_path.resolve() == ckpt_path.resolve():
+                if main_rank:
+                    changed = resume_setting_changes(ckpt, args)
+                    tqdm.write(f"{ckpt_path} already holds all {done} epochs: nothing to train, nothing changed "
+                               f"(give --e more than {done} to continue it"
+                               + (f"; not applied: {', '.join(changed)})" if changed else ")"))
+                return ckpt_path, False
+        elif args.resume != "auto":
+            raise UserError(f"--resume {resume_path}: no such checkpoint")
 
     dataset = TrainSet(args.data_root, category, args.size, list(args.augs), seed=args.seed,
                        antialias=args.antialias, rotflip=args.rotflip)
@@ -200,22 +229,19 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
                                 weight_decay=args.weight_decay, fused=fused)
 
     start_epoch = 0
-    if args.resume:
-        resume_path = ckpt_path if args.resume == "auto" else Path(args.resume)
-        if resume_path.is_file():
-            ckpt = read_checkpoint(resume_path, map_location=device)
-            check_resume_compatible(ckpt, args, resume_path)
-            load_weights(model, extract_state_dict(ckpt, str(resume_path)), str(resume_path), args.arch)
-            if "optimizer" in ckpt:
-                optimizer.load_state_dict(ckpt["optimizer"])
-                # The flags of this run win over the saved hyper-parameters (momentum buffers stay).
-                for group in optimizer.param_groups:
-                    group.update(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=fused)
-            start_epoch = int(ckpt.get("epoch", 0))
-            if main_rank:
-                tqdm.write(f"resumed {resume_path} at epoch {start_epoch}")
-        elif args.resume != "auto":
-            raise UserError(f"--resume {resume_path}: no such checkpoint")
+    if ckpt is not None:
+        if main_rank:
+            warn_resume_changes(ckpt, args, resume_path)
+        load_weights(model, extract_state_dict(ckpt, str(resume_path)), str(resume_path), args.arch)
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            # The flags of this run win over the saved hyper-parameters (momentum buffers stay).
+            for group in optimizer.param_groups:
+                group.update(lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=fused)
+        start_epoch = int(ckpt.get("epoch", 0))
+        if main_rank:
+            tqdm.write(f"resumed {resume_path} at epoch {start_epoch}")
+        del ckpt
     net = model
     if dist_info.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -226,7 +252,10 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
     logger = EpochLogger(run_dir, enabled=main_rank, tensorboard=not args.no_tensorboard)
     if main_rank:
         run_dir.mkdir(parents=True, exist_ok=True)
-        logger.truncate_after(start_epoch)
+        if args.resume:
+            # Epochs past the checkpoint are redone. A new run has no log to cut: its folder was
+            # checked to be free of one (RunClaim), and a log is never emptied behind a user's back.
+            logger.truncate_after(start_epoch)
         if start_epoch == 0 or not (run_dir / PREVIEW_NAME).exists():
             save_preview(dataset, run_dir / PREVIEW_NAME, seed=args.seed)
 
@@ -322,4 +351,4 @@ def train_category(args: Namespace, category: str, device: torch.device, dist_in
         bar.close()
         logger.close()
     barrier(dist_info)
-    return ckpt_path
+    return ckpt_path, True
