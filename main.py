@@ -232,6 +232,8 @@ def evaluate(args: argparse.Namespace, categories: list[str]) -> list[dict]:
     """Score every trained category with both fusions (the paper's two inference scripts)."""
     from scoring.cli import main as score
     from scoring.cli import parse_args as scoring_parse
+    from scoring.core import format_metric
+    from scoring.output import versioned_dir
     from scoring.report import write_table
 
     records = []
@@ -243,9 +245,12 @@ def evaluate(args: argparse.Namespace, categories: list[str]) -> list[dict]:
             "--recipe", args.recipe])
         records += score(score_args)
     header = ["category", "fusion", "image AUROC", "pixel AUROC", "AUPRO", "heatmaps"]
-    rows = [[r["category"], r["fusion"], f"{r['metrics']['image_auroc']:.3f}", f"{r['metrics']['pixel_auroc']:.3f}",
-             f"{r['metrics']['aupro']:.3f}", r["files"]["heatmaps"]] for r in records]
-    table = Path("results") / f"eval-{args.arch}"
+    rows = [[r["category"], r["fusion"], *(format_metric(r["metrics"][k], 3) for k in ("image_auroc", "pixel_auroc",
+                                                                                      "aupro")),
+             r["files"]["heatmaps"]] for r in records]
+    # One version per data set, checkpoints and settings: evaluating another data set keeps this table.
+    folder = versioned_dir(Path("results") / f"eval-{args.arch}", {"runs": [r["identity"] for r in records]})
+    table = folder / "eval"
     write_table(table, header, rows)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     print()

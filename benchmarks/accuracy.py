@@ -130,7 +130,7 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
     for fusion in args.fusions.split(","):
         score_args = score_cli.parse_args(fusion, [
             "--c", args.category, "--data-root", args.data_root, "--ckpt-dir", str(ckpt_dir),
-            "--p", f"{args.category}-{args.arch}", "--out", str(results_dir / fusion),
+            "--p", f"{args.category}-{args.arch}", "--out", str(results_dir / fusion), "--overwrite",
             "--no-pictures", "--seed", str(seed), *(["--synthetic-check"] if args.synthetic_check else []),
             *score_flags])
         done = results_dir / fusion / "results.json"

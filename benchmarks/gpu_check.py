@@ -134,7 +134,8 @@ def main(args: argparse.Namespace) -> None:
         epochs = max(1, int(train_ips * (60 * args.train_minutes - 30) / images_per_epoch))
         ckpt = work / "paper"
         ok, seconds = steps.run("training", [py, "main.py", *common, "--arch", arch, "--size", size, "--e", str(epochs),
-                                             "--ckpt-dir", str(ckpt), "--no-tensorboard", "--save-every", "0"],
+                                             "--ckpt-dir", str(ckpt), "--no-tensorboard", "--save-every", "0",
+                                             "--overwrite"],
                                 reserve_s=75)
         log = epoch_log(ckpt / f"{args.category}-{arch}")
         info["training"] = {"epochs": epochs, "ok": ok, "wall_s": round(seconds, 1), "final": log[-1] if log else None}
@@ -142,7 +143,8 @@ def main(args: argparse.Namespace) -> None:
         for fusion in ("concatenation", "multiplication"):
             res = work / "paper_results" / fusion
             ok, seconds = steps.run(fusion, [py, f"inference_{fusion}.py", *common, "--ckpt-dir", str(ckpt),
-                                             "--p", f"{args.category}-{arch}", "--no-pictures", "--out", str(res)],
+                                             "--p", f"{args.category}-{arch}", "--no-pictures", "--out", str(res),
+                                             "--overwrite"],
                                     reserve_s=15 if fusion == "concatenation" else 0)
             record = json.loads((res / "results.json").read_text()) if ok else None
             info["training"][fusion] = ({k: record["metrics"][k] for k in ("image_auroc", "pixel_auroc", "aupro")}
@@ -155,7 +157,8 @@ def main(args: argparse.Namespace) -> None:
             return
         ckpt = work / name
         ok, _ = steps.run(name, [py, "main.py", *common, "--arch", arch, "--size", size, "--e", str(epochs),
-                                 *flags, "--ckpt-dir", str(ckpt), "--no-tensorboard", "--save-every", "0"],
+                                 *flags, "--ckpt-dir", str(ckpt), "--no-tensorboard", "--save-every", "0",
+                                 "--overwrite"],
                           reserve_s=reserve_s)
         log = epoch_log(ckpt / f"{args.category}-{arch}")
         timed = [r["images_per_s"] for r in log[warmup:]]

@@ -46,7 +46,8 @@ def paper_style(bank: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
 def main(args: argparse.Namespace) -> None:
     if args.bank:
         entry = torch.load(args.bank, map_location="cpu", weights_only=True)
-        bank = (entry.get("full_banks") or entry["banks"])[0]  # the whole bank, also of coreset entries
+        first = entry["banks"][0]  # a MemoryBank state dict
+        bank = first["full"] if first.get("full") is not None else first["rows"]  # the whole bank, also of coresets
     else:
         bank = torch.randn(args.rows, args.dim, generator=torch.Generator().manual_seed(0)).abs()
     gen = torch.Generator().manual_seed(1)

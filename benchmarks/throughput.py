@@ -69,7 +69,7 @@ def train_throughput(args, arch: str, size: int, ckpt_dir: Path) -> tuple[float,
     run([sys.executable, "main.py", "--c", args.category, "--data-root", args.data_root, "--arch", arch,
          "--size", str(size), "--e", str(args.epochs + 1), "--b", str(args.batch_size), "--device", args.device,
          "--precision", args.precision, "--workers", str(args.workers), "--ckpt-dir", str(ckpt_dir),
-         "--no-tensorboard", "--save-every", "0", *args.extra_train.split()])
+         "--no-tensorboard", "--save-every", "0", "--overwrite", *args.extra_train.split()])
     log = [json.loads(line) for line in (ckpt_dir / f"{args.category}-{arch}" / "log.jsonl").read_text().splitlines()]
     timed = [r["images_per_s"] for r in log[1:]] or [log[-1]["images_per_s"]]
     return statistics.median(timed), timed
@@ -88,8 +88,8 @@ def score_run(args, arch: str, ckpt_dir: Path, name: str) -> dict:
     out = Path(args.work_dir) / "scores" / f"{arch}-{name}"
     flags = {"faiss": ["--knn", "faiss"], "torch": ["--knn", "torch"], "coreset": ["--coreset", "0.1"]}[name]
     run([sys.executable, "inference_concatenation.py", "--c", args.category, "--data-root", args.data_root,
-         "--ckpt-dir", str(ckpt_dir), "--p", f"{args.category}-{arch}", "--out", str(out), "--no-pictures",
-         "--device", args.device, "--precision", args.score_precision, "--rebuild-bank", *flags])
+         "--ckpt-dir", str(ckpt_dir), "--p", f"{args.category}-{arch}", "--out", str(out), "--overwrite",
+         "--no-pictures", "--device", args.device, "--precision", args.score_precision, "--rebuild-bank", *flags])
     return json.loads((out / "results.json").read_text())
 
 

@@ -149,10 +149,12 @@ class WaveletDownsample(nn.Module):
         if height < 2 or width < 2:
             raise ValueError(f"WaveletDownsample needs H, W >= 2, got {height} x {width}")
         if self.choose_impl(x) == "conv":
-            # Under autocast, conv2d casts input and kernel to the autocast dtype itself.
-            weight = self.kernel(x.shape[1], x.dtype, x.device)
+            # Under autocast, conv2d casts input and kernel to the autocast dtype itself. int(): a
+            # traced graph (TorchScript / ONNX export) gets a kernel of fixed shape, as ONNX needs.
+            channels = int(x.shape[1])
+            weight = self.kernel(channels, x.dtype, x.device)
             pad = self.filt.numel() // 2 - 1
-            return F.conv2d(x, weight, stride=2, padding=pad, groups=x.shape[1])
+            return F.conv2d(x, weight, stride=2, padding=pad, groups=channels)
         if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
             return self._matmul_channels_last(x)
         a_h, a_w = self.matrices(height, width, x.dtype, x.device)

@@ -154,16 +154,17 @@ class WaveCNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """``(N, 3, S, S)`` -> ``[layer1, layer2, layer3, layer4]``.
+    def forward_features(self, x: torch.Tensor, stages: int = 4) -> list[torch.Tensor]:
+        """``(N, 3, S, S)`` -> ``[layer1, layer2, layer3, layer4][:stages]``.
 
         Shapes: ``(N, C_i, S / 2**(i+1), S / 2**(i+1))`` for stage ``i = 1..4`` with
         ``C = 64, 128, 256, 512`` (wave18/34) or ``256, 512, 1024, 2048`` (wave50/101); odd
-        sizes are floored at every halving.
+        sizes are floored at every halving. ``stages < 4`` skips the deeper stages (scoring
+        layers 2 and 3 needs no layer4).
         """
         x = self.stem_downsample(self.relu(self.bn1(self.conv1(x))))
         features = []
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4)[:stages]:
             x = stage(x)
             features.append(x)
         return features

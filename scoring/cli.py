@@ -6,6 +6,8 @@ Both scripts are this parser and :func:`main` with a different ``fusion``; nothi
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from pathlib import Path
 
 import cli
@@ -14,9 +16,11 @@ from data import resolve_categories
 from errors import UserError
 from recipes import RECIPES
 
-from .core import score_category, write_summary
+from .config import ScoreConfig
+from .core import ScoringRun, format_metric, score_category, write_summary
 from .fusion import FUSIONS
 from .knn import BACKENDS, PRECISIONS
+from .output import versioned_dir
 
 
 def parse_layers(text: str) -> list[int]:
@@ -85,7 +89,14 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
                               "(results.json 'synthetic_check')")
     out = parser.add_argument_group("Output")
     out.add_argument("--out", default=None,
-                     help=f"output folder (default: results/<p>/{fusion}, or results/<p>/{fusion}-images)")
+                     help=f"output folder (default: results/<p>/{fusion}/v<N>, or results/<p>/{fusion}-images/v<N>, "
+                          "a new version per checkpoint and settings, 'latest' linking the newest)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="let --out replace results of another checkpoint or other settings (the default "
+                          "folders never need it: they keep one version per checkpoint and settings)")
+    out.add_argument("--save-detector", nargs="?", const="", default=None, metavar="PATH",
+                     help="also write the detector (network, banks, calibrated threshold, settings) as one file, "
+                          "for scoring.Detector.load and export.py (default path: ckpt/<p>/detector-<fusion>.pt)")
     out.add_argument("--save-maps", action="store_true", help="also write maps.npz (maps, masks, labels, scores)")
     out.add_argument("--no-pictures", action="store_true", help="skip the heatmap PNGs and the ROC plot")
     runtime = parser.add_argument_group("Batching")
@@ -96,7 +107,7 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
 
 
 def validate(args: argparse.Namespace) -> None:
-    if not 0 < args.coreset <= 1:
+    if not 0 < args.coreset <= 1:  # also false for NaN
         raise UserError(f"--coreset {args.coreset}: must be in (0, 1]; 1 keeps the whole bank (the paper)")
     if args.refine < 0:
         raise UserError(f"--refine {args.refine}: must be 0 or more")
@@ -104,8 +115,11 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--k {args.k}: must be at least 1")
     if args.size is not None and args.size < models.MIN_SIZE:
         raise UserError(f"--size {args.size}: the network needs at least {models.MIN_SIZE} px; use 128 or 256")
-    if args.smooth < 0:
-        raise UserError(f"--smooth {args.smooth}: must be 0 or more")
+    if not math.isfinite(args.smooth) or args.smooth < 0:
+        raise UserError(f"--smooth {args.smooth}: must be a number, 0 or more")
+    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold > 0):
+        raise UserError(f"--threshold {args.threshold}: must be a positive number (scores are distances); "
+                        "leave it out to calibrate one on the training images")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     if not 0 < args.calib_percentile <= 100:
@@ -117,20 +131,42 @@ def validate(args: argparse.Namespace) -> None:
     cli.check_workers(args.workers)
 
 
+def config_from_args(args: argparse.Namespace) -> ScoreConfig:
+    """The scoring settings of the parsed flags (the only place that maps flags to settings)."""
+    return ScoreConfig(**{name: tuple(args.layers) if name == "layers" else getattr(args, name)
+                          for name in ScoreConfig.names()})
+
+
+def run_from_args(args: argparse.Namespace) -> ScoringRun:
+    """Paths and outputs of the parsed flags."""
+    return ScoringRun(data_root=args.data_root, ckpt_dir=args.ckpt_dir, p=args.p, arch=args.arch,
+                      wavelet=args.wavelet, images=args.images, out=args.out, overwrite=args.overwrite,
+                      save_maps=args.save_maps, pictures=not args.no_pictures, synthetic_check=args.synthetic_check,
+                      rebuild_bank=args.rebuild_bank, save_detector=args.save_detector, command=" ".join(sys.argv))
+
+
 def main(args: argparse.Namespace) -> list[dict]:
     validate(args)
     device = cli.resolve_device(args.device)
     categories = resolve_categories(args.data_root, args.category)
     if args.images is not None and len(categories) != 1:
         raise UserError("--images scores new images against one category's bank: pass --c <category>")
-    args.category_count = len(categories)
+    if args.save_detector and len(categories) != 1:
+        raise UserError("--save-detector PATH writes one category's detector: pass --c <category>, or give "
+                        "--save-detector without a path (each goes to ckpt/<p>/detector-<fusion>.pt)")
+    config, run = config_from_args(args), run_from_args(args)
     records = []
     for category in categories:
-        record = score_category(args, args.fusion, category, device)
+        record = score_category(config, run, category, device, out_per_category=len(categories) > 1)
         records.append(record)
         print(format_record(record), flush=True)
     if len(records) > 1:
-        path = write_summary(Path(args.out or "results"), records, args.fusion)
+        if args.out:
+            base = Path(args.out) / f"summary-{args.fusion}"
+        else:
+            identity = {"fusion": args.fusion, "runs": [r["identity"] for r in records]}
+            base = versioned_dir(Path("results") / f"summary-{args.fusion}", identity) / "summary"
+        path = write_summary(base, records, args.fusion)
         print(f"summary: {path}")
     return records
 
@@ -138,16 +174,17 @@ def main(args: argparse.Namespace) -> list[dict]:
 def format_record(record: dict) -> str:
     head = f"{record['category']} [{record['fusion']}]"
     if "metrics" in record:
-        m = record["metrics"]
-        body = (f"image AUROC {m['image_auroc']:.4f} | pixel AUROC {m['pixel_auroc']:.4f} | "
-                f"AUPRO {m['aupro']:.4f} | F1-max {m['image_f1_max']:.4f} | pixel AP {m['pixel_ap']:.4f}")
+        m = {k: format_metric(v) for k, v in record["metrics"].items()}
+        body = (f"image AUROC {m['image_auroc']} | pixel AUROC {m['pixel_auroc']} | "
+                f"AUPRO {m['aupro']} | F1-max {m['image_f1_max']} | pixel AP {m['pixel_ap']}")
     else:
         body = (f"{record['images']['scored']} images scored, {record['images']['anomalous']} anomalous "
-                f"(threshold {record['threshold']['value']:.4f}), {len(record['images']['skipped'])} skipped")
+                f"(threshold {record['threshold']['value']:.4f} = normalised score 1.0), "
+                f"{len(record['images']['skipped'])} skipped")
     if "synthetic_check" in record:
         c = record["synthetic_check"]
-        body += (f" | synthetic check: image AUROC {c['image_auroc']:.4f}, pixel AUROC {c['pixel_auroc']:.4f}, "
-                 f"AUPRO {c['aupro']:.4f}")
+        body += (f" | synthetic check: image AUROC {format_metric(c['image_auroc'])}, pixel AUROC "
+                 f"{format_metric(c['pixel_auroc'])}, AUPRO {format_metric(c['aupro'])}")
     timing = (f"bank {record['timings']['bank_s']:.1f}s{' (cached)' if record['bank']['cached'] else ''}, "
               f"{record['timings']['s_per_test_image'] * 1000:.0f} ms/image")
     return f"{head} {body} | {timing} -> {record['out_dir']}"

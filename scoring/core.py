@@ -3,6 +3,8 @@
 For a category: load the checkpoint, build (or reuse) the memory bank from the normal training
 images, score the labelled test set (metrics, pictures, ``results.json``) or a folder of new
 images (``scores.csv`` with verdicts from a threshold calibrated on training images only).
+The scoring itself is :class:`scoring.Detector`'s; this module adds the cache, the files and
+the metrics. Settings come as a :class:`ScoreConfig`, paths and outputs as a :class:`ScoringRun`.
 """
 
 from __future__ import annotations
@@ -13,59 +15,85 @@ import os
 import resource
 import sys
 import time
-from argparse import Namespace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-import cli
-from data import IMAGE_SUFFIXES, TestSet, load_image, to_float, train_images
+import models
+from data import IMAGE_SUFFIXES, TestSet, train_images
 from errors import UserError
-from models.checkpoint import build_from_checkpoint, read_checkpoint, save_atomic
+from models.checkpoint import save_atomic
 
 from . import metrics
-from .features import extract
+from .config import ScoreConfig
+from .detector import FORMAT as DETECTOR_FORMAT
+from .detector import (
+    Detector,
+    calibrate_threshold,
+    features_of,
+    file_sha256,
+    fit_scorer,
+    given_threshold,
+    load_network,
+    make_bank,
+    provenance,
+)
+from .features import ImageFiles
 from .fusion import Scorer
+from .output import output_dir
 from .pictures import save_panel, save_roc
-from .report import environment, write_json, write_table
+from .report import environment, write_csv, write_json, write_table
 from .synthetic_check import synthetic_check
 
-BANK_FORMAT = 2  # 2: whole banks kept beside coreset banks (for --refine)
+BANK_FORMAT = 4  # 3: training files keyed by content; 4: banks stored as MemoryBank state dicts
 CHECKPOINT_NAMES = ("model.pt", "e1600_model.pt")
 
 
-class ImageFiles(Dataset):
-    """Plain images for feature extraction: ``{"image", "path", "ok"}``; unreadable ones give ``ok=False``."""
+@dataclass(frozen=True)
+class ScoringRun:
+    """What a scoring run reads and writes (everything that is not a scoring setting)."""
 
-    def __init__(self, paths: list[Path], size: int, antialias: bool = False, skip_bad: bool = False):
-        self.paths, self.size, self.antialias, self.skip_bad = paths, size, antialias, skip_bad
+    data_root: str = "./mvtec_anomaly_detection"
+    ckpt_dir: str = "ckpt"
+    p: str | None = None  # checkpoint file or run folder; '{category}' is replaced
+    arch: str | None = None  # expected arch (None: whatever the checkpoint holds)
+    wavelet: str | None = None  # for checkpoints that do not record one
+    images: str | None = None  # score this folder of unlabeled images instead of the test set
+    out: str | None = None  # explicit output folder (None: versioned results/<p>/<fusion>/v<N>)
+    overwrite: bool = False
+    save_maps: bool = False
+    pictures: bool = True
+    synthetic_check: bool = False
+    rebuild_bank: bool = False
+    save_detector: str | None = None  # write the detector file here ('' = ckpt/<p>/detector.pt)
+    command: str = ""  # the command line, for results.json
 
-    def __len__(self) -> int:
-        return len(self.paths)
 
-    def __getitem__(self, index: int) -> dict:
-        path = self.paths[index]
-        try:
-            image, ok, reason = to_float(load_image(path, self.size, self.antialias)), True, ""
-        except UserError as exc:
-            if not self.skip_bad:
-                raise
-            image, ok, reason = torch.zeros(3, self.size, self.size), False, str(exc)
-        return {"image": image, "path": str(path), "ok": ok, "reason": reason}
+def default_run(ckpt_dir: str | Path, category: str, arch: str | None) -> str:
+    """The run folder when ``--p`` is not given: ``<category>-<arch>`` with ``--arch``, else the one
+    run of ``category`` under ``ckpt_dir`` (whatever its arch; the paper's wave50 when there is none)."""
+    if arch is not None:
+        return f"{category}-{arch}"
+    found = [f"{category}-{name}" for name in models.list_models()
+             if any((Path(ckpt_dir) / f"{category}-{name}" / ckpt).is_file() for ckpt in CHECKPOINT_NAMES)]
+    if len(found) > 1:
+        raise UserError(f"{ckpt_dir}/ holds {len(found)} trained runs of {category} ({', '.join(found)}); "
+                        f"choose one with --p, e.g. --p {found[0]}")
+    return found[0] if found else f"{category}-wave50"
 
 
-def resolve_checkpoint(args: Namespace, category: str) -> Path:
+def resolve_checkpoint(run: ScoringRun, category: str) -> Path:
     """``--p``: a file, or a folder under ``--ckpt-dir`` holding model.pt / e1600_model.pt."""
-    name = args.p or f"{category}-{args.arch or 'wave50'}"
+    name = run.p or default_run(run.ckpt_dir, category, run.arch)
     name = name.replace("{category}", category)
     direct = Path(name)
     if direct.is_file():
         return direct
     # A sub-folder of --ckpt-dir (the paper's form), or a folder path given directly.
-    folder = Path(args.ckpt_dir) / name
+    folder = Path(run.ckpt_dir) / name
     if not folder.is_dir() and direct.is_dir():
         folder = direct
     for candidate in CHECKPOINT_NAMES:
@@ -76,31 +104,24 @@ def resolve_checkpoint(args: Namespace, category: str) -> Path:
         if len(found) == 1:
             return found[0]
     # Let read_checkpoint phrase the error with what the checkpoint folder holds.
-    return folder / CHECKPOINT_NAMES[0] if folder.is_dir() else Path(args.ckpt_dir) / name / CHECKPOINT_NAMES[0]
+    return folder / CHECKPOINT_NAMES[0] if folder.is_dir() else Path(run.ckpt_dir) / name / CHECKPOINT_NAMES[0]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def run_name(ckpt_path: Path) -> str:
+    """Name of a checkpoint's results folder: its run folder's name, plus the file's stem when the
+    file is not a default name (``ckpt/zipper-wave50/e800.pt`` -> ``zipper-wave50-e800``)."""
+    folder = Path(os.path.abspath(ckpt_path)).parent.name or "checkpoint"
+    return folder if ckpt_path.name in CHECKPOINT_NAMES else f"{folder}-{ckpt_path.stem}"
 
 
-def dataset_features(model: torch.nn.Module, dataset: Dataset, args: Namespace, device: torch.device,
-                     desc: str) -> tuple[list[torch.Tensor], list[dict]]:
-    """``extract`` over ``dataset`` with the run's batch size, workers, layers and precision."""
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=False,
-                        num_workers=cli.resolve_workers(args.workers, device), pin_memory=device.type == "cuda")
-    return extract(model, loader, args.layers, device, args.precision == "bf16", desc)
+def bank_settings(config: ScoreConfig, ckpt_sha: str, paths: list[Path]) -> dict:
+    """Everything the bank depends on; any change makes a new cache entry.
 
-
-def bank_settings(args: Namespace, fusion: str, ckpt_sha: str, size: int, paths: list[Path]) -> dict:
-    """Everything the bank depends on; any change makes a new cache entry."""
-    files = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in paths]
-    return {"format": BANK_FORMAT, "fusion": fusion, "checkpoint_sha256": ckpt_sha, "size": size,
-            "layers": args.layers, "coreset": args.coreset, "coreset_dim": args.coreset_dim,
-            "seed": args.seed, "precision": args.precision, "antialias": args.antialias,
+    Training files count by name and content (a replaced image with the same size and time
+    stamp is still a change); hashing them costs far less than extracting their features.
+    """
+    files = [(p.name, file_sha256(p)) for p in paths]
+    return {"format": BANK_FORMAT, "checkpoint_sha256": ckpt_sha, **config.subset("bank"),
             "train_files": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
 
 
@@ -109,60 +130,52 @@ def bank_cache_path(ckpt_path: Path, settings: dict) -> Path:
     return ckpt_path.parent / "banks" / f"{settings['fusion']}-{key}.pt"
 
 
-def calibrate_threshold(fusion: str, train_feats: list[torch.Tensor], args: Namespace, device: torch.device,
-                        size: int) -> dict:
-    """Score each half of the training images against a bank of the other half (cross-fitting).
-
-    The threshold is the ``--calib-percentile`` percentile of those scores. No test image and no
-    label is used, and the bank used for scoring stays whole.
-    """
-    count = train_feats[0].shape[0]
-    if count < 2:
-        raise UserError("calibrating a threshold needs at least 2 training images; pass --threshold")
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(args.seed))
-    halves = [order[: count // 2], order[count // 2:]]
-    scores = torch.empty(count)
-    for fit, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
-        banks, full = Scorer.build_banks(fusion, [f[fit] for f in train_feats], args.coreset, args.seed,
-                                         args.coreset_dim, device)
-        scorer = Scorer(fusion, banks, args.knn, device, full, args.refine, args.knn_precision)
-        held_scores, _ = scorer.score([f[held_out] for f in train_feats], size, args.k)
-        scores[held_out] = held_scores
-    value = float(np.percentile(scores.numpy(), args.calib_percentile))
-    return {"value": value, "source": f"cross-fitted training scores, {args.calib_percentile}th percentile",
-            "train_score_mean": float(scores.mean()), "train_score_max": float(scores.max())}
-
-
-def load_or_build_bank(fusion: str, model: torch.nn.Module, args: Namespace, device: torch.device, size: int,
-                       ckpt_path: Path, ckpt_sha: str, category: str, need_threshold: bool) -> tuple[dict, bool, float]:
-    """The cached bank entry (banks + settings [+ threshold]); builds and saves it when missing."""
-    paths = train_images(args.data_root, category)
-    settings = bank_settings(args, fusion, ckpt_sha, size, paths)
+def load_or_build_detector(config: ScoreConfig, run: ScoringRun, model: torch.nn.Module, info: dict,
+                           ckpt_path: Path, category: str, device: torch.device,
+                           need_threshold: bool) -> tuple[Detector, bool, float]:
+    """The category's detector, its banks (and calibrated threshold) from the cache when they are
+    there for these settings, else built from the training images and cached."""
+    paths = train_images(run.data_root, category)
+    settings = bank_settings(config, info["sha256"], paths)
     cache = bank_cache_path(ckpt_path, settings)
     start = time.perf_counter()
     entry = None
-    if cache.is_file() and not args.rebuild_bank:
+    if cache.is_file() and not run.rebuild_bank:
         try:
             entry = torch.load(cache, map_location="cpu", weights_only=True)
         except Exception:  # a damaged cache is rebuilt, never trusted
             entry = None
-        if entry is not None and entry.get("settings") != settings:
+        if not isinstance(entry, dict) or entry.get("settings") != settings:
             entry = None
     cached = entry is not None
     if entry is None or (need_threshold and "threshold" not in entry):
-        train_feats, _ = dataset_features(model, ImageFiles(paths, size, args.antialias), args, device,
-                                          f"{category}: train features")
+        train_feats, _ = features_of(model, ImageFiles(paths, config.size, config.antialias), config, device,
+                                     f"{category}: train features", workers=config_workers(config, device))
         if entry is None:
-            banks, full = Scorer.build_banks(fusion, train_feats, args.coreset, args.seed, args.coreset_dim, device)
-            entry = {"settings": settings, "banks": banks, "full_banks": full, "train_images": len(paths)}
+            scorer = fit_scorer(config, train_feats, device)
+            entry = {"settings": settings, "banks": [bank.state_dict() for bank in scorer.banks],
+                     "train_images": len(paths)}
         if need_threshold:
-            entry["threshold"] = calibrate_threshold(fusion, train_feats, args, device, size)
+            entry["threshold"] = calibrate_threshold(config, train_feats, device, config.size)
         try:
             save_atomic(entry, cache)
-        except OSError as exc:  # a read-only checkpoint folder only costs the cache
+        except OSError as exc:  # a read-only checkpoint folder or a full disk only costs the cache
             tqdm.write(f"warning: cannot cache the memory bank at {cache} ({exc.strerror}); continuing",
                        file=sys.stderr)
-    return entry, cached, time.perf_counter() - start
+    scorer = Scorer(config.fusion, [make_bank(config, device).load_state_dict(b) for b in entry["banks"]])
+    if config.threshold is not None:
+        threshold = given_threshold(config.threshold)
+    else:
+        threshold = entry.get("threshold")
+    detector = Detector(model, scorer, config, threshold, provenance(info, paths), device)
+    return detector, cached, time.perf_counter() - start
+
+
+def config_workers(config: ScoreConfig, device: torch.device) -> int:
+    """Loader workers: the config's, or none on the CPU and up to 8 feeding a GPU."""
+    if config.workers is not None:
+        return config.workers
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
 def peak_memory() -> dict:
@@ -177,77 +190,138 @@ def image_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def settings_record(args: Namespace, size: int, backend: str) -> dict:
-    return {"recipe": args.recipe, "size": size, "layers": args.layers, "k": args.k, "coreset": args.coreset,
-            "coreset_dim": args.coreset_dim, "refine": args.refine if args.coreset < 1 else 0,
-            "smooth": args.smooth, "knn": backend,
-            "precision": args.precision, "seed": args.seed, "batch_size": args.batch_size,
-            "antialias": args.antialias,
-            "mask_protocol": "masks resized with nearest neighbour, defective where >= 128 "
-                             "(pixel_auroc_paper_masks: bilinear resize, defective where > 0, as the paper's code)",
-            "image_score": "max of the patch map (concatenation) / of the product map (multiplication), "
-                           "before --smooth"}
+# How the numbers are made, recorded beside the settings so results.json explains itself.
+PROTOCOL = {
+    "mask_protocol": "masks resized with nearest neighbour, defective where >= 128 (or 1 in 0/1 masks) "
+                     "(pixel_auroc_paper_masks: bilinear resize, defective where > 0, as the paper's code)",
+    "image_score": "max of the patch map (concatenation) / of the product map (multiplication), before --smooth",
+}
 
 
-def score_category(args: Namespace, fusion: str, category: str, device: torch.device) -> dict:
-    """Score one category; writes the run's files under its output folder and returns the record."""
+def settings_record(config: ScoreConfig, backend: str) -> dict:
+    """``results.json``'s ``settings``: every config field (the k-NN backend resolved), and the protocol."""
+    record = config.to_dict()
+    record.pop("workers")
+    if config.coreset >= 1:
+        record["refine"] = 0  # nothing to refine without a coreset
+    return {**record, "knn": backend, **PROTOCOL}
+
+
+def run_identity(config: ScoreConfig, run: ScoringRun, category: str, ckpt_sha: str) -> dict:
+    """What a run's results depend on (see :mod:`scoring.output`): speed settings left out."""
+    source = {"images": os.path.abspath(run.images)} if run.images is not None else \
+        {"data_root": os.path.abspath(run.data_root)}
+    settings = {k: v for k, v in settings_record(config, "").items() if k not in ScoreConfig.names("speed")}
+    return {"checkpoint_sha256": ckpt_sha, "category": category, "fusion": config.fusion, **source,
+            "settings": settings}
+
+
+def check_replaceable(target: Path) -> None:
+    """``--save-detector`` may replace an older detector file, never anything else (e.g. a checkpoint)."""
+    if not target.exists():
+        return
+    try:
+        state = torch.load(target, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        state = None
+    if not isinstance(state, dict) or state.get("format") != DETECTOR_FORMAT:
+        raise UserError(f"--save-detector {target}: the file exists and is not a detector file; choose another path")
+
+
+def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: torch.device,
+                   out_per_category: bool = False) -> dict:
+    """Score one category; writes the run's files under its output folder and returns the record.
+
+    ``out_per_category``: ``run.out`` names a parent folder and each category writes to ``<out>/<category>``.
+    """
     total_start = time.perf_counter()
-    ckpt_path = resolve_checkpoint(args, category)
-    checkpoint = read_checkpoint(ckpt_path)
-    model, info = build_from_checkpoint(checkpoint, str(ckpt_path), args.arch, args.wavelet)
-    size = args.size or info["size"] or 256
-    for layer in args.layers:
-        if not 1 <= layer <= 4:
-            raise UserError(f"--layers {','.join(map(str, args.layers))}: stages are numbered 1 to 4")
-    # channels_last lets the wavelet layers take their fastest (convolution) form on CPU and GPU.
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    ckpt_sha = file_sha256(ckpt_path)
-    p_name = (args.p or f"{category}-{info['arch']}").replace("{category}", category)
-    unlabeled = args.images is not None
-    out_dir = Path(args.out) if args.out else Path("results") / p_name / (fusion + ("-images" if unlabeled else ""))
-    if args.out and args.category_count > 1:
-        out_dir = out_dir / category
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resolve_checkpoint(run, category)
+    model, info = load_network(ckpt_path, device, run.arch, run.wavelet)
+    config = config.replace(size=config.size or info["size"] or 256)
+    unlabeled = run.images is not None
+    if unlabeled and not Path(run.images).is_dir():
+        raise UserError(f"--images {run.images}: no such folder")
 
-    entry, cached, bank_seconds = load_or_build_bank(
-        fusion, model, args, device, size, ckpt_path, ckpt_sha, category,
-        need_threshold=unlabeled and args.threshold is None)
-    scorer = Scorer(fusion, entry["banks"], args.knn, device, entry.get("full_banks"), args.refine,
-                    args.knn_precision)
+    if run.save_detector is not None:
+        detector_target = Path(run.save_detector) if run.save_detector else \
+            ckpt_path.parent / f"detector-{config.fusion}.pt"
+        check_replaceable(detector_target)
+    detector, cached, bank_seconds = load_or_build_detector(
+        config, run, model, info, ckpt_path, category, device,
+        need_threshold=(unlabeled or run.save_detector is not None) and config.threshold is None)
+    settings = settings_record(config, detector.scorer.backend)
+    identity = run_identity(config, run, category, info["sha256"])
+    if run.out:
+        out_dir = output_dir(Path(run.out) / category if out_per_category else Path(run.out), identity,
+                             explicit=True, overwrite=run.overwrite)
+    else:
+        out_dir = output_dir(Path("results") / run_name(ckpt_path) / (config.fusion + ("-images" if unlabeled else "")),
+                             identity, explicit=False, overwrite=run.overwrite)
 
+    banks = [bank.rows for bank in detector.scorer.banks]
     record = {
-        "category": category, "fusion": fusion,
-        "checkpoint": {"path": str(ckpt_path), "sha256": ckpt_sha, **info},
-        "settings": settings_record(args, size, scorer.backend),
-        "bank": {"patches": [int(b.shape[0]) for b in entry["banks"]], "dim": [int(b.shape[1]) for b in entry["banks"]],
-                 "train_images": entry["train_images"], "cached": cached},
+        "category": category, "fusion": config.fusion,
+        "checkpoint": dict(info),
+        "settings": settings,
+        "bank": {"patches": [int(b.shape[0]) for b in banks], "dim": [int(b.shape[1]) for b in banks],
+                 "train_images": detector.provenance["train_images"], "cached": cached},
     }
     if unlabeled:
-        record.update(score_folder(args, model, scorer, entry, size, device, out_dir))
+        record.update(score_folder(detector, run, device, out_dir))
     else:
-        record.update(score_test_set(args, model, scorer, size, device, out_dir, category))
-    if args.synthetic_check:
+        record.update(score_test_set(detector, run, device, out_dir, category))
+    if run.synthetic_check:
         check_start = time.perf_counter()
         record["synthetic_check"] = synthetic_check(
-            model, args, fusion, category, device, size,
-            lambda dataset, desc: dataset_features(model, dataset, args, device, desc))
+            model, config, run.data_root, category, device,
+            lambda dataset, desc: features_of(model, dataset, config, device, desc,
+                                              workers=config_workers(config, device)))
         record["timings"]["synthetic_check_s"] = round(time.perf_counter() - check_start, 3)
+    if run.save_detector is not None:
+        record["files"]["detector"] = str(detector.save(detector_target))
     record["timings"]["bank_s"] = round(bank_seconds, 3)
     record["timings"]["total_s"] = round(time.perf_counter() - total_start, 3)
     record["memory"] = peak_memory()
-    record.update(environment(args))
+    record.update(environment(config.seed, run.command))
+    record["out_dir"] = str(out_dir)
+    record["identity"] = identity
     write_json(out_dir / "results.json", record)
     if not unlabeled:
         write_run_table(out_dir, record)
-    record["out_dir"] = str(out_dir)
     return record
 
 
-def score_test_set(args, model, scorer, size, device, out_dir: Path, category: str) -> dict:
-    dataset = TestSet(args.data_root, category, size, args.antialias)
+# Why a metric cannot be computed on a test set, by what its labels / masks lack.
+IMAGE_METRICS = ("image_auroc", "image_f1_max")
+PIXEL_METRICS = ("pixel_auroc", "aupro", "pixel_ap", "pixel_auroc_paper_masks")
+
+
+def unavailable_metrics(labels: np.ndarray, masks: np.ndarray) -> dict[str, str]:
+    """``{metric: reason}`` for the metrics the test set cannot give (reported as n/a, not NaN)."""
+    reasons = {}
+    if labels.min() == labels.max():
+        why = "the test set has only good images" if labels.max() == 0 else "the test set has no good images"
+        reasons.update(dict.fromkeys(IMAGE_METRICS, why))
+    if not masks.any():
+        reasons.update(dict.fromkeys(PIXEL_METRICS, "no defective pixel in the ground-truth masks (masks are "
+                                                    "defective where >= 128, or 1 in 0/1 masks)"))
+    elif masks.all():
+        reasons.update(dict.fromkeys(PIXEL_METRICS, "every pixel is defective in the ground-truth masks"))
+    return reasons
+
+
+def heatmap_name(path: str | Path) -> str:
+    """``a.jpg`` -> ``a.jpg.png``: the image's own extension is kept, so ``a.png`` and ``a.jpg`` differ."""
+    return Path(path).name + ".png"
+
+
+def score_test_set(detector: Detector, run: ScoringRun, device: torch.device, out_dir: Path, category: str) -> dict:
+    config = detector.config
+    dataset = TestSet(run.data_root, category, config.size, config.antialias)
     start = time.perf_counter()
-    feats, extras = dataset_features(model, dataset, args, device, f"{category}: test features")
-    scores, maps = scorer.score(feats, size, args.k, args.smooth)
+    feats, extras = features_of(detector.model, dataset, config, device, f"{category}: test features",
+                                workers=config_workers(config, device))
+    scores, maps = detector.score_features(feats)
     test_seconds = time.perf_counter() - start
     labels = np.concatenate([np.asarray(e["label"]) for e in extras])
     masks = torch.cat([e["mask"] for e in extras]).numpy()
@@ -256,69 +330,89 @@ def score_test_set(args, model, scorer, size, device, out_dir: Path, category: s
     defects = [d for e in extras for d in e["defect"]]
     scores_np, maps_np = scores.numpy(), maps.numpy()
 
-    f1, f1_threshold = metrics.f1_max(labels, scores_np)
-    result = {
-        "image_auroc": metrics.image_auroc(labels, scores_np),
-        "pixel_auroc": metrics.pixel_auroc(masks, maps_np),
-        "aupro": metrics.aupro(masks, maps_np),
-        "image_f1_max": f1,
-        "pixel_ap": metrics.pixel_ap(masks, maps_np),
+    unavailable = unavailable_metrics(labels, masks)
+    f1, f1_threshold = metrics.f1_max(labels, scores_np) if "image_f1_max" not in unavailable else (None, None)
+    computed = {
+        "image_auroc": lambda: metrics.image_auroc(labels, scores_np),
+        "pixel_auroc": lambda: metrics.pixel_auroc(masks, maps_np),
+        "aupro": lambda: metrics.aupro(masks, maps_np),
+        "image_f1_max": lambda: f1,
+        "pixel_ap": lambda: metrics.pixel_ap(masks, maps_np),
         # The same maps against the paper code's wider masks (bilinear resize, any non-zero value).
-        "pixel_auroc_paper_masks": metrics.pixel_auroc(paper_masks, maps_np),
+        "pixel_auroc_paper_masks": lambda: metrics.pixel_auroc(paper_masks, maps_np),
     }
+    result = {name: None if name in unavailable else compute() for name, compute in computed.items()}
+    for name, reason in unavailable.items():
+        tqdm.write(f"note: {name.replace('_', ' ')} not available: {reason}", file=sys.stderr)
     per_defect = {}
-    for defect in sorted(set(defects) - {"good"}):
-        keep = np.array([d in ("good", defect) for d in defects])
-        per_defect[defect] = metrics.image_auroc(labels[keep], scores_np[keep])
-    threshold = args.threshold if args.threshold is not None else f1_threshold
-    source = "--threshold" if args.threshold is not None else "image F1-max on the test labels (pictures only)"
+    if "image_auroc" not in unavailable:
+        for defect in sorted(set(defects) - {"good"}):
+            keep = np.array([d in ("good", defect) for d in defects])
+            per_defect[defect] = metrics.image_auroc(labels[keep], scores_np[keep])
+    if config.threshold is not None:
+        threshold, source = config.threshold, "--threshold"
+    elif f1_threshold is not None:
+        threshold, source = f1_threshold, "image F1-max on the test labels (pictures only)"
+    else:
+        threshold, source = None, "none: no --threshold and no F1-max without both good and defect images"
 
-    if args.save_maps:
+    if run.save_maps:
         np.savez_compressed(out_dir / "maps.npz", maps=maps_np.astype(np.float32), masks=masks.astype(np.uint8),
                             labels=labels.astype(np.int64), scores=scores_np.astype(np.float32),
                             paths=np.array(paths), defects=np.array(defects))
-    with (out_dir / "image_scores.csv").open("w") as handle:
-        handle.write("path,defect,label,score\n")
-        for path, defect, label, score in zip(paths, defects, labels, scores_np):
-            handle.write(f"{path},{defect},{int(label)},{score:.6f}\n")
-    if not args.no_pictures:
+    write_csv(out_dir / "image_scores.csv", ["path", "defect", "label", "score"],
+              [[path, defect, int(label), f"{score:.6f}"]
+               for path, defect, label, score in zip(paths, defects, labels, scores_np)])
+    if run.pictures:
         vmin, vmax = float(maps_np.min()), float(maps_np.max())
         for i in tqdm(range(len(paths)), desc=f"{category}: pictures", unit="img", leave=False):
             image = image_uint8(dataset[i]["image"])
-            save_panel(out_dir / "heatmaps" / defects[i] / f"{Path(paths[i]).stem}.png", image, maps_np[i],
-                       vmin, vmax, threshold, masks[i])
+            save_panel(out_dir / "heatmaps" / defects[i] / heatmap_name(paths[i]), image, maps_np[i],
+                       vmin, vmax, threshold, masks[i], **panel_text(paths[i], float(scores_np[i]), threshold,
+                                                                      label=defects[i]))
         curves = {}
-        if labels.min() != labels.max():
+        if "image_auroc" not in unavailable:
             curves["image"] = (*metrics.roc_points(labels, scores_np), result["image_auroc"])
-        if masks.any():
+        if "pixel_auroc" not in unavailable:
             curves["pixel"] = (*metrics.roc_points(masks.reshape(-1), maps_np.reshape(-1)), result["pixel_auroc"])
-        save_roc(out_dir / "roc.png", curves, f"{category} ({scorer.fusion})")
+        save_roc(out_dir / "roc.png", curves, f"{category} ({config.fusion})")
     return {
-        "metrics": result, "image_f1_threshold": f1_threshold, "per_defect_image_auroc": per_defect,
-        "threshold": {"value": threshold, "source": source},
-        "data": {"root": str(args.data_root), "test_images": len(paths), "test_good": int((labels == 0).sum()),
+        "metrics": result, "unavailable_metrics": unavailable, "image_f1_threshold": f1_threshold,
+        "per_defect_image_auroc": per_defect, "threshold": {"value": threshold, "source": source},
+        "data": {"root": str(run.data_root), "test_images": len(paths), "test_good": int((labels == 0).sum()),
                  "test_defect": int((labels == 1).sum()),
                  "defect_types": {d: defects.count(d) for d in sorted(set(defects))}},
         "timings": {"test_s": round(test_seconds, 3), "s_per_test_image": round(test_seconds / len(paths), 4)},
-        "files": {"heatmaps": None if args.no_pictures else str(out_dir / "heatmaps"),
-                  "roc": None if args.no_pictures else str(out_dir / "roc.png"),
-                  "maps": str(out_dir / "maps.npz") if args.save_maps else None,
+        "files": {"heatmaps": str(out_dir / "heatmaps") if run.pictures else None,
+                  "roc": str(out_dir / "roc.png") if run.pictures else None,
+                  "maps": str(out_dir / "maps.npz") if run.save_maps else None,
                   "image_scores": str(out_dir / "image_scores.csv")},
     }
 
 
-def score_folder(args, model, scorer, entry, size, device, out_dir: Path) -> dict:
-    folder = Path(args.images)
-    if not folder.is_dir():
-        raise UserError(f"--images {folder}: no such folder")
+def verdict(score: float, threshold: float | None) -> str | None:
+    if threshold is None or not np.isfinite(threshold):
+        return None
+    return "anomalous" if score > threshold else "normal"
+
+
+def panel_text(path: str, score: float, threshold: float | None, label: str | None = None) -> dict:
+    """The words a heatmap panel carries: file (and label), score, threshold, verdict."""
+    return {"score": score, "verdict": verdict(score, threshold), "title": Path(path).name, "label": label}
+
+
+def score_folder(detector: Detector, run: ScoringRun, device: torch.device, out_dir: Path) -> dict:
+    config = detector.config
+    folder = Path(run.images)
     candidates = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     paths = [p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES]
     skipped = [{"path": str(p), "reason": "not an image file (by extension)"} for p in candidates if p not in paths]
     if not paths:
         raise UserError(f"--images {folder}: no image files (png/jpg/bmp/tif) found")
-    dataset = ImageFiles(paths, size, args.antialias, skip_bad=True)
+    dataset = ImageFiles(paths, config.size, config.antialias, skip_bad=True)
     start = time.perf_counter()
-    feats, extras = dataset_features(model, dataset, args, device, "images: features")
+    feats, extras = features_of(detector.model, dataset, config, device, "images: features",
+                                workers=config_workers(config, device))
     ok = torch.tensor([flag for e in extras for flag in e["ok"]], dtype=torch.bool)
     all_paths = [p for e in extras for p in e["path"]]
     reasons = [r for e in extras for r in e["reason"]]
@@ -329,36 +423,35 @@ def score_folder(args, model, scorer, entry, size, device, out_dir: Path) -> dic
     good_paths = [p for p, flag in zip(all_paths, ok.tolist()) if flag]
     if not good_paths:
         raise UserError(f"--images {folder}: none of the {len(all_paths)} files could be read")
-    scores, maps = scorer.score([f[ok] for f in feats], size, args.k, args.smooth)
+    scores, maps = detector.score_features([f[ok] for f in feats])
     seconds = time.perf_counter() - start
-    if args.threshold is not None:
-        threshold = {"value": float(args.threshold), "source": "--threshold"}
-    else:
-        threshold = entry["threshold"]
-    verdicts = ["anomalous" if s >= threshold["value"] else "normal" for s in scores.tolist()]
-    with (out_dir / "scores.csv").open("w") as handle:
-        handle.write("path,score,verdict\n")
-        for path, score, verdict in zip(good_paths, scores.tolist(), verdicts):
-            handle.write(f"{path},{score:.6f},{verdict}\n")
+    threshold = detector.threshold_info
+    value = threshold["value"]
+    verdicts = [verdict(s, value) for s in scores.tolist()]
+    # Raw scores are distances whose scale differs from model to model; divided by the threshold,
+    # 1.0 is the decision boundary on every model.
+    write_csv(out_dir / "scores.csv", ["path", "score", "normalized_score", "verdict"],
+              [[path, f"{score:.6f}", f"{score / value:.6f}", v]
+               for path, score, v in zip(good_paths, scores.tolist(), verdicts)])
     maps_np = maps.numpy()
-    if args.save_maps:
+    if run.save_maps:
         np.savez_compressed(out_dir / "maps.npz", maps=maps_np.astype(np.float32), scores=scores.numpy(),
                             paths=np.array(good_paths))
-    if not args.no_pictures:
+    if run.pictures:
         vmin, vmax = float(maps_np.min()), float(maps_np.max())
         index = {p: i for i, p in enumerate(all_paths)}
         for i, path in enumerate(tqdm(good_paths, desc="images: pictures", unit="img", leave=False)):
             image = image_uint8(dataset[index[path]]["image"])
             rel = Path(path).relative_to(folder)
-            save_panel(out_dir / "heatmaps" / rel.with_suffix(".png"), image, maps_np[i], vmin, vmax,
-                       threshold["value"])
+            save_panel(out_dir / "heatmaps" / rel.parent / heatmap_name(rel), image, maps_np[i], vmin, vmax, value,
+                       **panel_text(path, float(scores[i]), value))
     return {
         "images": {"folder": str(folder), "scored": len(good_paths), "skipped": skipped,
                    "anomalous": verdicts.count("anomalous")},
         "threshold": threshold,
         "timings": {"test_s": round(seconds, 3), "s_per_test_image": round(seconds / len(good_paths), 4)},
         "files": {"scores": str(out_dir / "scores.csv"),
-                  "heatmaps": None if args.no_pictures else str(out_dir / "heatmaps")},
+                  "heatmaps": str(out_dir / "heatmaps") if run.pictures else None},
     }
 
 
@@ -366,24 +459,32 @@ METRIC_COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")
                   ("image_f1_max", "image F1-max"), ("pixel_ap", "pixel AP")]
 
 
+def format_metric(value: float | None, digits: int = 4) -> str:
+    """A metric for tables and the console: ``n/a`` when it could not be computed."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
 def write_run_table(out_dir: Path, record: dict) -> None:
-    row = [record["category"], record["fusion"]] + [f"{record['metrics'][k]:.4f}" for k, _ in METRIC_COLUMNS]
+    row = [record["category"], record["fusion"]] + [format_metric(record["metrics"][k]) for k, _ in METRIC_COLUMNS]
     write_table(out_dir / "results", ["category", "fusion"] + [name for _, name in METRIC_COLUMNS], [row])
 
 
-def write_summary(out_root: Path, records: list[dict], fusion: str) -> Path:
-    """Per-category table with the mean row, as Markdown, CSV and JSON."""
+def write_summary(base: Path, records: list[dict], fusion: str) -> Path:
+    """Per-category table with the mean row (over the categories where a metric exists), as
+    ``base.md``, ``base.csv`` and ``base.json``."""
     header = ["category"] + [name for _, name in METRIC_COLUMNS] + ["s / test image"]
     rows = []
     for r in records:
-        rows.append([r["category"]] + [f"{r['metrics'][k]:.4f}" for k, _ in METRIC_COLUMNS]
+        rows.append([r["category"]] + [format_metric(r["metrics"][k]) for k, _ in METRIC_COLUMNS]
                     + [f"{r['timings']['s_per_test_image']:.3f}"])
-    means = [float(np.nanmean([r["metrics"][k] for r in records])) for k, _ in METRIC_COLUMNS]
-    rows.append(["**mean**"] + [f"{m:.4f}" for m in means]
+    means = {}
+    for key, _ in METRIC_COLUMNS:
+        values = [r["metrics"][key] for r in records if r["metrics"][key] is not None]
+        means[key] = float(np.mean(values)) if values else None
+    rows.append(["**mean**"] + [format_metric(means[k]) for k, _ in METRIC_COLUMNS]
                 + [f"{np.mean([r['timings']['s_per_test_image'] for r in records]):.3f}"])
-    base = out_root / f"summary-{fusion}"
     write_table(base, header, rows)
     write_json(base.with_suffix(".json"), {"fusion": fusion, "categories": [
         {"category": r["category"], **r["metrics"], "results": os.path.join(r["out_dir"], "results.json")}
-        for r in records], "mean": dict(zip([k for k, _ in METRIC_COLUMNS], means))})
+        for r in records], "mean": means})
     return base.with_suffix(".md")

@@ -1,4 +1,5 @@
-"""Patch features of a trained network: chosen stages, each through a 3x3 average pool.
+"""Patch features of a trained network: chosen stages, each through a 3x3 average pool; the
+image files they are extracted from.
 
 The paper scores ``layer2`` and ``layer3`` outputs after ``AvgPool2d(3, stride=1, padding=1)``
 (``count_include_pad=True``, PyTorch's default), which gives each patch its neighbourhood.
@@ -7,15 +8,44 @@ The paper scores ``layer2`` and ``layer3`` outputs after ``AvgPool2d(3, stride=1
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch.nn import functional as F
+from torch.utils.data import Dataset
 from tqdm import tqdm
+
+from data import load_image, to_float
+from errors import UserError
+
+
+class ImageFiles(Dataset):
+    """Plain images for feature extraction: ``{"image", "path", "ok", "reason"}``.
+
+    ``image`` is ``(3, size, size)`` float; with ``skip_bad`` an unreadable file gives ``ok=False``
+    (and a zero image) instead of an error.
+    """
+
+    def __init__(self, paths: list[Path], size: int, antialias: bool = False, skip_bad: bool = False):
+        self.paths, self.size, self.antialias, self.skip_bad = paths, size, antialias, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.paths[index]
+        try:
+            image, ok, reason = to_float(load_image(path, self.size, self.antialias)), True, ""
+        except UserError as exc:
+            if not self.skip_bad:
+                raise
+            image, ok, reason = torch.zeros(3, self.size, self.size), False, str(exc)
+        return {"image": image, "path": str(path), "ok": ok, "reason": reason}
 
 
 def pooled_features(model: torch.nn.Module, images: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
     """``(N, 3, S, S)`` -> ``[(N, C_l, S / 2**(l+1), S / 2**(l+1)) for l in layers]`` (1-based stages)."""
-    stages = model.forward_features(images)
+    stages = model.forward_features(images, stages=max(layers))
     return [F.avg_pool2d(stages[layer - 1], 3, stride=1, padding=1) for layer in layers]
 
 

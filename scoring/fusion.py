@@ -9,13 +9,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from .knn import NearestNeighbours, greedy_coreset
+from .bank import MemoryBank, to_patches
+from .config import FUSIONS
 
-FUSIONS = ("concatenation", "multiplication")
+__all__ = ["FUSIONS", "Scorer", "concat_layers", "fuse_maps", "gaussian_smooth", "resize_map", "to_patches"]
 
 
 def concat_layers(feats: list[torch.Tensor]) -> torch.Tensor:
@@ -23,11 +25,6 @@ def concat_layers(feats: list[torch.Tensor]) -> torch.Tensor:
     target = feats[0].shape[-2:]
     resized = [f if f.shape[-2:] == target else F.interpolate(f, size=target, mode="nearest") for f in feats]
     return torch.cat(resized, dim=1)
-
-
-def to_patches(feat: torch.Tensor) -> torch.Tensor:
-    """``(N, C, h, w)`` -> ``(N h w, C)``, row-major over (image, y, x)."""
-    return feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
 
 
 def resize_map(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -54,70 +51,41 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[:, 0]
 
 
-def knn_map(index: NearestNeighbours, feat: torch.Tensor, k: int, batch_images: int = 64,
-            exact: NearestNeighbours | None = None, refine: int = 0, desc: str = "k-NN search") -> torch.Tensor:
-    """``(N, C, h, w)`` features -> ``(N, h, w)`` mean distance to the ``k`` nearest bank patches.
-
-    With a coreset ``index``, ``exact`` (the whole bank) and ``refine > 0``, the ``refine``
-    highest-scoring patches of every image are searched again in the whole bank, so that the
-    image score (the maximum) and the peaks of the map are exact at a small extra cost.
-    """
-    n, _, h, w = feat.shape
-    out = []
-    bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=n <= batch_images, dynamic_ncols=True)
-    for i in range(0, n, batch_images):
-        patches = to_patches(feat[i:i + batch_images])
-        dist = index.search(patches, k).mean(1).view(-1, h * w)
-        if exact is not None and refine > 0:
-            top = dist.topk(min(refine, h * w), dim=1).indices  # (b, refine) patch positions
-            rows = (top + torch.arange(dist.shape[0])[:, None] * (h * w)).reshape(-1)
-            dist.scatter_(1, top, exact.search(patches[rows], k).mean(1).view(top.shape))
-        out.append(dist.view(-1, h, w))
-        bar.update(dist.shape[0])
-    bar.close()
-    return torch.cat(out)
-
-
 class Scorer:
-    """Nearest-neighbour search over a memory bank (or one per layer), scoring new features.
+    """The fusion of one category's memory banks: scores new features (the paper's two ways).
 
     Args:
-        fusion: ``concatenation`` or ``multiplication``.
-        banks: from :meth:`build_banks`: one ``(B, sum C_l)`` bank, or one ``(B_l, C_l)`` per layer.
-        backend, device: see ``NearestNeighbours``.
+        fusion: ``concatenation`` (one bank of concatenated layers) or ``multiplication`` (one per layer).
+        banks: fitted :class:`MemoryBank` s, as :meth:`fit` makes them.
     """
 
-    def __init__(self, fusion: str, banks: list[torch.Tensor], backend: str = "auto",
-                 device: torch.device | str = "cpu", full_banks: list[torch.Tensor] | None = None,
-                 refine: int = 0, precision: str = "auto"):
+    def __init__(self, fusion: str, banks: list[MemoryBank]):
         if fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}")
-        self.fusion = fusion
-        self.banks = banks
-        self.indices = [NearestNeighbours(bank, backend, device, precision=precision) for bank in banks]
-        self.backend = self.indices[0].backend
-        self.refine = refine if full_banks is not None else 0
-        self.exact = ([NearestNeighbours(bank, backend, device, precision=precision) for bank in full_banks]
-                      if self.refine
-                      else [None] * len(banks))
+        self.fusion, self.banks = fusion, banks
 
     @staticmethod
-    def build_banks(fusion: str, train_feats: list[torch.Tensor], coreset: float = 1.0, seed: int = 0,
-                    proj_dim: int = 32, device: torch.device | str = "cpu"
-                    ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """Bank rows ``(B, D)``: one bank of concatenated features, or one bank per layer.
+    def grids(fusion: str, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per layer ``(N, C_l, h_l, w_l)`` -> what each bank holds: ``[(N, sum C_l, h_0, w_0)]`` for
+        concatenation, the layers themselves for multiplication."""
+        return [concat_layers(feats)] if fusion == "concatenation" else list(feats)
 
-        ``train_feats``: per layer ``(N, C_l, h_l, w_l)`` features of the normal training images;
-        ``coreset``: fraction of each bank kept by greedy k-center (1.0 keeps all, the paper).
-        Returns ``(banks searched, whole banks)``; the second is ``None`` without a coreset.
-        """
-        grids = [concat_layers(train_feats)] if fusion == "concatenation" else train_feats
-        full = [to_patches(grid).contiguous() for grid in grids]
-        if coreset >= 1:
-            return full, None
-        banks = [bank[greedy_coreset(bank, coreset, seed=seed, proj_dim=proj_dim, device=device)].contiguous()
-                 for bank in full]
-        return banks, full
+    @classmethod
+    def fit(cls, fusion: str, train_feats: list[torch.Tensor], make_bank: Callable[[], MemoryBank]) -> Scorer:
+        """Banks from the normal training images' per-layer features ``(N, C_l, h_l, w_l)``."""
+        return cls(fusion, [make_bank().fit(to_patches(grid)) for grid in cls.grids(fusion, train_feats)])
+
+    @property
+    def backend(self) -> str:
+        return self.banks[0].backend
+
+    def patch_maps(self, feats: list[torch.Tensor], k: int = 1) -> list[torch.Tensor]:
+        """Per bank the ``(N, h, w)`` nearest-neighbour distance map (before resizing and fusion)."""
+        grids = self.grids(self.fusion, feats)
+        names = ["concatenated layers"] if self.fusion == "concatenation" else \
+            [f"layer {i + 1} of {len(grids)}" for i in range(len(grids))]
+        return [bank.patch_map(grid, k, desc=f"k-NN search, {name}")
+                for bank, grid, name in zip(self.banks, grids, names)]
 
     def score(self, feats: list[torch.Tensor], size: int, k: int = 1,
               smooth: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,16 +93,18 @@ class Scorer:
 
         ``smooth`` blurs the maps only; image scores follow the paper (see module doc).
         """
-        if self.fusion == "concatenation":
-            patch_map = knn_map(self.indices[0], concat_layers(feats), k, exact=self.exact[0], refine=self.refine,
-                                desc="k-NN search, concatenated layers")
-            scores = patch_map.flatten(1).max(1).values
-            maps = resize_map(patch_map, size)
-        else:
-            maps = None
-            for layer, (index, exact, feat) in enumerate(zip(self.indices, self.exact, feats)):
-                layer_map = resize_map(knn_map(index, feat, k, exact=exact, refine=self.refine,
-                                               desc=f"k-NN search, layer {layer + 1} of {len(feats)}"), size)
-                maps = layer_map if maps is None else maps * layer_map
-            scores = maps.flatten(1).max(1).values
-        return scores, gaussian_smooth(maps, smooth)
+        return fuse_maps(self.fusion, self.patch_maps(feats, k), size, smooth)
+
+
+def fuse_maps(fusion: str, patch_maps: list[torch.Tensor], size: int,
+              smooth: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per bank ``(N, h_b, w_b)`` distance maps -> image scores ``(N,)`` and maps ``(N, size, size)``."""
+    if fusion == "concatenation":
+        scores = patch_maps[0].flatten(1).max(1).values
+        maps = resize_map(patch_maps[0], size)
+    else:
+        maps = resize_map(patch_maps[0], size)
+        for layer_map in patch_maps[1:]:
+            maps = maps * resize_map(layer_map, size)
+        scores = maps.flatten(1).max(1).values
+    return scores, gaussian_smooth(maps, smooth)

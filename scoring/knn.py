@@ -48,7 +48,7 @@ class NearestNeighbours:
     Args:
         bank: ``(B, D)`` float tensor.
         backend: ``torch`` or ``faiss`` (``auto`` resolves to faiss when installed).
-        precision: torch backend: ``fp32`` products, or ``bf16`` products that shortlist
+        precision: torch backend: ``fp32`` or ``bf16`` products of centred vectors shortlist
             candidates whose exact float32 distances are returned; ``auto`` = bf16 on CUDA and
             on CPUs with native bfloat16.
         device: where the torch backend computes (and the faiss GPU index lives for CUDA).
@@ -74,18 +74,18 @@ class NearestNeighbours:
             self.index = index
         else:
             self.bank = bank.detach().to(self.device, torch.float32).contiguous()
-            self.bank_sq = (self.bank * self.bank).sum(1)
             if precision == "auto":
                 precision = "bf16" if bf16_available(self.device) else "fp32"
-            # bf16 + re-rank: the matrix products run on tensor cores (15x the float32 rate on an H200).
-            # Centred on the bank mean first: distances do not change, but the vectors' norms (and
-            # with them bf16's rounding error) shrink a lot for ReLU features, which share a large mean.
-            self.bank_bf16 = None
-            if precision == "bf16":
-                self.mean = self.bank.mean(0)
-                centred = self.bank - self.mean
-                self.centred_sq = (centred * centred).sum(1)
-                self.bank_bf16 = centred.to(torch.bfloat16)
+            # Ranked on vectors centred on the bank mean: distances do not change, but ReLU features
+            # share a large mean, and |q|^2 - 2 q.b + |b|^2 on uncentred ones cancels catastrophically
+            # (float32 distances off by more than 1 on trained wave18 features). bf16 products run on
+            # tensor cores (15x the float32 rate on an H200); the shortlist's exact float32 distances
+            # are returned either way.
+            self.mean = self.bank.mean(0)
+            centred = self.bank - self.mean
+            self.centred_sq = (centred * centred).sum(1)
+            self.bank_low = centred.to(torch.bfloat16 if precision == "bf16" else torch.float32)
+            self.precision = precision
 
     def search(self, queries: torch.Tensor, k: int = 1) -> torch.Tensor:
         """``(M, D)`` queries -> ``(M, k)`` distances to the ``k`` nearest bank rows, ascending."""
@@ -94,33 +94,15 @@ class NearestNeighbours:
         if self.backend == "faiss":
             dist_sq, _ = self.index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
             return torch.from_numpy(dist_sq).clamp_min_(0).sqrt_()
-        return self._search_torch(queries.detach().to(self.device, torch.float32), k).cpu()
-
-    def _search_torch(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        if self.bank_bf16 is not None:
-            return self._search_rerank(queries, k)
-        q_rows = max(1, min(queries.shape[0], 4096))
-        b_rows = max(k, self.chunk_elems // q_rows)
-        out = []
-        for q0 in range(0, queries.shape[0], q_rows):
-            q = queries[q0:q0 + q_rows]
-            q_sq = (q * q).sum(1, keepdim=True)
-            best = None
-            for b0 in range(0, self.size, b_rows):
-                block = torch.addmm(self.bank_sq[b0:b0 + b_rows][None, :] + q_sq, q,
-                                    self.bank[b0:b0 + b_rows].t(), alpha=-2)
-                part = block.topk(min(k, block.shape[1]), dim=1, largest=False).values
-                best = part if best is None else torch.cat([best, part], 1).topk(k, dim=1, largest=False).values
-            out.append(best.clamp_min_(0).sqrt_())
-        return torch.cat(out)
-
+        return self._search_rerank(queries.detach().to(self.device, torch.float32), k).cpu()
 
     def _search_rerank(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """bf16 products shortlist ``k + RERANK_MARGIN`` rows per query; exact float32 distances pick ``k``.
+        """Products of centred vectors (bf16 or float32) shortlist ``k + RERANK_MARGIN`` rows per
+        query; their exact float32 distances pick ``k``.
 
-        The result differs from the float32 search only if a true neighbour ranks below the
-        shortlist in bf16, i.e. when more than ``RERANK_MARGIN`` rows tie with it within bf16's
-        rounding (about 0.4% of ``|q| |b|``); even then the distances returned are exact ones.
+        The result misses a true neighbour only if it ranks below the shortlist, i.e. when more
+        than ``RERANK_MARGIN`` rows tie with it within the products' rounding (bf16: about 0.4% of
+        ``|q| |b|``); even then the distances returned are exact ones.
         """
         keep = min(self.size, k + RERANK_MARGIN)
         q_rows = max(1, min(queries.shape[0], 4096))
@@ -128,11 +110,11 @@ class NearestNeighbours:
         out = []
         for q0 in range(0, queries.shape[0], q_rows):
             q = queries[q0:q0 + q_rows]
-            q_low = (q - self.mean).to(torch.bfloat16)
+            q_low = (q - self.mean).to(self.bank_low.dtype)
             best_val = best_idx = None
             for b0 in range(0, self.size, b_rows):
                 # |q|^2 is the same for every row of a query: left out of the ranking.
-                products = (q_low @ self.bank_bf16[b0:b0 + b_rows].t()).float()
+                products = (q_low @ self.bank_low[b0:b0 + b_rows].t()).float()
                 approx = products.mul_(-2).add_(self.centred_sq[b0:b0 + b_rows][None, :])
                 val, idx = approx.topk(min(keep, approx.shape[1]), dim=1, largest=False)
                 idx += b0

@@ -9,8 +9,6 @@ import json
 import math
 import platform
 import subprocess
-import sys
-from argparse import Namespace
 from importlib import metadata
 from pathlib import Path
 
@@ -49,11 +47,16 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
 def write_table(base: Path, header: list[str], rows: list[list[object]]) -> None:
     """``base.md`` (Markdown table) and ``base.csv``."""
     write_text_atomic(base.with_suffix(".md"), markdown_table(header, rows) + "\n")
+    write_csv(base.with_suffix(".csv"), header, [[str(c).replace("**", "") for c in row] for row in rows])
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
+    """A CSV file (quoted where a cell holds a comma, quote or newline), written atomically."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
-    writer.writerows([[str(c).replace("**", "") for c in row] for row in rows])
-    write_text_atomic(base.with_suffix(".csv"), buffer.getvalue())
+    writer.writerows(rows)
+    write_text_atomic(path, buffer.getvalue())
 
 
 @functools.cache
@@ -76,6 +79,6 @@ def versions() -> dict:
     return found
 
 
-def environment(args: Namespace) -> dict:
-    return {"seed": getattr(args, "seed", None), "git_commit": git_commit(), "versions": versions(),
-            "command": " ".join(sys.argv)}
+def environment(seed: int | None, command: str) -> dict:
+    """Provenance of a result: seed, code version, package versions, the command line."""
+    return {"seed": seed, "git_commit": git_commit(), "versions": versions(), "command": command}

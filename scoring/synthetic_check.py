@@ -11,7 +11,7 @@ so recipes that train on fewer kinds are compared on equal terms.
 
 from __future__ import annotations
 
-from argparse import Namespace
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -22,7 +22,8 @@ from data.mvtec import load_cached
 from errors import UserError
 
 from . import metrics
-from .fusion import Scorer
+from .config import ScoreConfig
+from .detector import fit_scorer
 
 CHECK_AUGS = ("cutpaste", "perlin", "scar")
 HOLDOUT_FRACTION = 0.2
@@ -75,30 +76,31 @@ def synthetic_images(images: torch.Tensor, held_out: torch.Tensor, fit: torch.Te
     return torch.stack(out_images), torch.stack(out_masks), labels
 
 
-def synthetic_check(model: torch.nn.Module, args: Namespace, fusion: str, category: str, device: torch.device,
-                    size: int, features) -> dict:
+def synthetic_check(model: torch.nn.Module, config: ScoreConfig, data_root: str | Path, category: str,
+                    device: torch.device, features) -> dict:
     """Score held-out training images with and without synthetic anomalies; returns the metrics.
 
     ``features(dataset, desc)`` extracts per-layer features the way the run does (its layers,
-    batch size, precision); the bank follows the run's fusion, coreset, ``--k`` and ``--smooth``.
+    batch size, precision); the bank follows the config's fusion, coreset, ``k`` and ``smooth``;
+    ``config.size`` must be resolved.
     """
-    paths = train_images(args.data_root, category)
-    images = load_cached(paths, size, args.antialias, f"{category}: synthetic check, caching train")
+    size = config.size
+    paths = train_images(data_root, category)
+    images = load_cached(paths, size, config.antialias, f"{category}: synthetic check, caching train")
     if images is None:
-        raise UserError(f"--synthetic-check: the {len(paths)} training images of {category} do not fit in "
+        raise UserError(f"the synthetic check: the {len(paths)} training images of {category} do not fit in "
                         "memory at this size; leave the check out")
-    fit, held_out = split_train(len(paths), args.seed)
+    fit, held_out = split_train(len(paths), config.seed)
     fit_feats, _ = features(HeldOutImages(to_float(images[fit])), f"{category}: synthetic check bank")
-    check_images, masks, labels = synthetic_images(images, held_out, fit, args.seed)
+    check_images, masks, labels = synthetic_images(images, held_out, fit, config.seed)
     check_feats, _ = features(HeldOutImages(check_images), f"{category}: synthetic check images")
-    banks, full = Scorer.build_banks(fusion, fit_feats, args.coreset, args.seed, args.coreset_dim, device)
-    scorer = Scorer(fusion, banks, args.knn, device, full, args.refine, args.knn_precision)
-    scores, maps = scorer.score(check_feats, size, args.k, args.smooth)
+    scorer = fit_scorer(config, fit_feats, device)
+    scores, maps = scorer.score(check_feats, size, config.k, config.smooth)
     scores_np, maps_np, masks_np, labels_np = scores.numpy(), maps.numpy(), masks.numpy(), labels.numpy()
     return {
         "image_auroc": metrics.image_auroc(labels_np, scores_np),
         "pixel_auroc": metrics.pixel_auroc(masks_np, maps_np),
         "aupro": metrics.aupro(masks_np, maps_np),
         "held_out_images": len(held_out), "bank_images": len(fit), "kinds": list(CHECK_AUGS),
-        "seed": args.seed,
+        "seed": config.seed,
     }

@@ -50,3 +50,15 @@ def tiny_root(tmp_path_factory) -> Path:
     write_category(root, "widget", seed=1)
     write_category(root, "gizmo", seed=2, size=(40, 40))
     return root
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_root, tmp_path_factory) -> Path:
+    """A checkpoint folder with ``widget-wave18`` and ``gizmo-wave18`` (32 px, 2 epochs)."""
+    import main as train_main
+
+    ckpt_dir = tmp_path_factory.mktemp("ckpt")
+    train_main.main(train_main.parse_args(
+        ["--c", "all", "--data-root", str(tiny_root), "--arch", "wave18", "--size", "32", "--b", "4",
+         "--e", "2", "--ckpt-dir", str(ckpt_dir), "--no-tensorboard", "--precision", "fp32"]))
+    return ckpt_dir

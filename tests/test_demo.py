@@ -58,9 +58,9 @@ def test_demo_command_and_both_inference_scripts(tmp_path):
         for fusion in ("concatenation", "multiplication"):
             row = [cells for cells in printed if cells[:2] == [category, fusion]]
             assert len(row) == 1 and 0 <= float(row[0][2]) <= 1  # image AUROC printed
-            heatmaps = tmp_path / "results" / f"{category}-wave18" / fusion / "heatmaps"
+            heatmaps = tmp_path / "results" / f"{category}-wave18" / fusion / "latest" / "heatmaps"
             assert len(list(heatmaps.rglob("*.png"))) == demo.TEST_GOOD + 3 * demo.TEST_PER_DEFECT
-    table = (tmp_path / "results" / "eval-wave18.md").read_text()
+    table = (tmp_path / "results" / "eval-wave18" / "latest" / "eval.md").read_text()
     assert table.count("| concatenation |") == 2 and table.count("| multiplication |") == 2
     for script in ("inference_concatenation.py", "inference_multiplication.py"):
         out = subprocess.run([sys.executable, str(REPO / script), "--c", "pill", "--data-root", "demo_data",

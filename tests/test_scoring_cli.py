@@ -9,21 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import main as train_main
 from scoring import metrics
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def trained(tiny_root, tmp_path_factory):
-    """A checkpoint per category of the tiny set (wave18, 32 px, 2 epochs)."""
-    ckpt_dir = tmp_path_factory.mktemp("ckpt")
-    args = train_main.get_args_parser().parse_args(
-        ["--c", "all", "--data-root", str(tiny_root), "--arch", "wave18", "--size", "32", "--b", "4",
-         "--e", "2", "--ckpt-dir", str(ckpt_dir), "--no-tensorboard", "--precision", "fp32"])
-    train_main.main(args)
-    return ckpt_dir
 
 
 def infer(script, tiny_root, ckpt_dir, out, *extra):
@@ -96,8 +84,8 @@ def test_unlabeled_images(tiny_root, trained, tmp_path):
                 "--images", str(folder))
     assert run.returncode == 0, run.stderr[-2000:]
     rows = (out / "scores.csv").read_text().splitlines()
-    assert rows[0] == "path,score,verdict" and len(rows) == 1 + 6
-    assert all(r.split(",")[2] in ("normal", "anomalous") for r in rows[1:])
+    assert rows[0] == "path,score,normalized_score,verdict" and len(rows) == 1 + 6
+    assert all(r.split(",")[3] in ("normal", "anomalous") for r in rows[1:])
     record = json.loads((out / "results.json").read_text())
     assert "cross-fitted" in record["threshold"]["source"]
     skipped = {Path(s["path"]).name for s in record["images"]["skipped"]}

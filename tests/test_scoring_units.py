@@ -8,6 +8,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from scoring import metrics
+from scoring.bank import MemoryBank
 from scoring.fusion import Scorer, concat_layers, gaussian_smooth, resize_map, to_patches
 from scoring.knn import NearestNeighbours, faiss_available, greedy_coreset
 
@@ -24,9 +25,8 @@ def test_concat_layers_nearest_upsampling():
 def test_concatenation_scores_by_hand():
     # Bank: one training image whose every patch is the zero vector.
     train = [torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 2, 2)]
-    banks, full = Scorer.build_banks("concatenation", train)
-    assert full is None
-    scorer = Scorer("concatenation", banks, backend="torch")
+    scorer = Scorer.fit("concatenation", train, lambda: MemoryBank(backend="torch"))
+    assert scorer.banks[0].full is None and scorer.banks[0].rows.shape == (16, 3)
     test2 = torch.zeros(1, 2, 4, 4)
     test2[0, 0, 1, 2] = 3.0  # one layer-2 patch at distance 3
     test3 = torch.zeros(1, 1, 2, 2)
@@ -41,13 +41,13 @@ def test_concatenation_scores_by_hand():
 
 def test_multiplication_scores_by_hand():
     train = [torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2)]
-    scorer = Scorer("multiplication", Scorer.build_banks("multiplication", train)[0], backend="torch")
+    scorer = Scorer.fit("multiplication", train, lambda: MemoryBank(backend="torch"))
     test2 = torch.full((1, 1, 4, 4), 2.0)
     test3 = torch.full((1, 1, 2, 2), 5.0)
     scores, maps = scorer.score([test2, test3], size=8)
     torch.testing.assert_close(maps, torch.full((1, 8, 8), 10.0))
     assert scores.tolist() == [10.0]
-    assert len(scorer.banks) == 2 and scorer.banks[0].shape == (16, 1) and scorer.banks[1].shape == (4, 1)
+    assert len(scorer.banks) == 2 and scorer.banks[0].rows.shape == (16, 1) and scorer.banks[1].rows.shape == (4, 1)
 
 
 def test_to_patches_order():
@@ -181,11 +181,13 @@ def test_coreset_refine_restores_exact_image_scores(fusion):
     gen = torch.Generator().manual_seed(0)
     train = [torch.randn(20, 8, 8, 8, generator=gen), torch.randn(20, 4, 4, 4, generator=gen)]
     test = [torch.randn(5, 8, 8, 8, generator=gen), torch.randn(5, 4, 4, 4, generator=gen)]
-    exact = Scorer(fusion, Scorer.build_banks(fusion, train)[0], backend="torch")
-    banks, full = Scorer.build_banks(fusion, train, coreset=0.1, proj_dim=0)
-    assert full is not None and banks[0].shape[0] == math.ceil(0.1 * full[0].shape[0])
-    coarse = Scorer(fusion, banks, backend="torch")
-    refined = Scorer(fusion, banks, backend="torch", full_banks=full, refine=64)
+    exact = Scorer.fit(fusion, train, lambda: MemoryBank(backend="torch"))
+    coarse = Scorer.fit(fusion, train, lambda: MemoryBank(coreset=0.1, coreset_dim=0, refine=0, backend="torch"))
+    bank = coarse.banks[0]
+    assert bank.full is not None and bank.rows.shape[0] == math.ceil(0.1 * bank.full.shape[0])
+    # The same coreset, every patch of the finest grid (64) re-searched in the whole bank.
+    refined = Scorer(fusion, [MemoryBank(refine=64, backend="torch").load_state_dict(b.state_dict())
+                              for b in coarse.banks])
     ref_scores, ref_maps = exact.score(test, 16)
     coarse_scores, _ = coarse.score(test, 16)
     refined_scores, refined_maps = refined.score(test, 16)
@@ -214,3 +216,25 @@ def test_synthetic_check_split_and_images_are_seeded_and_disjoint():
         assert masks[j].any() and not (changed & ~masks[j]).any()
     again, _, _ = synthetic_images(images, held, fit, seed=3)
     assert torch.equal(again, batch)
+
+
+def test_memory_bank_state_round_trip_and_search():
+    gen = torch.Generator().manual_seed(1)
+    patches, queries = torch.randn(300, 6, generator=gen), torch.randn(7, 6, generator=gen)
+    bank = MemoryBank(coreset=0.2, coreset_dim=0, backend="torch").fit(patches)
+    assert bank.rows.shape == (60, 6) and torch.equal(bank.full, patches)
+    state = bank.state_dict()
+    again = MemoryBank(backend="torch").load_state_dict(state)
+    assert again.coreset == 0.2 and torch.equal(again.rows, bank.rows)
+    brute = torch.cdist(queries, bank.rows).sort(1).values[:, :3]
+    torch.testing.assert_close(again.search(queries, 3), brute, rtol=1e-4, atol=1e-4)
+    # Saved and loaded as a plain weights-only file.
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = MemoryBank(backend="torch").load_state_dict(torch.load(buffer, weights_only=True))
+    assert torch.equal(loaded.full, patches)
+    with pytest.raises(RuntimeError, match="fit"):
+        MemoryBank().search(queries)

@@ -1,0 +1,113 @@
+"""Where a scoring run writes its files, without ever replacing another run's results.
+
+A run's *identity* is what its numbers and pictures depend on: the checkpoint's content
+(sha256), the category, the fusion, the data it scored (test set or ``--images`` folder) and
+the scoring settings. It is written as ``.identity.json`` into the output folder before
+anything else, so even a run that was killed half-way can be recognised.
+
+- Default folder ``results/<p>/<fusion>``: versioned as anomalib does, ``v0``, ``v1``, ... with
+  a ``latest`` link to the newest. A run with the identity of an existing version clears and
+  rewrites that version (a re-run replaces its own results); any other identity gets the next
+  version, so results of another checkpoint or other settings are never replaced.
+- ``--out DIR``: exactly that folder. It is cleared when it holds this run's own earlier
+  results; results of another run there are only replaced with ``--overwrite``.
+
+Clearing removes only the files a scoring run writes (:data:`RUN_FILES`), never anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from errors import UserError
+
+from .report import write_json
+
+IDENTITY_FILE = ".identity.json"
+LATEST = "latest"
+# Everything a scoring run may write into its folder (files and folders).
+RUN_FILES = ("results.json", "results.md", "results.csv", "image_scores.csv", "scores.csv", "maps.npz",
+             "roc.png", "heatmaps", "summary.md", "summary.csv", "summary.json", "eval.md", "eval.csv",
+             IDENTITY_FILE)
+_VERSION = re.compile(r"^v(\d+)$")
+
+
+def _read_identity(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def holds_results(folder: Path) -> bool:
+    """Whether ``folder`` holds files a scoring run writes (this version's or an older layout's)."""
+    return folder.is_dir() and any((folder / name).exists() for name in RUN_FILES)
+
+
+def clear_run_files(folder: Path) -> None:
+    """Remove what a scoring run wrote into ``folder`` (and only that)."""
+    for name in RUN_FILES:
+        target = folder / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+
+
+def _claim(folder: Path, identity: dict) -> Path:
+    """Clear ``folder`` of earlier run files and write this run's identity into it first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    clear_run_files(folder)
+    write_json(folder / IDENTITY_FILE, identity)
+    return folder
+
+
+def versions(base: Path) -> list[tuple[int, Path]]:
+    """``[(n, base/vn), ...]`` sorted by n."""
+    if not base.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in base.iterdir() if p.is_dir() and (m := _VERSION.match(p.name))]
+    return sorted(found)
+
+
+def point_latest(base: Path, target: Path) -> None:
+    """``base/latest`` -> ``target`` (a relative link, replaced atomically)."""
+    link = base / LATEST
+    tmp = base / f".{LATEST}.{os.getpid()}.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except OSError:  # e.g. a file system without links: the versions are still there
+        tmp.unlink(missing_ok=True)
+
+
+def versioned_dir(base: Path, identity: dict) -> Path:
+    """The version of ``base`` that holds ``identity``'s results, or a new one; ``latest`` points to it."""
+    existing = versions(base)
+    for _, folder in existing:
+        if _read_identity(folder) == identity:
+            chosen = folder
+            break
+    else:
+        chosen = base / f"v{existing[-1][0] + 1 if existing else 0}"
+    _claim(chosen, identity)
+    point_latest(base, chosen)
+    return chosen
+
+
+def explicit_dir(folder: Path, identity: dict, overwrite: bool, flag: str = "--out") -> Path:
+    """``--out DIR``: cleared for a re-run of the same identity; another run's results need ``--overwrite``."""
+    if holds_results(folder) and _read_identity(folder) != identity and not overwrite:
+        raise UserError(f"{flag} {folder} holds results of another checkpoint or other settings; pass "
+                        f"--overwrite to replace them, or choose another {flag}")
+    return _claim(folder, identity)
+
+
+def output_dir(base: Path, identity: dict, explicit: bool, overwrite: bool) -> Path:
+    """:func:`explicit_dir` for a folder the user named, :func:`versioned_dir` for a default one."""
+    return explicit_dir(base, identity, overwrite) if explicit else versioned_dir(base, identity)

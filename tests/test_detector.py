@@ -1,0 +1,123 @@
+"""The trained detector as one object: Python API, one-file save/load, and parity with the CLI."""
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cli
+from errors import UserError
+from scoring import Detector, ScoreConfig
+from scoring import cli as score_cli
+from scoring.detector import FORMAT_VERSION
+
+# results.json metrics of the tiny set (conftest's `trained` checkpoint) as the inference scripts
+# gave them before the detector refactor (commit b4e5e6b): the refactor must not move a number.
+PINNED = {
+    ("concatenation", ()): (0.7975865658557967, 0.3513660603404125, 0.022624804432540373, 0.7988002439615343),
+    ("multiplication", ()): (0.8200471181240412, 0.4001570604134606, 0.024681089125573374, 0.8223876481940998),
+    ("concatenation", ("--coreset", "0.5", "--refine", "0", "--k", "2")):
+        (0.7990877712031559, 0.36173204762947747, 0.02386922593682518, 0.8005280263344778),
+    ("multiplication", ("--coreset", "0.5", "--refine", "0", "--k", "2")):
+        (0.8209812623274161, 0.40327087442471055, 0.024834912784642567, 0.8232615651970491),
+}
+
+
+def score(argv, fusion):
+    cli.run(score_cli.main, score_cli.parse_args(fusion, argv))
+
+
+@pytest.fixture(scope="module")
+def detector(trained, tiny_root):
+    return Detector.fit(trained / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
+                        ScoreConfig(batch_size=4), device="cpu")
+
+
+@pytest.mark.parametrize("fusion, extra", list(PINNED))
+def test_cli_metrics_unchanged_by_the_refactor(fusion, extra, tiny_root, trained, tmp_path):
+    score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), "--out", str(tmp_path),
+           "--batch-size", "4", "--no-pictures", *extra], fusion)
+    m = json.loads((tmp_path / "results.json").read_text())["metrics"]
+    got = (m["pixel_auroc"], m["aupro"], m["pixel_ap"], m["pixel_auroc_paper_masks"])
+    assert m["image_auroc"] == 1.0
+    assert got == pytest.approx(PINNED[fusion, extra], rel=1e-5)
+
+
+@pytest.mark.parametrize("fusion", ["concatenation", "multiplication"])
+def test_saved_detector_scores_as_the_cli_did(fusion, tiny_root, trained, tmp_path):
+    target = tmp_path / "widget.detector.pt"
+    score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), "--out", str(tmp_path / "r"),
+           "--batch-size", "4", "--no-pictures", "--save-detector", str(target)], fusion)
+    with (tmp_path / "r" / "image_scores.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    record = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert record["files"]["detector"] == str(target)
+    state = torch.load(target, weights_only=True)  # plain tensors and values only
+    assert state["format_version"] == FORMAT_VERSION and state["config"]["fusion"] == fusion
+    loaded = Detector.load(target, device="cpu")
+    assert loaded.config.fusion == fusion and loaded.size == 32 and loaded.threshold > 0
+    result = loaded.predict([row["path"] for row in rows])
+    np.testing.assert_allclose(result.scores, [float(row["score"]) for row in rows], rtol=1e-5, atol=2e-6)
+    assert result.maps.shape == (6, 32, 32) and result.maps.dtype == np.float32
+    assert np.array_equal(result.verdicts, result.scores > loaded.threshold)
+    np.testing.assert_allclose(result.normalized_scores, result.scores / loaded.threshold, rtol=1e-6)
+    # The provenance names the checkpoint by content.
+    assert loaded.provenance["sha256"] == record["checkpoint"]["sha256"]
+
+
+def test_predict_accepts_every_kind_of_image(detector, tiny_root):
+    path = sorted((tiny_root / "widget" / "test" / "scratch").glob("*.png"))[0]
+    rgb = np.array(Image.open(path).convert("RGB"))
+    by_path = detector.predict(path)
+    assert by_path.scores.shape == (1,) and by_path.maps.shape == (1, 32, 32)
+    same = [detector.predict(Image.open(path)), detector.predict(rgb), detector.predict(rgb[:, :, 0]),
+            detector.predict(str(path))]
+    for result in same:
+        np.testing.assert_allclose(result.scores, by_path.scores, rtol=1e-6)
+    # Float tensors skip the uint8 rounding of the resized image: close, not equal.
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1).float() / 255
+    np.testing.assert_allclose(detector.predict(tensor).scores, by_path.scores, rtol=0.05)
+    batch = detector.predict(torch.stack([tensor, tensor]))
+    assert batch.scores.shape == (2,) and batch.scores[0] == batch.scores[1]
+    mixed = detector.predict([path, rgb, Image.open(path)], original_size=True)
+    assert [m.shape for m in mixed.maps] == [rgb.shape[:2]] * 3 and all(m.dtype == np.float32 for m in mixed.maps)
+    assert mixed.verdicts.dtype == bool and mixed.threshold == detector.threshold
+
+
+def test_predict_rejects_what_it_cannot_score(detector, tmp_path):
+    for bad, message in [(np.zeros((8, 8), np.float64), "must be uint8"), (torch.zeros(5, 8, 8), "float (3, H, W)"),
+                         (42, "cannot score a int"), (tmp_path / "missing.png", "no such image file"),
+                         ([], "at least one image")]:
+        with pytest.raises(UserError, match=re.escape(message)):
+            detector.predict(bad)
+
+
+def test_detector_file_errors_are_one_line(detector, trained, tmp_path):
+    good = detector.save(tmp_path / "d.pt")
+    with pytest.raises(UserError, match="not found"):
+        Detector.load(tmp_path / "missing.pt")
+    (tmp_path / "broken.pt").write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(UserError, match="cannot be read"):
+        Detector.load(tmp_path / "broken.pt")
+    with pytest.raises(UserError, match="not a detector file"):
+        Detector.load(trained / "widget-wave18" / "model.pt")
+    state = torch.load(good, weights_only=True)
+    state["format_version"] = FORMAT_VERSION + 1
+    torch.save(state, tmp_path / "future.pt")
+    with pytest.raises(UserError, match=f"format version {FORMAT_VERSION + 1}"):
+        Detector.load(tmp_path / "future.pt")
+
+
+def test_save_detector_never_replaces_another_file(tiny_root, trained, tmp_path, capsys):
+    victim = tmp_path / "model.pt"
+    victim.write_bytes((trained / "widget-wave18" / "model.pt").read_bytes())
+    before = victim.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), "--out", str(tmp_path / "r"),
+               "--no-pictures", "--save-detector", str(victim)], "concatenation")
+    assert exit_info.value.code == 2 and "is not a detector file" in capsys.readouterr().err
+    assert victim.read_bytes() == before

@@ -1,0 +1,224 @@
+"""Scoring results are never silently replaced, mislabelled or written where a user did not expect.
+
+Runs the inference command line in-process (as ``inference_*.py`` does) in a temporary working
+directory, so the default ``results/`` folder is the test's own.
+"""
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import cli
+import main as train_main
+from scoring import cli as score_cli
+from scoring.output import IDENTITY_FILE, explicit_dir, versioned_dir
+
+FAST = ["--batch-size", "4", "--no-pictures"]
+
+
+def score(argv, capsys, fusion="concatenation"):
+    """Run an inference script in-process; returns (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(score_cli.main, score_cli.parse_args(fusion, argv))
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def results_of(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+# --- the folder logic itself ----------------------------------------------------------------
+
+def test_versions_keep_other_runs_and_a_rerun_clears_its_own(tmp_path):
+    base = tmp_path / "results" / "zipper-wave50" / "concatenation"
+    first = versioned_dir(base, {"k": 1})
+    (first / "heatmaps").mkdir()
+    (first / "heatmaps" / "old.png").write_bytes(b"x")
+    (first / "results.json").write_text("{}")
+    (first / "my_notes.txt").write_text("mine")  # not a file a run writes: never removed
+    second = versioned_dir(base, {"k": 2})
+    assert (first.name, second.name) == ("v0", "v1")
+    assert (base / "latest").resolve() == second.resolve()
+    assert (first / "heatmaps" / "old.png").exists()  # another run's results stay
+    again = versioned_dir(base, {"k": 1})
+    assert again == first and (base / "latest").resolve() == first.resolve()
+    assert not (first / "heatmaps").exists() and not (first / "results.json").exists()
+    assert (first / "my_notes.txt").read_text() == "mine"
+    assert json.loads((first / IDENTITY_FILE).read_text()) == {"k": 1}
+
+
+def test_explicit_out_refuses_other_results_unless_overwrite(tmp_path):
+    folder = explicit_dir(tmp_path / "out", {"k": 1}, overwrite=False)
+    (folder / "results.json").write_text("{}")
+    assert explicit_dir(folder, {"k": 1}, overwrite=False) == folder  # its own: cleared, reused
+    assert not (folder / "results.json").exists()
+    (folder / "results.json").write_text("{}")
+    with pytest.raises(Exception, match="holds results of another checkpoint or other settings; pass --overwrite"):
+        explicit_dir(folder, {"k": 2}, overwrite=False)
+    assert (folder / "results.json").exists()
+    explicit_dir(folder, {"k": 2}, overwrite=True)
+    assert not (folder / "results.json").exists()
+    # A folder of the user's own files (no results) is simply used.
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "photo.png").write_bytes(b"x")
+    explicit_dir(own, {"k": 3}, overwrite=False)
+    assert (own / "photo.png").exists()
+
+
+# --- the inference command line -------------------------------------------------------------
+
+def test_default_folder_versions_per_checkpoint_and_settings(tiny_root, trained, workdir, capsys, tmp_path):
+    base = ["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), *FAST]
+    assert score(base, capsys)[0] == 0
+    runs = workdir / "results" / "widget-wave18" / "concatenation"
+    first = results_of(runs / "v0")
+    assert score([*base, "--k", "2"], capsys)[0] == 0
+    assert results_of(runs / "v0") == first and results_of(runs / "v1")["settings"]["k"] == 2
+    assert (runs / "latest").resolve() == (runs / "v1").resolve()
+    # Another checkpoint of the same name in another --ckpt-dir: a third version, the others kept.
+    other = tmp_path / "other_ckpt"
+    train_main.main(train_main.parse_args(
+        ["--c", "widget", "--data-root", str(tiny_root), "--arch", "wave18", "--size", "32", "--b", "4", "--e", "1",
+         "--seed", "1", "--ckpt-dir", str(other), "--no-tensorboard", "--precision", "fp32"]))
+    assert score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(other), *FAST], capsys)[0] == 0
+    assert results_of(runs / "v2")["checkpoint"]["sha256"] != first["checkpoint"]["sha256"]
+    assert results_of(runs / "v0") == first
+    # The same run again replaces only its own version.
+    assert score(base, capsys)[0] == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "v0", "v1", "v2"]
+    assert (runs / "latest").resolve() == (runs / "v0").resolve()
+
+
+def test_checkpoint_file_path_names_results_after_its_folder(tiny_root, trained, workdir, capsys):
+    for p in (str(trained / "widget-wave18" / "model.pt"),
+              os.path.relpath(trained / "widget-wave18" / "model.pt", workdir)):
+        code, _, err = score(["--c", "widget", "--data-root", str(tiny_root), "--p", p, *FAST], capsys)
+        assert code == 0, err
+    assert (workdir / "results" / "widget-wave18" / "concatenation" / "v0" / "results.json").is_file()
+    assert not list(workdir.rglob("model.pt"))  # nothing written into a folder named after the file
+
+
+def test_without_p_the_one_trained_run_of_the_category_is_used(tiny_root, trained, workdir, capsys, tmp_path):
+    code, out, err = score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), *FAST],
+                           capsys)
+    assert code == 0, err
+    assert (workdir / "results" / "widget-wave18").is_dir()
+    two = tmp_path / "two"
+    shutil.copytree(trained, two)
+    shutil.copytree(two / "widget-wave18", two / "widget-wave34")
+    code, _, err = score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(two), *FAST], capsys)
+    assert code == 2 and "widget-wave18, widget-wave34" in error_line(err) and "--p" in err
+    code, _, err = score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(tmp_path / "none"),
+                          *FAST], capsys)
+    assert code == 2 and "train first" in error_line(err)
+
+
+def test_images_csv_names_extensions_and_normalised_scores(tiny_root, trained, workdir, capsys, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    source = sorted((tiny_root / "widget" / "test" / "good").glob("*.png"))
+    shutil.copy(source[0], folder / "a.png")
+    Image.open(source[1]).convert("RGB").save(folder / "a.jpg")
+    shutil.copy(source[2], folder / "part 7, left.png")
+    argv = ["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), "--images", str(folder),
+            "--batch-size", "4"]
+    code, _, err = score(argv, capsys)
+    assert code == 0, err
+    out = workdir / "results" / "widget-wave18" / "concatenation-images" / "v0"
+    with (out / "scores.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(Path(r["path"]).name for r in rows) == ["a.jpg", "a.png", "part 7, left.png"]
+    threshold = results_of(out)["threshold"]["value"]
+    for row in rows:
+        assert float(row["normalized_score"]) == pytest.approx(float(row["score"]) / threshold, rel=1e-4)
+        assert row["verdict"] == ("anomalous" if float(row["normalized_score"]) >= 1 else "normal")
+    assert sorted(p.name for p in (out / "heatmaps").glob("*.png")) == ["a.jpg.png", "a.png.png",
+                                                                       "part 7, left.png.png"]
+    # A second run over the same folder replaces the first run's pictures, not adds to them.
+    (folder / "a.jpg").unlink()
+    assert score(argv, capsys)[0] == 0
+    assert sorted(p.name for p in (out / "heatmaps").glob("*.png")) == ["a.png.png", "part 7, left.png.png"]
+
+
+def test_bank_cache_is_keyed_by_file_content(tiny_root, trained, workdir, capsys, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    # BMP: an image of the same size always has the same number of bytes.
+    for png in (root / "widget" / "train" / "good").glob("*.png"):
+        Image.open(png).save(png.with_suffix(".bmp"))
+        png.unlink()
+    argv = ["--c", "widget", "--data-root", str(root), "--ckpt-dir", str(trained), *FAST, "--out", "o"]
+    assert score(argv, capsys)[0] == 0
+    assert score(argv, capsys)[0] == 0 and results_of(workdir / "o")["bank"]["cached"] is True
+    # Replace a training image by another picture of the same byte size and time stamp.
+    first, second = sorted((root / "widget" / "train" / "good").glob("*.bmp"))[:2]
+    stat = first.stat()
+    before = first.read_bytes()
+    shutil.copyfile(second, first)
+    os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert first.stat().st_size == stat.st_size and first.stat().st_mtime_ns == stat.st_mtime_ns
+    assert first.read_bytes() != before
+    assert score(argv, capsys)[0] == 0 and results_of(workdir / "o")["bank"]["cached"] is False
+
+
+def test_bank_cache_disk_full_warns_and_scores(tiny_root, trained, workdir, capsys, monkeypatch):
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:659] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code, out, err = score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained),
+                            "--rebuild-bank", "--k", "3", *FAST], capsys)
+    assert code == 0, err
+    assert "warning: cannot cache the memory bank" in err and "Traceback" not in err
+    assert "image AUROC" in out
+    assert not list((trained / "widget-wave18" / "banks").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--smooth", "nan"], "--smooth nan: must be a number"),
+    (["--threshold", "nan"], "--threshold nan: must be a positive number"),
+    (["--threshold", "-1"], "--threshold -1.0: must be a positive number"),
+    (["--coreset", "nan"], "--coreset nan: must be in (0, 1]"),
+])
+def test_bad_scoring_values_one_line(tiny_root, trained, workdir, capsys, flags, message):
+    code, _, err = score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), *FAST, *flags],
+                         capsys)
+    assert code == 2 and message in error_line(err)
+
+
+def test_metrics_that_cannot_be_computed_say_why(tiny_root, trained, workdir, capsys, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    shutil.rmtree(root / "widget" / "test" / "scratch")  # only good test images left
+    code, out, err = score(["--c", "widget", "--data-root", str(root), "--ckpt-dir", str(trained), *FAST,
+                            "--out", "o"], capsys)
+    assert code == 0, err
+    assert "image AUROC n/a" in out and "nan" not in out.lower()
+    assert "only good images" in err
+    record = results_of(workdir / "o")
+    assert record["metrics"]["image_auroc"] is None and record["metrics"]["pixel_auroc"] is None
+    assert "only good images" in record["unavailable_metrics"]["image_auroc"]
+    assert "n/a" in (workdir / "o" / "results.md").read_text()
