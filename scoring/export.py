@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -72,8 +75,15 @@ class ExportableDetector(nn.Module):
     def __init__(self, detector: Detector, chunk_rows: int = CHUNK_ROWS):
         super().__init__()
         config = detector.config
-        # A copy: the detector's own network keeps its device and memory format.
-        self.net = copy.deepcopy(detector.model).float().eval().to("cpu", memory_format=torch.channels_last)
+        # A copy (the detector keeps its own), as it is: re-laying out the weights (.to(memory_format))
+        # changes which kernels oneDNN picks and moves the features by ~1e-4 against predict().
+        self.net = copy.deepcopy(detector.model).eval()
+        if next(self.net.parameters()).device.type != "cpu":
+            self.net = self.net.to("cpu")
+        self.net.requires_grad_(False)  # the exported graph never builds an autograd graph
+        # What scoring never runs stays out of the file: the classifier, and stages past the last scored one.
+        for name in ("fc", "head", "out", *(f"layer{i}" for i in range(max(config.layers) + 1, 5))):
+            setattr(self.net, name, nn.Identity())
         self.size, self.antialias, self.k, self.smooth = config.size, config.antialias, config.k, config.smooth
         self.layers, self.fusion, self.chunk_rows = list(config.layers), config.fusion, chunk_rows
         self.refine = [bank.refine if bank.refining else 0 for bank in detector.scorer.banks]
@@ -161,13 +171,15 @@ def export_torchscript(detector: Detector, out: Path) -> Path:
     traced = torch.jit.trace(core, example_input(detector), check_trace=False)
     scripted = torch.jit.script(_AnyRank(traced))
     extra = {"metadata.json": json.dumps(metadata(detector))}
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
+        tmp = Path(work) / out.name
         torch.jit.save(scripted, str(tmp), _extra_files=extra)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        os.replace(tmp, out)
     return out
+
+
+# ONNX files are protobufs, limited to 2 GB; larger graphs keep their weights in FILE.data beside.
+ONNX_INLINE_LIMIT = 1800 * 2**20
 
 
 @torch.no_grad()
@@ -177,20 +189,24 @@ def export_onnx(detector: Detector, out: Path, opset: int = 18) -> Path:
     except ImportError:
         raise UserError("ONNX export needs the onnx package: pip install -r requirements-export.txt") from None
     core = ExportableDetector(detector)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        torch.onnx.export(core, (example_input(detector),), str(tmp), input_names=["images"],
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*core.parameters(), *core.buffers()])
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
+        raw = Path(work) / "graph.onnx"
+        torch.onnx.export(core, (example_input(detector),), str(raw), input_names=["images"],
                           output_names=["scores", "maps"], opset_version=opset, dynamo=False,
                           dynamic_axes={"images": {0: "N", 1: "H", 2: "W", 3: "C"}, "scores": {0: "N"},
                                         "maps": {0: "N"}})
-        model = onnx.load(str(tmp))
+        model = onnx.load(str(raw))
         for key, value in metadata(detector).items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, json.dumps(value)
-        onnx.save(model, str(tmp), save_as_external_data=False)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        final = Path(work) / out.name
+        external = weight_bytes > ONNX_INLINE_LIMIT
+        onnx.save(model, str(final), save_as_external_data=external, all_tensors_to_one_file=True,
+                  location=f"{out.name}.data")
+        if external:
+            os.replace(Path(work) / f"{out.name}.data", out.parent / f"{out.name}.data")
+        os.replace(final, out)
     return out
 
 
@@ -201,3 +217,28 @@ def export(detector: Detector, fmt: str, out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     return export_torchscript(detector, out) if fmt == "torchscript" else export_onnx(detector, out)
+
+
+def run_exported(path: str | Path, fmt: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Score uint8 ``(N, H, W, C)`` images with an exported file (as a deployment would)."""
+    if fmt == "torchscript":
+        with torch.no_grad():
+            scores, maps = torch.jit.load(str(path))(torch.from_numpy(np.ascontiguousarray(images)))
+        return scores.numpy(), maps.numpy()
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    scores, maps = session.run(None, {"images": np.ascontiguousarray(images)})
+    return scores, maps
+
+
+def read_metadata(path: str | Path, fmt: str) -> dict:
+    """The metadata stored beside an exported graph (threshold, settings, provenance)."""
+    if fmt == "torchscript":
+        extra = {"metadata.json": ""}
+        torch.jit.load(str(path), _extra_files=extra)
+        return json.loads(extra["metadata.json"])
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}

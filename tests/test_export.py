@@ -1,0 +1,140 @@
+"""Exported detectors score as Detector.predict does, in a process that has nothing of this project."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cli
+import export as export_cli
+from scoring import Detector, ScoreConfig
+from scoring.export import export, read_metadata
+
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+# Runs in a fresh interpreter whose working directory is outside the project: only torch or
+# onnxruntime + NumPy, no import of this project (it must not be importable there).
+STANDALONE = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    try:
+        import scoring  # noqa: F401
+        raise SystemExit("the project is importable here; the test would prove nothing")
+    except ImportError:
+        pass
+    fmt, path, images_path, out_path = sys.argv[1:5]
+    images = np.load(images_path)
+    if fmt == "torchscript":
+        import torch
+        extra = {"metadata.json": ""}
+        model = torch.jit.load(path, _extra_files=extra)
+        with torch.no_grad():
+            scores, maps = model(torch.from_numpy(images))
+            gray_scores, _ = model(torch.from_numpy(np.ascontiguousarray(images[..., 0])))
+        scores, maps, gray_scores = scores.numpy(), maps.numpy(), gray_scores.numpy()
+        threshold = json.loads(extra["metadata.json"])["threshold"]
+    else:
+        import onnxruntime
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        scores, maps = session.run(None, {"images": images})
+        gray_scores, _ = session.run(None, {"images": np.ascontiguousarray(images[..., :1])})
+        threshold = json.loads(session.get_modelmeta().custom_metadata_map["threshold"])
+    np.savez(out_path, scores=scores, maps=maps, gray_scores=gray_scores, threshold=threshold)
+""")
+
+
+def assert_scores_close(got: np.ndarray, expected: np.ndarray, threshold: float) -> None:
+    """Within 1e-4 relative, for scores below the threshold relative to the threshold.
+
+    Another convolution library (ONNX Runtime) rounds differently in float32; a small distance
+    between two long feature vectors carries that rounding as a larger relative error (seen:
+    1.0e-4 on a score 1/3 of the threshold), which says nothing about the verdict.
+    """
+    scale = np.maximum(np.abs(expected), threshold)
+    assert np.all(np.abs(got - expected) <= 1e-4 * scale), (got, expected, threshold)
+
+
+@pytest.fixture(scope="module")
+def images(tiny_root):
+    """The tiny set's test images (48 x 40, resized to 32 inside the graph) as uint8 (N, H, W, 3)."""
+    paths = sorted((tiny_root / "widget" / "test").rglob("*.png"))
+    return paths, np.stack([np.array(Image.open(p).convert("RGB")) for p in paths])
+
+
+@pytest.mark.parametrize("fusion, extra", [("concatenation", {}), ("multiplication", {}),
+                                           ("concatenation", {"coreset": 0.3, "refine": 4, "k": 2})])
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_exported_file_scores_as_predict_in_a_fresh_process(fmt, fusion, extra, trained, tiny_root, images,
+                                                            tmp_path):
+    paths, arrays = images
+    detector = Detector.fit(trained / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
+                            ScoreConfig(fusion=fusion, batch_size=4, **extra), device="cpu")
+    expected = detector.predict(paths)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export(detector, fmt, tmp_path / f"widget.{fmt}")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    np.save(outside / "images.npy", arrays)
+    (outside / "run.py").write_text(STANDALONE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "run.py", fmt, str(out), "images.npy", "result.npz"], cwd=outside, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = np.load(outside / "result.npz")
+    assert_scores_close(got["scores"], expected.scores, detector.threshold)
+    np.testing.assert_allclose(got["maps"], expected.maps, rtol=1e-3, atol=1e-3)
+    # Grayscale input: the one channel is repeated, as the Python pipeline does.
+    gray = detector.predict([a[..., 0] for a in arrays])
+    assert_scores_close(got["gray_scores"], gray.scores, detector.threshold)
+    assert float(got["threshold"]) == pytest.approx(detector.threshold)
+    meta = read_metadata(out, fmt)
+    assert meta["size"] == 32 and meta["config"]["fusion"] == fusion and meta["provenance"]["arch"] == "wave18"
+
+
+def test_export_command_checks_its_output_and_refuses_to_replace(trained, tiny_root, tmp_path, capsys):
+    detector_file = Detector.fit(trained / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
+                                 ScoreConfig(batch_size=4), device="cpu").save(tmp_path / "d.pt")
+    out = tmp_path / "w.onnx"
+
+    def run(*argv):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run(export_cli.main, export_cli.get_args_parser().parse_args(list(argv)))
+            raise SystemExit(0)
+        return exit_info.value.code, capsys.readouterr()
+
+    code, printed = run("--detector", str(detector_file), "--format", "onnx", "--out", str(out))
+    assert code == 0 and "scores within" in printed.out and out.stat().st_size > 0
+    before = out.read_bytes()
+    code, printed = run("--detector", str(detector_file), "--format", "onnx", "--out", str(out))
+    assert code == 2 and "--overwrite" in printed.err and out.read_bytes() == before
+    code, printed = run("--detector", str(trained / "widget-wave18" / "model.pt"), "--format", "torchscript",
+                        "--out", str(tmp_path / "x.ts"))
+    assert code == 2 and "not a detector file" in printed.err and not (tmp_path / "x.ts").exists()
+    assert not list(tmp_path.glob(".*"))  # no temporary files left beside the outputs
+
+
+def test_exported_graph_takes_any_batch_and_image_size(trained, tiny_root, tmp_path):
+    detector = Detector.fit(trained / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
+                            ScoreConfig(batch_size=4), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = export(detector, "onnx", tmp_path / "w.onnx")
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for shape in [(1, 32, 32, 3), (3, 61, 45, 3), (2, 100, 120, 1)]:
+        batch = rng.integers(0, 256, shape).astype(np.uint8)
+        scores, maps = session.run(None, {"images": batch})
+        assert scores.shape == (shape[0],) and maps.shape == (shape[0], 32, 32)
+        expected = detector.predict(list(batch[..., 0] if shape[3] == 1 else batch)).scores
+        # Pure noise resized by another library: a resized value near .5 may round the other way
+        # (1/255 on a pixel), which moves a score by up to ~2e-4 here; real images stay within 1e-4.
+        np.testing.assert_allclose(scores, expected, rtol=1e-3)
+    assert json.loads(session.get_modelmeta().custom_metadata_map["threshold"]) == pytest.approx(detector.threshold)
