@@ -34,7 +34,7 @@ from models.checkpoint import build_from_checkpoint, load_weights, read_checkpoi
 
 from .bank import MemoryBank
 from .config import ScoreConfig
-from .features import ImageFiles, extract, pooled_features
+from .features import ImageFiles, batched_features, extract
 from .fusion import Scorer
 
 FORMAT = "wavecnet-anomaly-detector"
@@ -232,33 +232,27 @@ class Detector:
         raise UserError(f"cannot score a {type(image).__name__}: pass file paths, PIL images, uint8 NumPy "
                         "arrays or float tensors")
 
-    @torch.no_grad()
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``(N, 3, S, S)`` float -> per layer ``(N, C_l, h_l, w_l)`` float32 CPU features."""
-        out: list[list[torch.Tensor]] = [[] for _ in self.config.layers]
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.precision == "bf16")
-        for start in range(0, len(images), self.config.batch_size):
-            batch = images[start:start + self.config.batch_size].to(self.device)
-            with autocast:
-                feats = pooled_features(self.model, batch.contiguous(memory_format=torch.channels_last),
-                                        list(self.config.layers))
-            for store, feat in zip(out, feats):
-                store.append(feat.float().cpu())
-        return [torch.cat(store) for store in out]
+        return batched_features(self.model, images, list(self.config.layers), self.config.batch_size, self.device,
+                                self.config.precision == "bf16")
 
     def score_features(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per layer features -> image scores ``(N,)`` and maps ``(N, S, S)`` (``config.k``, ``config.smooth``)."""
         return self.scorer.score(feats, self.size, self.config.k, self.config.smooth)
 
     def predict(self, images: ImageLike | Sequence[ImageLike], original_size: bool = False) -> Prediction:
-        """Score one image or a list (see :meth:`preprocess` for the accepted kinds).
+        """Score one image, a list, a uint8 batch ``(N, H, W, C)`` or a float batch ``(N, 3, H, W)``
+        (see :meth:`preprocess` for the accepted kinds of image).
 
         With ``original_size``, each map is resized (bilinear) back to its input's own size.
         """
-        if isinstance(images, (str, Path, Image.Image, np.ndarray)) or \
+        if isinstance(images, np.ndarray) and images.ndim == 4:  # a uint8 batch (N, H, W, C)
+            images = list(images)
+        elif isinstance(images, (str, Path, Image.Image, np.ndarray)) or \
                 (isinstance(images, torch.Tensor) and images.ndim == 3):
             images = [images]
-        elif isinstance(images, torch.Tensor):
+        elif isinstance(images, torch.Tensor):  # a float batch (N, 3, H, W)
             images = list(images.unbind(0))
         elif not isinstance(images, Sequence):
             images = [images]  # preprocess() names what it cannot score

@@ -75,11 +75,11 @@ class ExportableDetector(nn.Module):
     def __init__(self, detector: Detector, chunk_rows: int = CHUNK_ROWS):
         super().__init__()
         config = detector.config
-        # A copy (the detector keeps its own), as it is: re-laying out the weights (.to(memory_format))
-        # changes which kernels oneDNN picks and moves the features by ~1e-4 against predict().
-        self.net = copy.deepcopy(detector.model).eval()
-        if next(self.net.parameters()).device.type != "cpu":
-            self.net = self.net.to("cpu")
+        # A copy (the detector keeps its own) in the plain NCHW layout: saved TorchScript weights
+        # come back NCHW, and channels_last inputs against them fall to PyTorch's slow convolution
+        # (600 ms instead of 30 for wave18 at 64 px). oneDNN then sums in another order than in
+        # predict()'s channels_last run: features differ by ~1e-6 relative (see README Export).
+        self.net = copy.deepcopy(detector.model).eval().to("cpu", memory_format=torch.contiguous_format)
         self.net.requires_grad_(False)  # the exported graph never builds an autograd graph
         # What scoring never runs stays out of the file: the classifier, and stages past the last scored one.
         for name in ("fc", "head", "out", *(f"layer{i}" for i in range(max(config.layers) + 1, 5))):
@@ -104,8 +104,7 @@ class ExportableDetector(nn.Module):
         x = x.expand(-1, 3, -1, -1)  # grayscale (C = 1) -> 3 channels; no-op for RGB
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
                           antialias=self.antialias)
-        # channels_last as Detector.predict runs the network: the same convolution kernels, the same sums.
-        return (x.round().clamp(0, 255) / 255.0).contiguous(memory_format=torch.channels_last)
+        return x.round().clamp(0, 255) / 255.0
 
     def patch_map(self, grid: torch.Tensor, i: int) -> torch.Tensor:
         """``(N, D, h, w)`` -> ``(N, h, w)`` mean distance to the ``k`` nearest rows of bank ``i``."""

@@ -70,3 +70,19 @@ def extract(model: torch.nn.Module, loader, layers: list[int], device: torch.dev
             store.append(feat.float().cpu())
         extras.append({k: v for k, v in batch.items() if k != "image"})
     return [torch.cat(store) for store in chunks], extras
+
+
+@torch.no_grad()
+def batched_features(model: torch.nn.Module, images: torch.Tensor, layers: list[int], batch_size: int,
+                     device: torch.device, bf16: bool = False) -> list[torch.Tensor]:
+    """``(N, 3, S, S)`` float images -> per layer ``(N, C_l, h_l, w_l)`` float32 CPU features."""
+    out: list[list[torch.Tensor]] = [[] for _ in layers]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
+        with autocast:
+            feats = pooled_features(model, batch, layers)
+        for store, feat in zip(out, feats):
+            store.append(feat.float().cpu())
+    return [torch.cat(store) for store in out]
+

@@ -1,0 +1,118 @@
+"""Deployment latency: milliseconds per image of ``Detector.predict``, the TorchScript and the ONNX file.
+
+For each arch and bank (exact, ``--coreset 0.1``, ``0.01``) a detector is built from
+``--train-images`` synthetic training images (an untrained network: timing does not depend on
+the weights; 209 images is MVTec AD bottle's training set), saved, exported, and each form is
+timed in a process of its own (so its peak RSS is its own): p50 / p95 ms per image at batch 1
+over ``--repeats`` calls after a warm-up, images/s at batch ``--batch``, and for ``predict`` where
+the time goes (network features vs k-NN + fusion). Inputs are uint8 ``S x S`` RGB arrays, so
+file decoding is not counted.
+
+    python benchmarks/latency.py                                 # wave18 and wave50 at 256 px
+    python benchmarks/latency.py --archs wave18 --coresets 0.1   # the inspection-line target
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import markdown_table, system_info, write_results  # noqa: E402
+from latency_child import synthetic_images  # noqa: E402
+
+import models  # noqa: E402
+from scoring import Detector, ScoreConfig  # noqa: E402
+from scoring.detector import fit_scorer  # noqa: E402
+from scoring.export import export  # noqa: E402
+from scoring.features import batched_features  # noqa: E402
+
+FORMS = ("predict", "torchscript", "onnx")
+# Times one form in a process of its own, importing only what that form needs.
+CHILD = Path(__file__).resolve().parent / "latency_child.py"
+SUFFIX = {"predict": "detector.pt", "torchscript": "ts", "onnx": "onnx"}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--archs", default="wave18,wave50")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--train-images", type=int, default=209, help="images in the memory bank")
+    parser.add_argument("--coresets", default="1.0,0.1,0.01", help="bank fractions (1.0 = exact bank)")
+    parser.add_argument("--forms", default=",".join(FORMS))
+    parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls (fewer when slow)")
+    parser.add_argument("--budget-s", type=float, default=30.0, help="time limit of one form's batch-1 timing")
+    parser.add_argument("--batch", type=int, default=16, help="batch size of the throughput row")
+    parser.add_argument("--out", default="results/benchmarks")
+    return parser
+
+
+def build_detectors(arch: str, args, work: Path) -> dict[float, Path]:
+    """One detector file per coreset fraction, banks from the synthetic training images."""
+    torch.manual_seed(0)
+    model = models.create_model(arch).eval().to(memory_format=torch.channels_last)
+    base = ScoreConfig(size=args.size, batch_size=16)
+    provenance = {"arch": arch, "wavelet": models.DEFAULT_WAVELET, "num_classes": 3, "note": "untrained, timing only"}
+    train = torch.from_numpy(synthetic_images(args.train_images, args.size, seed=1)).permute(0, 3, 1, 2).float() / 255
+    feats = batched_features(model, train, list(base.layers), base.batch_size, torch.device("cpu"))
+    files = {}
+    for fraction in [float(c) for c in args.coresets.split(",")]:
+        config = base.replace(coreset=fraction)
+        detector = Detector(model, fit_scorer(config, feats, torch.device("cpu")), config,
+                            {"value": 1.0, "source": "benchmark"}, provenance, "cpu")
+        stem = work / f"{arch}-c{fraction}"
+        files[fraction] = detector.save(stem.with_suffix(".detector.pt"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for form in ("torchscript", "onnx"):
+                if form in args.forms:
+                    export(detector, form, stem.with_suffix("." + SUFFIX[form]))
+    return files
+
+
+def main(args: argparse.Namespace) -> None:
+    header = ["arch", "bank", "form", "p50 ms", "p95 ms", f"img/s @{args.batch}", "features ms", "k-NN ms",
+              "file MB", "peak RSS MB"]
+    rows = []
+    passthrough = ["--size", str(args.size), "--repeats", str(args.repeats), "--budget-s", str(args.budget_s),
+                   "--batch", str(args.batch)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.archs.split(","):
+            print(f"{arch}: building banks from {args.train_images} images at {args.size} px ...", flush=True)
+            files = build_detectors(arch, args, Path(tmp))
+            for fraction, detector_file in files.items():
+                bank = "exact" if fraction >= 1 else f"coreset {fraction:g}"
+                for form in args.forms.split(","):
+                    path = detector_file if form == "predict" else detector_file.with_name(
+                        detector_file.name.replace("detector.pt", SUFFIX[form]))
+                    run = subprocess.run([sys.executable, str(CHILD), form, str(path), *passthrough],
+                                         capture_output=True, text=True)
+                    if run.returncode != 0:
+                        print(run.stderr[-2000:], file=sys.stderr)
+                        continue
+                    r = json.loads(run.stdout.strip().splitlines()[-1])
+                    rows.append([arch, bank, form, f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}",
+                                 f"{r['batch_images_per_s']:.1f}",
+                                 f"{r['features_ms']:.0f}" if "features_ms" in r else "",
+                                 f"{r['knn_ms']:.0f}" if "knn_ms" in r else "",
+                                 f"{path.stat().st_size / 2**20:.0f}", f"{r['peak_rss_mb']:.0f}"])
+                    print(markdown_table(header, rows[-1:]).splitlines()[-1], flush=True)
+    info = {**system_info(torch.device("cpu")), "size": args.size, "train_images": args.train_images,
+            "inputs": "uint8 S x S RGB arrays (no decoding)", "command": " ".join(sys.argv)}
+    print()
+    print(markdown_table(header, rows))
+    print("written:", write_results(args.out, "latency", header, rows, info))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
