@@ -1,6 +1,7 @@
 """The built-in demo data and the newcomer's first command, end to end as subprocesses."""
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,10 +49,18 @@ def test_demo_is_deterministic_small_and_complete(tmp_path):
                 assert mask.max() == 255 and set(np.unique(mask)) <= {0, 255}
 
 
-def test_demo_command_and_both_inference_scripts(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """``python main.py --demo`` (1 epoch at 32 px) in a fresh working directory: (folder, process)."""
+    folder = tmp_path_factory.mktemp("newcomer")
     run = subprocess.run([sys.executable, str(REPO / "main.py"), "--demo", "--e", "1", "--size", "32",
-                          "--no-tensorboard"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+                          "--no-tensorboard"], cwd=folder, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
+    return folder, run
+
+
+def test_demo_command_and_both_inference_scripts(demo_run):
+    tmp_path, run = demo_run
     assert "writing the demo data set to demo_data/" in run.stdout
     printed = [line.split() for line in run.stdout.splitlines()]
     for category in demo.DEFECTS:
@@ -68,3 +77,43 @@ def test_demo_command_and_both_inference_scripts(tmp_path):
                              cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-2000:]
         assert (tmp_path / f"again-{script}" / "results.json").is_file()
+
+
+def readme_blocks(section: str, language: str) -> list[str]:
+    """The ``language`` code blocks of a README section (``## section`` up to the next ``## ``)."""
+    text = (REPO / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [block.split("\n", 1)[1] for block in body.split("```")[1::2] if block.startswith(language + "\n")]
+
+
+def test_readme_quick_start_commands_are_the_ones_tested():
+    text = (REPO / "README.md").read_text()
+    install_demo, install_tests = readme_blocks("Quick start", "bash")
+    assert install_demo.strip().endswith("python main.py --demo")  # what demo_run runs (faster flags)
+    assert install_tests.strip() == (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert text.count("\n") < 250
+
+
+def test_readme_api_and_export_snippets_run_as_written(demo_run):
+    """The Python API and export snippets, run as a user would after the quick start."""
+    folder, _ = demo_run
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for code in readme_blocks("Python API", "python"):
+        run = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "[" in run.stdout  # scores were printed
+    assert (folder / "pill.detector.pt").is_file()
+    for command in readme_blocks("Export and deployment", "bash")[0].splitlines():
+        command = command.split("#")[0].split()
+        if command[:2] == ["python", "export.py"]:
+            run = subprocess.run([sys.executable, str(REPO / "export.py"), *command[2:]], cwd=folder,
+                                 capture_output=True, text=True, timeout=600)
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert "scores within" in run.stdout
+    standalone = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for code in readme_blocks("Export and deployment", "python"):
+        run = subprocess.run([sys.executable, "-c", code], cwd=folder, env=standalone, capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.split()[0] in ("True", "False")
