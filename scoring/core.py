@@ -228,6 +228,16 @@ def check_replaceable(target: Path) -> None:
         raise UserError(f"--save-detector {target}: the file exists and is not a detector file; choose another path")
 
 
+def run_output_dir(run: ScoringRun, identity: dict, ckpt_path: Path, category: str, out_per_category: bool) -> Path:
+    """``--out`` (or ``<out>/<category>``) as given, else the versioned ``results/<p>/<fusion>[-images]``."""
+    if run.out:
+        return output_dir(Path(run.out) / category if out_per_category else Path(run.out), identity,
+                          explicit=True, overwrite=run.overwrite)
+    folder = identity["fusion"] + ("-images" if run.images is not None else "")
+    return output_dir(Path("results") / run_name(ckpt_path) / folder, identity, explicit=False,
+                      overwrite=run.overwrite)
+
+
 def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: torch.device,
                    out_per_category: bool = False) -> dict:
     """Score one category; writes the run's files under its output folder and returns the record.
@@ -249,20 +259,13 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     detector, cached, bank_seconds = load_or_build_detector(
         config, run, model, info, ckpt_path, category, device,
         need_threshold=(unlabeled or run.save_detector is not None) and config.threshold is None)
-    settings = settings_record(config, detector.scorer.backend)
     identity = run_identity(config, run, category, info["sha256"])
-    if run.out:
-        out_dir = output_dir(Path(run.out) / category if out_per_category else Path(run.out), identity,
-                             explicit=True, overwrite=run.overwrite)
-    else:
-        out_dir = output_dir(Path("results") / run_name(ckpt_path) / (config.fusion + ("-images" if unlabeled else "")),
-                             identity, explicit=False, overwrite=run.overwrite)
-
+    out_dir = run_output_dir(run, identity, ckpt_path, category, out_per_category)
     banks = [bank.rows for bank in detector.scorer.banks]
     record = {
         "category": category, "fusion": config.fusion,
         "checkpoint": dict(info),
-        "settings": settings,
+        "settings": settings_record(config, detector.scorer.backend),
         "bank": {"patches": [int(b.shape[0]) for b in banks], "dim": [int(b.shape[1]) for b in banks],
                  "train_images": detector.provenance["train_images"], "cached": cached},
     }
@@ -315,31 +318,24 @@ def heatmap_name(path: str | Path) -> str:
     return Path(path).name + ".png"
 
 
-def score_test_set(detector: Detector, run: ScoringRun, device: torch.device, out_dir: Path, category: str) -> dict:
-    config = detector.config
-    dataset = TestSet(run.data_root, category, config.size, config.antialias)
-    start = time.perf_counter()
-    feats, extras = features_of(detector.model, dataset, config, device, f"{category}: test features",
-                                workers=config_workers(config, device))
-    scores, maps = detector.score_features(feats)
-    test_seconds = time.perf_counter() - start
-    labels = np.concatenate([np.asarray(e["label"]) for e in extras])
-    masks = torch.cat([e["mask"] for e in extras]).numpy()
-    paper_masks = torch.cat([e["paper_mask"] for e in extras]).numpy()
-    paths = [p for e in extras for p in e["path"]]
-    defects = [d for e in extras for d in e["defect"]]
-    scores_np, maps_np = scores.numpy(), maps.numpy()
+def test_metrics(labels: np.ndarray, masks: np.ndarray, paper_masks: np.ndarray, scores: np.ndarray,
+                 maps: np.ndarray, defects: list[str]) -> dict:
+    """The test set's metrics (``None`` with a reason where the labels or masks cannot give one).
 
+    ``labels`` ``(N,)``, ``masks`` / ``paper_masks`` ``(N, S, S)`` bool, ``scores`` ``(N,)``, ``maps``
+    ``(N, S, S)``. Returns ``metrics``, ``unavailable_metrics``, ``per_defect_image_auroc`` and
+    ``image_f1_threshold``.
+    """
     unavailable = unavailable_metrics(labels, masks)
-    f1, f1_threshold = metrics.f1_max(labels, scores_np) if "image_f1_max" not in unavailable else (None, None)
+    f1, f1_threshold = metrics.f1_max(labels, scores) if "image_f1_max" not in unavailable else (None, None)
     computed = {
-        "image_auroc": lambda: metrics.image_auroc(labels, scores_np),
-        "pixel_auroc": lambda: metrics.pixel_auroc(masks, maps_np),
-        "aupro": lambda: metrics.aupro(masks, maps_np),
+        "image_auroc": lambda: metrics.image_auroc(labels, scores),
+        "pixel_auroc": lambda: metrics.pixel_auroc(masks, maps),
+        "aupro": lambda: metrics.aupro(masks, maps),
         "image_f1_max": lambda: f1,
-        "pixel_ap": lambda: metrics.pixel_ap(masks, maps_np),
+        "pixel_ap": lambda: metrics.pixel_ap(masks, maps),
         # The same maps against the paper code's wider masks (bilinear resize, any non-zero value).
-        "pixel_auroc_paper_masks": lambda: metrics.pixel_auroc(paper_masks, maps_np),
+        "pixel_auroc_paper_masks": lambda: metrics.pixel_auroc(paper_masks, maps),
     }
     result = {name: None if name in unavailable else compute() for name, compute in computed.items()}
     for name, reason in unavailable.items():
@@ -348,37 +344,60 @@ def score_test_set(detector: Detector, run: ScoringRun, device: torch.device, ou
     if "image_auroc" not in unavailable:
         for defect in sorted(set(defects) - {"good"}):
             keep = np.array([d in ("good", defect) for d in defects])
-            per_defect[defect] = metrics.image_auroc(labels[keep], scores_np[keep])
+            per_defect[defect] = metrics.image_auroc(labels[keep], scores[keep])
+    return {"metrics": result, "unavailable_metrics": unavailable, "per_defect_image_auroc": per_defect,
+            "image_f1_threshold": f1_threshold}
+
+
+def save_test_pictures(out_dir: Path, dataset: TestSet, tested: dict, threshold: float | None, title: str) -> None:
+    """A panel per test image (one colour scale for the run) and the ROC curves."""
+    labels, masks, scores, maps = tested["labels"], tested["masks"], tested["scores"], tested["maps"]
+    vmin, vmax = float(maps.min()), float(maps.max())
+    for i, (path, defect) in enumerate(tqdm(list(zip(tested["paths"], tested["defects"])), desc=f"{title}: pictures",
+                                            unit="img", leave=False)):
+        save_panel(out_dir / "heatmaps" / defect / heatmap_name(path), image_uint8(dataset[i]["image"]), maps[i],
+                   vmin, vmax, threshold, masks[i], **panel_text(path, float(scores[i]), threshold, label=defect))
+    curves = {}
+    if tested["metrics"]["image_auroc"] is not None:
+        curves["image"] = (*metrics.roc_points(labels, scores), tested["metrics"]["image_auroc"])
+    if tested["metrics"]["pixel_auroc"] is not None:
+        curves["pixel"] = (*metrics.roc_points(masks.reshape(-1), maps.reshape(-1)), tested["metrics"]["pixel_auroc"])
+    save_roc(out_dir / "roc.png", curves, title)
+
+
+def score_test_set(detector: Detector, run: ScoringRun, device: torch.device, out_dir: Path, category: str) -> dict:
+    config = detector.config
+    dataset = TestSet(run.data_root, category, config.size, config.antialias)
+    start = time.perf_counter()
+    feats, extras = features_of(detector.model, dataset, config, device, f"{category}: test features",
+                                workers=config_workers(config, device))
+    scores, maps = detector.score_features(feats)
+    test_seconds = time.perf_counter() - start
+    tested = {"labels": np.concatenate([np.asarray(e["label"]) for e in extras]),
+              "masks": torch.cat([e["mask"] for e in extras]).numpy(),
+              "paths": [p for e in extras for p in e["path"]], "defects": [d for e in extras for d in e["defect"]],
+              "scores": scores.numpy(), "maps": maps.numpy()}
+    labels, paths, defects = tested["labels"], tested["paths"], tested["defects"]
+    found = test_metrics(labels, tested["masks"], torch.cat([e["paper_mask"] for e in extras]).numpy(),
+                         tested["scores"], tested["maps"], defects)
     if config.threshold is not None:
         threshold, source = config.threshold, "--threshold"
-    elif f1_threshold is not None:
-        threshold, source = f1_threshold, "image F1-max on the test labels (pictures only)"
+    elif found["image_f1_threshold"] is not None:
+        threshold, source = found["image_f1_threshold"], "image F1-max on the test labels (pictures only)"
     else:
         threshold, source = None, "none: no --threshold and no F1-max without both good and defect images"
-
     if run.save_maps:
-        np.savez_compressed(out_dir / "maps.npz", maps=maps_np.astype(np.float32), masks=masks.astype(np.uint8),
-                            labels=labels.astype(np.int64), scores=scores_np.astype(np.float32),
-                            paths=np.array(paths), defects=np.array(defects))
+        np.savez_compressed(out_dir / "maps.npz", maps=tested["maps"].astype(np.float32),
+                            masks=tested["masks"].astype(np.uint8), labels=labels.astype(np.int64),
+                            scores=tested["scores"].astype(np.float32), paths=np.array(paths),
+                            defects=np.array(defects))
     write_csv(out_dir / "image_scores.csv", ["path", "defect", "label", "score"],
               [[path, defect, int(label), f"{score:.6f}"]
-               for path, defect, label, score in zip(paths, defects, labels, scores_np)])
+               for path, defect, label, score in zip(paths, defects, labels, tested["scores"])])
     if run.pictures:
-        vmin, vmax = float(maps_np.min()), float(maps_np.max())
-        for i in tqdm(range(len(paths)), desc=f"{category}: pictures", unit="img", leave=False):
-            image = image_uint8(dataset[i]["image"])
-            save_panel(out_dir / "heatmaps" / defects[i] / heatmap_name(paths[i]), image, maps_np[i],
-                       vmin, vmax, threshold, masks[i], **panel_text(paths[i], float(scores_np[i]), threshold,
-                                                                      label=defects[i]))
-        curves = {}
-        if "image_auroc" not in unavailable:
-            curves["image"] = (*metrics.roc_points(labels, scores_np), result["image_auroc"])
-        if "pixel_auroc" not in unavailable:
-            curves["pixel"] = (*metrics.roc_points(masks.reshape(-1), maps_np.reshape(-1)), result["pixel_auroc"])
-        save_roc(out_dir / "roc.png", curves, f"{category} ({config.fusion})")
+        save_test_pictures(out_dir, dataset, {**tested, **found}, threshold, f"{category} ({config.fusion})")
     return {
-        "metrics": result, "unavailable_metrics": unavailable, "image_f1_threshold": f1_threshold,
-        "per_defect_image_auroc": per_defect, "threshold": {"value": threshold, "source": source},
+        **found, "threshold": {"value": threshold, "source": source},
         "data": {"root": str(run.data_root), "test_images": len(paths), "test_good": int((labels == 0).sum()),
                  "test_defect": int((labels == 1).sum()),
                  "defect_types": {d: defects.count(d) for d in sorted(set(defects))}},
