@@ -119,6 +119,65 @@ def colour_bar(width: int, height: int) -> np.ndarray:
     return np.broadcast_to(_JET[np.linspace(0, 255, width).astype(np.intp)], (height, width, 3))
 
 
+def header_lines(threshold: float | None, score: float | None, verdict: str | None, title: str | None,
+                 label: str | None, width: int, face) -> list[tuple[str, tuple[int, int, int]]]:
+    """The panel's header: what the picture is, then score / threshold -> verdict, with its colour."""
+    thresholded = has_threshold(threshold)
+    if verdict is None and score is not None and thresholded:
+        verdict = "anomalous" if score > threshold else "normal"
+    header: list[tuple[str, tuple[int, int, int]]] = []
+    if title:
+        header.append((shorten(title, width, face), (0, 0, 0)))
+    numbers = [f"score {fmt(score)}"] if score is not None else []
+    numbers.append(f"threshold {fmt(threshold)}" if thresholded else "no threshold")
+    text = " / ".join(numbers)
+    if verdict:
+        text += f" -> {verdict.upper()}"
+    if label:
+        text += f"   (truth: {label})"
+    header.append((shorten(text, width, face), VERDICT_COLOURS.get((verdict or "").upper(), (0, 0, 0))))
+    return header
+
+
+def draw_no_region_note(draw: ImageDraw.ImageDraw, thresholded: bool, left: int, top: int, tile_w: int, tile_h: int,
+                        line: int, face) -> None:
+    """The third tile shows the dimmed image: say why, across its middle."""
+    message = "no region above threshold" if thresholded else "no threshold set"
+    lines = wrap(message, tile_w - 8, face)
+    box_h = len(lines) * line + 6
+    box_top = top + (tile_h - box_h) // 2
+    draw.rectangle((left, box_top, left + tile_w - 1, box_top + box_h), fill=(0, 0, 0))
+    for i, text in enumerate(lines):
+        draw.text((left + (tile_w - text_width(text, face)) // 2, box_top + 3 + i * line), text,
+                  fill=(255, 255, 255), font=face)
+
+
+def draw_scale_labels(draw: ImageDraw.ImageDraw, vmin: float, vmax: float, threshold: float | None, left: int,
+                      tile_w: int, bar_top: int, bar_h: int, pointer: int, line: int, margin: int,
+                      legend_left: int, face) -> None:
+    """Colour bar labels: the run's scale ends, then the threshold's place on it (a pointer under
+    the bar and its value, on the same line when it does not collide with the ends)."""
+    right = left + tile_w
+    below = bar_top + bar_h + pointer
+    low, high = fmt(vmin), fmt(vmax)
+    draw.text((left, below), low, fill=(0, 0, 0), font=face)
+    draw.text((right - text_width(high, face), below), high, fill=(0, 0, 0), font=face)
+    if not has_threshold(threshold):
+        return
+    fraction = (threshold - vmin) / (vmax - vmin) if vmax > vmin else 0.5
+    x = left + round(min(max(fraction, 0.0), 1.0) * (tile_w - 1))
+    draw.rectangle((x - 1, bar_top - 2, x + 1, bar_top + bar_h), fill=(0, 0, 0))
+    draw.polygon([(x, bar_top + bar_h), (x - pointer + 1, below - 1), (x + pointer - 1, below - 1)], fill=(0, 0, 0))
+    side = "" if 0 <= fraction <= 1 else (" (below the scale)" if fraction < 0 else " (above the scale)")
+    text = f"threshold {fmt(threshold)}{side}"
+    size = text_width(text, face)
+    text_x = min(max(x - size // 2, left), right - size)
+    pad = text_width("  ", face)
+    clear = text_x >= left + text_width(low, face) + pad and text_x + size <= right - text_width(high, face) - pad
+    draw.text((max(text_x, margin), below if clear else below + line), text, fill=(0, 0, 0), font=face)
+    draw.text((legend_left, below), "red: heat >= threshold", fill=(0, 0, 0), font=face)
+
+
 def render_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, threshold: float | None,
                  mask: np.ndarray | None = None, *, score: float | None = None, verdict: str | None = None,
                  title: str | None = None, label: str | None = None) -> np.ndarray:
@@ -134,26 +193,7 @@ def render_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, 
     line = face.getbbox("Ag")[3] + 4  # one text line's height
     gap, margin = max(4, line // 3), max(6, line // 2)
     width = 3 * tile_w + 2 * gap + 2 * margin
-    inner = width - 2 * margin
-
-    # Header: what the picture is, then the numbers and the verdict.
-    thresholded = has_threshold(threshold)
-    if verdict is None and score is not None and thresholded:
-        verdict = "anomalous" if score >= threshold else "normal"
-    header: list[tuple[str, tuple[int, int, int]]] = []
-    if title:
-        header.append((shorten(title, inner, face), (0, 0, 0)))
-    numbers = []
-    if score is not None:
-        numbers.append(f"score {fmt(score)}")
-    numbers.append(f"threshold {fmt(threshold)}" if thresholded else "no threshold")
-    text = " / ".join(numbers)
-    if verdict:
-        text += f" -> {verdict.upper()}"
-    if label:
-        text += f"   (truth: {label})"
-    header.append((shorten(text, inner, face), VERDICT_COLOURS.get((verdict or "").upper(), (0, 0, 0))))
-
+    header = header_lines(threshold, score, verdict, title, label, width - 2 * margin, face)
     third = "ground truth (green) and prediction (red)" if mask is not None else "prediction (red)"
     captions = [wrap(c, tile_w, face) for c in ("image", f"heatmap ({fmt(vmin)} .. {fmt(vmax)})", third)]
     caption_h = max(len(c) for c in captions) * line
@@ -170,49 +210,18 @@ def render_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, 
     canvas[bar_top:bar_top + bar_h, lefts[1]:lefts[1] + tile_w] = colour_bar(tile_w, bar_h)
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
-
     y = margin
     for text, colour in header:
         draw.text((margin, y), text, fill=colour, font=face)
         y += line
-    y += gap
     for left, lines in zip(lefts, captions):
         for i, text in enumerate(lines):
-            draw.text((left, y + i * line), text, fill=(0, 0, 0), font=face)
-
+            draw.text((left, y + gap + i * line), text, fill=(0, 0, 0), font=face)
+    thresholded = has_threshold(threshold)
     if not (thresholded and (heat >= threshold).any()):
-        # The third tile is the dimmed image: say why, in the middle of it.
-        message = "no region above threshold" if thresholded else "no threshold set"
-        lines = wrap(message, tile_w - 8, face)
-        box_h = len(lines) * line + 6
-        box_top = top_tiles + (tile_h - box_h) // 2
-        draw.rectangle((lefts[2], box_top, lefts[2] + tile_w - 1, box_top + box_h), fill=(0, 0, 0))
-        for i, text in enumerate(lines):
-            draw.text((lefts[2] + (tile_w - text_width(text, face)) // 2, box_top + 3 + i * line), text,
-                      fill=(255, 255, 255), font=face)
-
-    # Colour bar labels: the run's scale ends, then the threshold's place on it (a pointer under
-    # the bar and its value, on the same line when it does not collide with the ends).
-    right = lefts[1] + tile_w
-    below = bar_top + bar_h + pointer
-    low, high = fmt(vmin), fmt(vmax)
-    draw.text((lefts[1], below), low, fill=(0, 0, 0), font=face)
-    draw.text((right - text_width(high, face), below), high, fill=(0, 0, 0), font=face)
-    if thresholded:
-        fraction = (threshold - vmin) / (vmax - vmin) if vmax > vmin else 0.5
-        x = lefts[1] + round(min(max(fraction, 0.0), 1.0) * (tile_w - 1))
-        draw.rectangle((x - 1, bar_top - 2, x + 1, bar_top + bar_h), fill=(0, 0, 0))
-        draw.polygon([(x, bar_top + bar_h), (x - pointer + 1, below - 1), (x + pointer - 1, below - 1)],
-                     fill=(0, 0, 0))
-        side = "" if 0 <= fraction <= 1 else (" (below the scale)" if fraction < 0 else " (above the scale)")
-        text = f"threshold {fmt(threshold)}{side}"
-        size = text_width(text, face)
-        text_x = min(max(x - size // 2, lefts[1]), right - size)
-        pad = text_width("  ", face)
-        clear = (text_x >= lefts[1] + text_width(low, face) + pad
-                 and text_x + size <= right - text_width(high, face) - pad)
-        draw.text((max(text_x, margin), below if clear else below + line), text, fill=(0, 0, 0), font=face)
-        draw.text((lefts[2], below), "red: heat >= threshold", fill=(0, 0, 0), font=face)
+        draw_no_region_note(draw, thresholded, lefts[2], top_tiles, tile_w, tile_h, line, face)
+    draw_scale_labels(draw, vmin, vmax, threshold, lefts[1], tile_w, bar_top, bar_h, pointer, line, margin,
+                      lefts[2], face)
     return np.asarray(picture)
 
 
@@ -224,7 +233,7 @@ def save_panel(path: Path, image: np.ndarray, heat: np.ndarray, vmin: float, vma
     ``image`` (H, W, 3) uint8, ``heat`` (H, W) its anomaly map, ``vmin``/``vmax`` the run's colour
     scale, ``threshold`` the map value that marks the predicted region (``None`` or NaN: none),
     ``mask`` (H, W) bool the ground truth (``None``: unlabelled). Keyword-only: ``score`` (the
-    image score), ``verdict`` (e.g. ``"anomalous"``; derived from ``score >= threshold`` when
+    image score), ``verdict`` (e.g. ``"anomalous"``; derived from ``score > threshold`` when
     omitted), ``title`` (e.g. the file name and defect type), ``label`` (the true class, e.g.
     ``"good"`` or ``"scratch"``). Small images are enlarged by an integer factor (nearest) to stay
     legible.
