@@ -1,24 +1,30 @@
-"""Synthetic anomaly generators, by name.
+"""Synthetic anomaly makers, by name, and the one path that applies them (:mod:`augment.samples`).
 
-Every generator is ``fn(image, source, generator) -> (anomalous_image, mask)`` with ``image``
-and ``source`` ``(3, S, S)`` floats in [0, 1], ``generator`` a ``torch.Generator`` (the only
-source of randomness) and ``mask`` the ``(S, S)`` bool map of changed pixels.
+Every anomaly maker is ``make(image, source, rng) -> (anomalous_image, mask)`` with ``image``
+and ``source`` ``(3, S, S)`` floats in [0, 1], ``rng`` a ``torch.Generator`` (the only source of
+randomness) and ``mask`` the ``(S, S)`` bool map of changed pixels. :mod:`augment.batched` has
+the same makers for whole batches (``BATCH_MAKERS``). Nothing calls a maker directly: the
+training set, the device batches, the anomaly preview and the synthetic check all go through
+:func:`make_anomalies` / :func:`make_anomalies_batch`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
-
-import torch
 
 from errors import UserError
 
 from .cutpaste import cutpaste, scar
 from .perlin import perlin_blend, perlin_mask, perlin_noise
+from .samples import (
+    Maker,
+    batch_seed,
+    make_anomalies,
+    make_anomalies_batch,
+    other_index,
+    other_indices,
+    sample_seed,
+)
 
-Generator = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-
-GENERATORS: dict[str, Generator] = {
+MAKERS: dict[str, Maker] = {
     "cutpaste": cutpaste,
     "perlin": perlin_blend,
     "scar": scar,
@@ -26,16 +32,17 @@ GENERATORS: dict[str, Generator] = {
 
 
 def parse_augs(spec: str | list[str]) -> list[str]:
-    """``"cutpaste,perlin"`` -> ``["cutpaste", "perlin"]``, checking every name."""
+    """``"cutpaste,perlin"`` -> ``["cutpaste", "perlin"]``, checking every name is an anomaly maker."""
     names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
-    unknown = [n for n in names if n not in GENERATORS]
+    unknown = [n for n in names if n not in MAKERS]
     if unknown or not names:
-        raise UserError(f"--augs {','.join(names) or '(empty)'}: unknown generator "
-                        f"{', '.join(unknown) or '(none given)'}; choose from {', '.join(GENERATORS)}")
+        raise UserError(f"--augs {','.join(names) or '(empty)'}: unknown anomaly maker "
+                        f"{', '.join(unknown) or '(none given)'}; choose from {', '.join(MAKERS)}")
     if len(set(names)) != len(names):
-        raise UserError(f"--augs {','.join(names)}: a generator is listed twice")
+        raise UserError(f"--augs {','.join(names)}: an anomaly maker is listed twice")
     return names
 
 
-__all__ = ["GENERATORS", "cutpaste", "parse_augs", "perlin_blend", "perlin_mask", "perlin_noise", "scar"]
+__all__ = ["MAKERS", "Maker", "batch_seed", "cutpaste", "make_anomalies", "make_anomalies_batch", "other_index",
+           "other_indices", "parse_augs", "perlin_blend", "perlin_mask", "perlin_noise", "sample_seed", "scar"]

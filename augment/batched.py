@@ -1,13 +1,13 @@
-"""Synthetic anomalies for a whole batch at once, on the batch's device (the GPU training path).
+"""Anomaly makers for a whole batch at once, on the batch's device (the GPU training path).
 
-The per-image generators in :mod:`augment.cutpaste` and :mod:`augment.perlin` are the reference:
+The per-image makers in :mod:`augment.cutpaste` and :mod:`augment.perlin` are the reference:
 every function here draws the same parameters from the same distributions, one value per
 image, and builds the result with gathers and masks instead of Python loops, so a CUDA batch of
 hundreds of images costs a few kernel launches. The random streams differ from the per-image
 ones (the values are not the same, the statistics are; ``tests/test_batched_augment.py``
 compares them).
 
-Every function is ``fn(images, sources, generator) -> (anomalous, masks)`` with ``images`` and
+Every function is ``fn(images, sources, rng) -> (anomalous, masks)`` with ``images`` and
 ``sources`` ``(B, 3, S, S)`` float in [0, 1] on one device, ``generator`` a ``torch.Generator``
 on that device, ``anomalous`` ``(B, 3, S, S)`` and ``masks`` ``(B, S, S)`` bool.
 """
@@ -21,24 +21,24 @@ import torch
 
 from .perlin import LATTICE, blob_masks, perlin_noise_batch
 
-BatchGenerator = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+BatchMaker = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _uniform(low, high, count: int, generator: torch.Generator) -> torch.Tensor:
+def _uniform(low, high, count: int, rng: torch.Generator) -> torch.Tensor:
     """``(count,)`` float32 uniform in ``[low, high)``; ``low``/``high`` scalars or ``(count,)``."""
-    u = torch.rand(count, generator=generator, device=generator.device)
+    u = torch.rand(count, generator=rng, device=rng.device)
     return low + (high - low) * u
 
 
 def _randint(low: torch.Tensor | int, high: torch.Tensor | int, count: int,
-             generator: torch.Generator) -> torch.Tensor:
+             rng: torch.Generator) -> torch.Tensor:
     """``(count,)`` int64 uniform in ``[low, high)``, ``low`` where the range is empty (as the per-image code)."""
-    device = generator.device
+    device = rng.device
     # torch.full, not as_tensor: a host scalar copied to the GPU would wait for the queue.
     low = torch.full((count,), low, device=device) if isinstance(low, int) else low
     high = torch.full((count,), high, device=device) if isinstance(high, int) else high
     span = (high - low).clamp_min(1)
-    draw = (torch.rand(count, generator=generator, device=device) * span).long().clamp_max(span - 1)
+    draw = (torch.rand(count, generator=rng, device=device) * span).long().clamp_max(span - 1)
     return torch.where(high > low, low + draw, low)
 
 
@@ -49,17 +49,17 @@ def _gather_pixels(sources: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
 
 
 def cutpaste_batch(images: torch.Tensor, sources: torch.Tensor,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                   rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's CutPaste per image (see :func:`augment.cutpaste.cutpaste`), batched.
 
     Side ``s ~ U[0.15 S, 0.2 S)``, cut at ``(c, c)`` with ``c ~ U[S/2 - s, S/2)``, pasted at
     ``(r1, r2)`` each ``~ U[0.3 S - s, 0.7 S)``.
     """
     count, _, size, _ = images.shape
-    side = _randint(math.ceil(0.15 * size), math.ceil(0.2 * size), count, generator).clamp_min(1)
-    c = _randint((size // 2 - side).clamp_min(0), size // 2, count, generator)
-    r1 = _randint((int(0.3 * size) - side).clamp_min(0), int(0.7 * size), count, generator)
-    r2 = _randint((int(0.3 * size) - side).clamp_min(0), int(0.7 * size), count, generator)
+    side = _randint(math.ceil(0.15 * size), math.ceil(0.2 * size), count, rng).clamp_min(1)
+    c = _randint((size // 2 - side).clamp_min(0), size // 2, count, rng)
+    r1 = _randint((int(0.3 * size) - side).clamp_min(0), int(0.7 * size), count, rng)
+    r2 = _randint((int(0.3 * size) - side).clamp_min(0), int(0.7 * size), count, rng)
     pos = torch.arange(size, device=images.device)
     in_rows = (pos >= r1[:, None]) & (pos < (r1 + side)[:, None])  # (B, S)
     in_cols = (pos >= r2[:, None]) & (pos < (r2 + side)[:, None])
@@ -81,11 +81,11 @@ def rotate_quarter_turns(images: torch.Tensor, turns: torch.Tensor) -> torch.Ten
 
 
 def perlin_blend_batch(images: torch.Tensor, sources: torch.Tensor,
-                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                       rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's Perlin anomaly per image (see :func:`augment.perlin.perlin_blend`), batched."""
     count, _, height, width = images.shape
-    masks = blob_masks(perlin_noise_batch(count, height, width, (LATTICE, LATTICE), generator))
-    turns = torch.randint(0, 4, (count,), generator=generator, device=images.device)
+    masks = blob_masks(perlin_noise_batch(count, height, width, (LATTICE, LATTICE), rng))
+    turns = torch.randint(0, 4, (count,), generator=rng, device=images.device)
     rotated = rotate_quarter_turns(sources, turns) if height == width else sources
     m = masks[:, None].to(images.dtype)
     return images * (1 - m) + rotated * m, masks
@@ -129,15 +129,15 @@ def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     return choices.gather(2, index)[:, :, 0]
 
 
-def color_jitter_batch(images: torch.Tensor, region: torch.Tensor, generator: torch.Generator,
+def color_jitter_batch(images: torch.Tensor, region: torch.Tensor, rng: torch.Generator,
                        strength: float = 0.1) -> torch.Tensor:
     """Brightness, contrast, saturation and hue jitter with one random factor set per image.
 
     ``region`` ``(B, H, W)`` bool marks the patch whose mean grey the contrast change pivots on
     (torchvision's ``adjust_contrast`` of the cut patch). Returns ``(B, 3, H, W)`` in [0, 1].
     """
-    factors = [_uniform(1 - strength, 1 + strength, images.shape[0], generator) for _ in range(3)]
-    hue = _uniform(-strength, strength, images.shape[0], generator)
+    factors = [_uniform(1 - strength, 1 + strength, images.shape[0], rng) for _ in range(3)]
+    hue = _uniform(-strength, strength, images.shape[0], rng)
     return apply_color_jitter(images, region, *factors, hue)
 
 
@@ -157,28 +157,28 @@ def apply_color_jitter(images: torch.Tensor, region: torch.Tensor, brightness: t
 
 
 def scar_batch(images: torch.Tensor, sources: torch.Tensor,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+               rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """CutPaste-scar per image (see :func:`augment.cutpaste.scar`), batched."""
     count, _, height, width = images.shape
     device = images.device
     scale = min(height, width) / 256
-    strip_w = torch.round(_uniform(2, 16, count, generator) * scale).long().clamp(1, width)
-    strip_h = torch.round(_uniform(10, 25, count, generator) * scale).long().clamp_min(2).clamp_max(height)
-    top = _randint(0, height - strip_h + 1, count, generator)
-    left = _randint(0, width - strip_w + 1, count, generator)
+    strip_w = torch.round(_uniform(2, 16, count, rng) * scale).long().clamp(1, width)
+    strip_h = torch.round(_uniform(10, 25, count, rng) * scale).long().clamp_min(2).clamp_max(height)
+    top = _randint(0, height - strip_h + 1, count, rng)
+    left = _randint(0, width - strip_w + 1, count, rng)
     rows = torch.arange(height, device=device)
     cols = torch.arange(width, device=device)
     region = (((rows >= top[:, None]) & (rows < (top + strip_h)[:, None]))[:, :, None]
               & ((cols >= left[:, None]) & (cols < (left + strip_w)[:, None]))[:, None, :])
-    jittered = color_jitter_batch(sources, region, generator)
+    jittered = color_jitter_batch(sources, region, rng)
 
-    angle = torch.deg2rad(_uniform(-45, 45, count, generator))
+    angle = torch.deg2rad(_uniform(-45, 45, count, rng))
     cos, sin = torch.cos(angle), torch.sin(angle)
     w, h = strip_w.float(), strip_h.float()
     half_y = 0.5 * (cos.abs() * h + sin.abs() * w)
     half_x = 0.5 * (sin.abs() * h + cos.abs() * w)
-    cy = _uniform(half_y, torch.maximum(half_y, height - half_y), count, generator)
-    cx = _uniform(half_x, torch.maximum(half_x, width - half_x), count, generator)
+    cy = _uniform(half_y, torch.maximum(half_y, height - half_y), count, rng)
+    cx = _uniform(half_x, torch.maximum(half_x, width - half_x), count, rng)
     ys = rows.float()[None, :, None] + 0.5 - cy[:, None, None]  # (B, H, 1)
     xs = cols.float()[None, None, :] + 0.5 - cx[:, None, None]  # (B, 1, W)
     cos, sin, w, h = (t[:, None, None] for t in (cos, sin, w, h))
@@ -191,16 +191,16 @@ def scar_batch(images: torch.Tensor, sources: torch.Tensor,
     return torch.where(masks[:, None], strip, images), masks
 
 
-def rotflip_batch(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def rotflip_batch(images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     """One of the 8 symmetries of the square per image (a random quarter-turn, then a random mirror)."""
     count = images.shape[0]
-    turns = torch.randint(0, 4, (count,), generator=generator, device=images.device)
-    mirror = torch.randint(0, 2, (count,), generator=generator, device=images.device).bool()
+    turns = torch.randint(0, 4, (count,), generator=rng, device=images.device)
+    mirror = torch.randint(0, 2, (count,), generator=rng, device=images.device).bool()
     out = rotate_quarter_turns(images, turns)
     return torch.where(mirror[:, None, None, None], out.flip(3), out)
 
 
-BATCH_GENERATORS: dict[str, BatchGenerator] = {
+BATCH_MAKERS: dict[str, BatchMaker] = {
     "cutpaste": cutpaste_batch,
     "perlin": perlin_blend_batch,
     "scar": scar_batch,

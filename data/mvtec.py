@@ -8,9 +8,10 @@ Layout (MVTec AD and most industrial data sets)::
     ROOT/<category>/ground_truth/<defect>/<stem>_mask.png
 
 Images are decoded and resized once and cached in memory as uint8 (the data sets are small),
-so an epoch never decodes the same file twice. Synthetic anomalies are drawn from a
-``torch.Generator`` seeded by ``(seed, epoch, index)``: the same seed gives the same anomalies
-and batches whatever the number of loader workers or processes.
+so an epoch never decodes the same file twice. Synthetic anomalies are made by
+:func:`augment.make_anomalies` from a ``torch.Generator`` (``rng``) seeded by
+``(seed, epoch, index)``: the same seed gives the same anomalies and batches whatever the number
+of loader workers or processes.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import augment
+from augment import make_anomalies, other_index, sample_seed
 from errors import UserError
 
 from .images import (
@@ -159,31 +161,11 @@ def load_cached(paths: list[Path], size: int, antialias: bool, desc: str) -> tor
     return images
 
 
-def other_indices(index: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
-    """For each entry of ``index`` ``(B,)``, a uniformly random index in ``range(count)`` other than
-    it (itself when ``count == 1``), drawn on the generator's device."""
-    if count < 2:
-        return index.clone()
-    other = torch.randint(0, count - 1, index.shape, generator=generator, device=generator.device)
-    return other + (other >= index).long()
-
-
-def other_index(index: int, count: int, generator: torch.Generator) -> int:
-    """:func:`other_indices` for one index."""
-    return int(other_indices(torch.tensor([index]), count, generator)[0])
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed unique to (seed, epoch, index), stable across processes and runs."""
-    value = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB)
-    return value % (2**63 - 1)
-
-
 class TrainSet(Dataset):
-    """Normal training images, each with one synthetic anomaly per selected generator.
+    """Normal training images, each with one synthetic anomaly per selected anomaly maker.
 
-    ``dataset[i]`` is ``(normal (3, S, S) float, anomalies (G, 3, S, S) float)``; generator
-    ``g`` of ``augs`` is class ``g + 1``. Call ``set_epoch(e)`` before each epoch.
+    ``dataset[i]`` is ``(normal (3, S, S) float, anomalies (G, 3, S, S) float)``; maker ``g`` of
+    ``augs`` is class ``g + 1``. Call ``set_epoch(e)`` before each epoch.
     """
 
     def __init__(self, root: str | Path, category: str, size: int, augs: list[str], seed: int = 0,
@@ -191,7 +173,7 @@ class TrainSet(Dataset):
         self.paths = train_images(root, category)
         self.size, self.augs, self.seed, self.antialias = size, augs, seed, antialias
         self.rotflip = rotflip
-        self.generators = [augment.GENERATORS[name] for name in augs]
+        self.makers = [augment.MAKERS[name] for name in augs]
         self.epoch = 0
         self.images = load_cached(self.paths, size, antialias, f"{category}: caching train") if cache else None
 
@@ -207,20 +189,19 @@ class TrainSet(Dataset):
             self.paths[index], self.size, self.antialias)
         return to_float(raw)
 
+    def sample(self, index: int, epoch: int | None = None,
+               seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training sample ``index`` of ``epoch`` under ``seed`` (default: the set's own):
+        ``(normal, anomalies (G, 3, S, S), masks (G, S, S) bool)``; each source is another
+        random training image, as in the paper."""
+        epoch = self.epoch if epoch is None else epoch
+        rng = torch.Generator().manual_seed(sample_seed(self.seed if seed is None else seed, epoch, index))
+        return make_anomalies(self.image(index), self.makers,
+                              lambda rng: self.image(other_index(index, len(self), rng)), rng, self.rotflip)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        gen = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-        normal = self.image(index)
-        if self.rotflip:
-            # A random multiple of 90 degrees and a random mirror: the 8 symmetries of the square.
-            turns, mirror = (int(v) for v in torch.randint(0, 4, (2,), generator=gen))
-            normal = torch.rot90(normal, turns, dims=(1, 2))
-            normal = normal.flip(2) if mirror % 2 else normal
-        anomalies = []
-        for make in self.generators:
-            # Source: another random normal image, as in the paper.
-            anomalous, _ = make(normal, self.image(other_index(index, len(self), gen)), gen)
-            anomalies.append(anomalous)
-        return normal, torch.stack(anomalies)
+        normal, anomalies, _ = self.sample(index)
+        return normal, anomalies
 
 
 class TestSet(Dataset):

@@ -55,25 +55,26 @@ def split_train(count: int, seed: int, fraction: float = HOLDOUT_FRACTION) -> tu
 
 def synthetic_images(images: torch.Tensor, held_out: torch.Tensor, fit: torch.Tensor, seed: int,
                      augs: tuple[str, ...] = CHECK_AUGS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Held-out normals followed by one anomaly per kind for each of them.
+    """Held-out normals followed by one anomaly per kind for each of them, kind by kind.
 
     ``images``: ``(N, 3, S, S)`` uint8 training images. Returns ``(M, 3, S, S)`` float images,
     ``(M, S, S)`` bool masks (empty for the normals) and ``(M,)`` labels, with
-    ``M = len(held_out) * (1 + len(augs))``; the pasted/blended source is a fit image.
+    ``M = len(held_out) * (1 + len(augs))``; the pasted/blended source is a random fit image.
     """
-    gen = torch.Generator().manual_seed(seed + SEED_OFFSET)
-    normals = [to_float(images[i]) for i in held_out.tolist()]
-    size = images.shape[-1]
-    out_images, out_masks = list(normals), [torch.zeros(size, size, dtype=torch.bool)] * len(normals)
-    for name in augs:
-        make = augment.GENERATORS[name]
+    rng = torch.Generator().manual_seed(seed + SEED_OFFSET)
+    normals = to_float(images[held_out])
+
+    def pick_source(rng: torch.Generator) -> torch.Tensor:
+        return to_float(images[fit[int(torch.randint(len(fit), (1,), generator=rng))]])
+
+    out_images, out_masks = [normals], [torch.zeros(normals.shape[0], *normals.shape[-2:], dtype=torch.bool)]
+    for name in augs:  # kind by kind, not image by image: the order this stream has always been drawn in
         for normal in normals:
-            source = to_float(images[fit[int(torch.randint(len(fit), (1,), generator=gen))]])
-            anomalous, mask = make(normal, source, gen)
-            out_images.append(anomalous)
+            _, anomaly, mask = augment.make_anomalies(normal, [augment.MAKERS[name]], pick_source, rng)
+            out_images.append(anomaly)
             out_masks.append(mask)
-    labels = torch.tensor([0] * len(normals) + [1] * (len(out_images) - len(normals)))
-    return torch.stack(out_images), torch.stack(out_masks), labels
+    labels = torch.tensor([0] * len(normals) + [1] * len(normals) * len(augs))
+    return torch.cat(out_images), torch.cat(out_masks), labels
 
 
 def synthetic_check(model: torch.nn.Module, config: ScoreConfig, data_root: str | Path, category: str,

@@ -1,4 +1,4 @@
-"""Synthetic anomaly generators: the paper's geometry, purity, determinism."""
+"""Synthetic anomaly makers: the paper's geometry, purity, determinism."""
 
 import math
 
@@ -12,8 +12,8 @@ SIZE = 128
 
 
 def pair(seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(3, SIZE, SIZE, generator=gen), torch.rand(3, SIZE, SIZE, generator=gen)
+    rng = torch.Generator().manual_seed(seed)
+    return torch.rand(3, SIZE, SIZE, generator=rng), torch.rand(3, SIZE, SIZE, generator=rng)
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -75,25 +75,25 @@ def test_perlin_mask_binary_nonempty_and_blend(seed):
 
 
 def test_perlin_noise_shape_and_odd_sizes():
-    gen = torch.Generator().manual_seed(0)
-    noise = augment.perlin_noise(100, 70, (8, 8), gen)
+    rng = torch.Generator().manual_seed(0)
+    noise = augment.perlin_noise(100, 70, (8, 8), rng)
     assert noise.shape == (100, 70) and torch.isfinite(noise).all()
-    assert augment.perlin_mask(33, 33, gen).shape == (33, 33)
+    assert augment.perlin_mask(33, 33, rng).shape == (33, 33)
 
 
-@pytest.mark.parametrize("name", list(augment.GENERATORS))
-def test_generators_use_only_the_given_generator(name):
+@pytest.mark.parametrize("name", list(augment.MAKERS))
+def test_makers_draw_only_from_the_given_rng(name):
     image, source = pair(1)
     torch.manual_seed(123)
-    a = augment.GENERATORS[name](image, source, torch.Generator().manual_seed(5))
+    a = augment.MAKERS[name](image, source, torch.Generator().manual_seed(5))
     torch.manual_seed(999)  # global state must not matter
-    b = augment.GENERATORS[name](image, source, torch.Generator().manual_seed(5))
+    b = augment.MAKERS[name](image, source, torch.Generator().manual_seed(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    c = augment.GENERATORS[name](image, source, torch.Generator().manual_seed(6))
+    c = augment.MAKERS[name](image, source, torch.Generator().manual_seed(6))
     assert not torch.equal(a[1], c[1]) or not torch.equal(a[0], c[0])
 
 
 def test_parse_augs():
     assert augment.parse_augs("cutpaste, perlin") == ["cutpaste", "perlin"]
-    with pytest.raises(UserError, match="unknown generator blur"):
+    with pytest.raises(UserError, match="unknown anomaly maker blur"):
         augment.parse_augs("cutpaste,blur")

@@ -1,4 +1,4 @@
-"""The batched (GPU-path) anomaly generators against the per-image reference generators.
+"""The batched (GPU-path) anomaly makers against the per-image reference makers.
 
 The random streams differ, so the tests compare what matters: the same parameter
 distributions (two-sample Kolmogorov-Smirnov tests on mask area, position and shape over a few
@@ -13,9 +13,9 @@ from scipy.stats import ks_2samp
 from torchvision.transforms import functional as TF
 
 import augment
-from augment.batched import BATCH_GENERATORS, apply_color_jitter, rotflip_batch
+from augment import other_indices
+from augment.batched import BATCH_MAKERS, apply_color_jitter, rotflip_batch
 from data import TrainSet
-from data.mvtec import other_indices
 from training.device_batches import DeviceBatches
 from training.loop import EpochShuffleSampler
 
@@ -40,12 +40,12 @@ def mask_statistics(masks: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", ["cutpaste", "perlin", "scar"])
-def test_batched_generator_matches_per_image_statistics(name):
+def test_batched_maker_matches_per_image_statistics(name):
     images, sources = noise_images(DRAWS, 1), noise_images(DRAWS, 2)
-    reference = augment.GENERATORS[name]
-    gen = torch.Generator().manual_seed(3)
-    per_image = torch.stack([reference(images[i], sources[i], gen)[1] for i in range(DRAWS)])
-    out, batched = BATCH_GENERATORS[name](images, sources, torch.Generator().manual_seed(4))
+    reference = augment.MAKERS[name]
+    rng = torch.Generator().manual_seed(3)
+    per_image = torch.stack([reference(images[i], sources[i], rng)[1] for i in range(DRAWS)])
+    out, batched = BATCH_MAKERS[name](images, sources, torch.Generator().manual_seed(4))
     assert out.shape == images.shape and batched.shape == (DRAWS, SIZE, SIZE) and batched.dtype == torch.bool
     assert batched.any((1, 2)).all(), "every image gets an anomaly"
     # Outside the mask nothing changes; inside, a noise image changes (almost) everywhere.
@@ -61,7 +61,7 @@ def test_batched_generator_matches_per_image_statistics(name):
 
 def test_batched_cutpaste_pastes_a_square_of_the_source():
     images, sources = noise_images(16, 5), noise_images(16, 6)
-    out, masks = BATCH_GENERATORS["cutpaste"](images, sources, torch.Generator().manual_seed(0))
+    out, masks = BATCH_MAKERS["cutpaste"](images, sources, torch.Generator().manual_seed(0))
     for i in range(16):
         rows, cols = masks[i].nonzero(as_tuple=True)
         top, left, side = int(rows.min()), int(cols.min()), int(rows.max() - rows.min() + 1)
@@ -73,12 +73,12 @@ def test_batched_cutpaste_pastes_a_square_of_the_source():
 
 
 def test_color_jitter_equals_torchvision_on_the_patch():
-    gen = torch.Generator().manual_seed(0)
-    images = torch.rand(5, 3, 20, 30, generator=gen)
+    rng = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 3, 20, 30, generator=rng)
     region = torch.zeros(5, 20, 30, dtype=torch.bool)
     region[:, 4:15, 6:13] = True
-    factors = [0.9 + 0.2 * torch.rand(5, generator=gen) for _ in range(3)]
-    hue = -0.1 + 0.2 * torch.rand(5, generator=gen)
+    factors = [0.9 + 0.2 * torch.rand(5, generator=rng) for _ in range(3)]
+    hue = -0.1 + 0.2 * torch.rand(5, generator=rng)
     out = apply_color_jitter(images, region, *factors, hue)
     for i in range(5):
         patch = images[i, :, 4:15, 6:13]

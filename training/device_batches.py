@@ -3,12 +3,14 @@
 On a GPU the network eats thousands of images a second; CPU workers cutting and pasting one
 image at a time cannot keep up. Here the whole decoded, resized training set lives on the
 device as uint8 (Magnetic Tile at 256 px: 150 MB), and each batch is gathered, turned into float,
-and given its synthetic anomalies by the batched generators of :mod:`augment.batched`: a handful
-of kernels per batch, no host round trip, no worker processes.
+and given its synthetic anomalies by :func:`augment.make_anomalies_batch` with the batched anomaly
+makers of :mod:`augment.batched`: a handful of kernels per batch, no host round trip, no worker
+processes.
 
 The sample order is the same sampler as the loader path (so ``--seed`` and DDP sharding behave
-the same); the anomalies come from a device generator seeded by ``(seed, epoch, step)``, so a
-resumed run sees the same batches as an uninterrupted one.
+the same); the anomalies come from a device ``torch.Generator`` (``rng``) seeded by
+``augment.batch_seed(seed, epoch, step)``, so a resumed run sees the same batches as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ import math
 import torch
 from torch.utils.data import Sampler
 
-from augment.batched import BATCH_GENERATORS, rotflip_batch
-from data import TrainSet
-from data.mvtec import other_indices, sample_seed
+from augment import batch_seed, make_anomalies_batch, other_indices
+from augment.batched import BATCH_MAKERS
+from data import TrainSet, to_float
 
 
 class DeviceBatches:
@@ -35,7 +37,7 @@ class DeviceBatches:
             raise ValueError("DeviceBatches needs the in-memory image cache of the training set")
         self.dataset, self.sampler, self.batch_size, self.device = dataset, sampler, batch_size, device
         self.images = dataset.images.to(device)  # (N, 3, S, S) uint8
-        self.generators = [BATCH_GENERATORS[name] for name in dataset.augs]
+        self.makers = [BATCH_MAKERS[name] for name in dataset.augs]
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
@@ -44,20 +46,13 @@ class DeviceBatches:
         order = torch.as_tensor(list(self.sampler), dtype=torch.long).to(self.device, non_blocking=True)
         for step, start in enumerate(range(0, len(order), self.batch_size)):
             index = order[start:start + self.batch_size]
-            generator = torch.Generator(device=self.device)
-            # Offset so the step seeds never collide with the per-sample seeds of the loader path.
-            generator.manual_seed(sample_seed(self.dataset.seed, self.dataset.epoch, 1_000_000_007 + step))
-            yield self.make(index, generator)
+            rng = torch.Generator(device=self.device)
+            rng.manual_seed(batch_seed(self.dataset.seed, self.dataset.epoch, step))
+            yield self.make(index, rng)
 
-    def make(self, index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def make(self, index: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Training indices ``(B,)`` -> ``(normal (B, 3, S, S), anomalies (B, G, 3, S, S))`` in [0, 1]."""
-        normal = self.images[index].float().div_(255)
-        if self.dataset.rotflip:
-            normal = rotflip_batch(normal, generator)
-        anomalies = []
-        for make in self.generators:
-            # Source: another random normal image per sample, as in the paper (not rotated/flipped,
-            # as in the loader path).
-            source = self.images[other_indices(index, len(self.images), generator)].float().div_(255)
-            anomalies.append(make(normal, source, generator)[0])
-        return normal, torch.stack(anomalies, 1)
+        normal, anomalies, _ = make_anomalies_batch(
+            to_float(self.images[index]), self.makers,
+            lambda rng: to_float(self.images[other_indices(index, len(self.images), rng)]), rng, self.dataset.rotflip)
+        return normal, anomalies

@@ -1,8 +1,10 @@
 """The anomaly preview: a PNG grid of normal images and their synthetic anomalies.
 
 Saved at the start of training so users see what the network learns to tell apart: one row
-per class (normal, then each generator), labelled on the left, one column per sampled training
+per class (normal, then each anomaly maker), labelled on the left, one column per training
 image, with the changed region outlined in red on the anomaly rows and a title line saying so.
+The tiles are the training set's own samples of epoch 0 (:meth:`data.TrainSet.sample`, the same
+seeds, sources and rotations/mirrors as the loader path), not a separate drawing.
 """
 
 from __future__ import annotations
@@ -15,8 +17,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import augment
-from data.mvtec import other_index
 from fileio import atomic_write
 
 TITLE = "Synthetic anomalies made from the training images; red outline: the changed region"
@@ -85,21 +85,22 @@ def grid_picture(rows: list[list[torch.Tensor]], names: list[str], title: str = 
 
 
 def save_preview(dataset, path: Path, columns: int = 8, seed: int = 0) -> Path:
-    """Write the grid for the first ``columns`` images of a ``data.TrainSet`` to ``path``."""
+    """Write the grid for the first ``columns`` images of a ``data.TrainSet`` to ``path``.
+
+    ``seed`` is the training seed: the tiles are exactly epoch 0's training samples when it is
+    the data set's seed (as the training loop passes it).
+    """
     count = min(columns, len(dataset))
     rows: list[list[torch.Tensor]] = [[] for _ in range(1 + len(dataset.augs))]
     for index in range(count):
-        gen = torch.Generator().manual_seed(seed * 7919 + index)
-        normal = dataset.image(index)
+        normal, anomalies, masks = dataset.sample(index, epoch=0, seed=seed)
         rows[0].append(normal)
-        for row, name in enumerate(dataset.augs, start=1):
-            source = dataset.image(other_index(index, len(dataset), gen))
-            image, mask = augment.GENERATORS[name](normal, source, gen)
+        for row, (image, mask) in enumerate(zip(anomalies, masks), start=1):
             image = image.clone()
-            edge = outline(mask)
-            image[:, edge] = torch.tensor([1.0, 0.0, 0.0])[:, None]
+            image[:, outline(mask)] = torch.tensor([1.0, 0.0, 0.0])[:, None]
             rows[row].append(image)
-    picture = grid_picture(rows, ["normal", *dataset.augs])
+    title = TITLE + ("; normal images rotated/mirrored at random, as in training" if dataset.rotflip else "")
+    picture = grid_picture(rows, ["normal", *dataset.augs], title)
     buffer = io.BytesIO()
     picture.save(buffer, format="png")
     atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
