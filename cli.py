@@ -1,7 +1,11 @@
-"""What every command-line entry point shares: device choice and the one-line error handling.
+"""What every command-line entry point shares: the parser, common flags and one-line error handling.
 
 ``run(main, args)`` calls ``main(args)``; a :class:`errors.UserError` is printed as one line
 on stderr with exit status 2 (``--debug`` shows the traceback), Ctrl-C exits with 130.
+
+Only command-line things live here; what the library needs of the machine (device, bfloat16,
+workers, precision) is :mod:`runtime`, re-exported below for older callers. Library code
+(``models/``, ``data/``, ``augment/``, ``training/``, ``scoring/``) never imports this module.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from collections.abc import Callable
 
 import torch
 
+import runtime
 from errors import UserError
+from runtime import bf16_available, resolve_workers  # noqa: F401  (re-exported)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -40,41 +46,21 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu "
-                            "(or install a CUDA build of PyTorch and check nvidia-smi)")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def bf16_available(device: torch.device) -> bool:
-    """bfloat16 autocast pays on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """``--device`` value -> ``torch.device`` (:func:`runtime.resolve_device`, with the flag's wording)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu "
+                        "(or install a CUDA build of PyTorch and check nvidia-smi)")
+    return runtime.resolve_device(name, local_rank)
 
 
 def parse_workers(text: str) -> int | None:
-    """``--workers`` value: ``auto`` -> ``None`` (see :func:`resolve_workers`), else an int."""
+    """``--workers`` value: ``auto`` -> ``None`` (see :func:`runtime.resolve_workers`), else an int."""
     if text == "auto":
         return None
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'auto'") from None
-
-
-def resolve_workers(workers: int | None, device: torch.device) -> int:
-    """Loader workers: the given number, or for ``auto`` none on the CPU and up to 8 feeding a GPU."""
-    if workers is not None:
-        return workers
-    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
 
 
 def check_workers(workers: int | None) -> None:

@@ -22,14 +22,14 @@ import torch
 
 import cli
 import models
+import runtime
 from augment import parse_augs
 from data import resolve_categories
 from errors import UserError
 from models.dwt import lowpass_filter
-from recipes import RECIPES
-from training import cleanup, init_distributed, resolve_precision, run_dir_for, train_category
-from training.distributed import all_reduce_sum
-from training.loop import WEIGHT_SETTINGS  # noqa: F401  (benchmarks read it from here)
+from recipes import RECIPES, train_overrides
+from training import TrainConfig, TrainRun, cleanup, init_distributed, run_dir_for, train_category
+from training.distributed import DistInfo, all_reduce_sum
 from training.rundir import RunClaim
 
 
@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.demo or args.recipe != "paper":
         # The recipe's settings win over the demo's where both set one (e.g. the batch size).
-        parser.set_defaults(**{**(DEMO_DEFAULTS if args.demo else {}), **RECIPES[args.recipe]["train"]})
+        parser.set_defaults(**{**(DEMO_DEFAULTS if args.demo else {}), **train_overrides(args.recipe)})
         args = parser.parse_args(argv)
     return args
 
@@ -138,7 +138,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UserError(f"--m {args.momentum}: momentum must be in [0, 1) (the paper: 0.9)")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
         raise UserError(f"--wd {args.weight_decay}: weight decay must be a finite number, 0 or more (the paper: 3e-5)")
-    if args.resume == "auto" and getattr(args, "overwrite", False):
+    if args.resume == "auto" and args.overwrite:
         raise UserError("--resume and --overwrite: choose one (--resume continues the run in the run folder, "
                         "--overwrite moves it aside and starts over)")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
@@ -153,12 +153,31 @@ def validate(args: argparse.Namespace) -> None:
     cli.check_workers(args.workers)
 
 
-def summary(args: argparse.Namespace, categories: list[str], device: torch.device, precision: str) -> str:
-    return (f"training {', '.join(categories)} | {args.arch} ({args.wavelet}) at {args.size} px | "
-            f"augs {'+'.join(args.augs)} | {args.epochs} epochs, batch {args.batch_size} x "
-            f"{1 + len(args.augs)}, SGD lr {args.lr} momentum {args.momentum} wd {args.weight_decay} | "
-            f"seed {args.seed} | {device} {precision}{' channels_last' if args.channels_last else ''} | "
-            f"-> {args.ckpt_dir}/<category>-{args.arch}/")
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The training settings of the parsed flags (the only place that maps flags to settings)."""
+    return TrainConfig(**{name: tuple(parse_augs(args.augs)) if name == "augs" else getattr(args, name)
+                          for name in TrainConfig.names()})
+
+
+def run_from_args(args: argparse.Namespace) -> TrainRun:
+    """Folders and outputs of the parsed flags."""
+    return TrainRun(data_root=str(args.data_root), ckpt_dir=str(args.ckpt_dir), resume=args.resume,
+                    overwrite=args.overwrite, save_every=args.save_every, tensorboard=not args.no_tensorboard)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``--precision`` -> fp32 / bf16 (:func:`runtime.resolve_precision`, with the flag's wording)."""
+    if precision == "bf16" and not runtime.bf16_available(device):
+        raise UserError(f"--precision bf16: this {device.type.upper()} has no native bfloat16; use fp32")
+    return runtime.resolve_precision(precision, device)
+
+
+def summary(config: TrainConfig, run: TrainRun, categories: list[str], device: torch.device, precision: str) -> str:
+    return (f"training {', '.join(categories)} | {config.arch} ({config.wavelet}) at {config.size} px | "
+            f"augs {'+'.join(config.augs)} | {config.epochs} epochs, batch {config.batch_size} x "
+            f"{config.num_classes}, SGD lr {config.lr} momentum {config.momentum} wd {config.weight_decay} | "
+            f"seed {config.seed} | {device} {precision}{' channels_last' if config.channels_last else ''} | "
+            f"-> {run.ckpt_dir}/<category>-{config.arch}/")
 
 
 def main(args: argparse.Namespace) -> list:
@@ -168,42 +187,47 @@ def main(args: argparse.Namespace) -> list:
         # the previous demo run moved aside (printed), instead of failing on its own output.
         args.overwrite = True
     validate(args)
+    config, run = config_from_args(args), run_from_args(args)
     if args.demo:
         from data.demo import demo_exists, write_demo
 
-        if not demo_exists(args.data_root):
-            print(f"writing the demo data set to {args.data_root}/ ...", flush=True)
-            write_demo(args.data_root)
-    categories = resolve_categories(args.data_root, args.category)
-    device_type = cli.resolve_device(args.device).type
-    dist_info = init_distributed(device_type)
+        if not demo_exists(run.data_root):
+            print(f"writing the demo data set to {run.data_root}/ ...", flush=True)
+            write_demo(run.data_root)
+    categories = resolve_categories(run.data_root, args.category)
+    dist_info = init_distributed(cli.resolve_device(args.device).type)
     device = cli.resolve_device(args.device, dist_info.local_rank)
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(config.precision, device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+        torch.backends.cudnn.benchmark = config.cudnn_benchmark
     if dist_info.is_main:
-        print(summary(args, categories, device, precision), flush=True)
-    paths, trained = [], []
-    try:
-        # Every run folder is checked and locked before the first category trains, and stays
-        # locked until the last one is done (released on every way out, Ctrl-C included).
-        with claim_runs(args, categories, device, dist_info):
-            for category in categories:
-                path, did_train = train_category(args, category, device, dist_info)
-                paths.append(path)
-                trained.append(did_train)
-    finally:
-        cleanup(dist_info)
+        print(summary(config, run, categories, device, precision), flush=True)
+    paths = train_all(config, run, categories, device, dist_info, "--demo" if args.demo else "--overwrite")
     if dist_info.is_main:
-        for path, did_train in zip(paths, trained):
+        for path, did_train in paths:
             print(f"saved {path}" if did_train else f"unchanged {path}")
         if args.eval:
             evaluate(args, categories)
-    return paths
+    return [path for path, _ in paths]
 
 
-def claim_runs(args: argparse.Namespace, categories: list[str], device: torch.device,
-               dist_info) -> contextlib.ExitStack:
+def train_all(config: TrainConfig, run: TrainRun, categories: list[str], device: torch.device, dist_info: DistInfo,
+              why_overwrite: str) -> list[tuple[Path, bool]]:
+    """Train every category; returns each checkpoint's path and whether it was trained."""
+    done = []
+    try:
+        # Every run folder is checked and locked before the first category trains, and stays
+        # locked until the last one is done (released on every way out, Ctrl-C included).
+        with claim_runs(config, run, categories, device, dist_info, why_overwrite):
+            for category in categories:
+                done.append(train_category(config, run, category, device, dist_info))
+    finally:
+        cleanup(dist_info)
+    return done
+
+
+def claim_runs(config: TrainConfig, run: TrainRun, categories: list[str], device: torch.device,
+               dist_info: DistInfo, why_overwrite: str = "--overwrite") -> contextlib.ExitStack:
     """Check, lock and (``--overwrite``) move aside every run folder; only rank 0 does it under torchrun.
 
     Returns the context that releases the locks. The other ranks learn whether rank 0 succeeded
@@ -213,8 +237,8 @@ def claim_runs(args: argparse.Namespace, categories: list[str], device: torch.de
     held = contextlib.ExitStack()
     failure = None
     if dist_info.is_main:
-        claim = RunClaim([run_dir_for(args.ckpt_dir, c, args.arch) for c in categories], args.resume,
-                         args.overwrite, epochs=args.epochs, why_overwrite="--demo" if args.demo else "--overwrite")
+        claim = RunClaim([run_dir_for(run.ckpt_dir, c, config.arch) for c in categories], run.resume,
+                         run.overwrite, epochs=config.epochs, why_overwrite=why_overwrite)
         try:
             held.enter_context(claim)
         except BaseException as exc:  # passed on to the other ranks first, then raised

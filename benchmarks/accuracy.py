@@ -9,7 +9,7 @@ variant's folder), so a scoring option costs only scoring. ``--reuse`` keeps a f
 if its checkpoint was trained with the settings asked now and its results scored that checkpoint
 with the scoring settings asked now; anything else is trained / scored again:
 
-    python benchmarks/accuracy.py --data-root ../shared/datasets --c magnetic_tile \\
+    python -m benchmarks.accuracy --data-root ../shared/datasets --c magnetic_tile \\
         --arch wave18 --size 128 --e 20 --seeds 0,1,2 --variants paper best
 
 Writes ``accuracy.md``, ``accuracy.csv`` and ``accuracy.json`` (every run's metrics) to ``--out``.
@@ -27,22 +27,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import cli  # noqa: E402
-import main as train_main  # noqa: E402
-from augment import parse_augs  # noqa: E402
-from errors import UserError  # noqa: E402
-from recipes import RECIPES  # noqa: E402
-from scoring import cli as score_cli  # noqa: E402
-from scoring.core import file_sha256  # noqa: E402
-from scoring.report import write_json, write_table  # noqa: E402
+import cli
+import main as train_main
+from errors import UserError
+from recipes import RECIPES
+from scoring import ScoreConfig
+from scoring import cli as score_cli
+from scoring.core import file_sha256, settings_record
+from scoring.report import write_json, write_table
 
 FUSIONS = ("concatenation", "multiplication")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_auroc_paper_masks")
 CHECK_METRICS = ("image_auroc", "pixel_auroc")
-# Scoring settings a reused results.json must have been made with (as recorded in its "settings").
-RESULT_SETTINGS = ("layers", "k", "coreset", "coreset_dim", "smooth", "antialias")
+# Scoring settings a reused results.json must have been made with (as recorded in its "settings"):
+# all but the speed ones.
+RESULT_SETTINGS = ScoreConfig.names("bank", "score")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -93,10 +92,17 @@ def train_argv(args: argparse.Namespace, train_flags: list[str], seed: int, epoc
 
 
 def training_settings(argv: list[str]) -> dict:
-    """The settings of ``main.py argv`` that decide the trained weights (paths and speed flags left out)."""
-    resolved = vars(train_main.parse_args(argv))
-    resolved["augs"] = parse_augs(resolved["augs"])
-    return {k: resolved[k] for k in train_main.WEIGHT_SETTINGS}
+    """The settings of ``main.py argv`` that decide the trained weights (``TrainConfig``'s ``weights``
+    fields: paths, labels and speed settings left out)."""
+    return train_main.config_from_args(train_main.parse_args(argv)).subset("weights")
+
+
+def result_settings(score_args: argparse.Namespace, train_size: int) -> dict:
+    """The scoring settings ``results.json`` records for ``score_args`` (as ``scoring.core`` writes them:
+    the size resolved to the checkpoint's, no refinement without a coreset), speed settings left out."""
+    config = score_cli.config_from_args(score_args)
+    config = config.replace(size=config.size or train_size)
+    return {k: v for k, v in settings_record(config, "").items() if k in RESULT_SETTINGS}
 
 
 def settings_mismatch(recorded: dict, wanted: dict) -> list[str]:
@@ -117,7 +123,8 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
     run_dir = ckpt_dir / f"{args.category}-{args.arch}"
     # A variant sharing another's training uses the run this command already made for it.
     reuse = args.reuse or run_dir.resolve() in TRAINED_HERE
-    train_s = finished_training_seconds(run_dir, training_settings(argv)) if reuse else None
+    wanted_training = training_settings(argv)
+    train_s = finished_training_seconds(run_dir, wanted_training) if reuse else None
     if train_s is None:
         start = time.perf_counter()
         # A run already in the folder (other settings, or no --reuse) is retrained from scratch:
@@ -136,8 +143,7 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
         done = results_dir / fusion / "results.json"
         if args.reuse and done.is_file():
             record = json.loads(done.read_text())
-            wanted = {k: getattr(score_args, k) for k in RESULT_SETTINGS}
-            wanted["refine"] = score_args.refine if score_args.coreset < 1 else 0
+            wanted = result_settings(score_args, wanted_training["size"])
             if (record["checkpoint"]["sha256"] == ckpt_sha and not settings_mismatch(record["settings"], wanted)
                     and (not args.synthetic_check or "synthetic_check" in record)):
                 rows.append(result_row(name, seed, fusion, epochs, train_s, record))

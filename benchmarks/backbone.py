@@ -9,28 +9,22 @@ Prints (and writes to ``--out``) two Markdown tables of median times:
    backward, SGD step), with the paper-style layer as the baseline and ours in float32,
    channels_last and bfloat16 autocast.
 
-    python benchmarks/backbone.py                       # CPU, wave18 + wave50, batch 8, 256 px
-    python benchmarks/backbone.py --device cuda --repeats 10
+    python -m benchmarks.backbone                       # CPU, wave18 + wave50, batch 8, 256 px
+    python -m benchmarks.backbone --device cuda --repeats 10
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import device_sync, markdown_table, median_seconds, system_info, write_results  # noqa: E402
-from paper_style_dwt import PaperStyleDownsample  # noqa: E402
-
-import models  # noqa: E402
-from cli import bf16_available  # noqa: E402
-from models.dwt import WaveletDownsample  # noqa: E402
+import models
+from benchmarks.common import device_sync, markdown_table, median_seconds, system_info, write_results
+from benchmarks.paper_style_dwt import PaperStyleDownsample
+from models.dwt import WaveletDownsample
+from runtime import bf16_available
 
 
 def get_args_parser() -> argparse.ArgumentParser:

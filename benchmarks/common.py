@@ -6,15 +6,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scoring.report import markdown_table  # noqa: E402  (re-exported for the benchmark scripts)
+from scoring.report import markdown_table  # noqa: F401  (re-exported for the benchmark scripts)
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,

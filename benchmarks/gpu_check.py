@@ -6,7 +6,7 @@ time even when a step is slow; a step that fails or runs out of time is reported
 others still run. Writes ``gpu_check.md`` and ``gpu_check.json`` (plus the throughput table) to
 ``--out``.
 
-    python benchmarks/gpu_check.py --data-root ../shared/datasets --minutes 8
+    python -m benchmarks.gpu_check --data-root ../shared/datasets --minutes 8
 """
 
 from __future__ import annotations
@@ -20,14 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.common import markdown_table
+from scoring.knn import faiss_available
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from common import markdown_table  # noqa: E402
-
-sys.path.insert(0, str(REPO))
-from scoring.knn import faiss_available  # noqa: E402
-
 PAPER_EPOCHS = 1600
 
 
@@ -95,24 +91,11 @@ def epoch_log(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def main(args: argparse.Namespace) -> None:
-    import torch
-
-    out, work = Path(args.out), Path(args.work_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    steps = Steps(args.minutes, out / "gpu_check_log.txt")
-    arch, size = args.config.split("@")
-    info = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "config": args.config}
-    print(info, flush=True)
-    py = sys.executable
-    common = ["--c", args.category, "--data-root", args.data_root, "--device", args.device]
-    images_per_epoch = None
-
-    # 1. Throughput table: real epochs, real scoring runs.
+def throughput_step(args: argparse.Namespace, steps: Steps, info: dict, py: str, work: Path, out: Path) -> tuple:
+    """1. The throughput table: real epochs, real scoring runs. Returns (train images/s, images per epoch)."""
+    arch = args.config.split("@")[0]
     scoring = "torch,coreset" + (",faiss" if faiss_available() else "")
-    ok, _ = steps.run("throughput", [py, "benchmarks/throughput.py", "--data-root", args.data_root, "--c",
+    ok, _ = steps.run("throughput", [py, "-m", "benchmarks.throughput", "--data-root", args.data_root, "--c",
                                      args.category, "--configs", args.config, "--device", args.device,
                                      "--epochs", str(args.throughput_epochs), "--scoring", scoring,
                                      "--work-dir", str(work / "throughput"), "--out", str(out)],
@@ -120,6 +103,7 @@ def main(args: argparse.Namespace) -> None:
     table = out / f"throughput_{args.device}.json"
     info["throughput"] = json.loads(table.read_text()) if ok and table.is_file() else None
     train_ips = float(info["throughput"]["rows"][0]["train img/s"]) if info["throughput"] else None
+    images_per_epoch = None
     run_log = epoch_log(work / "throughput" / args.config.replace("@", "_") / f"{args.category}-{arch}")
     if run_log:
         images_per_epoch = run_log[0]["images_per_s"] * run_log[0]["seconds"]
@@ -127,51 +111,76 @@ def main(args: argparse.Namespace) -> None:
     info["train_images_per_s"] = train_ips
     if train_ips and images_per_epoch:
         info["projected_paper_run_min"] = round(PAPER_EPOCHS * images_per_epoch / train_ips / 60, 1)
+    return train_ips, images_per_epoch
 
-    # 2. A real training at the paper's settings for --train-minutes, then both fusions.
+
+def training_step(args: argparse.Namespace, steps: Steps, info: dict, py: str, work: Path, train_ips: float,
+                  images_per_epoch: float) -> None:
+    """2. A real training at the paper's settings for --train-minutes, then both fusions."""
+    arch, size = args.config.split("@")
+    common = ["--c", args.category, "--data-root", args.data_root, "--device", args.device]
+    # Less the start-up (decoding the images, cuDNN autotuning): about 30 s on the H200.
+    epochs = max(1, int(train_ips * (60 * args.train_minutes - 30) / images_per_epoch))
+    ckpt = work / "paper"
+    ok, seconds = steps.run("training", [py, "main.py", *common, "--arch", arch, "--size", size, "--e", str(epochs),
+                                         "--ckpt-dir", str(ckpt), "--no-tensorboard", "--save-every", "0",
+                                         "--overwrite"],
+                            reserve_s=75)
+    log = epoch_log(ckpt / f"{args.category}-{arch}")
+    info["training"] = {"epochs": epochs, "ok": ok, "wall_s": round(seconds, 1), "final": log[-1] if log else None}
+    # A run stopped by the deadline saved its last epoch: score that (the table says how many).
+    for fusion in ("concatenation", "multiplication"):
+        res = work / "paper_results" / fusion
+        ok, seconds = steps.run(fusion, [py, f"inference_{fusion}.py", *common, "--ckpt-dir", str(ckpt),
+                                         "--p", f"{args.category}-{arch}", "--no-pictures", "--out", str(res),
+                                         "--overwrite"],
+                                reserve_s=15 if fusion == "concatenation" else 0)
+        record = json.loads((res / "results.json").read_text()) if ok else None
+        info["training"][fusion] = ({k: record["metrics"][k] for k in ("image_auroc", "pixel_auroc", "aupro")}
+                                    | {"s_per_test_image": record["timings"]["s_per_test_image"]}
+                                    if record else "failed")
+
+
+def variant_step(args: argparse.Namespace, steps: Steps, info: dict, py: str, work: Path, name: str,
+                 flags: list[str], epochs: int, warmup: int = 1, reserve_s: float = 0.0) -> None:
+    """A few epochs of the same training with ``flags``; images/s = median after ``warmup`` epochs."""
+    if not (epochs and info.get("train_images_per_s")):
+        return
+    arch, size = args.config.split("@")
+    ckpt = work / name
+    ok, _ = steps.run(name, [py, "main.py", "--c", args.category, "--data-root", args.data_root, "--device",
+                             args.device, "--arch", arch, "--size", size, "--e", str(epochs), *flags, "--ckpt-dir",
+                             str(ckpt), "--no-tensorboard", "--save-every", "0", "--overwrite"],
+                      reserve_s=reserve_s)
+    log = epoch_log(ckpt / f"{args.category}-{arch}")
+    timed = [r["images_per_s"] for r in log[warmup:]]
+    info[name] = {"ok": ok, "images_per_s": statistics.median(timed) if timed else None,
+                  "epochs": [r["images_per_s"] for r in log]}
+
+
+def main(args: argparse.Namespace) -> None:
+    import torch
+
+    out, work = Path(args.out), Path(args.work_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    steps = Steps(args.minutes, out / "gpu_check_log.txt")
+    info = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "config": args.config}
+    print(info, flush=True)
+    py = sys.executable
+    train_ips, images_per_epoch = throughput_step(args, steps, info, py, work, out)
     if train_ips and images_per_epoch:
-        # Less the start-up (decoding the images, cuDNN autotuning): about 30 s on the H200.
-        epochs = max(1, int(train_ips * (60 * args.train_minutes - 30) / images_per_epoch))
-        ckpt = work / "paper"
-        ok, seconds = steps.run("training", [py, "main.py", *common, "--arch", arch, "--size", size, "--e", str(epochs),
-                                             "--ckpt-dir", str(ckpt), "--no-tensorboard", "--save-every", "0",
-                                             "--overwrite"],
-                                reserve_s=75)
-        log = epoch_log(ckpt / f"{args.category}-{arch}")
-        info["training"] = {"epochs": epochs, "ok": ok, "wall_s": round(seconds, 1), "final": log[-1] if log else None}
-        # A run stopped by the deadline saved its last epoch: score that (the table says how many).
-        for fusion in ("concatenation", "multiplication"):
-            res = work / "paper_results" / fusion
-            ok, seconds = steps.run(fusion, [py, f"inference_{fusion}.py", *common, "--ckpt-dir", str(ckpt),
-                                             "--p", f"{args.category}-{arch}", "--no-pictures", "--out", str(res),
-                                             "--overwrite"],
-                                    reserve_s=15 if fusion == "concatenation" else 0)
-            record = json.loads((res / "results.json").read_text()) if ok else None
-            info["training"][fusion] = ({k: record["metrics"][k] for k in ("image_auroc", "pixel_auroc", "aupro")}
-                                        | {"s_per_test_image": record["timings"]["s_per_test_image"]}
-                                        if record else "failed")
-
-    def variant(name: str, flags: list[str], epochs: int, warmup: int = 1, reserve_s: float = 0.0) -> None:
-        """A few epochs of the same training with ``flags``; images/s = median after ``warmup`` epochs."""
-        if not (epochs and train_ips):
-            return
-        ckpt = work / name
-        ok, _ = steps.run(name, [py, "main.py", *common, "--arch", arch, "--size", size, "--e", str(epochs),
-                                 *flags, "--ckpt-dir", str(ckpt), "--no-tensorboard", "--save-every", "0",
-                                 "--overwrite"],
-                          reserve_s=reserve_s)
-        log = epoch_log(ckpt / f"{args.category}-{arch}")
-        timed = [r["images_per_s"] for r in log[warmup:]]
-        info[name] = {"ok": ok, "images_per_s": statistics.median(timed) if timed else None,
-                      "epochs": [r["images_per_s"] for r in log]}
-
+        training_step(args, steps, info, py, work, train_ips, images_per_epoch)
     # 3. Anomalies made one image at a time by loader workers (the CPU path) instead of on the GPU.
-    variant("loader", ["--anomalies-on", "loader"], args.loader_epochs, reserve_s=60)
+    variant_step(args, steps, info, py, work, "loader", ["--anomalies-on", "loader"], args.loader_epochs,
+                 reserve_s=60)
     # 4. The wavelet layer as matrix products (channels_last layout kept) instead of the depthwise
     #    convolution: the suspect of the 2026-11-28 run's low bf16 gain.
-    variant("dwt_matmul", ["--dwt-impl", "matmul"], args.matmul_epochs, reserve_s=30)
+    variant_step(args, steps, info, py, work, "dwt_matmul", ["--dwt-impl", "matmul"], args.matmul_epochs,
+                 reserve_s=30)
     # 5. torch.compile (last: it is the optional part, and compiling takes a while).
-    variant("compile", ["--compile"], args.compile_epochs, warmup=2)
+    variant_step(args, steps, info, py, work, "compile", ["--compile"], args.compile_epochs, warmup=2)
 
     (out / "gpu_check.json").write_text(json.dumps(info, indent=2))
     (out / "gpu_check.md").write_text(summary_markdown(info))

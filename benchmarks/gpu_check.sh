@@ -23,4 +23,4 @@ if ! "$PY" -c "import pywt" 2>/dev/null; then
     export PYTHONPATH=/tmp/gpu_check_site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-"$PY" benchmarks/gpu_check.py --data-root "$DATA_ROOT" --minutes "$MINUTES" --out "$OUT" "${@:3}"
+"$PY" -m benchmarks.gpu_check --data-root "$DATA_ROOT" --minutes "$MINUTES" --out "$OUT" "${@:3}"

@@ -1,6 +1,6 @@
 """Where a training step's time goes on a GPU: step time per wavelet-layer form, and top kernels.
 
-    python benchmarks/gpu_profile.py --arch wave50 --size 256 --batch 96
+    python -m benchmarks.gpu_profile --arch wave50 --size 256 --batch 96
 
 Prints (and writes ``gpu_profile.md`` to ``--out``) the median train-step time of the network in
 bf16 autocast + channels_last with the wavelet layer as a depthwise convolution and as banded
@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import models  # noqa: E402
-from models.dwt import WaveletDownsample  # noqa: E402
+import models
+from models.dwt import WaveletDownsample
 
 
 def get_args_parser() -> argparse.ArgumentParser:

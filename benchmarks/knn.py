@@ -4,23 +4,17 @@ against our chunked torch search, faiss, and a 10% coreset bank.
 Uses a real memory bank when given one (``ckpt/<p>/banks/*.pt`` written by the inference
 scripts), else a random bank of the Magnetic Tile wave18@128 size (195,072 x 384).
 
-    python benchmarks/knn.py --bank ckpt/magnetic_tile-wave18/banks/concatenation-*.pt
+    python -m benchmarks.knn --bank ckpt/magnetic_tile-wave18/banks/concatenation-*.pt
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import markdown_table, median_seconds, system_info, write_results  # noqa: E402
-
-from scoring.knn import NearestNeighbours, faiss_available, greedy_coreset  # noqa: E402
+from benchmarks.common import markdown_table, median_seconds, system_info, write_results
+from scoring.knn import NearestNeighbours, faiss_available, greedy_coreset
 
 
 def get_args_parser() -> argparse.ArgumentParser:

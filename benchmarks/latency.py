@@ -8,8 +8,8 @@ over ``--repeats`` calls after a warm-up, images/s at batch ``--batch``, and for
 the time goes (network features vs k-NN + fusion). Inputs are uint8 ``S x S`` RGB arrays, so
 file decoding is not counted.
 
-    python benchmarks/latency.py                                 # wave18 and wave50 at 256 px
-    python benchmarks/latency.py --archs wave18 --coresets 0.1   # the inspection-line target
+    python -m benchmarks.latency                                 # wave18 and wave50 at 256 px
+    python -m benchmarks.latency --archs wave18 --coresets 0.1   # the inspection-line target
 """
 
 from __future__ import annotations
@@ -24,21 +24,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import markdown_table, system_info, write_results  # noqa: E402
-from latency_child import synthetic_images  # noqa: E402
-
-import models  # noqa: E402
-from scoring import Detector, ScoreConfig  # noqa: E402
-from scoring.detector import fit_scorer  # noqa: E402
-from scoring.export import export  # noqa: E402
-from scoring.features import batched_features  # noqa: E402
+import models
+from benchmarks.common import markdown_table, system_info, write_results
+from benchmarks.latency_child import synthetic_images
+from scoring import Detector, ScoreConfig
+from scoring.detector import fit_scorer
+from scoring.export import export
+from scoring.features import batched_features
 
 FORMS = ("predict", "torchscript", "onnx")
-# Times one form in a process of its own, importing only what that form needs.
-CHILD = Path(__file__).resolve().parent / "latency_child.py"
+# Times one form in a process of its own (python -m benchmarks.latency_child, from the repository
+# root), importing only what that form needs.
+REPO = Path(__file__).resolve().parent.parent
 SUFFIX = {"predict": "detector.pt", "torchscript": "ts", "onnx": "onnx"}
 
 
@@ -95,8 +92,8 @@ def main(args: argparse.Namespace) -> None:
                 for form in args.forms.split(","):
                     path = detector_file if form == "predict" else detector_file.with_name(
                         detector_file.name.replace("detector.pt", SUFFIX[form]))
-                    run = subprocess.run([sys.executable, str(CHILD), form, str(path), *passthrough],
-                                         capture_output=True, text=True)
+                    run = subprocess.run([sys.executable, "-m", "benchmarks.latency_child", form, str(path),
+                                          *passthrough], capture_output=True, text=True, cwd=REPO)
                     if run.returncode != 0:
                         print(run.stderr[-2000:], file=sys.stderr)
                         continue

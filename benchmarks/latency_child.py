@@ -1,6 +1,6 @@
 """One timing of ``benchmarks/latency.py``, in a process of its own so that its peak RSS is its own.
 
-    python benchmarks/latency_child.py FORM FILE --size S --repeats R --budget-s B --batch N
+    python -m benchmarks.latency_child FORM FILE --size S --repeats R --budget-s B --batch N
 
 Imports only what ``FORM`` needs (``onnx``: onnxruntime and NumPy, as a deployment would) and
 prints one JSON line: p50 / p95 ms at batch 1, images/s at batch N, peak RSS (and for ``predict``
@@ -13,7 +13,6 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -58,7 +57,6 @@ def runners(form: str, path: Path, one: np.ndarray, batch: np.ndarray, budget_s:
     if form == "torchscript":
         module = torch.jit.load(str(path))
         return (lambda: module(torch.from_numpy(one)), lambda: module(torch.from_numpy(batch)), {})
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from scoring import Detector
 
     detector = Detector.load(path, device="cpu")

@@ -15,7 +15,7 @@ with our building blocks (written from the description of its behaviour, not cop
 It prints images/s per epoch (every normal and synthetic image counted) and the median of the
 epochs after the first, and writes ``paper_style_train.{md,json}``:
 
-    python benchmarks/paper_style_train.py --arch wave18 --size 128 --b 32 --epochs 3
+    python -m benchmarks.paper_style_train --arch wave18 --size 128 --b 32 --epochs 3
 """
 
 from __future__ import annotations
@@ -32,16 +32,12 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+import models
+from benchmarks.common import markdown_table, write_results
+from benchmarks.paper_style_dwt import PaperStyleDownsample
+from data.mvtec import TrainSet
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from common import markdown_table, write_results  # noqa: E402
-from paper_style_dwt import PaperStyleDownsample  # noqa: E402
-
-import models  # noqa: E402
-from data.mvtec import TrainSet  # noqa: E402
-
 PAPER_WORKERS = 24
 
 

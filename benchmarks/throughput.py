@@ -10,9 +10,9 @@ For every ``arch@size`` it measures, each in its own process so memory peaks are
   (``paper_style_train.py``: float32, images decoded per sample, wavelet matrices rebuilt per
   call, a host synchronisation per step), side by side, and the table gives the ratio.
 
-    python benchmarks/throughput.py                                     # CPU, wave18@128 on Magnetic Tile
-    python benchmarks/throughput.py --configs wave18@128 --device cpu --paper-baseline
-    python benchmarks/throughput.py --configs wave50@256 --device cuda --epochs 4
+    python -m benchmarks.throughput                                     # CPU, wave18@128 on Magnetic Tile
+    python -m benchmarks.throughput --configs wave18@128 --device cpu --paper-baseline
+    python -m benchmarks.throughput --configs wave50@256 --device cuda --epochs 4
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.common import markdown_table, write_results
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from common import markdown_table, write_results  # noqa: E402
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
@@ -77,7 +75,7 @@ def train_throughput(args, arch: str, size: int, ckpt_dir: Path) -> tuple[float,
 
 def paper_style_throughput(args, arch: str, size: int) -> float:
     out = Path(args.work_dir) / f"paper_style_{arch}_{size}"
-    run([sys.executable, "benchmarks/paper_style_train.py", "--data-root", args.data_root, "--c", args.category,
+    run([sys.executable, "-m", "benchmarks.paper_style_train", "--data-root", args.data_root, "--c", args.category,
          "--arch", arch, "--size", str(size), "--b", str(args.batch_size), "--epochs", str(args.epochs),
          "--workers", str(args.baseline_workers), "--out", str(out)])
     rows = json.loads((out / "paper_style_train.json").read_text())["rows"]

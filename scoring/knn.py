@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import bf16_available
 from errors import UserError
+from runtime import bf16_available
 
 BACKENDS = ("auto", "torch", "faiss")
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -1,20 +1,22 @@
-"""Result files: JSON written atomically, tables as Markdown + CSV, and the run's environment."""
+"""Result files: JSON written atomically, tables as Markdown + CSV, and the run's environment.
+
+The environment (git commit, package versions) lives in :mod:`provenance`, shared with training;
+it is re-exported here for the scoring code.
+"""
 
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import math
-import platform
-import subprocess
-from importlib import metadata
 from pathlib import Path
 
 import fileio
+from provenance import PACKAGES, environment, git_commit, versions
 
-PACKAGES = ("torch", "torchvision", "numpy", "scipy", "scikit-learn", "pillow", "pywavelets", "faiss-cpu")
+__all__ = ["PACKAGES", "environment", "git_commit", "markdown_table", "versions", "write_csv", "write_json",
+           "write_table", "write_text_atomic"]
 
 
 def _clean(value):
@@ -57,28 +59,3 @@ def write_csv(path: Path, header: list[str], rows: list[list[object]]) -> None:
     writer.writerow(header)
     writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())
-
-
-@functools.cache
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
-def versions() -> dict:
-    found = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def environment(seed: int | None, command: str) -> dict:
-    """Provenance of a result: seed, code version, package versions, the command line."""
-    return {"seed": seed, "git_commit": git_commit(), "versions": versions(), "command": command}

@@ -1,17 +1,20 @@
 """benchmarks/accuracy.py on the tiny data set: baseline row, shared trainings, reuse."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from benchmarks import accuracy
+from errors import UserError
+from recipes import RECIPES
+from scoring import ScoreConfig
+from scoring import cli as score_cli
+from training import WEIGHT_SETTINGS
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import accuracy  # noqa: E402
-import pytest  # noqa: E402
-
-from errors import UserError  # noqa: E402
-from recipes import RECIPES  # noqa: E402
 
 
 def test_accuracy_table_with_shared_training_and_reuse(tiny_root, tmp_path):
@@ -82,3 +85,19 @@ def test_reuse_trains_and_scores_again_when_settings_changed(tiny_root, tmp_path
     accuracy.main(accuracy.get_args_parser().parse_args(base + ["--variants", "v=--lr 0.05|--k 2"]))
     assert "was trained with other settings (lr: 0.01 -> 0.05)" in capsys.readouterr().out
     assert json.loads(results.read_text())["checkpoint"]["sha256"] != first_sha
+
+
+def test_compared_settings_derive_from_the_configs():
+    args = accuracy.get_args_parser().parse_args(["--c", "widget"])
+    assert tuple(accuracy.training_settings(accuracy.train_argv(args, [], 0, 20, Path(".")))) == WEIGHT_SETTINGS
+    assert ScoreConfig.names("bank", "score") == accuracy.RESULT_SETTINGS
+    wanted = accuracy.result_settings(score_cli.parse_args("concatenation", ["--k", "2"]), 128)
+    assert set(wanted) == set(ScoreConfig.names("bank", "score"))
+    assert wanted["size"] == 128 and wanted["refine"] == 0 and wanted["k"] == 2 and wanted["layers"] == [2, 3]
+    assert accuracy.result_settings(score_cli.parse_args("concatenation", ["--coreset", "0.1"]), 128)["refine"] == 16
+
+
+def test_benchmarks_run_as_modules_from_the_repository_root():
+    out = subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--help"], cwd=REPO, capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "--variants" in out.stdout, out.stderr[-2000:]

@@ -2,24 +2,29 @@
 
 import math
 
+import pytest
 import torch
 
 import main as train_main
 from data import TrainSet
-from recipes import RECIPES, recipe_flags
+from recipes import RECIPES, check_recipe, recipe_flags, train_overrides
+from scoring import ScoreConfig
 from scoring import cli as score_cli
+from training import TrainConfig
 from training.loop import lr_at
 
 
 def test_constant_schedule_is_the_paper():
-    args = train_main.parse_args([])
-    assert args.sched == "constant" and args.recipe == "paper"
-    assert all(lr_at(e, args) == 0.03 for e in range(0, 1600, 100))
+    config = train_main.config_from_args(train_main.parse_args([]))
+    assert config == TrainConfig() and config.sched == "constant" and config.recipe == "paper"
+    assert all(lr_at(e, config) == 0.03 for e in range(0, 1600, 100))
 
 
 def test_cosine_with_warmup():
-    args = train_main.parse_args(["--sched", "cosine", "--warmup", "2", "--e", "10", "--lr", "0.1"])
-    lrs = [lr_at(e, args) for e in range(10)]
+    config = train_main.config_from_args(
+        train_main.parse_args(["--sched", "cosine", "--warmup", "2", "--e", "10", "--lr", "0.1"]))
+    assert config == TrainConfig(sched="cosine", warmup=2, epochs=10, lr=0.1)
+    lrs = [lr_at(e, config) for e in range(10)]
     assert math.isclose(lrs[0], 0.05) and math.isclose(lrs[1], 0.1)
     assert math.isclose(lrs[2], 0.1) and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
     assert lrs[-1] > 0
@@ -67,3 +72,23 @@ def test_demo_with_a_recipe_takes_the_recipes_settings():
         for key, value in recipe["train"].items():
             assert getattr(args, key) == value
     assert train_main.parse_args(["--demo", "--recipe", "best", "--b", "5"]).batch_size == 5
+
+
+def test_recipes_are_overrides_of_the_configs():
+    for name in RECIPES:
+        config = TrainConfig(**train_overrides(name))
+        assert train_main.config_from_args(train_main.parse_args(["--recipe", name])) == config.replace(recipe=name)
+        ScoreConfig(**RECIPES[name]["score"])
+    assert TrainConfig(**train_overrides("best")).augs == ("cutpaste", "perlin", "scar")
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ({"train": {"learning_rate": 0.1}, "score": {}}, "train has no setting learning_rate"),
+    ({"train": {}, "score": {"neighbours": 3}}, "score has no setting neighbours"),
+    ({"train": {"augs": "cutpaste,scar"}, "score": {}}, "augs='cutpaste,scar' is a str"),
+    ({"train": {"sched": "linear"}, "score": {}}, "sched must be one of"),
+    ({"train": {}}, "needs exactly the keys"),
+])
+def test_a_recipe_that_names_no_setting_is_refused(recipe, message):
+    with pytest.raises(ValueError, match=message):
+        check_recipe("mine", recipe)

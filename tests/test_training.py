@@ -13,7 +13,13 @@ import torch
 import cli
 import main as train_main
 import models
+import runtime
+import training.loop
 from models.checkpoint import extract_state_dict, load_weights, read_checkpoint
+from training import RESUME_WARN_SETTINGS, WEIGHT_SETTINGS, TrainConfig, TrainRun
+from training.checkpoints import CheckpointSaver, copy_tensors
+from training.config import DWT_IMPLS
+from training.interrupt import StopRequest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,9 +139,10 @@ def test_loader_workers_see_every_epoch(tiny_root, tmp_path):
 
 def test_workers_flag_accepts_auto():
     assert cli.parse_workers("auto") is None and cli.parse_workers("3") == 3
-    assert cli.resolve_workers(None, torch.device("cpu")) == 0
-    assert cli.resolve_workers(None, torch.device("cuda")) >= 1
-    assert cli.resolve_workers(2, torch.device("cuda")) == 2
+    assert runtime.resolve_workers(None, torch.device("cpu")) == 0
+    assert runtime.resolve_workers(None, torch.device("cuda")) >= 1
+    assert runtime.resolve_workers(2, torch.device("cuda")) == 2
+    assert cli.resolve_workers is runtime.resolve_workers  # still importable from cli
 
 
 def test_cli_help_shows_defaults():
@@ -174,3 +181,116 @@ def test_bad_flags_one_line(tiny_root, tmp_path, flags, message):
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+# --- the settings as a dataclass (issue 17) ---------------------------------------------------------------
+
+def test_every_setting_is_a_flag_with_the_configs_default():
+    args = train_main.parse_args([])
+    config = TrainConfig()
+    for name in TrainConfig.names():
+        value = getattr(args, name)
+        assert (tuple(value.split(",")) if name == "augs" else value) == getattr(config, name), name
+    assert config.wavelet == models.DEFAULT_WAVELET and DWT_IMPLS == models.WaveletDownsample.IMPLS
+    # What is not a setting is a path, an output or a command-line switch.
+    run_flags = {"data_root", "ckpt_dir", "resume", "overwrite", "save_every", "no_tensorboard"}
+    assert set(vars(args)) - set(TrainConfig.names()) == run_flags | {"category", "eval", "demo", "device", "debug"}
+    assert set(TrainRun().to_dict()) == run_flags - {"no_tensorboard"} | {"tensorboard"}
+
+
+def test_setting_lists_follow_the_roles():
+    assert WEIGHT_SETTINGS == ("arch", "wavelet", "size", "antialias", "augs", "rotflip", "epochs", "batch_size", "lr",
+                               "weight_decay", "momentum", "sched", "warmup", "seed", "precision", "anomalies_on")
+    assert RESUME_WARN_SETTINGS == ("antialias", "rotflip", "batch_size", "lr", "weight_decay", "momentum", "sched",
+                                    "warmup", "seed", "precision", "anomalies_on")
+    assert set(TrainConfig.names("speed")) == {"workers", "pin_memory", "channels_last", "cudnn_benchmark", "compile",
+                                               "dwt_impl"}
+    with pytest.raises(ValueError, match="sched must be one of"):
+        TrainConfig(sched="linear")
+    assert TrainConfig(augs=["cutpaste"]).augs == ("cutpaste",) and TrainConfig(augs=["cutpaste"]).num_classes == 2
+
+
+def test_checkpoint_records_every_setting(tiny_root, tmp_path):
+    [path] = train_main.main(train_args(tiny_root, tmp_path, "--e", "1", "--recipe", "best", "--b", "4"))
+    ckpt = read_checkpoint(path)
+    config = TrainConfig.from_dict(ckpt["args"])
+    assert config == train_main.config_from_args(train_args(tiny_root, tmp_path, "--e", "1", "--recipe", "best",
+                                                            "--b", "4"))
+    assert ckpt["recipe"] == "best" and ckpt["args"]["category"] == "widget" and ckpt["num_classes"] == 3
+    assert ckpt["args"]["data_root"] == str(tiny_root) and ckpt["args"]["augs"] == ["cutpaste", "perlin"]
+
+
+def test_train_category_takes_configs(tiny_root, tmp_path):
+    """The library call, no command line: the same weights as main.py with the same settings."""
+    from training import DistInfo, train_category
+
+    config = TrainConfig(arch="wave18", size=32, batch_size=4, epochs=1, precision="fp32")
+    path, trained = train_category(config, TrainRun(data_root=str(tiny_root), ckpt_dir=str(tmp_path / "lib"),
+                                                    tensorboard=False), "widget", torch.device("cpu"), DistInfo())
+    assert trained and path == tmp_path / "lib" / "widget-wave18" / "model.pt"
+    [cli_path] = train_main.main(train_args(tiny_root, tmp_path / "cli", "--e", "1"))
+    a, b = extract_state_dict(read_checkpoint(path)), extract_state_dict(read_checkpoint(cli_path))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+# --- Ctrl-C saves the last completed epoch, from kept tensors (issue 18.3) ------------------------------------
+
+def test_kept_copy_is_the_completed_epoch_and_reuses_its_buffers(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    saver = CheckpointSaver(tmp_path / "model.pt", model, optimizer, TrainConfig(epochs=5), TrainRun(save_every=0),
+                            "widget", main_rank=True, saved_epoch=0)
+    saver.epoch_done(1)
+    completed = copy_tensors(model.state_dict())
+    with torch.no_grad():
+        model[0].weight.add_(1.0)  # Ctrl-C lands partway into epoch 2
+    saver.save_interrupted()
+    saved = read_checkpoint(tmp_path / "model.pt")
+    assert saved["epoch"] == 1 and saver.saved_epoch == 1
+    assert all(torch.equal(saved["netD_state_dict"][k], v) for k, v in completed.items())
+    assert not torch.equal(saved["netD_state_dict"]["0.weight"], model[0].weight)
+    assert saved["netD_state_dict"]._metadata == model.state_dict()._metadata  # as torch.save of a state dict
+    momentum = optimizer.state[model[0].weight]["momentum_buffer"]
+    assert torch.equal(saved["optimizer"]["state"][0]["momentum_buffer"], momentum)
+    kept = saver.kept[0]["0.weight"]
+    saver.epoch_done(2)
+    assert saver.kept[0]["0.weight"] is kept and torch.equal(kept, model[0].weight)  # copied into, not allocated
+
+
+class StopOnCall(StopRequest):
+    """A Ctrl-C seen at the ``n``-th safe point (the loop checks after every step and every epoch)."""
+
+    calls = 0
+    at = 0
+
+    def check(self) -> None:
+        StopOnCall.calls += 1
+        if StopOnCall.calls == StopOnCall.at:
+            self.requested = True
+        super().check()
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_root, tmp_path_factory):
+    """An uninterrupted 3-epoch run."""
+    return train_main.main(train_args(tiny_root, tmp_path_factory.mktemp("straight"), "--e", "3"))[0]
+
+
+@pytest.mark.parametrize("at,saved_epoch", [(4, 1), (3, 1)])
+def test_ctrl_c_mid_epoch_saves_the_last_completed_one_and_resume_is_exact(tiny_root, tmp_path, monkeypatch, straight,
+                                                                             at, saved_epoch):
+    """8 images, batch 4: safe points 1-2 are epoch 1's steps, 3 its end, 4 epoch 2's first step, ..."""
+    monkeypatch.setattr(training.loop, "StopRequest", StopOnCall)
+    StopOnCall.calls, StopOnCall.at = 0, at
+    with pytest.raises(KeyboardInterrupt):
+        train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "3"))
+    ckpt = tmp_path / "b" / "widget-wave18" / "model.pt"
+    assert read_checkpoint(ckpt)["epoch"] == saved_epoch
+    monkeypatch.setattr(training.loop, "StopRequest", StopRequest)
+    resumed = train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "3", "--resume"))[0]
+    a, b = read_checkpoint(straight), read_checkpoint(resumed)
+    assert all(torch.equal(value, b["netD_state_dict"][key]) for key, value in a["netD_state_dict"].items())
+    assert all(torch.equal(a["optimizer"]["state"][i]["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+               for i in a["optimizer"]["state"])

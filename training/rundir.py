@@ -3,7 +3,7 @@
 A run folder (``<ckpt-dir>/<category>-<arch>/``) that already holds a run (``model.pt``, another
 ``*.pt`` or ``log.jsonl``) is only written to when the user says how: ``--resume`` continues it,
 ``--overwrite`` first renames it to ``<run>.old-<date>-<time>`` (nothing is deleted) and starts a
-new one. Without either the training stops before touching anything (issue 15: a second
+new one. Without either the training stops before touching anything (a second
 ``python main.py`` used to empty log.jsonl and replace model.pt).
 
 Two trainings writing the same folder would interleave their checkpoints and log lines, so
@@ -29,7 +29,7 @@ import fileio
 from errors import UserError
 from models.checkpoint import read_checkpoint
 
-from .loop import CHECKPOINT_NAME
+from .checkpoints import CHECKPOINT_NAME
 
 LOCK_NAME = ".lock"
 # What makes a folder hold a run: a checkpoint (ours, or e.g. the paper's e1600_model.pt) or a log.

@@ -1,0 +1,58 @@
+"""What both stages ask of the machine: the device, bfloat16 support, loader workers, precision.
+
+Library code below the command lines (``training/``, ``scoring/``) and the command lines
+themselves (``cli.py``, ``main.py``, ``scoring/cli.py``) use these; errors are
+:class:`errors.UserError` worded about the values (the command lines add their flags' names).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from errors import UserError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda`` -> a ``torch.device`` (``cuda:<local_rank>`` for CUDA)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("device cuda: no CUDA GPU is visible to PyTorch; use the CPU "
+                            "(or install a CUDA build of PyTorch and check nvidia-smi)")
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise UserError(f"device {name!r}: choose auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def bf16_available(device: torch.device) -> bool:
+    """bfloat16 autocast pays on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` where ``device`` supports it natively, else ``fp32``; ``bf16`` must be supported."""
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if bf16_available(device) else "fp32"
+    if precision == "bf16" and not bf16_available(device):
+        raise UserError(f"precision bf16: this {device.type.upper()} has no native bfloat16; use fp32")
+    return precision
+
+
+def resolve_workers(workers: int | None, device: torch.device) -> int:
+    """Loader workers: the given number, or for ``None`` (auto) none on the CPU and up to 8 feeding a GPU."""
+    if workers is not None:
+        return workers
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)

@@ -1,0 +1,119 @@
+"""Layers point one way, and functions stay short (issue 18.4), checked on the source (AST).
+
+- ``training/`` never imports ``scoring`` (scoring may use training's outputs, not the reverse);
+- library code (``models/``, ``data/``, ``augment/``, ``training/``, ``scoring/``) never imports
+  the command line (``cli``, ``main``): what both stages need of the machine is ``runtime``,
+  provenance is ``provenance``;
+- the modules both stages share (``runtime``, ``provenance``, ``fileio``, ``errors``) import
+  neither stage nor the command line;
+- no function is longer than 60 lines, argument-parser builders excepted.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LIBRARY = ("models", "data", "augment", "training", "scoring")
+# Below both stages: what training and scoring share (they import neither stage nor the command line).
+SHARED = ("runtime.py", "provenance.py", "fileio.py", "errors.py")
+COMMAND_LINE = ("cli", "main")
+# Command-line modules that live inside a library package: they are the edge, and may.
+COMMAND_LINE_INSIDE = {"scoring/cli.py"}
+MAX_LINES = 60
+# Functions allowed to be longer: argument-parser builders (one add_argument after another)...
+LONG_PARSERS = {"main.py::get_args_parser", "scoring/cli.py::get_args_parser"}
+# ...and functions still to be split, each with its owner's issue (remove the entry when done).
+LONG_TO_SPLIT = {
+    "scoring/core.py::score_category",  # issue 18.3, scoring side
+    "scoring/core.py::score_test_set",  # issue 18.3, scoring side
+    "scoring/pictures.py::render_panel",  # issue 18.3, scoring side
+}
+
+
+def project_files() -> list[Path]:
+    skip = {".venv", "ckpt", "results", "runs", "demo_data", ".git"}
+    return sorted(p for p in REPO.rglob("*.py") if not skip & set(p.relative_to(REPO).parts))
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute module names ``path`` imports (anywhere in the file, lazy imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
+
+
+def in_package(path: Path, *packages: str) -> bool:
+    return path.relative_to(REPO).parts[0] in packages and len(path.relative_to(REPO).parts) > 1
+
+
+def test_training_does_not_import_scoring():
+    offenders = {rel(p): sorted(m for m in imported_modules(p) if m == "scoring" or m.startswith("scoring."))
+                 for p in project_files() if in_package(p, "training")}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_library_does_not_import_the_command_line():
+    offenders = {}
+    for path in project_files():
+        if not in_package(path, *LIBRARY) or rel(path) in COMMAND_LINE_INSIDE:
+            continue
+        found = sorted(m for m in imported_modules(path) if m.split(".")[0] in COMMAND_LINE)
+        if found:
+            offenders[rel(path)] = found
+    assert not offenders, "library code imports the command line; use runtime / provenance instead"
+
+
+def test_shared_modules_sit_below_both_stages():
+    above = ("training", "scoring", *COMMAND_LINE)
+    offenders = {name: sorted(m for m in imported_modules(REPO / name) if m.split(".")[0] in above)
+                 for name in SHARED}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def long_functions() -> dict[str, int]:
+    found = {}
+    for path in project_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_LINES:
+                    found[f"{rel(path)}::{node.name}"] = length
+    return found
+
+
+def test_no_function_over_60_lines():
+    too_long = {k: v for k, v in long_functions().items() if k not in LONG_PARSERS | LONG_TO_SPLIT}
+    assert not too_long, f"split these into functions of at most {MAX_LINES} lines: {too_long}"
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("import scoring.report\n", {"scoring.report"}),
+    ("from scoring.report import git_commit\n", {"scoring.report", "scoring.report.git_commit"}),
+    ("def f():\n    from cli import run\n", {"cli", "cli.run"}),
+    ("from . import loop\n", set()),
+])
+def test_the_import_scan_sees_every_form(tmp_path, source, expected):
+    path = tmp_path / "m.py"
+    path.write_text(source)
+    assert imported_modules(path) == expected
+
+
+def test_the_length_check_counts_lines(tmp_path, monkeypatch):
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_LINES))
+    (tmp_path / "m.py").write_text(f"def long():\n{body}\ndef short():\n    pass\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    assert long_functions() == {"m.py::long": MAX_LINES + 1}

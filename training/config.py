@@ -1,0 +1,132 @@
+"""The training settings as one frozen dataclass: one field per setting, defaults = the paper's.
+
+Built from the command line at its edge (``main.py``) or by hand in Python::
+
+    from training import TrainConfig, TrainRun, train_category
+    config = TrainConfig(arch="wave18", size=128, epochs=20)
+    train_category(config, TrainRun(data_root="../shared/datasets"), "magnetic_tile", device, DistInfo())
+
+Every list of settings elsewhere is derived from the fields' metadata. ``role``:
+
+- ``weights``: decides the trained weights (what a reused or resumed run must match);
+- ``label``: recorded, changes nothing by itself (the recipe the defaults came from);
+- ``speed``: changes only how fast (workers, memory layout, compilation, the wavelet layer's form).
+
+``resume`` (of ``weights`` fields) says what ``--resume`` does when this run's value differs
+from the checkpoint's: ``refuse`` (the network would not fit), ``extend`` (more epochs continue
+the run) or ``warn`` (continue, saying the weights will differ from an uninterrupted run).
+
+What a run reads and writes (folders, saving, logging) is :class:`TrainRun`, not a setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROLES = ("weights", "label", "speed")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16")
+ANOMALY_SITES = ("auto", "device", "loader")
+DWT_IMPLS = ("auto", "conv", "matmul")  # models.WaveletDownsample.IMPLS
+
+
+def _setting(default, role: str, resume: str = "warn", **kwargs):
+    assert role in ROLES and resume in ("refuse", "extend", "warn")
+    return field(default=default, metadata={"role": role, "resume": resume}, **kwargs)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a network is trained (stage 1). See ``python main.py --help`` for each setting."""
+
+    arch: str = _setting("wave50", "weights", resume="refuse")
+    wavelet: str = _setting("bior2.2", "weights", resume="refuse")  # models.DEFAULT_WAVELET
+    size: int = _setting(256, "weights", resume="refuse")
+    antialias: bool = _setting(False, "weights")
+    augs: tuple[str, ...] = _setting(("cutpaste", "perlin"), "weights", resume="refuse")
+    rotflip: bool = _setting(False, "weights")
+    epochs: int = _setting(1600, "weights", resume="extend")
+    batch_size: int = _setting(32, "weights")
+    lr: float = _setting(0.03, "weights")
+    weight_decay: float = _setting(3e-5, "weights")
+    momentum: float = _setting(0.9, "weights")
+    sched: str = _setting("constant", "weights")
+    warmup: int = _setting(0, "weights")
+    seed: int = _setting(0, "weights")
+    precision: str = _setting("auto", "weights")  # auto: bf16 where the device has it natively
+    anomalies_on: str = _setting("auto", "weights")  # auto: device on CUDA
+    recipe: str = _setting("paper", "label")
+    workers: int | None = _setting(None, "speed")  # None: 0 on the CPU, up to 8 feeding a GPU
+    pin_memory: bool = _setting(True, "speed")
+    channels_last: bool = _setting(True, "speed")
+    cudnn_benchmark: bool = _setting(True, "speed")
+    compile: bool = _setting(False, "speed")
+    dwt_impl: str = _setting("auto", "speed")
+
+    def __post_init__(self):
+        object.__setattr__(self, "augs", tuple(self.augs))
+        for name, allowed in (("sched", SCHEDULES), ("precision", PRECISIONS), ("anomalies_on", ANOMALY_SITES),
+                              ("dwt_impl", DWT_IMPLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+
+    @property
+    def num_classes(self) -> int:
+        """Normal plus one class per anomaly generator."""
+        return 1 + len(self.augs)
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def names(cls, *roles: str) -> tuple[str, ...]:
+        """Field names with one of ``roles`` (all fields when none is given)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if not roles or f.metadata["role"] in roles)
+
+    @classmethod
+    def resume_names(cls, action: str) -> tuple[str, ...]:
+        """The ``weights`` fields whose change ``--resume`` meets with ``action`` (refuse / extend / warn)."""
+        return tuple(f.name for f in dataclasses.fields(cls)
+                     if f.metadata["role"] == "weights" and f.metadata["resume"] == action)
+
+    def subset(self, *roles: str) -> dict:
+        """``{name: value}`` of the fields with one of ``roles``, as plain JSON types (tuples as lists)."""
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name in self.names(*roles) for value in [getattr(self, name)]}
+
+    def to_dict(self) -> dict:
+        return self.subset()
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """The inverse of :meth:`to_dict`; unknown keys (paths, older flags) are ignored."""
+        return cls(**{k: v for k, v in values.items() if k in cls.names()})
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """What a training run reads and writes: everything that is not a training setting."""
+
+    data_root: str = "./mvtec_anomaly_detection"
+    ckpt_dir: str = "ckpt"
+    resume: str | None = None  # "auto": <ckpt_dir>/<category>-<arch>/model.pt; else a checkpoint file
+    overwrite: bool = False  # move a run folder that holds a run aside (main.py's RunClaim)
+    save_every: int = 50  # also save every N epochs (0 = at the end only)
+    tensorboard: bool = True
+
+    def run_dir(self, category: str, arch: str) -> Path:
+        return Path(self.ckpt_dir) / f"{category}-{arch}"
+
+    def to_dict(self) -> dict:
+        return {f.name: str(v) if isinstance(v, Path) else v
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+
+# The settings that decide the trained weights (what a reused or resumed run must match).
+WEIGHT_SETTINGS = TrainConfig.names("weights")
+# What --resume refuses to change (the network would not fit the checkpoint).
+RESUME_REFUSED_SETTINGS = TrainConfig.resume_names("refuse")
+# What a resume may change with a warning (--epochs is left out on purpose: more epochs extend a run).
+RESUME_WARN_SETTINGS = TrainConfig.resume_names("warn")
