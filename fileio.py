@@ -6,7 +6,7 @@ system), are fsynced, and only then replace the target. A crash, a full disk or 
 moment leaves either the old file or the new one, never half of one.
 
 Why not ``tempfile.mkstemp``: it creates the file with mode 0600 whatever the umask, so
-checkpoints and results could not be read by a colleague or a service (issue 15). The temporary
+checkpoints and results could not be read by a colleague or a service. The temporary
 file is created here with mode ``0o666`` and the kernel applies the umask (or the folder's
 default ACL), exactly as for a file made with ``open(path, "w")``.
 

@@ -3,7 +3,7 @@
 It computes the same LL band as ``models.dwt.WaveletDownsample`` but the way the original
 WaveCNet layer does its work: on every call the banded matrices are rebuilt in Python loops
 (NumPy), converted to tensors, and applied by a custom autograd function whose backward
-multiplies by the transposed matrices. Written from the description in DESIGN.md, not copied.
+multiplies by the transposed matrices. Written from the paper's description, not copied.
 It requires even sizes, as the original effectively does.
 """
 

@@ -9,7 +9,7 @@ with ``x`` zero outside the image; an ``H x W`` input gives ``floor(H/2) x floor
 For ``haar`` this is half the sum of each 2 x 2 block.
 
 Two equivalent implementations, picked per call by what was measured fastest
-(``benchmarks/dwt_forms.py``, 2-core AVX512-BF16 CPU, forward + backward):
+(``benchmarks/backbone.py``, 2-core AVX512-BF16 CPU, forward + backward):
 
 - ``conv``: one depthwise stride-2 convolution with the ``2p x 2p`` outer-product kernel
   (padding ``p - 1``). Fastest in float32, especially with ``channels_last`` inputs, and the

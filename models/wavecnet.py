@@ -1,6 +1,6 @@
 """WaveCNet ResNets: every stride-2 step of a ResNet replaced by a wavelet low-pass band.
 
-Layout (state-dict compatible with the paper's released checkpoints, see ``shared/spec``):
+Layout (state-dict compatible with the paper's released checkpoints, see ``tests/data``):
 
 - stem: ``conv1`` 7x7 stride 2, ``bn1``, ReLU, then a wavelet downsample instead of max-pool;
 - stages ``layer1..layer4``; in the first block of stages 2-4 the residual branch downsamples

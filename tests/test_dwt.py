@@ -1,4 +1,4 @@
-"""The wavelet low-pass layer against a direct NumPy evaluation of DESIGN.md's formula."""
+"""The wavelet low-pass layer against a direct NumPy evaluation of its formula (models/dwt.py)."""
 
 import numpy as np
 import pytest
