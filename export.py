@@ -25,7 +25,6 @@ from errors import UserError
 from scoring import Detector
 from scoring.export import FORMATS, export, run_exported
 
-
 SUFFIXES = {"torchscript": "ts", "onnx": "onnx"}
 
 

@@ -26,6 +26,7 @@ import models
 from data import IMAGE_SUFFIXES, TestSet, train_images
 from errors import UserError
 from models.checkpoint import save_atomic
+from runtime import resolve_workers
 
 from . import metrics
 from .config import ScoreConfig
@@ -173,9 +174,7 @@ def load_or_build_detector(config: ScoreConfig, run: ScoringRun, model: torch.nn
 
 def config_workers(config: ScoreConfig, device: torch.device) -> int:
     """Loader workers: the config's, or none on the CPU and up to 8 feeding a GPU."""
-    if config.workers is not None:
-        return config.workers
-    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    return resolve_workers(config.workers, device)
 
 
 def peak_memory() -> dict:
