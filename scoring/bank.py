@@ -80,8 +80,11 @@ class MemoryBank:
         return self.full is not None and self.refine > 0
 
     def exact_index(self) -> NearestNeighbours:
+        """The whole bank, for the few refined patches. Always the torch search: faiss scans a
+        handful of queries without BLAS (16 queries x 214,000 x 384: 138 ms, against 22 ms as
+        one centred bf16 product + exact re-rank on this CPU); the distances are exact either way."""
         if self._exact is None:
-            self._exact = NearestNeighbours(self.full, self.backend_name, self.device, precision=self.precision)
+            self._exact = NearestNeighbours(self.full, "torch", self.device, precision=self.precision)
         return self._exact
 
     def search(self, queries: torch.Tensor, k: int = 1) -> torch.Tensor:

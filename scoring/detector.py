@@ -281,7 +281,9 @@ class Detector:
             "network": {"arch": self.provenance.get("arch"), "wavelet": self.provenance.get("wavelet"),
                         "num_classes": self.provenance.get("num_classes"),
                         "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()}},
-            "banks": [bank.state_dict() for bank in self.scorer.banks],
+            # The whole bank beside a coreset only serves --refine: without it the file keeps the coreset alone.
+            "banks": [{**bank.state_dict(), "full": bank.full if bank.refining else None}
+                      for bank in self.scorer.banks],
             "config": self.config.to_dict(),
             "threshold": self.threshold_info,
             "provenance": self.provenance,

@@ -185,6 +185,7 @@ ONNX_INLINE_LIMIT = 1800 * 2**20
 def export_onnx(detector: Detector, out: Path, opset: int = 18) -> Path:
     try:
         import onnx
+        from google.protobuf.message import EncodeError
     except ImportError:
         raise UserError("ONNX export needs the onnx package: pip install -r requirements-export.txt") from None
     core = ExportableDetector(detector)
@@ -200,9 +201,15 @@ def export_onnx(detector: Detector, out: Path, opset: int = 18) -> Path:
             entry = model.metadata_props.add()
             entry.key, entry.value = key, json.dumps(value)
         final = Path(work) / out.name
-        external = weight_bytes > ONNX_INLINE_LIMIT
-        onnx.save(model, str(final), save_as_external_data=external, all_tensors_to_one_file=True,
-                  location=f"{out.name}.data")
+        # Constant folding stores the bank a second time (the search's transposed chunks).
+        external = 2 * weight_bytes > ONNX_INLINE_LIMIT
+        try:
+            onnx.save(model, str(final), save_as_external_data=external, all_tensors_to_one_file=True,
+                      location=f"{out.name}.data")
+        except (ValueError, EncodeError):  # over protobuf's 2 GB after all
+            external = True
+            onnx.save(model, str(final), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=f"{out.name}.data")
         if external:
             os.replace(Path(work) / f"{out.name}.data", out.parent / f"{out.name}.data")
         os.replace(final, out)

@@ -16,36 +16,36 @@ def pair(seed=0):
     return torch.rand(3, SIZE, SIZE, generator=rng), torch.rand(3, SIZE, SIZE, generator=rng)
 
 
-@pytest.mark.parametrize("seed", range(30))
-def test_cutpaste_geometry(seed):
-    image, source = pair(seed)
-    out, mask = augment.cutpaste(image, source, torch.Generator().manual_seed(seed))
-    rows, cols = torch.nonzero(mask, as_tuple=True)
-    side = int(rows.max() - rows.min() + 1)
-    assert side == int(cols.max() - cols.min() + 1)  # a square
-    assert int(mask.sum()) == side * side
-    assert math.ceil(0.15 * SIZE) <= side < math.ceil(0.2 * SIZE)
-    r1, r2 = int(rows.min()), int(cols.min())
-    assert 0.3 * SIZE - side - 1 <= r1 < 0.7 * SIZE and 0.3 * SIZE - side - 1 <= r2 < 0.7 * SIZE
-    assert r1 + side <= SIZE and r2 + side <= SIZE
-    # Outside the square nothing changed; inside, the pixels come from a diagonal (c, c) square.
-    assert torch.equal(out[:, ~mask], image[:, ~mask])
-    patch = out[:, r1:r1 + side, r2:r2 + side]
-    found = [c for c in range(SIZE - side + 1)
-             if torch.equal(source[:, c:c + side, c:c + side], patch)]
-    assert found and SIZE // 2 - side <= found[0] < SIZE // 2
+def test_cutpaste_geometry():
+    for seed in range(30):
+        image, source = pair(seed)
+        out, mask = augment.cutpaste(image, source, torch.Generator().manual_seed(seed))
+        rows, cols = torch.nonzero(mask, as_tuple=True)
+        side = int(rows.max() - rows.min() + 1)
+        assert side == int(cols.max() - cols.min() + 1)  # a square
+        assert int(mask.sum()) == side * side
+        assert math.ceil(0.15 * SIZE) <= side < math.ceil(0.2 * SIZE)
+        r1, r2 = int(rows.min()), int(cols.min())
+        assert 0.3 * SIZE - side - 1 <= r1 < 0.7 * SIZE and 0.3 * SIZE - side - 1 <= r2 < 0.7 * SIZE
+        assert r1 + side <= SIZE and r2 + side <= SIZE
+        # Outside the square nothing changed; inside, the pixels come from a diagonal (c, c) square.
+        assert torch.equal(out[:, ~mask], image[:, ~mask])
+        patch = out[:, r1:r1 + side, r2:r2 + side]
+        found = [c for c in range(SIZE - side + 1)
+                 if torch.equal(source[:, c:c + side, c:c + side], patch)]
+        assert found and SIZE // 2 - side <= found[0] < SIZE // 2
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_scar_is_thin_rotated_and_inside(seed):
-    image, source = pair(seed)
-    out, mask = augment.scar(image, source, torch.Generator().manual_seed(seed))
-    assert mask.any()
-    assert torch.equal(out[:, ~mask], image[:, ~mask])
-    scale = SIZE / 256
-    # Area of a strip at most 16 x 25 px at 256 px (plus rasterisation slack).
-    assert int(mask.sum()) <= (16 * scale + 2) * (25 * scale + 2)
-    assert int(mask.sum()) >= 1
+def test_scar_is_thin_rotated_and_inside():
+    for seed in range(20):
+        image, source = pair(seed)
+        out, mask = augment.scar(image, source, torch.Generator().manual_seed(seed))
+        assert mask.any()
+        assert torch.equal(out[:, ~mask], image[:, ~mask])
+        scale = SIZE / 256
+        # Area of a strip at most 16 x 25 px at 256 px (plus rasterisation slack).
+        assert int(mask.sum()) <= (16 * scale + 2) * (25 * scale + 2)
+        assert int(mask.sum()) >= 1
 
 
 def test_scar_rotation_varies():
@@ -64,14 +64,14 @@ def test_scar_rotation_varies():
     assert len(angles) >= 4
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_perlin_mask_binary_nonempty_and_blend(seed):
-    image, source = pair(seed)
-    out, mask = augment.perlin_blend(image, source, torch.Generator().manual_seed(seed))
-    assert mask.dtype == torch.bool and mask.any() and not mask.all()
-    assert torch.equal(out[:, ~mask], image[:, ~mask])
-    # Inside the mask the pixels are the source rotated by a multiple of 90 degrees.
-    assert any(torch.equal(out[:, mask], torch.rot90(source, k, (1, 2))[:, mask]) for k in range(4))
+def test_perlin_mask_binary_nonempty_and_blend():
+    for seed in range(10):
+        image, source = pair(seed)
+        out, mask = augment.perlin_blend(image, source, torch.Generator().manual_seed(seed))
+        assert mask.dtype == torch.bool and mask.any() and not mask.all()
+        assert torch.equal(out[:, ~mask], image[:, ~mask])
+        # Inside the mask the pixels are the source rotated by a multiple of 90 degrees.
+        assert any(torch.equal(out[:, mask], torch.rot90(source, k, (1, 2))[:, mask]) for k in range(4))
 
 
 def test_perlin_noise_shape_and_odd_sizes():

@@ -29,25 +29,28 @@ STANDALONE = textwrap.dedent("""
         raise SystemExit("the project is importable here; the test would prove nothing")
     except ImportError:
         pass
-    fmt, path, images_path, out_path = sys.argv[1:5]
+    fmt, images_path = sys.argv[1:3]
     images = np.load(images_path)
-    if fmt == "torchscript":
-        import torch
-        extra = {"metadata.json": ""}
-        model = torch.jit.load(path, _extra_files=extra)
-        with torch.no_grad():
-            scores, maps = model(torch.from_numpy(images))
-            gray_scores, _ = model(torch.from_numpy(np.ascontiguousarray(images[..., 0])))
-        scores, maps, gray_scores = scores.numpy(), maps.numpy(), gray_scores.numpy()
-        threshold = json.loads(extra["metadata.json"])["threshold"]
-    else:
-        import onnxruntime
-        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        scores, maps = session.run(None, {"images": images})
-        gray_scores, _ = session.run(None, {"images": np.ascontiguousarray(images[..., :1])})
-        threshold = json.loads(session.get_modelmeta().custom_metadata_map["threshold"])
-    np.savez(out_path, scores=scores, maps=maps, gray_scores=gray_scores, threshold=threshold)
+    for path in sys.argv[3:]:
+        if fmt == "torchscript":
+            import torch
+            extra = {"metadata.json": ""}
+            model = torch.jit.load(path, _extra_files=extra)
+            with torch.no_grad():
+                scores, maps = model(torch.from_numpy(images))
+                gray_scores, _ = model(torch.from_numpy(np.ascontiguousarray(images[..., 0])))
+            scores, maps, gray_scores = scores.numpy(), maps.numpy(), gray_scores.numpy()
+            threshold = json.loads(extra["metadata.json"])["threshold"]
+        else:
+            import onnxruntime
+            session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+            scores, maps = session.run(None, {"images": images})
+            gray_scores, _ = session.run(None, {"images": np.ascontiguousarray(images[..., :1])})
+            threshold = json.loads(session.get_modelmeta().custom_metadata_map["threshold"])
+        np.savez(path + ".npz", scores=scores, maps=maps, gray_scores=gray_scores, threshold=threshold)
 """)
+VARIANTS = {"concatenation": {}, "multiplication": {"fusion": "multiplication"},
+            "coreset": {"coreset": 0.3, "refine": 4, "k": 2}}
 
 
 def assert_scores_close(got: np.ndarray, expected: np.ndarray, threshold: float) -> None:
@@ -68,40 +71,43 @@ def images(tiny_root):
     return paths, np.stack([np.array(Image.open(p).convert("RGB")) for p in paths])
 
 
-@pytest.mark.parametrize("fusion, extra", [("concatenation", {}), ("multiplication", {}),
-                                           ("concatenation", {"coreset": 0.3, "refine": 4, "k": 2})])
+@pytest.fixture(scope="module")
+def detectors(trained, tiny_root):
+    """The tiny checkpoint's detectors: both fusions, and a coreset bank with refine and k = 2."""
+    return {name: Detector.fit(trained / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
+                               ScoreConfig(batch_size=4, **extra), device="cpu") for name, extra in VARIANTS.items()}
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
-def test_exported_file_scores_as_predict_in_a_fresh_process(fmt, fusion, extra, trained, tiny_root, images,
-                                                            tmp_path):
+def test_exported_files_score_as_predict_in_a_fresh_process(fmt, detectors, images, tmp_path):
     paths, arrays = images
-    detector = Detector.fit(trained / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
-                            ScoreConfig(fusion=fusion, batch_size=4, **extra), device="cpu")
-    expected = detector.predict(paths)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = export(detector, fmt, tmp_path / f"widget.{fmt}")
+        files = {name: export(detector, fmt, tmp_path / f"{name}.{fmt}") for name, detector in detectors.items()}
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     np.save(outside / "images.npy", arrays)
     (outside / "run.py").write_text(STANDALONE)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    run = subprocess.run([sys.executable, "run.py", fmt, str(out), "images.npy", "result.npz"], cwd=outside, env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "run.py", fmt, "images.npy", *map(str, files.values())], cwd=outside,
+                         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    got = np.load(outside / "result.npz")
-    assert_scores_close(got["scores"], expected.scores, detector.threshold)
-    np.testing.assert_allclose(got["maps"], expected.maps, rtol=1e-3, atol=1e-3)
-    # Grayscale input: the one channel is repeated, as the Python pipeline does.
-    gray = detector.predict([a[..., 0] for a in arrays])
-    assert_scores_close(got["gray_scores"], gray.scores, detector.threshold)
-    assert float(got["threshold"]) == pytest.approx(detector.threshold)
-    meta = read_metadata(out, fmt)
-    assert meta["size"] == 32 and meta["config"]["fusion"] == fusion and meta["provenance"]["arch"] == "wave18"
+    for name, detector in detectors.items():
+        got = np.load(f"{files[name]}.npz")
+        expected = detector.predict(paths)
+        assert_scores_close(got["scores"], expected.scores, detector.threshold)
+        np.testing.assert_allclose(got["maps"], expected.maps, rtol=1e-3, atol=1e-3)
+        # Grayscale input: the one channel is repeated, as the Python pipeline does.
+        gray = detector.predict([a[..., 0] for a in arrays])
+        assert_scores_close(got["gray_scores"], gray.scores, detector.threshold)
+        assert float(got["threshold"]) == pytest.approx(detector.threshold)
+        meta = read_metadata(files[name], fmt)
+        assert meta["size"] == 32 and meta["config"]["fusion"] == detector.config.fusion
+        assert meta["provenance"]["arch"] == "wave18"
 
 
-def test_export_command_checks_its_output_and_refuses_to_replace(trained, tiny_root, tmp_path, capsys):
-    detector_file = Detector.fit(trained / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
-                                 ScoreConfig(batch_size=4), device="cpu").save(tmp_path / "d.pt")
+def test_export_command_checks_its_output_and_refuses_to_replace(detectors, trained, tmp_path, capsys):
+    detector_file = detectors["concatenation"].save(tmp_path / "d.pt")
     out = tmp_path / "w.onnx"
 
     def run(*argv):
@@ -121,9 +127,8 @@ def test_export_command_checks_its_output_and_refuses_to_replace(trained, tiny_r
     assert not list(tmp_path.glob(".*"))  # no temporary files left beside the outputs
 
 
-def test_exported_graph_takes_any_batch_and_image_size(trained, tiny_root, tmp_path):
-    detector = Detector.fit(trained / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
-                            ScoreConfig(batch_size=4), device="cpu")
+def test_exported_graph_takes_any_batch_and_image_size(detectors, tmp_path):
+    detector = detectors["concatenation"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = export(detector, "onnx", tmp_path / "w.onnx")

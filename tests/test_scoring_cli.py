@@ -1,23 +1,34 @@
 """Both inference scripts end to end on the tiny data set, as a user runs them."""
 
+import contextlib
+import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import cli
+from scoring import cli as score_cli
 from scoring import metrics
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def infer(script, tiny_root, ckpt_dir, out, *extra):
-    cmd = [sys.executable, script, "--data-root", str(tiny_root), "--ckpt-dir", str(ckpt_dir),
-           "--out", str(out), "--batch-size", "4", *extra]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    """An inference script run in-process (its subprocess form is tested by test_demo): its exit
+    code, stdout and stderr."""
+    fusion = script.split("_")[1].split(".")[0]
+    argv = ["--data-root", str(tiny_root), "--ckpt-dir", str(ckpt_dir), "--out", str(out), "--batch-size", "4",
+            *extra]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            cli.run(score_cli.main, score_cli.parse_args(fusion, argv))
+        except SystemExit as exc:
+            code = exc.code
+    return SimpleNamespace(returncode=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 @pytest.mark.parametrize("script", ["inference_concatenation.py", "inference_multiplication.py"])

@@ -197,18 +197,6 @@ def test_bank_cache_disk_full_warns_and_scores(tiny_root, trained, workdir, caps
     assert not list((trained / "widget-wave18" / "banks").glob("*.tmp"))
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--smooth", "nan"], "--smooth nan: must be a number"),
-    (["--threshold", "nan"], "--threshold nan: must be a positive number"),
-    (["--threshold", "-1"], "--threshold -1.0: must be a positive number"),
-    (["--coreset", "nan"], "--coreset nan: must be in (0, 1]"),
-])
-def test_bad_scoring_values_one_line(tiny_root, trained, workdir, capsys, flags, message):
-    code, _, err = score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), *FAST, *flags],
-                         capsys)
-    assert code == 2 and message in error_line(err)
-
-
 def test_metrics_that_cannot_be_computed_say_why(tiny_root, trained, workdir, capsys, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(tiny_root, root)

@@ -1,18 +1,12 @@
 """benchmarks/throughput.py and its paper-style stand-in on the tiny data set."""
 
 import json
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
+import torch
 
-import paper_style_train  # noqa: E402
-import throughput  # noqa: E402
-import torch  # noqa: E402
-from paper_style_dwt import PaperStyleDownsample  # noqa: E402
-
-from models.dwt import WaveletDownsample  # noqa: E402
+from benchmarks import paper_style_train, throughput
+from benchmarks.paper_style_dwt import PaperStyleDownsample
+from models.dwt import WaveletDownsample
 
 
 def test_paper_style_stand_in_matches_our_layer_and_times_epochs(tiny_root, tmp_path):
@@ -28,7 +22,17 @@ def test_paper_style_stand_in_matches_our_layer_and_times_epochs(tiny_root, tmp_
     assert row["config"] == "wave18@32" and float(row["train img/s (median)"]) == round(result["images_per_s"], 1)
 
 
-def test_throughput_table_side_by_side(tiny_root, tmp_path):
+def test_throughput_table_side_by_side(tiny_root, tmp_path, monkeypatch):
+    # The stand-in's own test above runs it; here it runs in-process (one interpreter start less).
+    def stand_in(args, arch, size):
+        out = tmp_path / "paper_style"
+        paper_style_train.main(paper_style_train.get_args_parser().parse_args(
+            ["--data-root", args.data_root, "--c", args.category, "--arch", arch, "--size", str(size), "--b",
+             str(args.batch_size), "--epochs", str(args.epochs), "--workers", str(args.baseline_workers),
+             "--out", str(out)]))
+        return float(json.loads((out / "paper_style_train.json").read_text())["rows"][0]["train img/s (median)"])
+
+    monkeypatch.setattr(throughput, "paper_style_throughput", stand_in)
     argv = ["--data-root", str(tiny_root), "--c", "widget", "--configs", "wave18@32", "--device", "cpu",
             "--b", "4", "--epochs", "1", "--scoring", "torch", "--paper-baseline", "--baseline-workers", "0",
             "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]

@@ -46,18 +46,6 @@ def test_one_epoch_writes_loadable_checkpoint(tiny_root, tmp_path):
     assert (path.parent / "anomaly_preview.png").stat().st_size > 0
 
 
-def test_resume_equals_uninterrupted(tiny_root, tmp_path):
-    straight = train_main.main(train_args(tiny_root, tmp_path / "a", "--e", "3"))[0]
-    train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "1"))
-    resumed = train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "3", "--resume"))[0]
-    a, b = read_checkpoint(straight), read_checkpoint(resumed)
-    assert a["epoch"] == b["epoch"] == 3
-    for key, value in a["netD_state_dict"].items():
-        assert torch.equal(value, b["netD_state_dict"][key]), key
-    lines = (resumed.parent / "log.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
-
-
 def test_resume_after_a_kill_mid_log_line(tiny_root, tmp_path):
     """A run killed while appending to log.jsonl leaves a cut last line: the resume drops it."""
     train_main.main(train_args(tiny_root, tmp_path, "--e", "1"))
@@ -146,11 +134,10 @@ def test_workers_flag_accepts_auto():
 
 
 def test_cli_help_shows_defaults():
-    out = subprocess.run([sys.executable, "main.py", "--help"], cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 0
-    for text in ("--c", "--e", "--b", "--lr", "--wd", "--m", "default: 1600", "default: 0.03",
-                 "default: wave50", "default: bior2.2", "default: cutpaste,perlin"):
-        assert text in out.stdout, text
+    text = " ".join(train_main.get_args_parser().format_help().split())  # argparse wraps lines
+    for expected in ("--c", "--e", "--b", "--lr", "--wd", "--m", "default: 1600", "default: 0.03",
+                     "default: wave50", "default: bior2.2", "default: cutpaste,perlin"):
+        assert expected in text, expected
 
 
 def test_torchrun_two_processes_gloo(tiny_root, tmp_path):
@@ -167,23 +154,7 @@ def test_torchrun_two_processes_gloo(tiny_root, tmp_path):
     assert len((tmp_path / "widget-wave18" / "log.jsonl").read_text().splitlines()) == 1
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--size", "16"], "--size 16"),
-    (["--wavelet", "nope"], "unknown wavelet 'nope'"),
-    (["--augs", "cutpaste,blur"], "--augs"),
-    (["--b", "100"], "--b 100 is larger than the 8 training images"),
-    (["--c", "nope"], "no category nope"),
-])
-def test_bad_flags_one_line(tiny_root, tmp_path, flags, message):
-    cmd = [sys.executable, "main.py", "--c", "widget", "--data-root", str(tiny_root), "--arch", "wave18",
-           "--size", "32", "--e", "1", "--ckpt-dir", str(tmp_path), "--b", "4", *flags]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert out.returncode == 2
-    assert "Traceback" not in out.stderr
-    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
-
-
-# --- the settings as a dataclass (issue 17) ---------------------------------------------------------------
+# --- the settings as a dataclass -----------------------------------------------------------------
 
 def test_every_setting_is_a_flag_with_the_configs_default():
     args = train_main.parse_args([])
@@ -233,7 +204,7 @@ def test_train_category_takes_configs(tiny_root, tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
-# --- Ctrl-C saves the last completed epoch, from kept tensors (issue 18.3) ------------------------------------
+# --- Ctrl-C saves the last completed epoch, from kept tensors --------------------------------------
 
 def test_kept_copy_is_the_completed_epoch_and_reuses_its_buffers(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))

@@ -22,8 +22,10 @@ What a run reads and writes (folders, saving, logging) is :class:`TrainRun`, not
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from settings import Settings, setting
 
 ROLES = ("weights", "label", "speed")
 SCHEDULES = ("constant", "cosine")
@@ -32,13 +34,13 @@ ANOMALY_SITES = ("auto", "device", "loader")
 DWT_IMPLS = ("auto", "conv", "matmul")  # models.WaveletDownsample.IMPLS
 
 
-def _setting(default, role: str, resume: str = "warn", **kwargs):
-    assert role in ROLES and resume in ("refuse", "extend", "warn")
-    return field(default=default, metadata={"role": role, "resume": resume}, **kwargs)
+def _setting(default, role: str, resume: str = "warn"):
+    """A field with its ``role`` and what ``--resume`` does when it changes (see the module docstring)."""
+    return setting(default, role, resume=resume)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Settings):
     """How a network is trained (stage 1). See ``python main.py --help`` for each setting."""
 
     arch: str = _setting("wave50", "weights", resume="refuse")
@@ -77,32 +79,11 @@ class TrainConfig:
         """Normal plus one class per anomaly generator."""
         return 1 + len(self.augs)
 
-    def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def names(cls, *roles: str) -> tuple[str, ...]:
-        """Field names with one of ``roles`` (all fields when none is given)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if not roles or f.metadata["role"] in roles)
-
     @classmethod
     def resume_names(cls, action: str) -> tuple[str, ...]:
         """The ``weights`` fields whose change ``--resume`` meets with ``action`` (refuse / extend / warn)."""
         return tuple(f.name for f in dataclasses.fields(cls)
                      if f.metadata["role"] == "weights" and f.metadata["resume"] == action)
-
-    def subset(self, *roles: str) -> dict:
-        """``{name: value}`` of the fields with one of ``roles``, as plain JSON types (tuples as lists)."""
-        return {name: list(value) if isinstance(value, tuple) else value
-                for name in self.names(*roles) for value in [getattr(self, name)]}
-
-    def to_dict(self) -> dict:
-        return self.subset()
-
-    @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        """The inverse of :meth:`to_dict`; unknown keys (paths, older flags) are ignored."""
-        return cls(**{k: v for k, v in values.items() if k in cls.names()})
 
 
 @dataclass(frozen=True)
