@@ -200,9 +200,8 @@ def main(args: argparse.Namespace) -> list:
     precision = resolve_precision(config.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
-    if dist_info.is_main:
-        print(summary(config, run, categories, device, precision), flush=True)
-    paths = train_all(config, run, categories, device, dist_info, "--demo" if args.demo else "--overwrite")
+    banner = summary(config, run, categories, device, precision) if dist_info.is_main else ""
+    paths = train_all(config, run, categories, device, dist_info, "--demo" if args.demo else "--overwrite", banner)
     if dist_info.is_main:
         for path, did_train in paths:
             print(f"saved {path}" if did_train else f"unchanged {path}")
@@ -212,13 +211,16 @@ def main(args: argparse.Namespace) -> list:
 
 
 def train_all(config: TrainConfig, run: TrainRun, categories: list[str], device: torch.device, dist_info: DistInfo,
-              why_overwrite: str) -> list[tuple[Path, bool]]:
-    """Train every category; returns each checkpoint's path and whether it was trained."""
+              why_overwrite: str, banner: str = "") -> list[tuple[Path, bool]]:
+    """Train every category; returns each checkpoint's path and whether it was trained. ``banner``
+    (what is about to be trained) is printed once the run folders are claimed, so a refusal is one line."""
     done = []
     try:
         # Every run folder is checked and locked before the first category trains, and stays
         # locked until the last one is done (released on every way out, Ctrl-C included).
         with claim_runs(config, run, categories, device, dist_info, why_overwrite):
+            if banner:
+                print(banner, flush=True)
             for category in categories:
                 done.append(train_category(config, run, category, device, dist_info))
     finally:

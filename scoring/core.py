@@ -304,7 +304,9 @@ def unavailable_metrics(labels: np.ndarray, masks: np.ndarray) -> dict[str, str]
     if labels.min() == labels.max():
         why = "the test set has only good images" if labels.max() == 0 else "the test set has no good images"
         reasons.update(dict.fromkeys(IMAGE_METRICS, why))
-    if not masks.any():
+    if labels.max() == 0:
+        reasons.update(dict.fromkeys(PIXEL_METRICS, "the test set has only good images (no ground-truth masks)"))
+    elif not masks.any():
         reasons.update(dict.fromkeys(PIXEL_METRICS, "no defective pixel in the ground-truth masks (masks are "
                                                     "defective where >= 128, or 1 in 0/1 masks)"))
     elif masks.all():

@@ -71,8 +71,10 @@ def test_rerun_without_resume_refuses_and_touches_nothing(tiny_root, tmp_path, c
     train_main.main(train_main.parse_args(base(tiny_root, tmp_path) + ["--e", "1"]))
     run = tmp_path / "widget-wave18"
     before = snapshot(run)
-    code, _, err = run_train(base(tiny_root, tmp_path) + ["--e", "1"], capsys)
+    capsys.readouterr()
+    code, out, err = run_train(base(tiny_root, tmp_path) + ["--e", "1"], capsys)
     line = one_line(err)
+    assert out.strip() == ""  # the refusal is the only line: no "training ..." banner before it
     assert code == 2 and f"{run} already holds a run (log.jsonl, model.pt)" in line
     assert "--resume" in line and "--overwrite" in line and "--ckpt-dir" in line
     assert snapshot(run) == before  # log.jsonl not emptied, model.pt not replaced
