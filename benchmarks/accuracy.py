@@ -33,7 +33,8 @@ from errors import UserError
 from recipes import RECIPES
 from scoring import ScoreConfig
 from scoring import cli as score_cli
-from scoring.core import file_sha256, settings_record
+from scoring.core import settings_record
+from scoring.detector import file_sha256
 from scoring.report import write_json, write_table
 
 FUSIONS = ("concatenation", "multiplication")

@@ -35,7 +35,7 @@ from .detector import (
     Detector,
     calibrate_threshold,
     features_of,
-    file_sha256,
+    files_digest,
     fit_scorer,
     given_threshold,
     load_network,
@@ -115,15 +115,11 @@ def run_name(ckpt_path: Path) -> str:
     return folder if ckpt_path.name in CHECKPOINT_NAMES else f"{folder}-{ckpt_path.stem}"
 
 
-def bank_settings(config: ScoreConfig, ckpt_sha: str, paths: list[Path]) -> dict:
-    """Everything the bank depends on; any change makes a new cache entry.
-
-    Training files count by name and content (a replaced image with the same size and time
-    stamp is still a change); hashing them costs far less than extracting their features.
-    """
-    files = [(p.name, file_sha256(p)) for p in paths]
+def bank_settings(config: ScoreConfig, ckpt_sha: str, train_digest: str) -> dict:
+    """Everything the bank depends on; any change makes a new cache entry. Training files count
+    by name and content (``train_digest``: :func:`scoring.detector.files_digest`)."""
     return {"format": BANK_FORMAT, "checkpoint_sha256": ckpt_sha, **config.subset("bank"),
-            "train_files": hashlib.sha256(json.dumps(files).encode()).hexdigest()}
+            "train_files": train_digest}
 
 
 def bank_cache_path(ckpt_path: Path, settings: dict) -> Path:
@@ -137,7 +133,9 @@ def load_or_build_detector(config: ScoreConfig, run: ScoringRun, model: torch.nn
     """The category's detector, its banks (and calibrated threshold) from the cache when they are
     there for these settings, else built from the training images and cached."""
     paths = train_images(run.data_root, category)
-    settings = bank_settings(config, info["sha256"], paths)
+    # Hashed once here, for the cache key and the detector's provenance.
+    train_digest = files_digest(paths)
+    settings = bank_settings(config, info["sha256"], train_digest)
     cache = bank_cache_path(ckpt_path, settings)
     start = time.perf_counter()
     entry = None
@@ -168,7 +166,7 @@ def load_or_build_detector(config: ScoreConfig, run: ScoringRun, model: torch.nn
         threshold = given_threshold(config.threshold)
     else:
         threshold = entry.get("threshold")
-    detector = Detector(model, scorer, config, threshold, provenance(info, paths), device)
+    detector = Detector(model, scorer, config, threshold, provenance(info, paths, train_digest), device)
     return detector, cached, time.perf_counter() - start
 
 

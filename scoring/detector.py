@@ -334,11 +334,18 @@ def features_of(model: torch.nn.Module, dataset, config: ScoreConfig, device: to
     return extract(model, loader, list(config.layers), device, config.precision == "bf16", desc)
 
 
-def provenance(info: dict, train_paths: list[Path]) -> dict:
-    """Where a detector comes from: its checkpoint (path, sha256, arch, ...) and training images."""
+def files_digest(paths: list[Path]) -> str:
+    """One sha256 over the files' names and contents, in order: a replaced image with the same
+    size and time stamp still changes it; hashing costs far less than extracting features."""
     digest = hashlib.sha256()
-    for path in train_paths:
+    for path in paths:
         digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def provenance(info: dict, train_paths: list[Path], train_digest: str | None = None) -> dict:
+    """Where a detector comes from: its checkpoint (path, sha256, arch, ...) and training images
+    (``train_digest``: their :func:`files_digest`, when the caller has it already)."""
     return {**{k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, list, type(None)))},
-            "train_images": len(train_paths), "train_files_sha256": digest.hexdigest(),
+            "train_images": len(train_paths), "train_files_sha256": train_digest or files_digest(train_paths),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
