@@ -53,6 +53,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="synthetic anomaly makers, one class each: cutpaste, perlin, scar")
     aug.add_argument("--rotflip", action="store_true",
                      help="rotate (90 degree steps) and mirror normal images at random (texture-like data)")
+    aug.add_argument("--dense", action="store_true",
+                     help="dense self-supervision: also train a segmentation head to find each synthetic anomaly's "
+                          "mask (focal + soft Dice loss); scoring then fuses its map with the k-NN map")
+    aug.add_argument("--dense-weight", type=float, default=1.0,
+                     help="weight of the segmentation loss beside the classification loss (with --dense)")
     opt = parser.add_argument_group("Optimisation")
     opt.add_argument("--e", "--epochs", dest="epochs", type=int, default=1600, help="epochs (the paper: 1600)")
     opt.add_argument("--b", "--batch-size", dest="batch_size", type=int, default=32,
@@ -95,8 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     out.add_argument("--eval", action="store_true",
                      help="after training, score each category with both fusions and print one table")
     out.add_argument("--recipe", default="paper", choices=list(RECIPES),
-                     help="named set of defaults: paper (the paper's protocol) or best (see README Results); "
-                          "flags you give still win")
+                     help="named set of defaults: paper (the paper's protocol), best (the recommended recipe), "
+                          "dense (paper + dense self-supervision); see README Results; flags you give still win")
     demo = parser.add_argument_group("Demo")
     demo.add_argument("--demo", action="store_true",
                       help="write the built-in demo data (if absent), train and evaluate on it; defaults become "
@@ -144,6 +149,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise UserError(f"--resume {args.resume}: no such checkpoint file (give a .pt file, or --resume alone for "
                         f"{args.ckpt_dir}/<category>-{args.arch}/model.pt)")
+    if not (math.isfinite(args.dense_weight) and args.dense_weight >= 0):
+        raise UserError(f"--dense-weight {args.dense_weight}: must be a finite number, 0 or more")
     if args.warmup < 0:
         raise UserError(f"--warmup {args.warmup}: must be 0 or more")
     if args.save_every < 0:

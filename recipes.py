@@ -29,6 +29,9 @@ RECIPES: dict[str, dict[str, dict]] = {
         "train": {"sched": "cosine", "warmup": 2, "augs": ("cutpaste", "perlin", "scar"), "batch_size": 16},
         "score": {},
     },
+    # Dense self-supervision on the paper protocol: a segmentation head learns each synthetic
+    # anomaly's mask beside the classifier; scoring fuses its map with the k-NN map (docs/results.md).
+    "dense": {"train": {"dense": True}, "score": {"map_source": "fused"}},
 }
 
 STAGES = {"train": TrainConfig, "score": ScoreConfig}

@@ -164,15 +164,16 @@ def load_cached(paths: list[Path], size: int, antialias: bool, desc: str) -> tor
 class TrainSet(Dataset):
     """Normal training images, each with one synthetic anomaly per selected anomaly maker.
 
-    ``dataset[i]`` is ``(normal (3, S, S) float, anomalies (G, 3, S, S) float)``; maker ``g`` of
-    ``augs`` is class ``g + 1``. Call ``set_epoch(e)`` before each epoch.
+    ``dataset[i]`` is ``(normal (3, S, S) float, anomalies (G, 3, S, S) float)``, with
+    ``masks (G, S, S) bool`` as a third element when ``with_masks`` (dense self-supervision);
+    maker ``g`` of ``augs`` is class ``g + 1``. Call ``set_epoch(e)`` before each epoch.
     """
 
     def __init__(self, root: str | Path, category: str, size: int, augs: list[str], seed: int = 0,
-                 antialias: bool = False, cache: bool = True, rotflip: bool = False):
+                 antialias: bool = False, cache: bool = True, rotflip: bool = False, with_masks: bool = False):
         self.paths = train_images(root, category)
         self.size, self.augs, self.seed, self.antialias = size, augs, seed, antialias
-        self.rotflip = rotflip
+        self.rotflip, self.with_masks = rotflip, with_masks
         self.makers = [augment.MAKERS[name] for name in augs]
         self.epoch = 0
         self.images = load_cached(self.paths, size, antialias, f"{category}: caching train") if cache else None
@@ -199,9 +200,9 @@ class TrainSet(Dataset):
         return make_anomalies(self.image(index), self.makers,
                               lambda rng: self.image(other_index(index, len(self), rng)), rng, self.rotflip)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        normal, anomalies, _ = self.sample(index)
-        return normal, anomalies
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        normal, anomalies, masks = self.sample(index)
+        return (normal, anomalies, masks) if self.with_masks else (normal, anomalies)
 
 
 class TestSet(Dataset):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from errors import UserError
 
 from .dwt import DEFAULT_WAVELET, WaveletDownsample
+from .seghead import HEAD_STAGES, SegHead
 from .wavecnet import BasicBlock, Bottleneck, WaveCNet
 
 # The network halves the image five times: smaller inputs leave layer4 without pixels.
@@ -31,14 +32,15 @@ def list_models() -> list[str]:
 
 
 def create_model(name: str, wavelet: str = DEFAULT_WAVELET, num_classes: int = 3,
-                 downsample_layer: Callable[[str], object] = WaveletDownsample) -> WaveCNet:
-    """Build an untrained network by name (``wave18``, ``wave34``, ``wave50``, ``wave101``)."""
+                 downsample_layer: Callable[[str], object] = WaveletDownsample, dense: bool = False) -> WaveCNet:
+    """Build an untrained network by name (``wave18``, ``wave34``, ``wave50``, ``wave101``); ``dense``
+    adds the segmentation head (``net.seg_head``)."""
     if name not in ARCHS:
         raise UserError(f"unknown arch '{name}': choose one of {', '.join(ARCHS)}")
     block, depths = ARCHS[name]
     return WaveCNet(block, depths, wavelet=wavelet, num_classes=num_classes,
-                    downsample_layer=downsample_layer)
+                    downsample_layer=downsample_layer, dense=dense)
 
 
-__all__ = ["ARCHS", "DEFAULT_WAVELET", "MIN_SIZE", "WaveCNet", "WaveletDownsample", "create_model",
-           "list_models"]
+__all__ = ["ARCHS", "DEFAULT_WAVELET", "HEAD_STAGES", "MIN_SIZE", "SegHead", "WaveCNet", "WaveletDownsample",
+           "create_model", "list_models"]

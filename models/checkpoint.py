@@ -26,6 +26,9 @@ from errors import UserError
 from fileio import atomic_write, no_space
 
 STATE_KEY = "netD_state_dict"
+# The segmentation head of dense self-supervision, beside (not inside) the network's state dict.
+HEAD_KEY = "seg_head_state_dict"
+HEAD_PREFIX = "seg_head."
 PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -95,6 +98,24 @@ def extract_state_dict(checkpoint: dict, source: str = "checkpoint") -> dict[str
     return cleaned
 
 
+def split_head_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """A network's full state dict -> ``(the paper network's keys, the segmentation head's keys)``;
+    the head's keys lose their ``seg_head.`` prefix (empty without a head)."""
+    if not any(k.startswith(HEAD_PREFIX) for k in state):
+        return state, {}  # as it is (an OrderedDict keeps its version records)
+    net = {k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)}
+    head = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
+    return net, head
+
+
+def network_state(checkpoint: dict, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict of the whole network a checkpoint holds: the paper network's weights, plus
+    the segmentation head's (``seg_head.`` keys) when it has one."""
+    state = extract_state_dict(checkpoint, source)
+    head = checkpoint.get(HEAD_KEY) or {}
+    return {**state, **{HEAD_PREFIX + k: v for k, v in head.items()}}
+
+
 def infer_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
     """Guess the registry name (``wave18`` ...) from a state dict's keys, or ``None``."""
     from . import ARCHS  # late import: the registry imports this module's siblings
@@ -144,11 +165,13 @@ def build_from_checkpoint(checkpoint: dict, source: str, arch: str | None = None
     else from ``arch``; asking for another arch than the file holds is a ``UserError``.
 
     Returns:
-        ``(model, info)`` with ``info`` = arch, wavelet, num_classes, size (or None), epoch, recipe.
+        ``(model, info)`` with ``info`` = arch, wavelet, num_classes, dense (has a segmentation head),
+        size (or None), epoch, recipe, augs.
     """
     from . import create_model  # late import: the registry imports this module's siblings
 
-    state = extract_state_dict(checkpoint, source)
+    state = network_state(checkpoint, source)
+    dense = any(k.startswith(HEAD_PREFIX) for k in state)
     found = checkpoint.get("arch") or infer_arch(state)
     if found is None:
         raise UserError(f"{source} matches no known arch (wave18/34/50/101); is it a WaveCNet checkpoint?")
@@ -156,9 +179,10 @@ def build_from_checkpoint(checkpoint: dict, source: str, arch: str | None = None
         raise UserError(f"{source} holds a {found} network, not {arch}; pass --arch {found} or another --p")
     wavelet = checkpoint.get("wavelet") or wavelet or "bior2.2"
     num_classes = int(state["out.weight"].shape[0]) if "out.weight" in state else 3
-    model = create_model(found, wavelet=wavelet, num_classes=num_classes)
+    model = create_model(found, wavelet=wavelet, num_classes=num_classes, dense=dense)
     load_weights(model, state, source, found)
-    info = {"arch": found, "wavelet": wavelet, "num_classes": num_classes, "size": checkpoint.get("size"),
+    info = {"arch": found, "wavelet": wavelet, "num_classes": num_classes, "dense": dense,
+            "size": checkpoint.get("size"),
             "epoch": checkpoint.get("epoch"), "recipe": checkpoint.get("recipe", "paper"),
             "augs": checkpoint.get("augs")}
     return model, info

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .dwt import DEFAULT_WAVELET, WaveletDownsample
+from .seghead import SegHead
 
 DownsampleFactory = Callable[[], nn.Module]
 
@@ -95,11 +96,14 @@ class WaveCNet(nn.Module):
         wavelet: PyWavelets name of the low-pass filter used by every downsampling step.
         num_classes: logits produced by ``out`` (3: normal, CutPaste, Perlin).
         downsample_layer: factory for the downsampling module (injected, default the DWT).
+        dense: also build the segmentation head (:class:`models.seghead.SegHead`, dense
+            self-supervision); created after the backbone's initialisation, so the backbone
+            starts from the same weights as without it.
     """
 
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: tuple[int, ...],
                  wavelet: str = DEFAULT_WAVELET, num_classes: int = 3,
-                 downsample_layer: Callable[[str], nn.Module] = WaveletDownsample):
+                 downsample_layer: Callable[[str], nn.Module] = WaveletDownsample, dense: bool = False):
         super().__init__()
         self.wavelet = wavelet
         self.num_classes = num_classes
@@ -132,6 +136,7 @@ class WaveCNet(nn.Module):
         )
         self.out = nn.Linear(128, num_classes)
         self._init_weights()
+        self.seg_head = SegHead(self.feature_channels) if dense else None
 
     @staticmethod
     def _make_stage(block, in_ch: int, width: int, depth: int,
@@ -174,7 +179,11 @@ class WaveCNet(nn.Module):
         pooled = torch.flatten(self.avgpool(last_feature), 1)
         return self.out(self.head(pooled))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(N, 3, S, S)`` -> ``(logits (N, num_classes), [layer1, layer2, layer3, layer4])``."""
+    def forward(self, x: torch.Tensor) -> tuple:
+        """``(N, 3, S, S)`` -> ``(logits (N, num_classes), [layer1, layer2, layer3, layer4])``, plus the
+        segmentation head's logits ``(N, 1, S/4, S/4)`` as a third element when the network has one."""
         features = self.forward_features(x)
-        return self.forward_head(features[-1]), features
+        logits = self.forward_head(features[-1])
+        if self.seg_head is None:
+            return logits, features
+        return logits, features, self.seg_head(features)

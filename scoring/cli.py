@@ -16,7 +16,7 @@ from data import resolve_categories
 from errors import UserError
 from recipes import RECIPES
 
-from .config import ScoreConfig
+from .config import MAP_SOURCES, ScoreConfig
 from .core import ScoringRun, format_metric, score_category, write_summary
 from .fusion import FUSIONS
 from .knn import BACKENDS, PRECISIONS
@@ -67,6 +67,10 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
                               "so image scores stay exact (0 = pure coreset scores)")
     scoring.add_argument("--smooth", type=float, default=0.0,
                          help="Gaussian sigma (px) applied to the maps (0 = the paper; PatchCore uses 4)")
+    scoring.add_argument("--map", dest="map_source", default="auto", choices=MAP_SOURCES,
+                         help="anomaly map of a network trained with --dense: knn (the paper's), head (its "
+                              "segmentation head), fused (both, each normalised on training images); auto = "
+                              "fused with a head, else knn")
     scoring.add_argument("--knn", default="auto", choices=BACKENDS,
                          help="nearest-neighbour backend (auto = faiss when installed, else torch); same distances")
     scoring.add_argument("--knn-precision", default="auto", choices=PRECISIONS,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from settings import Settings, setting
 
 FUSIONS = ("concatenation", "multiplication")
+MAP_SOURCES = ("auto", "knn", "head", "fused")  # scoring.dense
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ScoreConfig(Settings):
     k: int = setting(1, "score")
     refine: int = setting(16, "score")  # with a coreset: top patches re-searched in the whole bank
     smooth: float = setting(0.0, "score")
+    map_source: str = setting("auto", "score")  # knn, head, fused (dense networks); auto: fused with a head
     threshold: float | None = setting(None, "score")  # None: calibrated on the training images
     calib_percentile: float = setting(99.0, "score")
     recipe: str = setting("paper", "score")
@@ -44,4 +46,6 @@ class ScoreConfig(Settings):
     def __post_init__(self):
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+        if self.map_source not in MAP_SOURCES:
+            raise ValueError(f"map_source must be one of {MAP_SOURCES}, not {self.map_source!r}")
         object.__setattr__(self, "layers", tuple(sorted(self.layers)))

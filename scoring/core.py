@@ -28,12 +28,12 @@ from errors import UserError
 from models.checkpoint import save_atomic
 from runtime import resolve_workers
 
-from . import metrics
+from . import dense, metrics
 from .config import ScoreConfig
 from .detector import FORMAT as DETECTOR_FORMAT
 from .detector import (
     Detector,
-    calibrate_threshold,
+    calibration,
     features_of,
     files_digest,
     fit_scorer,
@@ -41,6 +41,7 @@ from .detector import (
     load_network,
     make_bank,
     provenance,
+    resolve_config,
 )
 from .features import ImageFiles
 from .fusion import Scorer
@@ -49,7 +50,9 @@ from .pictures import save_panel, save_roc
 from .report import environment, write_csv, write_json, write_table
 from .synthetic_check import synthetic_check
 
-BANK_FORMAT = 4  # 3: training files keyed by content; 4: banks stored as MemoryBank state dicts
+# 3: training files keyed by content; 4: banks stored as MemoryBank state dicts; 5: thresholds (and map
+# normalisations) kept per scoring settings ("calibrations"), not one per bank.
+BANK_FORMAT = 5
 CHECKPOINT_NAMES = ("model.pt", "e1600_model.pt")
 
 
@@ -147,26 +150,31 @@ def load_or_build_detector(config: ScoreConfig, run: ScoringRun, model: torch.nn
         if not isinstance(entry, dict) or entry.get("settings") != settings:
             entry = None
     cached = entry is not None
-    if entry is None or (need_threshold and "threshold" not in entry):
+    # Thresholds and map normalisations depend on the scoring settings too (k, smoothing, map source, ...).
+    calibrations = entry.setdefault("calibrations", {}) if entry is not None else {}
+    score_key = json.dumps({k: v for k, v in config.subset("score").items() if k != "threshold"}, sort_keys=True)
+    known = calibrations.get(score_key, {})
+    need_norm = dense.uses_head(config.map_source)
+    if entry is None or (need_threshold and "threshold" not in known) or (need_norm and "map_norm" not in known):
         train_feats, _ = features_of(model, ImageFiles(paths, config.size, config.antialias), config, device,
                                      f"{category}: train features", workers=config_workers(config, device))
         if entry is None:
             scorer = fit_scorer(config, train_feats, device)
             entry = {"settings": settings, "banks": [bank.state_dict() for bank in scorer.banks],
-                     "train_images": len(paths)}
-        if need_threshold:
-            entry["threshold"] = calibrate_threshold(config, train_feats, device, config.size)
+                     "train_images": len(paths), "calibrations": calibrations}
+        if need_threshold or need_norm:
+            threshold, norm = calibration(config, train_feats, device, threshold=need_threshold)
+            known = {**known, **({"threshold": threshold} if threshold else {}), **({"map_norm": norm} if norm else {})}
+            calibrations[score_key] = known
         try:
             save_atomic(entry, cache)
         except OSError as exc:  # a read-only checkpoint folder or a full disk only costs the cache
             tqdm.write(f"warning: cannot cache the memory bank at {cache} ({exc.strerror}); continuing",
                        file=sys.stderr)
     scorer = Scorer(config.fusion, [make_bank(config, device).load_state_dict(b) for b in entry["banks"]])
-    if config.threshold is not None:
-        threshold = given_threshold(config.threshold)
-    else:
-        threshold = entry.get("threshold")
-    detector = Detector(model, scorer, config, threshold, provenance(info, paths, train_digest), device)
+    threshold = given_threshold(config.threshold) if config.threshold is not None else known.get("threshold")
+    detector = Detector(model, scorer, config, threshold, provenance(info, paths, train_digest), device,
+                        known.get("map_norm"))
     return detector, cached, time.perf_counter() - start
 
 
@@ -244,7 +252,7 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     total_start = time.perf_counter()
     ckpt_path = resolve_checkpoint(run, category)
     model, info = load_network(ckpt_path, device, run.arch, run.wavelet)
-    config = config.replace(size=config.size or info["size"] or 256)
+    config = resolve_config(config, info)
     unlabeled = run.images is not None
     if unlabeled and not Path(run.images).is_dir():
         raise UserError(f"--images {run.images}: no such folder")

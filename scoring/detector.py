@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader
 import models
 from data.images import _to_uint8_array, exif_orientation, list_images, load_image, resize_image, to_float, upright
 from errors import UserError
-from models.checkpoint import build_from_checkpoint, load_weights, read_checkpoint, save_atomic
+from models.checkpoint import HEAD_PREFIX, build_from_checkpoint, load_weights, read_checkpoint, save_atomic
 
+from . import dense
 from .bank import MemoryBank
 from .config import ScoreConfig
 from .features import ImageFiles, batched_features, extract
@@ -93,30 +94,63 @@ def make_bank(config: ScoreConfig, device: torch.device) -> MemoryBank:
 
 
 def fit_scorer(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device) -> Scorer:
-    """Banks of the config's fusion from per-layer training features ``(N, C_l, h_l, w_l)``."""
-    return Scorer.fit(config.fusion, train_feats, lambda: make_bank(config, device))
+    """Banks of the config's fusion from per-layer training features ``(N, C_l, h_l, w_l)`` (a head's
+    logits after the layers, see :func:`scoring.features.pooled_features`, are not banked)."""
+    return Scorer.fit(config.fusion, train_feats[:len(config.layers)], lambda: make_bank(config, device))
 
 
-def calibrate_threshold(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device,
-                        size: int) -> dict:
-    """Score each half of the training images against a bank of the other half (cross-fitting).
+def score_maps(config: ScoreConfig, scorer: Scorer, feats: list[torch.Tensor],
+               norm: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (per layer, then the head's logits for a head map source) -> image scores ``(N,)`` and
+    maps ``(N, S, S)``: the k-NN maps of ``scorer`` (``config.k``, ``config.smooth``), alone or with the
+    head's map (:mod:`scoring.dense`, normalised by ``norm``)."""
+    scores, maps = scorer.score(feats[:len(config.layers)], config.size, config.k, config.smooth)
+    if not dense.uses_head(config.map_source):
+        return scores, maps
+    return dense.combine(config.map_source, maps, feats[len(config.layers)], norm, config.size)
 
-    The threshold is the ``calib_percentile`` percentile of those scores. No test image and no
-    label is used, and the bank used for scoring stays whole.
-    """
+
+def cross_fitted_maps(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device,
+                      keep_maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each half of the training images scored against a bank of the other half: k-NN image scores
+    ``(N,)`` and (``keep_maps``) maps ``(N, S, S)``, with no image scored against itself."""
     count = train_feats[0].shape[0]
     if count < 2:
         raise UserError("calibrating a threshold needs at least 2 training images; give a threshold instead")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed))
     halves = [order[: count // 2], order[count // 2:]]
     scores = torch.empty(count)
+    maps = torch.empty(count, config.size, config.size) if keep_maps else None
     for fit, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
         scorer = fit_scorer(config, [f[fit] for f in train_feats], device)
-        held_scores, _ = scorer.score([f[held_out] for f in train_feats], size, config.k)
+        held_scores, held_maps = scorer.score([f[held_out] for f in train_feats[:len(config.layers)]],
+                                              config.size, config.k, config.smooth if keep_maps else 0.0)
         scores[held_out] = held_scores
+        if keep_maps:
+            maps[held_out] = held_maps
+    return scores, maps
+
+
+def calibration(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device,
+              threshold: bool = True) -> tuple[dict | None, dict | None]:
+    """From the training images only (no test image, no label): the threshold (``threshold``) and,
+    for a head map source, the maps' normalisation (:func:`scoring.dense.map_norm`).
+
+    Cross-fitted k-NN maps (:func:`cross_fitted_maps`); the threshold is the ``calib_percentile``
+    percentile of the training images' scores. The bank used for scoring stays whole.
+    """
+    with_head = dense.uses_head(config.map_source)
+    scores, knn_maps = cross_fitted_maps(config, train_feats, device, keep_maps=with_head)
+    norm = None
+    if with_head:
+        head = train_feats[len(config.layers)]
+        norm = dense.map_norm(knn_maps, dense.head_map(head, config.size))
+        scores, _ = dense.combine(config.map_source, knn_maps, head, norm, config.size)
+    if not threshold:
+        return None, norm
     value = float(np.percentile(scores.numpy(), config.calib_percentile))
     return {"value": value, "source": f"cross-fitted training scores, {config.calib_percentile}th percentile",
-            "train_score_mean": float(scores.mean()), "train_score_max": float(scores.max())}
+            "train_score_mean": float(scores.mean()), "train_score_max": float(scores.max())}, norm
 
 
 def given_threshold(value: float) -> dict:
@@ -164,10 +198,12 @@ class Detector:
     """
 
     def __init__(self, model: torch.nn.Module, scorer: Scorer, config: ScoreConfig, threshold: dict | None = None,
-                 provenance: dict | None = None, device: str | torch.device = "cpu"):
+                 provenance: dict | None = None, device: str | torch.device = "cpu", map_norm: dict | None = None):
         if config.size is None:
             raise ValueError("config.size must be resolved (the network's input size)")
-        self.model, self.scorer, self.config = model, scorer, config
+        if config.map_source == "auto" or (dense.uses_head(config.map_source) and map_norm is None):
+            raise ValueError("config.map_source must be resolved, and a head map source needs map_norm")
+        self.model, self.scorer, self.config, self.map_norm = model, scorer, config, map_norm
         self.threshold_info, self.provenance = threshold, dict(provenance or {})
         self.device = pick_device(device)
 
@@ -182,16 +218,18 @@ class Detector:
         config = config or ScoreConfig()
         device = pick_device(device)
         model, info = load_network(checkpoint, device, arch, wavelet)
-        config = config.replace(size=config.size or info["size"] or 256)
+        config = resolve_config(config, info)
         paths = image_paths(train_images)
         feats = features_of(model, ImageFiles(paths, config.size, config.antialias), config, device,
                             "train features")[0]
         scorer = fit_scorer(config, feats, device)
+        wants_threshold = config.threshold is None and calibrate
+        threshold, norm = None, None
+        if wants_threshold or dense.uses_head(config.map_source):
+            threshold, norm = calibration(config, feats, device, threshold=wants_threshold)
         if config.threshold is not None:
             threshold = given_threshold(config.threshold)
-        else:
-            threshold = calibrate_threshold(config, feats, device, config.size) if calibrate else None
-        return cls(model, scorer, config, threshold, provenance(info, paths), device)
+        return cls(model, scorer, config, threshold, provenance(info, paths), device, norm)
 
     # -- scoring -----------------------------------------------------------------------------
     @property
@@ -235,11 +273,11 @@ class Detector:
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``(N, 3, S, S)`` float -> per layer ``(N, C_l, h_l, w_l)`` float32 CPU features."""
         return batched_features(self.model, images, list(self.config.layers), self.config.batch_size, self.device,
-                                self.config.precision == "bf16")
+                                self.config.precision == "bf16", dense.uses_head(self.config.map_source))
 
     def score_features(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per layer features -> image scores ``(N,)`` and maps ``(N, S, S)`` (``config.k``, ``config.smooth``)."""
-        return self.scorer.score(feats, self.size, self.config.k, self.config.smooth)
+        """Per layer features -> image scores ``(N,)`` and maps ``(N, S, S)`` (:func:`score_maps`)."""
+        return score_maps(self.config, self.scorer, feats, self.map_norm)
 
     def predict(self, images: ImageLike | Sequence[ImageLike], original_size: bool = False) -> Prediction:
         """Score one image, a list, a uint8 batch ``(N, H, W, C)`` or a float batch ``(N, 3, H, W)``
@@ -286,6 +324,7 @@ class Detector:
                       for bank in self.scorer.banks],
             "config": self.config.to_dict(),
             "threshold": self.threshold_info,
+            "map_norm": self.map_norm,
             "provenance": self.provenance,
         }
 
@@ -314,11 +353,12 @@ class Detector:
         device = pick_device(device)
         config = ScoreConfig.from_dict(state["config"])
         net = state["network"]
-        model = models.create_model(net["arch"], wavelet=net["wavelet"], num_classes=net["num_classes"])
+        model = models.create_model(net["arch"], wavelet=net["wavelet"], num_classes=net["num_classes"],
+                                    dense=any(k.startswith(HEAD_PREFIX) for k in net["state_dict"]))
         load_weights(model, net["state_dict"], str(path), net["arch"])
         model = model.to(device, memory_format=torch.channels_last).eval()
         scorer = Scorer(config.fusion, [make_bank(config, device).load_state_dict(b) for b in state["banks"]])
-        return cls(model, scorer, config, state["threshold"], state["provenance"], device)
+        return cls(model, scorer, config, state["threshold"], state["provenance"], device, state.get("map_norm"))
 
     def __repr__(self) -> str:
         threshold = "none" if self.threshold is None else f"{self.threshold:.4g}"
@@ -328,10 +368,18 @@ class Detector:
 
 def features_of(model: torch.nn.Module, dataset, config: ScoreConfig, device: torch.device, desc: str,
                 workers: int = 0) -> tuple[list[torch.Tensor], list[dict]]:
-    """:func:`extract` over ``dataset`` with the config's batch size, layers and precision."""
+    """:func:`extract` over ``dataset`` with the config's batch size, layers, precision and map source."""
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
-    return extract(model, loader, list(config.layers), device, config.precision == "bf16", desc)
+    return extract(model, loader, list(config.layers), device, config.precision == "bf16", desc,
+                   head=dense.uses_head(config.map_source))
+
+
+def resolve_config(config: ScoreConfig, info: dict) -> ScoreConfig:
+    """The config with what depends on the network filled in: the size (the checkpoint's training
+    size, else 256) and the map source (``auto``: fused for a network with a segmentation head)."""
+    return config.replace(size=config.size or info["size"] or 256,
+                          map_source=dense.resolve_map_source(config.map_source, bool(info.get("dense"))))
 
 
 def files_digest(paths: list[Path]) -> str:

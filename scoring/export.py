@@ -27,7 +27,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from errors import UserError
+from models import HEAD_STAGES
 
+from . import dense
 from .detector import Detector
 from .fusion import concat_layers, gaussian_smooth, resize_map
 
@@ -82,8 +84,13 @@ class ExportableDetector(nn.Module):
         self.net = copy.deepcopy(detector.model).eval().to("cpu", memory_format=torch.contiguous_format)
         self.net.requires_grad_(False)  # the exported graph never builds an autograd graph
         # What scoring never runs stays out of the file: the classifier, and stages past the last scored one.
-        for name in ("fc", "head", "out", *(f"layer{i}" for i in range(max(config.layers) + 1, 5))):
+        self.map_source = config.map_source
+        last_stage = max(*config.layers, HEAD_STAGES if dense.uses_head(self.map_source) else 1)
+        for name in ("fc", "head", "out", *(f"layer{i}" for i in range(last_stage + 1, 5))):
             setattr(self.net, name, nn.Identity())
+        if not dense.uses_head(self.map_source):
+            self.net.seg_head = None
+        self.last_stage, self.map_norm = last_stage, detector.map_norm
         self.size, self.antialias, self.k, self.smooth = config.size, config.antialias, config.k, config.smooth
         self.layers, self.fusion, self.chunk_rows = list(config.layers), config.fusion, chunk_rows
         self.refine = [bank.refine if bank.refining else 0 for bank in detector.scorer.banks]
@@ -124,8 +131,15 @@ class ExportableDetector(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.preprocess(images)
-        stages = self.net.forward_features(x, stages=max(self.layers))
+        stages = self.net.forward_features(x, stages=self.last_stage)
         feats = [F.avg_pool2d(stages[layer - 1], 3, stride=1, padding=1) for layer in self.layers]
+        scores, maps = self.knn_maps(feats)
+        if dense.uses_head(self.map_source):
+            return dense.combine(self.map_source, maps, self.net.seg_head(stages), self.map_norm, self.size)
+        return scores, maps
+
+    def knn_maps(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer ``(N, C_l, h_l, w_l)`` -> k-NN image scores ``(N,)`` and maps ``(N, S, S)`` (the fusion's)."""
         if self.fusion == "concatenation":
             patch_map = self.patch_map(concat_layers(feats), 0)
             scores = patch_map.flatten(1).max(1).values

@@ -21,9 +21,9 @@ from data import to_float, train_images
 from data.mvtec import load_cached
 from errors import UserError
 
-from . import metrics
+from . import dense, metrics
 from .config import ScoreConfig
-from .detector import fit_scorer
+from .detector import calibration, fit_scorer, score_maps
 
 CHECK_AUGS = ("cutpaste", "perlin", "scar")
 HOLDOUT_FRACTION = 0.2
@@ -82,8 +82,8 @@ def synthetic_check(model: torch.nn.Module, config: ScoreConfig, data_root: str 
     """Score held-out training images with and without synthetic anomalies; returns the metrics.
 
     ``features(dataset, desc)`` extracts per-layer features the way the run does (its layers,
-    batch size, precision); the bank follows the config's fusion, coreset, ``k`` and ``smooth``;
-    ``config.size`` must be resolved.
+    batch size, precision, map source); the bank follows the config's fusion, coreset, ``k`` and
+    ``smooth``; ``config.size`` and ``config.map_source`` must be resolved.
     """
     size = config.size
     paths = train_images(data_root, category)
@@ -96,7 +96,9 @@ def synthetic_check(model: torch.nn.Module, config: ScoreConfig, data_root: str 
     check_images, masks, labels = synthetic_images(images, held_out, fit, config.seed)
     check_feats, _ = features(HeldOutImages(check_images), f"{category}: synthetic check images")
     scorer = fit_scorer(config, fit_feats, device)
-    scores, maps = scorer.score(check_feats, size, config.k, config.smooth)
+    # A head map is normalised on the bank's images, as the run normalises it on all training images.
+    norm = calibration(config, fit_feats, device, threshold=False)[1] if dense.uses_head(config.map_source) else None
+    scores, maps = score_maps(config, scorer, check_feats, norm)
     scores_np, maps_np, masks_np, labels_np = scores.numpy(), maps.numpy(), masks.numpy(), labels.numpy()
     return {
         "image_auroc": metrics.image_auroc(labels_np, scores_np),

@@ -3,7 +3,7 @@
 The checkpoint keeps the paper's keys (``netD_state_dict``, ``epoch``, ``optimizer``) so the
 paper's code and older versions of this one read it, plus what rebuilds the run: ``arch``,
 ``wavelet``, ``size``, ``augs``, ``num_classes``, ``recipe`` and ``args`` (every setting as a
-plain dict).
+plain dict); with ``--dense``, the segmentation head's weights as ``seg_head_state_dict``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from errors import UserError
-from models.checkpoint import extract_state_dict, load_weights, read_checkpoint, save_atomic
+from models.checkpoint import HEAD_KEY, load_weights, network_state, read_checkpoint, save_atomic, split_head_state
 from provenance import git_commit
 
 from .config import RESUME_REFUSED_SETTINGS, RESUME_WARN_SETTINGS, TrainConfig, TrainRun
@@ -27,11 +27,14 @@ CHECKPOINT_NAME = "model.pt"
 
 def checkpoint_payload(model_state: dict, optimizer_state: dict, epoch: int, config: TrainConfig, run: TrainRun,
                        category: str) -> dict:
-    """The checkpoint dict: the paper's keys plus what rebuilds the run (plain types only)."""
+    """The checkpoint dict: the paper's keys plus what rebuilds the run (plain types only); the
+    segmentation head's weights (dense self-supervision) go beside ``netD_state_dict``, not in it."""
+    net_state, head_state = split_head_state(model_state)
     return {
         "format_version": FORMAT_VERSION,
         "epoch": epoch,
-        "netD_state_dict": model_state,
+        "netD_state_dict": net_state,
+        **({HEAD_KEY: head_state, "dense": True} if head_state else {}),
         "optimizer": optimizer_state,
         "arch": config.arch,
         "wavelet": config.wavelet,
@@ -50,7 +53,12 @@ def checkpoint_payload(model_state: dict, optimizer_state: dict, epoch: int, con
 def check_resume_compatible(ckpt: dict, config: TrainConfig, path: Path) -> None:
     """A checkpoint of another network (arch, wavelet, size, anomaly classes) is a ``UserError``."""
     for key in RESUME_REFUSED_SETTINGS:
-        if key == "augs":
+        if key == "dense":
+            if bool(ckpt.get("dense", False)) != config.dense:
+                has = "has a segmentation head (--dense)" if ckpt.get("dense") else "has no segmentation head"
+                raise UserError(f"--resume {path}: the checkpoint {has}; use the same --dense setting or another "
+                                "--ckpt-dir")
+        elif key == "augs":
             if "augs" in ckpt and list(ckpt["augs"]) != list(config.augs):
                 raise UserError(f"--resume {path}: checkpoint was trained with --augs {','.join(ckpt['augs'])}")
         elif key in ckpt and ckpt[key] != getattr(config, key):
@@ -107,7 +115,7 @@ def restore(ckpt: dict, path: Path, model: torch.nn.Module, optimizer: torch.opt
         if changed:
             tqdm.write(f"--resume {path}: continuing with {', '.join(changed)}; the weights will differ from an "
                        f"uninterrupted run with the checkpoint's settings")
-    load_weights(model, extract_state_dict(ckpt, str(path)), str(path), config.arch)
+    load_weights(model, network_state(ckpt, str(path)), str(path), config.arch)
     if "optimizer" in ckpt:
         fused = any(group.get("fused") for group in optimizer.param_groups)
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -49,6 +49,8 @@ class TrainConfig(Settings):
     antialias: bool = _setting(False, "weights")
     augs: tuple[str, ...] = _setting(("cutpaste", "perlin"), "weights", resume="refuse")
     rotflip: bool = _setting(False, "weights")
+    dense: bool = _setting(False, "weights", resume="refuse")  # segmentation head on the anomaly masks
+    dense_weight: float = _setting(1.0, "weights")  # its loss (focal + soft Dice) beside the cross-entropy
     epochs: int = _setting(1600, "weights", resume="extend")
     batch_size: int = _setting(32, "weights")
     lr: float = _setting(0.03, "weights")

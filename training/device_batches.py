@@ -26,7 +26,8 @@ from data import TrainSet, to_float
 
 
 class DeviceBatches:
-    """Iterable of ``(normal (B, 3, S, S), anomalies (B, G, 3, S, S))`` float batches on ``device``.
+    """Iterable of ``(normal (B, 3, S, S), anomalies (B, G, 3, S, S))`` float batches on ``device``
+    (and ``masks (B, G, S, S)`` bool when the data set is ``with_masks``).
 
     A drop-in replacement for the ``DataLoader`` of :class:`data.TrainSet` (same sampler, same
     batch layout); call ``set_epoch`` on the sampler as usual.
@@ -50,9 +51,10 @@ class DeviceBatches:
             rng.manual_seed(batch_seed(self.dataset.seed, self.dataset.epoch, step))
             yield self.make(index, rng)
 
-    def make(self, index: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training indices ``(B,)`` -> ``(normal (B, 3, S, S), anomalies (B, G, 3, S, S))`` in [0, 1]."""
-        normal, anomalies, _ = make_anomalies_batch(
+    def make(self, index: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Training indices ``(B,)`` -> ``(normal (B, 3, S, S), anomalies (B, G, 3, S, S))`` in [0, 1]
+        (and their masks, see the class)."""
+        normal, anomalies, masks = make_anomalies_batch(
             to_float(self.images[index]), self.makers,
             lambda rng: to_float(self.images[other_indices(index, len(self.images), rng)]), rng, self.dataset.rotflip)
-        return normal, anomalies
+        return (normal, anomalies, masks) if self.dataset.with_masks else (normal, anomalies)

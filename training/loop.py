@@ -33,6 +33,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier
 from .interrupt import StopRequest, ignore_sigint_in_worker
 from .logger import EpochLogger
 from .preview import save_preview
+from .segmentation import mask_batch, segmentation_loss
 
 PREVIEW_NAME = "anomaly_preview.png"
 
@@ -98,7 +99,7 @@ def anomalies_on_device(config: TrainConfig, device: torch.device, dataset: Trai
 def make_dataset(config: TrainConfig, run: TrainRun, category: str, dist_info: DistInfo) -> TrainSet:
     """The category's training set; a batch larger than a process's share of it is a ``UserError``."""
     dataset = TrainSet(run.data_root, category, config.size, list(config.augs), seed=config.seed,
-                       antialias=config.antialias, rotflip=config.rotflip)
+                       antialias=config.antialias, rotflip=config.rotflip, with_masks=config.dense)
     per_rank = math.ceil(len(dataset) / dist_info.world_size)
     if config.batch_size > per_rank:
         raise UserError(f"--b {config.batch_size} is larger than the {len(dataset)} training images of "
@@ -131,7 +132,8 @@ def make_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Modu
     """The network (initialised from the seed) and its SGD optimiser."""
     torch.manual_seed(config.seed)
     model = models.create_model(config.arch, wavelet=config.wavelet, num_classes=config.num_classes,
-                                downsample_layer=partial(models.WaveletDownsample, impl=config.dwt_impl))
+                                downsample_layer=partial(models.WaveletDownsample, impl=config.dwt_impl),
+                                dense=config.dense)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(device=device, memory_format=memory_format)
     # One fused kernel for the whole update on CUDA instead of a launch per parameter tensor.
@@ -202,8 +204,8 @@ class Trainer:
         batches = tqdm(self.loader, desc=f"epoch {epoch + 1}", leave=False, unit="batch",
                        disable=not self.dist_info.is_main or len(self.loader) < 20, dynamic_ncols=True)
         try:
-            for normal, anomalies in batches:
-                loss, logits, labels = self.step(normal, anomalies)
+            for batch in batches:
+                loss, logits, labels = self.step(*batch)
                 # Accumulated on the device: no host synchronisation inside the step.
                 loss_sum += loss.detach() * labels.numel()
                 hits = (logits.detach().argmax(1) == labels).double()
@@ -218,15 +220,21 @@ class Trainer:
         stats = all_reduce_sum(torch.cat([loss_sum[None], correct, seen]), self.dist_info).cpu()
         return stats, time.perf_counter() - start
 
-    def step(self, normal: torch.Tensor, anomalies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One SGD step on a batch; returns the loss, the logits and the labels."""
+    def step(self, normal: torch.Tensor, anomalies: torch.Tensor,
+             masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One SGD step on a batch; returns the loss, the logits and the labels. With ``config.dense``
+        the anomalies' ``masks`` ``(B, G, S, S)`` also train the segmentation head."""
         normal = normal.to(self.device, non_blocking=True)
         anomalies = anomalies.to(self.device, non_blocking=True)
         images, labels = make_batch(normal, anomalies)
         images = images.contiguous(memory_format=self.memory_format)
         with self.autocast:
-            logits, _ = self.net(images)
+            outputs = self.net(images)
+        logits = outputs[0]
         loss = F.cross_entropy(logits.float(), labels)
+        if self.config.dense:
+            target = mask_batch(normal, masks.to(self.device, non_blocking=True))
+            loss = loss + self.config.dense_weight * segmentation_loss(outputs[2], target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

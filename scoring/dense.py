@@ -1,0 +1,67 @@
+"""Maps of dense self-supervision at scoring time: the segmentation head's, alone or fused with k-NN's.
+
+A network trained with ``--dense`` carries a segmentation head (``models.seghead``). Its logits
+and the nearest-neighbour distances live on different scales, so each map is first normalised
+by its own distribution on normal training images (``(map - mean) / std`` over their pixels:
+k-NN maps cross-fitted, each half of the training images scored against a bank of the other
+half, so no image is scored against itself), then:
+
+- ``knn``: the k-NN map alone (the paper; the only choice for a network without a head);
+- ``head``: the head's normalised map alone;
+- ``fused``: the sum of both normalised maps;
+- ``auto``: ``fused`` for a network with a head, else ``knn``.
+
+The image score of ``head`` and ``fused`` is the maximum of the map, as for multiplication.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from errors import UserError
+
+from .config import MAP_SOURCES
+from .fusion import resize_map
+
+__all__ = ["MAP_SOURCES", "combine", "head_map", "map_norm", "resolve_map_source", "uses_head"]
+
+
+def resolve_map_source(map_source: str, has_head: bool) -> str:
+    """``auto`` -> ``fused`` / ``knn`` by whether the network has a head; ``head`` or ``fused`` without one
+    is a ``UserError``."""
+    if map_source == "auto":
+        return "fused" if has_head else "knn"
+    if map_source in ("head", "fused") and not has_head:
+        raise UserError(f"map source {map_source!r} needs a network trained with --dense (this checkpoint has no "
+                        "segmentation head); use knn")
+    return map_source
+
+
+def uses_head(map_source: str) -> bool:
+    """Whether a (resolved) map source reads the segmentation head."""
+    return map_source in ("head", "fused")
+
+
+def head_map(head_logits: torch.Tensor, size: int) -> torch.Tensor:
+    """The head's logits ``(N, 1, h, w)`` -> ``(N, size, size)`` (bilinear, as the k-NN maps)."""
+    return resize_map(head_logits[:, 0].float(), size)
+
+
+def map_norm(knn_maps: torch.Tensor, head_maps: torch.Tensor) -> dict[str, float]:
+    """Mean and standard deviation of each kind of map ``(N, S, S)`` over normal training images."""
+    def stats(maps: torch.Tensor) -> tuple[float, float]:
+        values = maps.double()
+        return float(values.mean()), max(float(values.std()), 1e-12)
+
+    (knn_mean, knn_std), (head_mean, head_std) = stats(knn_maps), stats(head_maps)
+    return {"knn_mean": knn_mean, "knn_std": knn_std, "head_mean": head_mean, "head_std": head_std}
+
+
+def combine(map_source: str, knn_maps: torch.Tensor, head_logits: torch.Tensor, norm: dict[str, float],
+            size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-NN maps ``(N, S, S)`` and head logits ``(N, 1, h, w)`` -> image scores ``(N,)`` and maps ``(N, S, S)``
+    of ``map_source`` (``head`` or ``fused``), normalised by ``norm`` (:func:`map_norm`)."""
+    maps = (head_map(head_logits, size) - norm["head_mean"]) / norm["head_std"]
+    if map_source == "fused":
+        maps = maps + (knn_maps - norm["knn_mean"]) / norm["knn_std"]
+    return maps.flatten(1).max(1).values, maps
