@@ -231,6 +231,7 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
 def result_row(dataset: str, name: str, seed: int, fusion: str, epochs: int, train_s: float, record: dict) -> dict:
     check = record.get("synthetic_check", {})
     return {"dataset": dataset, "variant": name, "seed": seed, "fusion": fusion, "epochs": epochs, "train_s": train_s,
+            "checkpoint_sha256": record["checkpoint"]["sha256"],
             "score_s_per_image": record["timings"]["s_per_test_image"],
             **{k: record["metrics"][k] for k in METRICS},
             **{f"synthetic_{k}": check[k] for k in CHECK_METRICS if k in check}}

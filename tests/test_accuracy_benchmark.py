@@ -206,3 +206,26 @@ def test_benchmarks_run_as_modules_from_the_repository_root():
     out = subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--help"], cwd=REPO, capture_output=True,
                          text=True)
     assert out.returncode == 0 and "--variants" in out.stdout, out.stderr[-2000:]
+
+
+def test_check_agreement_counts_pairs_and_choices(tmp_path):
+    """Made-up runs: the check orders a/b as the test does, b/c the other way, a/d is a test tie."""
+    from benchmarks import check_agreement
+
+    def run(variant, sha, test, check, seed=0):
+        return {"dataset": "widget", "variant": variant, "fusion": "concatenation", "seed": seed,
+                "checkpoint_sha256": sha, "image_auroc": test, "pixel_auroc": test,
+                "synthetic_image_auroc": check, "synthetic_pixel_auroc": check}
+
+    runs = [run("a", "1", 0.90, 0.80), run("b", "2", 0.80, 0.70), run("c", "3", 0.85, 0.60),
+            run("d", "4", 0.902, 0.50), run("a-k2", "1", 0.10, 0.10), run("untrained", "0", 0.5, 0.9)]
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps({"runs": runs}))
+    check_agreement.main(check_agreement.get_args_parser().parse_args([str(path), "--out", str(tmp_path)]))
+    [image, _] = json.loads((tmp_path / "check_agreement.json").read_text())["rows"]
+    # Trainings a, b, c, d (a-k2 scores a's checkpoint, untrained is excluded): 6 pairs, 1 a tie (a/d).
+    # a>b agree, a>c agree, b<c disagree (check says b), b/d: test d, check b: disagree; c/d: test d, check c: no.
+    assert (image["agree"], image["disagree"], image["ties"]) == (2, 3, 1)
+    # The check picks a (0.80), the test's best is d (0.902): not the same, 0.2 points lost.
+    assert image["choice_same"] == 0 and image["choice_loss_points"] == pytest.approx(0.2)
+    assert (tmp_path / "check_agreement.md").read_text().count("widget") == 2
