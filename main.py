@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     model.add_argument("--wavelet", default=models.DEFAULT_WAVELET, help="any PyWavelets wavelet name")
     aug = parser.add_argument_group("Augmentation")
     aug.add_argument("--augs", default="cutpaste,perlin",
-                     help="synthetic anomaly makers, one class each: cutpaste, perlin, scar")
+                     help="anomaly makers, one class each: cutpaste, perlin, scar, poisson, scratch, texture, shapes")
     aug.add_argument("--rotflip", action="store_true",
                      help="rotate (90 degree steps) and mirror normal images at random (texture-like data)")
     aug.add_argument("--dense", action="store_true",

@@ -5,7 +5,8 @@ every function here draws the same parameters from the same distributions, one v
 image, and builds the result with gathers and masks instead of Python loops, so a CUDA batch of
 hundreds of images costs a few kernel launches. The random streams differ from the per-image
 ones (the values are not the same, the statistics are; ``tests/test_batched_augment.py``
-compares them).
+compares them). The newer makers (``poisson``, ``scratch``, ``texture``, ``shapes``) are not
+vectorised: :func:`per_image_batch` loops their per-image form, the slower fallback.
 
 Every function is ``fn(images, sources, rng) -> (anomalous, masks)`` with ``images`` and
 ``sources`` ``(B, 3, S, S)`` float in [0, 1] on one device, ``generator`` a ``torch.Generator``
@@ -20,6 +21,10 @@ from collections.abc import Callable
 import torch
 
 from .perlin import LATTICE, blob_masks, perlin_noise_batch
+from .poisson import poisson
+from .scratch import scratch
+from .shapes import shapes
+from .texture import texture
 
 BatchMaker = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -200,8 +205,31 @@ def rotflip_batch(images: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
     return torch.where(mirror[:, None, None, None], out.flip(3), out)
 
 
+def per_image_batch(make: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> BatchMaker:
+    """The slower fallback: a batched maker that calls the per-image ``make`` on each image in turn.
+
+    Image ``i`` gets ``make(images[i], sources[i], rng)`` with the one ``rng``, in batch order, so
+    the result equals the per-image maker's run over the batch (the same stream, unlike the
+    vectorised makers above). On a GPU each image costs a few small kernels and one or two host
+    round trips (the makers draw their parameters in one call and read them on the host).
+    """
+    def batched(images: torch.Tensor, sources: torch.Tensor,
+                rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        made = [make(images[i], sources[i], rng) for i in range(images.shape[0])]
+        return torch.stack([m[0] for m in made]), torch.stack([m[1] for m in made])
+
+    batched.__name__ = batched.__qualname__ = f"{make.__name__}_batch"
+    batched.__doc__ = f"{make.__name__} per image, looped over the batch (see :func:`per_image_batch`)."
+    return batched
+
+
 BATCH_MAKERS: dict[str, BatchMaker] = {
     "cutpaste": cutpaste_batch,
     "perlin": perlin_blend_batch,
     "scar": scar_batch,
+    # Not vectorised: the per-image makers looped (same stream as the per-image form).
+    "poisson": per_image_batch(poisson),
+    "scratch": per_image_batch(scratch),
+    "texture": per_image_batch(texture),
+    "shapes": per_image_batch(shapes),
 }
