@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,8 @@ def tiny_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained(tiny_root, tmp_path_factory) -> Path:
-    """A checkpoint folder with ``widget-wave18`` and ``gizmo-wave18`` (32 px, 2 epochs)."""
+    """A checkpoint folder with ``widget-wave18`` and ``gizmo-wave18`` (32 px, 2 epochs). ``--c all``
+    trains each category as ``--c widget`` alone would: tests compare other runs with its widget run."""
     import main as train_main
 
     ckpt_dir = tmp_path_factory.mktemp("ckpt")
@@ -62,3 +64,40 @@ def trained(tiny_root, tmp_path_factory) -> Path:
         ["--c", "all", "--data-root", str(tiny_root), "--arch", "wave18", "--size", "32", "--b", "4",
          "--e", "2", "--ckpt-dir", str(ckpt_dir), "--no-tensorboard", "--precision", "fp32"]))
     return ckpt_dir
+
+
+# The flags of the small widget trainings the tests run (run folder: <ckpt dir>/widget-wave18).
+TRAIN_FLAGS = ["--arch", "wave18", "--size", "32", "--b", "4", "--no-tensorboard", "--precision", "fp32"]
+
+
+@pytest.fixture(scope="session")
+def one_epoch(tiny_root, tmp_path_factory) -> Path:
+    """A checkpoint folder with a finished 1-epoch ``widget-wave18`` run (``TRAIN_FLAGS``), trained
+    once for the many tests that need such a run. Read-only: copy it (``copy_run``) to change it."""
+    import main as train_main
+
+    ckpt_dir = tmp_path_factory.mktemp("one_epoch")
+    train_main.main(train_main.parse_args(["--c", "widget", "--data-root", str(tiny_root), "--e", "1",
+                                           "--ckpt-dir", str(ckpt_dir), *TRAIN_FLAGS]))
+    return ckpt_dir
+
+
+def _copy_run(ckpt_dir: Path, run: str, dest: Path) -> Path:
+    shutil.copytree(ckpt_dir / run, dest / run, ignore=shutil.ignore_patterns("banks"))
+    return dest / run
+
+
+@pytest.fixture(scope="session")
+def copy_run():
+    """``copy_run(ckpt_dir, run, dest)`` copies the finished run folder ``ckpt_dir/run`` into the
+    checkpoint folder ``dest`` as if it had been trained there (scoring's bank cache, ``banks/``,
+    stays behind) and returns the copy."""
+    return _copy_run
+
+
+@pytest.fixture()
+def trained_once(one_epoch, tmp_path) -> Path:
+    """``tmp_path`` as a checkpoint folder holding a private copy of ``one_epoch``'s run: a test
+    may resume, re-run or damage it."""
+    _copy_run(one_epoch, "widget-wave18", tmp_path)
+    return tmp_path

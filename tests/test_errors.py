@@ -55,10 +55,10 @@ def root(tiny_root, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tiny_root, tmp_path_factory):
+def ckpt_dir(one_epoch, copy_run, tmp_path_factory):
+    """A copy of conftest's 1-epoch widget run (``--e 1`` and the flags of ``TRAIN``)."""
     out = tmp_path_factory.mktemp("ckpt")
-    train_main.main(train_main.parse_args(["--c", "widget", "--data-root", str(tiny_root), "--e", "1",
-                                           "--ckpt-dir", str(out), *TRAIN]))
+    copy_run(one_epoch, "widget-wave18", out)
     return out
 
 
@@ -133,9 +133,9 @@ def test_cuda_absent(root, capsys):
     assert code == 2 and "--device cuda" in one_line(err) and "--device cpu" in err
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(root, tmp_path, capsys):
-    base = ["--data-root", str(root), "--c", "widget", "--ckpt-dir", str(tmp_path), *TRAIN]
-    train_main.main(train_main.parse_args(base + ["--e", "1"]))
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_root, trained_once, capsys):
+    base = ["--data-root", str(tiny_root), "--c", "widget", "--ckpt-dir", str(trained_once), *TRAIN]
+    tmp_path = trained_once  # holds a finished run: base + ["--e", "1"]
     ckpt = tmp_path / "widget-wave18" / "model.pt"
     before = ckpt.read_bytes()
     code, err = run_train(base + ["--e", "5", "--resume", "--lr", "1e30"], capsys)
@@ -144,9 +144,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(root, tmp_path, capsys):
     assert ckpt.read_bytes() == before
 
 
-def test_disk_full_keeps_previous_checkpoint(root, tmp_path, capsys, monkeypatch):
-    base = ["--data-root", str(root), "--c", "widget", "--ckpt-dir", str(tmp_path), *TRAIN]
-    train_main.main(train_main.parse_args(base + ["--e", "1"]))
+def test_disk_full_keeps_previous_checkpoint(tiny_root, trained_once, capsys, monkeypatch):
+    base = ["--data-root", str(tiny_root), "--c", "widget", "--ckpt-dir", str(trained_once), *TRAIN]
+    tmp_path = trained_once  # holds a finished run: base + ["--e", "1"]
     ckpt = tmp_path / "widget-wave18" / "model.pt"
     before = ckpt.read_bytes()
     real_save = torch.save
@@ -302,7 +302,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_root, tmp_path):
     proc.wait()
     assert 1 <= _checkpoint_epoch(ckpt) <= epochs  # still loadable
     assert (ckpt.parent / ".lock").is_file()  # the killed run's lock file stays; its lock died with it
-    subprocess.run(_train_cmd(tiny_root, killed, epochs, "--resume"), cwd=REPO, check=True, capture_output=True)
+    # The resume runs in-process (the same code as main.py's; one interpreter start less): the
+    # killed process's lock file must not stop it.
+    train_main.main(train_main.parse_args(_train_cmd(tiny_root, killed, epochs, "--resume")[2:]))
     assert not (ckpt.parent / ".lock").exists()
     a = read_checkpoint(straight / "widget-wave18" / "model.pt")["netD_state_dict"]
     b = read_checkpoint(ckpt)["netD_state_dict"]

@@ -30,9 +30,9 @@ def train_args(root, ckpt_dir, *extra):
          "--ckpt-dir", str(ckpt_dir), "--no-tensorboard", "--precision", "fp32", *extra])
 
 
-def test_one_epoch_writes_loadable_checkpoint(tiny_root, tmp_path):
-    [path] = train_main.main(train_args(tiny_root, tmp_path, "--e", "1"))
-    assert path == tmp_path / "widget-wave18" / "model.pt"
+def test_one_epoch_writes_loadable_checkpoint(one_epoch):
+    # conftest's one_epoch is main.main(train_args(tiny_root, one_epoch, "--e", "1")), trained once.
+    path = one_epoch / "widget-wave18" / "model.pt"
     ckpt = read_checkpoint(path)
     for key in ("epoch", "netD_state_dict", "optimizer", "arch", "wavelet", "size", "augs", "args",
                 "format_version"):
@@ -46,9 +46,9 @@ def test_one_epoch_writes_loadable_checkpoint(tiny_root, tmp_path):
     assert (path.parent / "anomaly_preview.png").stat().st_size > 0
 
 
-def test_resume_after_a_kill_mid_log_line(tiny_root, tmp_path):
+def test_resume_after_a_kill_mid_log_line(tiny_root, trained_once):
     """A run killed while appending to log.jsonl leaves a cut last line: the resume drops it."""
-    train_main.main(train_args(tiny_root, tmp_path, "--e", "1"))
+    tmp_path = trained_once  # a finished 1-epoch run in tmp_path
     log = tmp_path / "widget-wave18" / "log.jsonl"
     with log.open("a") as handle:
         handle.write('{"epoch": 2, "lo')
@@ -56,9 +56,8 @@ def test_resume_after_a_kill_mid_log_line(tiny_root, tmp_path):
     assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
 
 
-def test_resume_with_other_settings_says_which_changed(tiny_root, tmp_path, capsys):
-    train_main.main(train_args(tiny_root, tmp_path, "--e", "1"))
-    capsys.readouterr()
+def test_resume_with_other_settings_says_which_changed(tiny_root, trained_once, capsys):
+    tmp_path = trained_once  # a finished 1-epoch run in tmp_path
     train_main.main(train_args(tiny_root, tmp_path, "--e", "2", "--resume", "--lr", "0.01"))
     err = capsys.readouterr()
     assert "lr 0.03 -> 0.01" in err.out + err.err
@@ -68,8 +67,8 @@ def test_resume_with_other_settings_says_which_changed(tiny_root, tmp_path, caps
     assert "continuing with" not in err.out + err.err
 
 
-def test_same_seed_same_weights_different_seed_differs(tiny_root, tmp_path):
-    a = read_checkpoint(train_main.main(train_args(tiny_root, tmp_path / "a", "--e", "1"))[0])
+def test_same_seed_same_weights_different_seed_differs(tiny_root, tmp_path, one_epoch):
+    a = read_checkpoint(one_epoch / "widget-wave18" / "model.pt")  # train_args(..., "--e", "1")
     b = read_checkpoint(train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "1", "--workers", "2"))[0])
     c = read_checkpoint(train_main.main(train_args(tiny_root, tmp_path / "c", "--e", "1", "--seed", "1"))[0])
     key = "layer1.0.conv1.weight"
@@ -116,12 +115,13 @@ def test_anomalies_made_on_the_device_path_train(tiny_root, tmp_path):
     assert all(torch.equal(a[key], b[key]) for key in a), "same seed, same weights on the device path"
 
 
-def test_loader_workers_see_every_epoch(tiny_root, tmp_path):
+def test_loader_workers_see_every_epoch(tiny_root, tmp_path, straight):
     # Workers hold their own copy of the data set: the epoch (which seeds the anomalies) must still
     # reach them, so 2 epochs with a worker end with the weights of 2 epochs without one.
-    paths = [train_main.main(train_args(tiny_root, tmp_path / str(n), "--e", "2", "--workers", str(n)))[0]
-             for n in (0, 1)]
-    a, b = (extract_state_dict(read_checkpoint(p)) for p in paths)
+    epochs = read_checkpoint(straight)["epoch"]
+    assert epochs >= 2
+    path = train_main.main(train_args(tiny_root, tmp_path, "--e", str(epochs), "--workers", "1"))[0]
+    a, b = (extract_state_dict(read_checkpoint(p)) for p in (straight, path))
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
@@ -192,7 +192,7 @@ def test_checkpoint_records_every_setting(tiny_root, tmp_path):
     assert ckpt["args"]["data_root"] == str(tiny_root) and ckpt["args"]["augs"] == ["cutpaste", "perlin"]
 
 
-def test_train_category_takes_configs(tiny_root, tmp_path):
+def test_train_category_takes_configs(tiny_root, tmp_path, one_epoch):
     """The library call, no command line: the same weights as main.py with the same settings."""
     from training import DistInfo, train_category
 
@@ -200,7 +200,7 @@ def test_train_category_takes_configs(tiny_root, tmp_path):
     path, trained = train_category(config, TrainRun(data_root=str(tiny_root), ckpt_dir=str(tmp_path / "lib"),
                                                     tensorboard=False), "widget", torch.device("cpu"), DistInfo())
     assert trained and path == tmp_path / "lib" / "widget-wave18" / "model.pt"
-    [cli_path] = train_main.main(train_args(tiny_root, tmp_path / "cli", "--e", "1"))
+    cli_path = one_epoch / "widget-wave18" / "model.pt"  # main.main(train_args(..., "--e", "1"))
     a, b = extract_state_dict(read_checkpoint(path)), extract_state_dict(read_checkpoint(cli_path))
     assert all(torch.equal(a[key], b[key]) for key in a)
 
@@ -245,23 +245,25 @@ class StopOnCall(StopRequest):
 
 
 @pytest.fixture(scope="module")
-def straight(tiny_root, tmp_path_factory):
-    """An uninterrupted 3-epoch run."""
-    return train_main.main(train_args(tiny_root, tmp_path_factory.mktemp("straight"), "--e", "3"))[0]
+def straight(trained):
+    """An uninterrupted 2-epoch run of train_args: conftest's widget run (``--c all`` trains widget
+    as ``--c widget`` would)."""
+    return trained / "widget-wave18" / "model.pt"
 
 
 @pytest.mark.parametrize("at,saved_epoch", [(4, 1), (3, 1)])
 def test_ctrl_c_mid_epoch_saves_the_last_completed_one_and_resume_is_exact(tiny_root, tmp_path, monkeypatch, straight,
                                                                              at, saved_epoch):
     """8 images, batch 4: safe points 1-2 are epoch 1's steps, 3 its end, 4 epoch 2's first step, ..."""
+    epochs = str(read_checkpoint(straight)["epoch"])
     monkeypatch.setattr(training.loop, "StopRequest", StopOnCall)
     StopOnCall.calls, StopOnCall.at = 0, at
     with pytest.raises(KeyboardInterrupt):
-        train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "3"))
+        train_main.main(train_args(tiny_root, tmp_path / "b", "--e", epochs))
     ckpt = tmp_path / "b" / "widget-wave18" / "model.pt"
     assert read_checkpoint(ckpt)["epoch"] == saved_epoch
     monkeypatch.setattr(training.loop, "StopRequest", StopRequest)
-    resumed = train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "3", "--resume"))[0]
+    resumed = train_main.main(train_args(tiny_root, tmp_path / "b", "--e", epochs, "--resume"))[0]
     a, b = read_checkpoint(straight), read_checkpoint(resumed)
     assert all(torch.equal(value, b["netD_state_dict"][key]) for key, value in a["netD_state_dict"].items())
     assert all(torch.equal(a["optimizer"]["state"][i]["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
