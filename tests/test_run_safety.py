@@ -5,11 +5,12 @@ permissions, temporaries of killed saves, and a full disk inside ``torch.save``.
 """
 
 import errno
+import multiprocessing
 import os
-import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +22,8 @@ import main as train_main
 from data import demo
 from models.checkpoint import read_checkpoint, save_atomic
 from scoring.report import write_json
-from training.rundir import LOCK_NAME
+from training.rundir import LOCK_NAME, RunLock
 
-REPO = Path(__file__).resolve().parent.parent
 TRAIN = ["--arch", "wave18", "--size", "32", "--b", "4", "--no-tensorboard", "--precision", "fp32"]
 
 
@@ -67,8 +67,8 @@ def dead_pid() -> int:
 
 # --- 1. a finished run is not replaced without being asked ------------------------------------------
 
-def test_rerun_without_resume_refuses_and_touches_nothing(tiny_root, tmp_path, capsys):
-    train_main.main(train_main.parse_args(base(tiny_root, tmp_path) + ["--e", "1"]))
+def test_rerun_without_resume_refuses_and_touches_nothing(tiny_root, trained_once, capsys):
+    tmp_path = trained_once  # holds a finished run of base(tiny_root, tmp_path) + ["--e", "1"]
     run = tmp_path / "widget-wave18"
     before = snapshot(run)
     capsys.readouterr()
@@ -81,9 +81,9 @@ def test_rerun_without_resume_refuses_and_touches_nothing(tiny_root, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["widget-wave18"]
 
 
-def test_all_categories_are_checked_before_the_first_trains(tiny_root, tmp_path, capsys):
+def test_all_categories_are_checked_before_the_first_trains(tiny_root, trained, copy_run, tmp_path, capsys):
     # gizmo holds a run: widget, listed (and so trained) first, must not be trained or even created.
-    train_main.main(train_main.parse_args(base(tiny_root, tmp_path, "gizmo") + ["--e", "1"]))
+    copy_run(trained, "gizmo-wave18", tmp_path)  # a finished run of base(tiny_root, tmp_path, "gizmo")
     before = snapshot(tmp_path)
     code, _, err = run_train(base(tiny_root, tmp_path, "widget,gizmo") + ["--e", "1"], capsys)
     assert code == 2 and "gizmo-wave18 already holds a run" in one_line(err)
@@ -91,8 +91,8 @@ def test_all_categories_are_checked_before_the_first_trains(tiny_root, tmp_path,
     assert snapshot(tmp_path) == before
 
 
-def test_overwrite_moves_the_old_run_aside(tiny_root, tmp_path, capsys):
-    train_main.main(train_main.parse_args(base(tiny_root, tmp_path) + ["--e", "1"]))
+def test_overwrite_moves_the_old_run_aside(tiny_root, trained_once, capsys):
+    tmp_path = trained_once  # holds a finished run of base(tiny_root, tmp_path) + ["--e", "1"]
     run = tmp_path / "widget-wave18"
     before = snapshot(run)
     code, out, err = run_train(base(tiny_root, tmp_path) + ["--e", "2", "--overwrite"], capsys)
@@ -113,13 +113,15 @@ def test_resume_and_overwrite_together_is_one_line(tiny_root, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_demo_twice_moves_the_first_run_aside(tiny_root, tmp_path, capsys, monkeypatch):
+def test_demo_twice_moves_the_first_run_aside(tiny_root, trained_once, capsys, monkeypatch):
     """`python main.py --demo` is run again by users: the second run trains afresh, says where the
-    first went, and does not fail. (The data set and the scoring are stubbed: tiny data, no eval.)"""
+    first went, and does not fail. (The data set and the scoring are stubbed: tiny data, no eval.
+    The first run is a copy of conftest's run of these flags; a first --demo, into an empty
+    folder, is test_demo's.)"""
+    tmp_path = trained_once
     monkeypatch.setattr(demo, "demo_exists", lambda root: True)
     monkeypatch.setattr(train_main, "evaluate", lambda args, categories: [])
     argv = ["--demo", "--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(tmp_path), "--e", "1", *TRAIN]
-    assert run_train(argv, capsys)[0] == 0
     first = (tmp_path / "widget-wave18" / "model.pt").read_bytes()
     code, out, err = run_train(argv, capsys)
     assert code == 0, err
@@ -130,30 +132,30 @@ def test_demo_twice_moves_the_first_run_aside(tiny_root, tmp_path, capsys, monke
 
 # --- 2. one training per run folder --------------------------------------------------------------
 
-HOLD_LOCK = """
-import sys, time
-from pathlib import Path
-from training.rundir import RunLock
-RunLock(Path(sys.argv[1])).acquire()
-print("locked", flush=True)
-time.sleep(600)
-"""
+def hold_lock(run: Path, ready) -> None:
+    """Another training's part: hold ``run``'s lock until killed."""
+    RunLock(run).acquire()
+    ready.send("locked")
+    time.sleep(600)
 
 
 def test_second_training_in_a_busy_folder_stops_and_a_killed_holder_does_not_block(tiny_root, tmp_path, capsys):
     run = tmp_path / "widget-wave18"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)
+    # Another process (forked: no interpreter start) takes the lock as a training would.
+    context = multiprocessing.get_context("fork")
+    ready, child_end = context.Pipe()
+    holder = context.Process(target=hold_lock, args=(run, child_end), daemon=True)
+    holder.start()
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert ready.poll(60) and ready.recv() == "locked"
         code, _, err = run_train(base(tiny_root, tmp_path) + ["--e", "1"], capsys)
         line = one_line(err)
         assert code == 2 and f"{run} is in use by another training (pid {holder.pid} " in line
         assert "another --ckpt-dir" in line
         assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]  # nothing written next to it
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+        holder.kill()  # SIGKILL
+        holder.join()
     # The kernel dropped the dead holder's lock; its lock file is still there, and is taken over.
     assert (run / LOCK_NAME).read_text().startswith(f"pid {holder.pid} ")
     code, _, err = run_train(base(tiny_root, tmp_path) + ["--e", "1"], capsys)
@@ -172,9 +174,9 @@ def test_lock_is_released_when_training_fails(tiny_root, tmp_path, capsys):
 
 # --- 3. resuming a finished run -----------------------------------------------------------------
 
-def test_resume_with_fewer_or_equal_epochs_changes_nothing(tiny_root, tmp_path, capsys):
-    train_main.main(train_main.parse_args(base(tiny_root, tmp_path) + ["--e", "2"]))
-    run = tmp_path / "widget-wave18"
+def test_resume_with_fewer_or_equal_epochs_changes_nothing(tiny_root, trained, copy_run, tmp_path, capsys):
+    # conftest's trained widget run: base(tiny_root, tmp_path) + ["--e", "2"] (--c all trains it as --c widget)
+    run = copy_run(trained, "widget-wave18", tmp_path)
     before = snapshot(run)
     code, _, err = run_train(base(tiny_root, tmp_path) + ["--e", "1", "--resume"], capsys)
     line = one_line(err)
@@ -255,8 +257,8 @@ def test_torch_save_write_failure_becomes_oserror(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_disk_full_in_torch_save_is_one_line_and_keeps_the_checkpoint(tiny_root, tmp_path, capsys, monkeypatch):
-    train_main.main(train_main.parse_args(base(tiny_root, tmp_path) + ["--e", "1"]))
+def test_disk_full_in_torch_save_is_one_line_and_keeps_the_checkpoint(tiny_root, trained_once, capsys, monkeypatch):
+    tmp_path = trained_once  # holds a finished run of base(tiny_root, tmp_path) + ["--e", "1"]
     ckpt = tmp_path / "widget-wave18" / "model.pt"
     before = ckpt.read_bytes()
     real_save = torch.save
