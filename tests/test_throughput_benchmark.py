@@ -1,12 +1,17 @@
 """benchmarks/throughput.py and its paper-style stand-in on the tiny data set."""
 
 import json
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
+import main as train_main
 from benchmarks import paper_style_train, throughput
 from benchmarks.paper_style_dwt import PaperStyleDownsample
 from models.dwt import WaveletDownsample
+from scoring import cli as score_cli
 
 
 def test_paper_style_stand_in_matches_our_layer_and_times_epochs(tiny_root, tmp_path):
@@ -22,8 +27,25 @@ def test_paper_style_stand_in_matches_our_layer_and_times_epochs(tiny_root, tmp_
     assert row["config"] == "wave18@32" and float(row["train img/s (median)"]) == round(result["images_per_s"], 1)
 
 
+def test_commands_run_from_the_repository_root_and_failures_stop_the_benchmark(capsys):
+    throughput.run([sys.executable, "-c", f"import os, sys; sys.exit(os.getcwd() != {str(throughput.REPO)!r})"])
+    assert capsys.readouterr().out.startswith(f"$ {sys.executable} -c")  # the command is printed
+    with pytest.raises(SystemExit, match=r"failed \(1\): \['boom'\]"):  # its exit code and last error line
+        throughput.run([sys.executable, "-c", "import sys; print('a line'); sys.exit('boom')"])
+
+
 def test_throughput_table_side_by_side(tiny_root, tmp_path, monkeypatch):
-    # The stand-in's own test above runs it; here it runs in-process (one interpreter start less).
+    # In-process here (no interpreter start): the paper-style stand-in (its own test is
+    # the first above) and the main.py and inference_concatenation.py commands (`run` is tested
+    # just above, and test_demo runs both scripts as commands).
+    def in_process(cmd):
+        script, argv = Path(cmd[1]).name, cmd[2:]
+        if script == "main.py":
+            train_main.main(train_main.parse_args(argv))
+        else:
+            assert script == "inference_concatenation.py", cmd
+            score_cli.main(score_cli.parse_args("concatenation", argv))
+
     def stand_in(args, arch, size):
         out = tmp_path / "paper_style"
         paper_style_train.main(paper_style_train.get_args_parser().parse_args(
@@ -33,6 +55,7 @@ def test_throughput_table_side_by_side(tiny_root, tmp_path, monkeypatch):
         return float(json.loads((out / "paper_style_train.json").read_text())["rows"][0]["train img/s (median)"])
 
     monkeypatch.setattr(throughput, "paper_style_throughput", stand_in)
+    monkeypatch.setattr(throughput, "run", in_process)
     argv = ["--data-root", str(tiny_root), "--c", "widget", "--configs", "wave18@32", "--device", "cpu",
             "--b", "4", "--epochs", "1", "--scoring", "torch", "--paper-baseline", "--baseline-workers", "0",
             "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
