@@ -61,6 +61,8 @@ def test_scar_rotation_varies():
         evals, evecs = torch.linalg.eigh(cov)
         v = evecs[:, -1]
         angles.add(round(math.degrees(math.atan2(float(v[1]), float(v[0]))) % 180 / 15))
+        if len(angles) >= 4:
+            break  # enough directions seen: the other draws cost time and prove nothing more
     assert len(angles) >= 4
 
 
