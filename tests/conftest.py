@@ -71,15 +71,29 @@ TRAIN_FLAGS = ["--arch", "wave18", "--size", "32", "--b", "4", "--no-tensorboard
 
 
 @pytest.fixture(scope="session")
-def one_epoch(tiny_root, tmp_path_factory) -> Path:
-    """A checkpoint folder with a finished 1-epoch ``widget-wave18`` run (``TRAIN_FLAGS``), trained
-    once for the many tests that need such a run. Read-only: copy it (``copy_run``) to change it."""
+def widget_run(tiny_root, tmp_path_factory):
+    """``widget_run(*flags)``: a checkpoint folder with a finished ``widget-wave18`` run of
+    ``TRAIN_FLAGS`` + ``flags``, trained once per ``flags`` for the many tests that need such a run.
+    Read-only: copy it (``copy_run``) to change it."""
     import main as train_main
 
-    ckpt_dir = tmp_path_factory.mktemp("one_epoch")
-    train_main.main(train_main.parse_args(["--c", "widget", "--data-root", str(tiny_root), "--e", "1",
-                                           "--ckpt-dir", str(ckpt_dir), *TRAIN_FLAGS]))
-    return ckpt_dir
+    runs = {}
+
+    def run(*flags: str) -> Path:
+        if flags not in runs:
+            ckpt_dir = tmp_path_factory.mktemp("widget_run")
+            train_main.main(train_main.parse_args(["--c", "widget", "--data-root", str(tiny_root),
+                                                   "--ckpt-dir", str(ckpt_dir), *TRAIN_FLAGS, *flags]))
+            runs[flags] = ckpt_dir
+        return runs[flags]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def one_epoch(widget_run) -> Path:
+    """``widget_run("--e", "1")``: the finished 1-epoch widget run."""
+    return widget_run("--e", "1")
 
 
 def _copy_run(ckpt_dir: Path, run: str, dest: Path) -> Path:

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 import cli
-import main as train_main
 from scoring import cli as score_cli
 from scoring.output import IDENTITY_FILE, explicit_dir, versioned_dir
 
@@ -88,7 +87,8 @@ def test_explicit_out_refuses_other_results_unless_overwrite(tmp_path):
 
 # --- the inference command line -------------------------------------------------------------
 
-def test_default_folder_versions_per_checkpoint_and_settings(tiny_root, trained, workdir, capsys, tmp_path):
+def test_default_folder_versions_per_checkpoint_and_settings(tiny_root, trained, workdir, capsys, tmp_path, widget_run,
+                                                             copy_run):
     base = ["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), *FAST]
     assert score(base, capsys)[0] == 0
     runs = workdir / "results" / "widget-wave18" / "concatenation"
@@ -97,10 +97,8 @@ def test_default_folder_versions_per_checkpoint_and_settings(tiny_root, trained,
     assert results_of(runs / "v0") == first and results_of(runs / "v1")["settings"]["k"] == 2
     assert (runs / "latest").resolve() == (runs / "v1").resolve()
     # Another checkpoint of the same name in another --ckpt-dir: a third version, the others kept.
-    other = tmp_path / "other_ckpt"
-    train_main.main(train_main.parse_args(
-        ["--c", "widget", "--data-root", str(tiny_root), "--arch", "wave18", "--size", "32", "--b", "4", "--e", "1",
-         "--seed", "1", "--ckpt-dir", str(other), "--no-tensorboard", "--precision", "fp32"]))
+    other = tmp_path / "other_ckpt"  # a copy of conftest's run of --e 1 --seed 1 (the other flags as trained's)
+    copy_run(widget_run("--e", "1", "--seed", "1"), "widget-wave18", other)
     assert score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(other), *FAST], capsys)[0] == 0
     assert results_of(runs / "v2")["checkpoint"]["sha256"] != first["checkpoint"]["sha256"]
     assert results_of(runs / "v0") == first

@@ -67,10 +67,11 @@ def test_resume_with_other_settings_says_which_changed(tiny_root, trained_once, 
     assert "continuing with" not in err.out + err.err
 
 
-def test_same_seed_same_weights_different_seed_differs(tiny_root, tmp_path, one_epoch):
-    a = read_checkpoint(one_epoch / "widget-wave18" / "model.pt")  # train_args(..., "--e", "1")
+def test_same_seed_same_weights_different_seed_differs(tiny_root, tmp_path, widget_run):
+    # conftest's widget_run(*flags) is main.main(train_args(tiny_root, <its folder>, *flags)), trained once.
+    a = read_checkpoint(widget_run("--e", "1") / "widget-wave18" / "model.pt")
     b = read_checkpoint(train_main.main(train_args(tiny_root, tmp_path / "b", "--e", "1", "--workers", "2"))[0])
-    c = read_checkpoint(train_main.main(train_args(tiny_root, tmp_path / "c", "--e", "1", "--seed", "1"))[0])
+    c = read_checkpoint(widget_run("--e", "1", "--seed", "1") / "widget-wave18" / "model.pt")
     key = "layer1.0.conv1.weight"
     assert torch.equal(a["netD_state_dict"][key], b["netD_state_dict"][key])
     assert not torch.equal(a["netD_state_dict"][key], c["netD_state_dict"][key])
