@@ -47,20 +47,24 @@ def head_map(head_logits: torch.Tensor, size: int) -> torch.Tensor:
     return resize_map(head_logits[:, 0].float(), size)
 
 
-def map_norm(knn_maps: torch.Tensor, head_maps: torch.Tensor) -> dict[str, float]:
-    """Mean and standard deviation of each kind of map ``(N, S, S)`` over normal training images."""
+def map_norm(knn_maps: torch.Tensor | None, head_maps: torch.Tensor) -> dict[str, float]:
+    """Mean and standard deviation of each kind of map ``(N, S, S)`` over normal training images
+    (the head's alone when ``knn_maps`` is ``None``: the ``head`` map source)."""
     def stats(maps: torch.Tensor) -> tuple[float, float]:
         values = maps.double()
         return float(values.mean()), max(float(values.std()), 1e-12)
 
-    (knn_mean, knn_std), (head_mean, head_std) = stats(knn_maps), stats(head_maps)
-    return {"knn_mean": knn_mean, "knn_std": knn_std, "head_mean": head_mean, "head_std": head_std}
+    norm = dict(zip(("head_mean", "head_std"), stats(head_maps)))
+    if knn_maps is not None:
+        norm.update(zip(("knn_mean", "knn_std"), stats(knn_maps)))
+    return norm
 
 
-def combine(map_source: str, knn_maps: torch.Tensor, head_logits: torch.Tensor, norm: dict[str, float],
+def combine(map_source: str, knn_maps: torch.Tensor | None, head_logits: torch.Tensor, norm: dict[str, float],
             size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-NN maps ``(N, S, S)`` and head logits ``(N, 1, h, w)`` -> image scores ``(N,)`` and maps ``(N, S, S)``
-    of ``map_source`` (``head`` or ``fused``), normalised by ``norm`` (:func:`map_norm`)."""
+    """k-NN maps ``(N, S, S)`` (``None`` for ``head``) and head logits ``(N, 1, h, w)`` -> image scores
+    ``(N,)`` and maps ``(N, S, S)`` of ``map_source`` (``head`` or ``fused``), normalised by ``norm``
+    (:func:`map_norm`)."""
     maps = (head_map(head_logits, size) - norm["head_mean"]) / norm["head_std"]
     if map_source == "fused":
         maps = maps + (knn_maps - norm["knn_mean"]) / norm["knn_std"]

@@ -104,6 +104,8 @@ def score_maps(config: ScoreConfig, scorer: Scorer, feats: list[torch.Tensor],
     """Features (per layer, then the head's logits for a head map source) -> image scores ``(N,)`` and
     maps ``(N, S, S)``: the k-NN maps of ``scorer`` (``config.k``, ``config.smooth``), alone or with the
     head's map (:mod:`scoring.dense`, normalised by ``norm``)."""
+    if config.map_source == "head":  # no k-NN search: the head's map alone
+        return dense.combine("head", None, feats[len(config.layers)], norm, config.size)
     scores, maps = scorer.score(feats[:len(config.layers)], config.size, config.k, config.smooth)
     if not dense.uses_head(config.map_source):
         return scores, maps
@@ -139,13 +141,17 @@ def calibration(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
     Cross-fitted k-NN maps (:func:`cross_fitted_maps`); the threshold is the ``calib_percentile``
     percentile of the training images' scores. The bank used for scoring stays whole.
     """
-    with_head = dense.uses_head(config.map_source)
-    scores, knn_maps = cross_fitted_maps(config, train_feats, device, keep_maps=with_head)
     norm = None
-    if with_head:
+    if config.map_source == "head":  # the head's map alone needs no k-NN map
         head = train_feats[len(config.layers)]
-        norm = dense.map_norm(knn_maps, dense.head_map(head, config.size))
-        scores, _ = dense.combine(config.map_source, knn_maps, head, norm, config.size)
+        norm = dense.map_norm(None, dense.head_map(head, config.size))
+        scores, _ = dense.combine("head", None, head, norm, config.size)
+    else:
+        scores, knn_maps = cross_fitted_maps(config, train_feats, device, keep_maps=config.map_source == "fused")
+        if config.map_source == "fused":
+            head = train_feats[len(config.layers)]
+            norm = dense.map_norm(knn_maps, dense.head_map(head, config.size))
+            scores, _ = dense.combine("fused", knn_maps, head, norm, config.size)
     if not threshold:
         return None, norm
     value = float(np.percentile(scores.numpy(), config.calib_percentile))

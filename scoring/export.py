@@ -133,9 +133,11 @@ class ExportableDetector(nn.Module):
         x = self.preprocess(images)
         stages = self.net.forward_features(x, stages=self.last_stage)
         feats = [F.avg_pool2d(stages[layer - 1], 3, stride=1, padding=1) for layer in self.layers]
+        if self.map_source == "head":
+            return dense.combine("head", None, self.net.seg_head(stages), self.map_norm, self.size)
         scores, maps = self.knn_maps(feats)
-        if dense.uses_head(self.map_source):
-            return dense.combine(self.map_source, maps, self.net.seg_head(stages), self.map_norm, self.size)
+        if self.map_source == "fused":
+            return dense.combine("fused", maps, self.net.seg_head(stages), self.map_norm, self.size)
         return scores, maps
 
     def knn_maps(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
