@@ -14,16 +14,24 @@ from models.dwt import WaveletDownsample
 from scoring import cli as score_cli
 
 
-def test_paper_style_stand_in_matches_our_layer_and_times_epochs(tiny_root, tmp_path):
+@pytest.fixture(scope="module")
+def stand_in(tiny_root, tmp_path_factory):
+    """The paper-style stand-in run once on the tiny set, for both tests that need it: (its
+    arguments, its result, its results row)."""
+    argv = ["--data-root", str(tiny_root), "--c", "widget", "--size", "32", "--b", "4", "--epochs", "1",
+            "--workers", "0", "--out", str(tmp_path_factory.mktemp("paper_style"))]
+    args = paper_style_train.get_args_parser().parse_args(argv)
+    result = paper_style_train.main(args)
+    return args, result, json.loads((Path(args.out) / "paper_style_train.json").read_text())["rows"][0]
+
+
+def test_paper_style_stand_in_matches_our_layer_and_times_epochs(stand_in):
     """The stand-in's wavelet layer computes our LL band (only the cost differs), and its
     epochs count every normal and synthetic image."""
     x = torch.rand(2, 4, 16, 12, dtype=torch.float64)
     assert (PaperStyleDownsample()(x.float()) - WaveletDownsample()(x).float()).abs().max() < 1e-5
-    argv = ["--data-root", str(tiny_root), "--c", "widget", "--size", "32", "--b", "4", "--epochs", "1",
-            "--workers", "0", "--out", str(tmp_path)]
-    result = paper_style_train.main(paper_style_train.get_args_parser().parse_args(argv))
+    _, result, row = stand_in
     assert len(result["epochs"]) == 2 and result["images_per_s"] > 0
-    row = json.loads((tmp_path / "paper_style_train.json").read_text())["rows"][0]
     assert row["config"] == "wave18@32" and float(row["train img/s (median)"]) == round(result["images_per_s"], 1)
 
 
@@ -34,10 +42,10 @@ def test_commands_run_from_the_repository_root_and_failures_stop_the_benchmark(c
         throughput.run([sys.executable, "-c", "import sys; print('a line'); sys.exit('boom')"])
 
 
-def test_throughput_table_side_by_side(tiny_root, tmp_path, monkeypatch):
-    # In-process here (no interpreter start): the paper-style stand-in (its own test is
-    # the first above) and the main.py and inference_concatenation.py commands (`run` is tested
-    # just above, and test_demo runs both scripts as commands).
+def test_throughput_table_side_by_side(tiny_root, tmp_path, monkeypatch, stand_in):
+    # In-process here (no interpreter start): the main.py and inference_concatenation.py commands
+    # (`run` is tested just above, and test_demo runs both scripts as commands); the paper-style
+    # stand-in's run is the fixture's (its own test is the first above).
     def in_process(cmd):
         script, argv = Path(cmd[1]).name, cmd[2:]
         if script == "main.py":
@@ -46,15 +54,18 @@ def test_throughput_table_side_by_side(tiny_root, tmp_path, monkeypatch):
             assert script == "inference_concatenation.py", cmd
             score_cli.main(score_cli.parse_args("concatenation", argv))
 
-    def stand_in(args, arch, size):
-        out = tmp_path / "paper_style"
-        paper_style_train.main(paper_style_train.get_args_parser().parse_args(
+    ran, _, row = stand_in
+
+    def paper_style_throughput(args, arch, size):
+        # The stand-in run this benchmark asks for is the one the fixture made: its result.
+        wanted = paper_style_train.get_args_parser().parse_args(
             ["--data-root", args.data_root, "--c", args.category, "--arch", arch, "--size", str(size), "--b",
              str(args.batch_size), "--epochs", str(args.epochs), "--workers", str(args.baseline_workers),
-             "--out", str(out)]))
-        return float(json.loads((out / "paper_style_train.json").read_text())["rows"][0]["train img/s (median)"])
+             "--out", ran.out])
+        assert vars(wanted) == vars(ran)
+        return float(row["train img/s (median)"])
 
-    monkeypatch.setattr(throughput, "paper_style_throughput", stand_in)
+    monkeypatch.setattr(throughput, "paper_style_throughput", paper_style_throughput)
     monkeypatch.setattr(throughput, "run", in_process)
     argv = ["--data-root", str(tiny_root), "--c", "widget", "--configs", "wave18@32", "--device", "cpu",
             "--b", "4", "--epochs", "1", "--scoring", "torch", "--paper-baseline", "--baseline-workers", "0",
