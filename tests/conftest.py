@@ -82,8 +82,9 @@ def widget_run(tiny_root, tmp_path_factory):
     def run(*flags: str) -> Path:
         if flags not in runs:
             ckpt_dir = tmp_path_factory.mktemp("widget_run")
-            train_main.main(train_main.parse_args(["--c", "widget", "--data-root", str(tiny_root),
-                                                   "--ckpt-dir", str(ckpt_dir), *TRAIN_FLAGS, *flags]))
+            paths = train_main.main(train_main.parse_args(["--c", "widget", "--data-root", str(tiny_root),
+                                                           "--ckpt-dir", str(ckpt_dir), *TRAIN_FLAGS, *flags]))
+            assert paths == [ckpt_dir / "widget-wave18" / "model.pt"]  # main returns the checkpoint's path
             runs[flags] = ckpt_dir
         return runs[flags]
 

@@ -30,7 +30,8 @@ def train_args(root, ckpt_dir, *extra):
 
 
 def test_one_epoch_writes_loadable_checkpoint(one_epoch):
-    # conftest's one_epoch is main.main(train_args(tiny_root, one_epoch, "--e", "1")), trained once.
+    # conftest's one_epoch is main.main(train_args(tiny_root, one_epoch, "--e", "1")), trained once
+    # (the fixture checks that main returned this path).
     path = one_epoch / "widget-wave18" / "model.pt"
     ckpt = read_checkpoint(path)
     for key in ("epoch", "netD_state_dict", "optimizer", "arch", "wavelet", "size", "augs", "args",
