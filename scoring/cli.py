@@ -67,10 +67,9 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
                               "so image scores stay exact (0 = pure coreset scores)")
     scoring.add_argument("--smooth", type=float, default=0.0,
                          help="Gaussian sigma (px) applied to the maps (0 = the paper; PatchCore uses 4)")
-    scoring.add_argument("--map", dest="map_source", default="auto", choices=MAP_SOURCES,
-                         help="anomaly map of a network trained with --dense: knn (the paper's), head (its "
-                              "segmentation head), fused (both, each normalised on training images); auto = "
-                              "fused with a head, else knn")
+    scoring.add_argument("--map", "--map-source", dest="map_source", default="knn", choices=MAP_SOURCES,
+                         help="anomaly map: knn (the paper's); for a network trained with --dense also head (its "
+                              "segmentation head) or fused (both, each normalised on training images)")
     scoring.add_argument("--knn", default="auto", choices=BACKENDS,
                          help="nearest-neighbour backend (auto = faiss when installed, else torch); same distances")
     scoring.add_argument("--knn-precision", default="auto", choices=PRECISIONS,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from settings import Settings, setting
 
 FUSIONS = ("concatenation", "multiplication")
-MAP_SOURCES = ("auto", "knn", "head", "fused")  # scoring.dense
+MAP_SOURCES = ("knn", "head", "fused")  # scoring.dense
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class ScoreConfig(Settings):
     k: int = setting(1, "score")
     refine: int = setting(16, "score")  # with a coreset: top patches re-searched in the whole bank
     smooth: float = setting(0.0, "score")
-    map_source: str = setting("auto", "score")  # knn, head, fused (dense networks); auto: fused with a head
+    map_source: str = setting("knn", "score")  # the paper's k-NN map; head / fused: networks trained with --dense
     threshold: float | None = setting(None, "score")  # None: calibrated on the training images
     calib_percentile: float = setting(99.0, "score")
     recipe: str = setting("paper", "score")

@@ -6,10 +6,11 @@ by its own distribution on normal training images (``(map - mean) / std`` over t
 k-NN maps cross-fitted, each half of the training images scored against a bank of the other
 half, so no image is scored against itself), then:
 
-- ``knn``: the k-NN map alone (the paper; the only choice for a network without a head);
+- ``knn`` (the default): the k-NN map alone (the paper's; the only choice for a network without
+  a head). At the CPU budget it is also the best map of a dense-trained network: the head's own
+  map is weak, and what dense training adds is in the backbone's features (docs/results.md);
 - ``head``: the head's normalised map alone;
-- ``fused``: the sum of both normalised maps;
-- ``auto``: ``fused`` for a network with a head, else ``knn``.
+- ``fused``: the sum of both normalised maps.
 
 The image score of ``head`` and ``fused`` is the maximum of the map, as for multiplication.
 """
@@ -27,10 +28,7 @@ __all__ = ["MAP_SOURCES", "combine", "head_map", "map_norm", "resolve_map_source
 
 
 def resolve_map_source(map_source: str, has_head: bool) -> str:
-    """``auto`` -> ``fused`` / ``knn`` by whether the network has a head; ``head`` or ``fused`` without one
-    is a ``UserError``."""
-    if map_source == "auto":
-        return "fused" if has_head else "knn"
+    """``map_source``, checked against the network: ``head`` or ``fused`` without a head is a ``UserError``."""
     if map_source in ("head", "fused") and not has_head:
         raise UserError(f"map source {map_source!r} needs a network trained with --dense (this checkpoint has no "
                         "segmentation head); use knn")

@@ -207,8 +207,8 @@ class Detector:
                  provenance: dict | None = None, device: str | torch.device = "cpu", map_norm: dict | None = None):
         if config.size is None:
             raise ValueError("config.size must be resolved (the network's input size)")
-        if config.map_source == "auto" or (dense.uses_head(config.map_source) and map_norm is None):
-            raise ValueError("config.map_source must be resolved, and a head map source needs map_norm")
+        if dense.uses_head(config.map_source) and map_norm is None:
+            raise ValueError("a head map source needs map_norm (scoring.detector.calibration)")
         self.model, self.scorer, self.config, self.map_norm = model, scorer, config, map_norm
         self.threshold_info, self.provenance = threshold, dict(provenance or {})
         self.device = pick_device(device)
@@ -383,7 +383,7 @@ def features_of(model: torch.nn.Module, dataset, config: ScoreConfig, device: to
 
 def resolve_config(config: ScoreConfig, info: dict) -> ScoreConfig:
     """The config with what depends on the network filled in: the size (the checkpoint's training
-    size, else 256) and the map source (``auto``: fused for a network with a segmentation head)."""
+    size, else 256) and the map source (checked: ``head`` and ``fused`` need a segmentation head)."""
     return config.replace(size=config.size or info["size"] or 256,
                           map_source=dense.resolve_map_source(config.map_source, bool(info.get("dense"))))
 

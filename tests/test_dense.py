@@ -88,9 +88,11 @@ def test_resume_refuses_another_dense_setting(dense_ckpt, tiny_root, tmp_path):
 def test_map_sources_on_a_dense_network(dense_ckpt, tiny_root, tmp_path):
     knn = score(tiny_root, dense_ckpt, tmp_path / "knn", "concatenation", "--map", "knn")
     head = score(tiny_root, dense_ckpt, tmp_path / "head", "concatenation", "--map", "head")
-    auto = score(tiny_root, dense_ckpt, tmp_path / "auto", "concatenation", "--synthetic-check")
+    auto = score(tiny_root, dense_ckpt, tmp_path / "auto", "concatenation", "--synthetic-check", "--map", "fused")
     assert (knn["settings"]["map_source"], head["settings"]["map_source"], auto["settings"]["map_source"]) == \
         ("knn", "head", "fused")
+    # The default is the paper's map, for a dense network too.
+    assert score_cli.config_from_args(score_cli.parse_args("concatenation", [])).map_source == "knn"
     # Three different maps: the head's pixel AUROC is its own, the fusion's is neither's.
     pixel = [r["metrics"]["pixel_auroc"] for r in (knn, head, auto)]
     assert len(set(pixel)) == 3 and all(0 <= p <= 1 for p in pixel)
@@ -103,12 +105,12 @@ def test_map_sources_on_a_dense_network(dense_ckpt, tiny_root, tmp_path):
 def test_head_maps_need_a_dense_network(trained, tiny_root, tmp_path):
     with pytest.raises(UserError, match="needs a network trained with --dense"):
         score(tiny_root, trained, tmp_path / "r", "concatenation", "--map", "fused")
-    assert dense.resolve_map_source("auto", False) == "knn" and dense.resolve_map_source("auto", True) == "fused"
+    assert dense.resolve_map_source("knn", False) == "knn" and dense.resolve_map_source("fused", True) == "fused"
 
 
 def test_fused_detector_saves_loads_and_exports_with_the_same_scores(dense_ckpt, tiny_root, tmp_path):
     detector = Detector.fit(dense_ckpt / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
-                            ScoreConfig(batch_size=4), device="cpu")
+                            ScoreConfig(batch_size=4, map_source="fused"), device="cpu")
     assert detector.config.map_source == "fused" and set(detector.map_norm) == {
         "knn_mean", "knn_std", "head_mean", "head_std"}
     # The threshold is a percentile of cross-fitted training scores of the fused map.
