@@ -3,8 +3,6 @@ single-data-set layout), two data sets with their mean and verdicts, and the tab
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +15,6 @@ from recipes import RECIPES
 from scoring import ScoreConfig
 from scoring import cli as score_cli
 from training import WEIGHT_SETTINGS
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_two_data_sets_with_shared_training_and_reuse(tiny_root, tmp_path):
@@ -200,12 +196,6 @@ def test_compared_settings_derive_from_the_configs():
     assert set(wanted) == set(ScoreConfig.names("bank", "score"))
     assert wanted["size"] == 128 and wanted["refine"] == 0 and wanted["k"] == 2 and wanted["layers"] == [2, 3]
     assert accuracy.result_settings(score_cli.parse_args("concatenation", ["--coreset", "0.1"]), 128)["refine"] == 16
-
-
-def test_benchmarks_run_as_modules_from_the_repository_root():
-    out = subprocess.run([sys.executable, "-m", "benchmarks.accuracy", "--help"], cwd=REPO, capture_output=True,
-                         text=True)
-    assert out.returncode == 0 and "--variants" in out.stdout, out.stderr[-2000:]
 
 
 def test_check_agreement_counts_pairs_and_choices(tmp_path):

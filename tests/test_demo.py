@@ -78,10 +78,15 @@ def test_demo_command_and_both_inference_scripts(demo_run):
                                "--p", "pill-wave18", "--out", f"again-{script}", "--no-pictures"],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for script in scripts]
+    # Beside them, a benchmark runs as a module from the repository root (no sys.path edits).
+    module = subprocess.Popen([sys.executable, "-m", "benchmarks.accuracy", "--help"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for script, proc in zip(scripts, procs):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]
         assert (tmp_path / f"again-{script}" / "results.json").is_file()
+    out, err = module.communicate(timeout=600)
+    assert module.returncode == 0 and "--variants" in out, err[-2000:]
 
 
 def readme_blocks(section: str, language: str) -> list[str]:
