@@ -163,7 +163,8 @@ def load_or_build_detector(config: ScoreConfig, run: ScoringRun, model: torch.nn
             entry = {"settings": settings, "banks": [bank.state_dict() for bank in scorer.banks],
                      "train_images": len(paths), "calibrations": calibrations}
         if need_threshold or need_norm:
-            threshold, norm = calibration(config, train_feats, device, threshold=need_threshold)
+            # Once the maps are cross-fitted for the normalisation, the threshold costs nothing more: kept too.
+            threshold, norm = calibration(config, train_feats, device)
             known = {**known, **({"threshold": threshold} if threshold else {}), **({"map_norm": norm} if norm else {})}
             calibrations[score_key] = known
         try:
