@@ -133,27 +133,21 @@ def cross_fitted_maps(config: ScoreConfig, train_feats: list[torch.Tensor], devi
     return scores, maps
 
 
-def calibration(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device,
-              threshold: bool = True) -> tuple[dict | None, dict | None]:
-    """From the training images only (no test image, no label): the threshold (``threshold``) and,
-    for a head map source, the maps' normalisation (:func:`scoring.dense.map_norm`).
+def calibration(config: ScoreConfig, train_feats: list[torch.Tensor],
+                device: torch.device) -> tuple[dict, dict | None]:
+    """From the training images only (no test image, no label): the threshold and, for a head map
+    source, the maps' normalisation (:func:`scoring.dense.map_norm`; else ``None``).
 
     Cross-fitted k-NN maps (:func:`cross_fitted_maps`); the threshold is the ``calib_percentile``
     percentile of the training images' scores. The bank used for scoring stays whole.
     """
-    norm = None
-    if config.map_source == "head":  # the head's map alone needs no k-NN map
-        head = train_feats[len(config.layers)]
-        norm = dense.map_norm(None, dense.head_map(head, config.size))
-        scores, _ = dense.combine("head", None, head, norm, config.size)
-    else:
+    norm, knn_maps = None, None
+    if config.map_source != "head":  # the head's map alone needs no k-NN map
         scores, knn_maps = cross_fitted_maps(config, train_feats, device, keep_maps=config.map_source == "fused")
-        if config.map_source == "fused":
-            head = train_feats[len(config.layers)]
-            norm = dense.map_norm(knn_maps, dense.head_map(head, config.size))
-            scores, _ = dense.combine("fused", knn_maps, head, norm, config.size)
-    if not threshold:
-        return None, norm
+    if dense.uses_head(config.map_source):
+        head = train_feats[len(config.layers)]
+        norm = dense.map_norm(knn_maps, dense.head_map(head, config.size))
+        scores, _ = dense.combine(config.map_source, knn_maps, head, norm, config.size)
     value = float(np.percentile(scores.numpy(), config.calib_percentile))
     return {"value": value, "source": f"cross-fitted training scores, {config.calib_percentile}th percentile",
             "train_score_mean": float(scores.mean()), "train_score_max": float(scores.max())}, norm
@@ -232,7 +226,8 @@ class Detector:
         wants_threshold = config.threshold is None and calibrate
         threshold, norm = None, None
         if wants_threshold or dense.uses_head(config.map_source):
-            threshold, norm = calibration(config, feats, device, threshold=wants_threshold)
+            threshold, norm = calibration(config, feats, device)
+            threshold = threshold if wants_threshold else None
         if config.threshold is not None:
             threshold = given_threshold(config.threshold)
         return cls(model, scorer, config, threshold, provenance(info, paths), device, norm)

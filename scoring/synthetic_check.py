@@ -97,7 +97,7 @@ def synthetic_check(model: torch.nn.Module, config: ScoreConfig, data_root: str 
     check_feats, _ = features(HeldOutImages(check_images), f"{category}: synthetic check images")
     scorer = fit_scorer(config, fit_feats, device)
     # A head map is normalised on the bank's images, as the run normalises it on all training images.
-    norm = calibration(config, fit_feats, device, threshold=False)[1] if dense.uses_head(config.map_source) else None
+    norm = calibration(config, fit_feats, device)[1] if dense.uses_head(config.map_source) else None
     scores, maps = score_maps(config, scorer, check_feats, norm)
     scores_np, maps_np, masks_np, labels_np = scores.numpy(), maps.numpy(), masks.numpy(), labels.numpy()
     return {
