@@ -42,16 +42,17 @@ MAKERS: dict[str, Maker] = {
 }
 
 
-def parse_augs(spec: str | list[str]) -> list[str]:
-    """``"cutpaste,perlin"`` -> ``["cutpaste", "perlin"]``, checking every name is an anomaly maker."""
+def parse_augs(spec: str | list[str], flag: str = "--augs") -> list[str]:
+    """``"cutpaste,perlin"`` -> ``["cutpaste", "perlin"]``, checking every name is an anomaly maker
+    (errors name ``flag``)."""
     names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
     unknown = [n for n in names if n not in MAKERS]
     if unknown or not names:
-        raise UserError(f"--augs {','.join(names) or '(empty)'}: unknown anomaly maker "
+        raise UserError(f"{flag} {','.join(names) or '(empty)'}: unknown anomaly maker "
                         f"{', '.join(unknown) or '(none given)'}; choose from {', '.join(MAKERS)}")
     if len(set(names)) != len(names):
-        raise UserError(f"--augs {','.join(names)}: an anomaly maker is listed twice")
+        raise UserError(f"{flag} {','.join(names)}: an anomaly maker is listed twice")
     return names
 
 

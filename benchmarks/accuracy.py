@@ -44,6 +44,7 @@ import torch
 
 import cli
 import main as train_main
+from augment import parse_augs
 from errors import UserError
 from recipes import RECIPES
 from scoring import ScoreConfig
@@ -96,6 +97,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic-check", action="store_true",
                         help="also report the label-free synthetic check (held-out training images with synthetic "
                              "anomalies) of every run: the signal to choose options by, not the test labels")
+    parser.add_argument("--check-kinds", default=None, metavar="KINDS",
+                        help="the synthetic check's anomaly kinds for every variant (implies --synthetic-check; "
+                             "a variant's own --check-kinds wins); e.g. poisson,scratch,texture,shapes, which no "
+                             "recipe trains on")
     parser.add_argument("--reuse", action="store_true",
                         help="keep a finished run already in --work-dir (its checkpoint at the asked epochs, "
                              "its results.json) instead of training and scoring it again")
@@ -213,6 +218,7 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
             "--c", args.category, "--data-root", args.data_root, "--ckpt-dir", str(ckpt_dir),
             "--p", f"{args.category}-{args.arch}", "--out", str(results_dir / fusion), "--overwrite",
             "--no-pictures", "--seed", str(seed), *(["--synthetic-check"] if args.synthetic_check else []),
+            *(["--check-kinds", args.check_kinds] if args.check_kinds else []),
             *score_flags])
         done = results_dir / fusion / "results.json"
         if args.reuse and done.is_file():
@@ -220,12 +226,21 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
             # A setting asked as "auto" is resolved by scoring from the checkpoint (compared by its sha256).
             wanted = {k: v for k, v in result_settings(score_args, wanted_training["size"]).items() if v != "auto"}
             if (record["checkpoint"]["sha256"] == ckpt_sha and not settings_mismatch(record["settings"], wanted)
-                    and (not args.synthetic_check or "synthetic_check" in record)):
+                    and check_matches(record, score_args)):
                 rows.append(result_row(args.category, name, seed, fusion, epochs, train_s, record))
                 continue
         [record] = score_cli.main(score_args)
         rows.append(result_row(args.category, name, seed, fusion, epochs, train_s, record))
     return rows
+
+
+def check_matches(record: dict, score_args: argparse.Namespace) -> bool:
+    """Whether a finished ``results.json`` holds the synthetic check ``score_args`` ask for (if any),
+    made with the same anomaly kinds."""
+    if not (score_args.synthetic_check or score_args.check_kinds is not None):
+        return True
+    made = record.get("synthetic_check", {}).get("kinds")
+    return made == list(score_cli.check_kinds_from_args(score_args))
 
 
 def result_row(dataset: str, name: str, seed: int, fusion: str, epochs: int, train_s: float, record: dict) -> dict:
@@ -440,6 +455,9 @@ def run_dataset(args: argparse.Namespace, plan: list[tuple], seeds: list[int], r
 
 def main(args: argparse.Namespace) -> None:
     datasets = parse_datasets(args)
+    if args.check_kinds:
+        parse_augs(args.check_kinds, flag="--check-kinds")  # a typo fails before any training
+        args.synthetic_check = True
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [parse_variant(v) for v in args.variants]
     plan = ([] if args.no_baseline else [("untrained", [], [], 0)]) + [(n, t, s, args.epochs) for n, t, s in variants]
@@ -448,7 +466,9 @@ def main(args: argparse.Namespace) -> None:
     runs: list[dict] = []
     for dataset in datasets:
         run_dataset(for_dataset(args, dataset), plan, seeds, runs, settings)
-    markdown, header, rows = report(runs, reference, args.synthetic_check)
+    # A variant's own --check-kinds makes the check columns appear too.
+    with_check = args.synthetic_check or any("synthetic_image_auroc" in run for run in runs)
+    markdown, header, rows = report(runs, reference, with_check)
     write_text_atomic(Path(args.out) / "accuracy.md", markdown)
     write_csv(Path(args.out) / "accuracy.csv", header, rows)
     print(markdown)

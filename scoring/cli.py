@@ -12,6 +12,7 @@ from pathlib import Path
 
 import cli
 import models
+from augment import parse_augs
 from data import resolve_categories
 from errors import UserError
 from recipes import RECIPES
@@ -21,6 +22,7 @@ from .core import ScoringRun, format_metric, score_category, write_summary
 from .fusion import FUSIONS
 from .knn import BACKENDS, PRECISIONS
 from .output import versioned_dir
+from .synthetic_check import CHECK_AUGS, HELD_OUT_KINDS
 
 
 def parse_layers(text: str) -> list[int]:
@@ -90,6 +92,10 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
                          help="also score a held-out fifth of the training images with synthetic anomalies "
                               "(bank from the rest): a label-free signal for choosing options "
                               "(results.json 'synthetic_check')")
+    scoring.add_argument("--check-kinds", default=None, metavar="KINDS",
+                         help="the synthetic check's anomaly kinds, a comma list of --augs names (implies "
+                              f"--synthetic-check; default {','.join(CHECK_AUGS)}); "
+                              f"{','.join(HELD_OUT_KINDS)} are kinds no recipe trains on")
     out = parser.add_argument_group("Output")
     out.add_argument("--out", default=None,
                      help=f"output folder (default: results/<p>/{fusion}/v<N>, or results/<p>/{fusion}-images/v<N>, "
@@ -140,11 +146,20 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
                           for name in ScoreConfig.names()})
 
 
+def check_kinds_from_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The synthetic check's anomaly kinds of ``--check-kinds`` (checked names; default ``CHECK_AUGS``)."""
+    if args.check_kinds is None:
+        return CHECK_AUGS
+    return tuple(parse_augs(args.check_kinds, flag="--check-kinds"))
+
+
 def run_from_args(args: argparse.Namespace) -> ScoringRun:
     """Paths and outputs of the parsed flags."""
     return ScoringRun(data_root=args.data_root, ckpt_dir=args.ckpt_dir, p=args.p, arch=args.arch,
                       wavelet=args.wavelet, images=args.images, out=args.out, overwrite=args.overwrite,
-                      save_maps=args.save_maps, pictures=not args.no_pictures, synthetic_check=args.synthetic_check,
+                      save_maps=args.save_maps, pictures=not args.no_pictures,
+                      synthetic_check=args.synthetic_check or args.check_kinds is not None,
+                      check_kinds=check_kinds_from_args(args),
                       rebuild_bank=args.rebuild_bank, save_detector=args.save_detector, command=" ".join(sys.argv))
 
 

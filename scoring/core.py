@@ -48,7 +48,7 @@ from .fusion import Scorer
 from .output import output_dir
 from .pictures import save_panel, save_roc
 from .report import environment, write_csv, write_json, write_table
-from .synthetic_check import synthetic_check
+from .synthetic_check import CHECK_AUGS, synthetic_check
 
 # 3: training files keyed by content; 4: banks stored as MemoryBank state dicts; 5: thresholds (and map
 # normalisations) kept per scoring settings ("calibrations"), not one per bank.
@@ -71,6 +71,7 @@ class ScoringRun:
     save_maps: bool = False
     pictures: bool = True
     synthetic_check: bool = False
+    check_kinds: tuple[str, ...] = CHECK_AUGS  # the synthetic check's anomaly makers
     rebuild_bank: bool = False
     save_detector: str | None = None  # write the detector file here ('' = ckpt/<p>/detector.pt)
     command: str = ""  # the command line, for results.json
@@ -284,7 +285,8 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
         record["synthetic_check"] = synthetic_check(
             model, config, run.data_root, category, device,
             lambda dataset, desc: features_of(model, dataset, config, device, desc,
-                                              workers=config_workers(config, device)))
+                                              workers=config_workers(config, device)),
+            kinds=run.check_kinds)
         record["timings"]["synthetic_check_s"] = round(time.perf_counter() - check_start, 3)
     if run.save_detector is not None:
         record["files"]["detector"] = str(detector.save(detector_target))

@@ -21,13 +21,13 @@ def test_two_data_sets_with_shared_training_and_reuse(tiny_root, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     argv = ["--datasets", str(tiny_root / "widget"), str(tiny_root / "gizmo"), "--arch", "wave18", "--size", "32",
             "--e", "1", "--b", "4", "--seeds", "0", "--fusions", "multiplication", "--work-dir", str(work),
-            "--out", str(out), "--variants", "slow=--lr 0.01|", "slow-k2=--lr 0.01|--k 2", "--reference", "slow",
-            "--synthetic-check"]
+            "--out", str(out), "--variants", "slow=--lr 0.01|", "slow-k2=--lr 0.01|--k 2",
+            "slow-held=--lr 0.01|--check-kinds texture,scratch", "--reference", "slow", "--synthetic-check"]
     accuracy.main(accuracy.get_args_parser().parse_args(argv))
     table = (out / "accuracy.md").read_text()
     for section in ("## widget", "## gizmo", "## Mean over data sets", "## Difference to slow"):
         assert f"\n{section}\n" in table
-    for name in ("untrained", "slow", "slow-k2"):
+    for name in ("untrained", "slow", "slow-k2", "slow-held"):
         assert table.count(f"| {name} | multiplication |") == 3 + (name != "slow")  # 2 data sets, mean, difference
     assert "synthetic check pixel AUROC" in table and "verdict (pixel AUROC)" in table
     # Each data set in its own folder; slow-k2 trains like slow: scored from slow's checkpoint, with its own results.
@@ -37,13 +37,19 @@ def test_two_data_sets_with_shared_training_and_reuse(tiny_root, tmp_path):
         assert not (work / category / "slow-k2" / "seed0" / f"{category}-wave18").exists()
     k2 = json.loads((work / "gizmo" / "slow-k2" / "seed0" / "results" / "multiplication" / "results.json").read_text())
     assert k2["settings"]["k"] == 2 and k2["checkpoint"]["path"].startswith(str(work / "gizmo" / "slow"))
+    assert k2["synthetic_check"]["kinds"] == ["cutpaste", "perlin", "scar"]
+    # The check's kinds are a scoring-time choice: same checkpoint and test metrics, another check.
+    slow, held = (json.loads((work / "gizmo" / name / "seed0" / "results" / "multiplication" / "results.json")
+                             .read_text()) for name in ("slow", "slow-held"))
+    assert held["synthetic_check"]["kinds"] == ["texture", "scratch"] and held["metrics"] == slow["metrics"]
+    assert held["checkpoint"]["sha256"] == slow["checkpoint"]["sha256"]
     runs = json.loads((out / "accuracy.json").read_text())["runs"]
     assert [(r["dataset"], r["variant"]) for r in runs] == [
-        (d, v) for d in ("widget", "gizmo") for v in ("untrained", "slow", "slow-k2")]
+        (d, v) for d in ("widget", "gizmo") for v in ("untrained", "slow", "slow-k2", "slow-held")]
     assert all(0 <= r["synthetic_pixel_auroc"] <= 1 for r in runs)
     rows = list(csv.DictReader((out / "accuracy.csv").open()))
     assert [(r["dataset"], r["variant"]) for r in rows] == [
-        (d, v) for v in ("untrained", "slow", "slow-k2") for d in ("widget", "gizmo", "mean")]
+        (d, v) for v in ("untrained", "slow", "slow-k2", "slow-held") for d in ("widget", "gizmo", "mean")]
     mean = {r["variant"]: r for r in rows if r["dataset"] == "mean"}
     assert mean["slow"]["image_auroc_verdict"] == "reference"
     assert float(mean["slow-k2"]["image_auroc_mean"]) == pytest.approx(
@@ -219,3 +225,15 @@ def test_check_agreement_counts_pairs_and_choices(tmp_path):
     # The check picks a (0.80), the test's best is d (0.902): not the same, 0.2 points lost.
     assert image["choice_same"] == 0 and image["choice_loss_points"] == pytest.approx(0.2)
     assert (tmp_path / "check_agreement.md").read_text().count("widget") == 2
+
+
+def test_reuse_needs_the_check_with_the_asked_kinds():
+    def args(*flags):
+        return score_cli.parse_args("concatenation", ["--c", "widget", *flags])
+
+    default = {"synthetic_check": {"kinds": ["cutpaste", "perlin", "scar"]}}
+    assert accuracy.check_matches({}, args())  # no check asked: any record will do
+    assert not accuracy.check_matches({}, args("--synthetic-check"))
+    assert accuracy.check_matches(default, args("--synthetic-check"))
+    assert not accuracy.check_matches(default, args("--check-kinds", "texture"))
+    assert accuracy.check_matches({"synthetic_check": {"kinds": ["texture"]}}, args("--check-kinds", "texture"))

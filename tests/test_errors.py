@@ -175,6 +175,7 @@ def test_disk_full_keeps_previous_checkpoint(tiny_root, trained_once, capsys, mo
     (["--p", "widget-wave18", "--threshold", "nan"], "--threshold nan: must be a positive number"),
     (["--p", "widget-wave18", "--threshold", "-1"], "--threshold -1.0: must be a positive number"),
     (["--p", "widget-wave18", "--coreset", "nan"], "--coreset nan: must be in (0, 1]"),
+    (["--p", "widget-wave18", "--check-kinds", "poison"], "--check-kinds poison: unknown anomaly maker poison"),
 ])
 def test_bad_scoring_flags(tiny_root, ckpt_dir, tmp_path, capsys, argv, expected):
     base = ["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(ckpt_dir), "--out", str(tmp_path)]

@@ -197,24 +197,28 @@ def test_coreset_refine_restores_exact_image_scores(fusion):
     torch.testing.assert_close(refined_maps, ref_maps)
 
 
-def test_synthetic_check_split_and_images_are_seeded_and_disjoint():
-    from scoring.synthetic_check import CHECK_AUGS, split_train, synthetic_images
+@pytest.mark.parametrize("kinds", ["default", "held-out"])
+def test_synthetic_check_split_and_images_are_seeded_and_disjoint(kinds):
+    from scoring.synthetic_check import CHECK_AUGS, HELD_OUT_KINDS, split_train, synthetic_images
+
+    augs = CHECK_AUGS if kinds == "default" else HELD_OUT_KINDS
+    count = 4 * (1 + len(augs))
 
     fit, held = split_train(20, seed=3)
     assert len(held) == 4 and len(fit) == 16
     assert set(fit.tolist()).isdisjoint(held.tolist()) and set(fit.tolist()) | set(held.tolist()) == set(range(20))
     assert torch.equal(split_train(20, seed=3)[1], held) and not torch.equal(split_train(20, seed=4)[1], held)
     images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
-    batch, masks, labels = synthetic_images(images, held, fit, seed=3)
-    assert batch.shape == (4 * (1 + len(CHECK_AUGS)), 3, 32, 32) and masks.shape == (16, 32, 32)
-    assert labels.tolist() == [0] * 4 + [1] * 12
+    batch, masks, labels = synthetic_images(images, held, fit, seed=3, augs=augs)
+    assert batch.shape == (count, 3, 32, 32) and masks.shape == (count, 32, 32)
+    assert labels.tolist() == [0] * 4 + [1] * (count - 4)
     # The normals are the held-out images untouched; every anomaly changes its masked pixels only.
     assert torch.equal(batch[:4], images[held].float() / 255) and not masks[:4].any()
-    for j in range(4, 16):
+    for j in range(4, count):
         normal = batch[(j - 4) % 4]
         changed = (batch[j] - normal).abs().amax(0) > 1e-6
         assert masks[j].any() and not (changed & ~masks[j]).any()
-    again, _, _ = synthetic_images(images, held, fit, seed=3)
+    again, _, _ = synthetic_images(images, held, fit, seed=3, augs=augs)
     assert torch.equal(again, batch)
 
 
