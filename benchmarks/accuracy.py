@@ -99,7 +99,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "anomalies) of every run: the signal to choose options by, not the test labels")
     parser.add_argument("--check-kinds", default=None, metavar="KINDS",
                         help="the synthetic check's anomaly kinds for every variant (implies --synthetic-check; "
-                             "a variant's own --check-kinds wins); e.g. poisson,scratch,texture,shapes, which no "
+                             "a variant's own --check-kinds wins); e.g. poisson,scratch,texture, which no "
                              "recipe trains on")
     parser.add_argument("--reuse", action="store_true",
                         help="keep a finished run already in --work-dir (its checkpoint at the asked epochs, "

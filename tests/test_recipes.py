@@ -79,7 +79,7 @@ def test_recipes_are_overrides_of_the_configs():
         config = TrainConfig(**train_overrides(name))
         assert train_main.config_from_args(train_main.parse_args(["--recipe", name])) == config.replace(recipe=name)
         ScoreConfig(**RECIPES[name]["score"])
-    assert TrainConfig(**train_overrides("best")).augs == ("cutpaste", "perlin", "scar")
+    assert TrainConfig(**train_overrides("best")).augs == ("cutpaste", "perlin", "scar", "shapes")
 
 
 @pytest.mark.parametrize("recipe,message", [
