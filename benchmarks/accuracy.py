@@ -236,11 +236,11 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
 
 def check_matches(record: dict, score_args: argparse.Namespace) -> bool:
     """Whether a finished ``results.json`` holds the synthetic check ``score_args`` ask for (if any),
-    made with the same anomaly kinds."""
-    if not (score_args.synthetic_check or score_args.check_kinds is not None):
+    made with the same anomaly kinds (as the scoring run of ``score_args`` resolves them)."""
+    run = score_cli.run_from_args(score_args)
+    if not run.synthetic_check:
         return True
-    made = record.get("synthetic_check", {}).get("kinds")
-    return made == list(score_cli.check_kinds_from_args(score_args))
+    return record.get("synthetic_check", {}).get("kinds") == list(run.check_kinds)
 
 
 def result_row(dataset: str, name: str, seed: int, fusion: str, epochs: int, train_s: float, record: dict) -> dict:

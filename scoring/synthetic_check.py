@@ -87,7 +87,7 @@ def synthetic_check(model: torch.nn.Module, config: ScoreConfig, data_root: str 
 
     ``features(dataset, desc)`` extracts per-layer features the way the run does (its layers,
     batch size, precision, map source); the bank follows the config's fusion, coreset, ``k`` and
-    ``smooth``; ``config.size`` and ``config.map_source`` must be resolved. ``kinds``: names of
+    ``smooth``; ``config.size`` must be resolved. ``kinds``: names of
     ``augment.MAKERS``, one anomaly of each per held-out image.
     """
     size = config.size
