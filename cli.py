@@ -4,7 +4,7 @@
 on stderr with exit status 2 (``--debug`` shows the traceback), Ctrl-C exits with 130.
 
 Only command-line things live here; what the library needs of the machine (device, bfloat16,
-workers, precision) is :mod:`runtime`, re-exported below for older callers. Library code
+workers, precision) is :mod:`runtime`. Library code
 (``models/``, ``data/``, ``augment/``, ``training/``, ``scoring/``) never imports this module.
 """
 
@@ -18,16 +18,38 @@ from collections.abc import Callable
 
 import torch
 
-import runtime
-from errors import UserError
-from runtime import bf16_available, resolve_workers  # noqa: F401  (re-exported)
+from errors import SettingError, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: argument --k: ... (see --help)``, exit status 2."""
+    """argparse with one-line errors: ``error: argument --k: ... (see --help)``, exit status 2.
+
+    The parsed namespace also carries ``flag_names`` (``{dest: flag}``), with which :func:`run`
+    words a library's :class:`errors.SettingError` (``k=0: ...``) as the flag (``--k 0: ...``).
+    """
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        parsed.flag_names = flag_names(self)
+        return parsed, rest
+
+
+def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """``{dest: the flag's first long option}`` of every option of ``parser``."""
+    names = {}
+    for action in parser._actions:  # argparse offers no public list of its options
+        options = [o for o in action.option_strings if o.startswith("--")]
+        if options:
+            names.setdefault(action.dest, options[0])
+    return names
+
+
+def setting_message(exc: SettingError, names: dict[str, str]) -> str:
+    """A library's setting error in the command line's words (the flag, where the setting has one)."""
+    return exc.worded_as(names[exc.name]) if exc.name in names else str(exc)
 
 
 # Write failures a user can fix by freeing space or choosing another folder.
@@ -43,14 +65,6 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                        help="data loader worker processes (0 = load in the main process); auto = 0 on the "
                             "CPU (the network already uses every core), min(8, cores) with CUDA")
     group.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``--device`` value -> ``torch.device`` (:func:`runtime.resolve_device`, with the flag's wording)."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu "
-                        "(or install a CUDA build of PyTorch and check nvidia-smi)")
-    return runtime.resolve_device(name, local_rank)
 
 
 def parse_workers(text: str) -> int | None:
@@ -78,7 +92,8 @@ def run(main: Callable[[argparse.Namespace], object], args: argparse.Namespace,
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        message = setting_message(exc, getattr(args, "flag_names", {})) if isinstance(exc, SettingError) else exc
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except torch.OutOfMemoryError:
         if debug:

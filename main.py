@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from augment import parse_augs
 from data import resolve_categories
 from errors import UserError
 from models.dwt import lowpass_filter
-from recipes import RECIPES, train_overrides
+from recipes import RECIPES, score_overrides, train_overrides
 from training import TrainConfig, TrainRun, cleanup, init_distributed, run_dir_for, train_category
 from training.distributed import DistInfo, all_reduce_sum
 from training.rundir import RunClaim
@@ -172,13 +173,6 @@ def run_from_args(args: argparse.Namespace) -> TrainRun:
                     overwrite=args.overwrite, save_every=args.save_every, tensorboard=not args.no_tensorboard)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``--precision`` -> fp32 / bf16 (:func:`runtime.resolve_precision`, with the flag's wording)."""
-    if precision == "bf16" and not runtime.bf16_available(device):
-        raise UserError(f"--precision bf16: this {device.type.upper()} has no native bfloat16; use fp32")
-    return runtime.resolve_precision(precision, device)
-
-
 def summary(config: TrainConfig, run: TrainRun, categories: list[str], device: torch.device, precision: str) -> str:
     return (f"training {', '.join(categories)} | {config.arch} ({config.wavelet}) at {config.size} px | "
             f"augs {'+'.join(config.augs)} | {config.epochs} epochs, batch {config.batch_size} x "
@@ -202,9 +196,9 @@ def main(args: argparse.Namespace) -> list:
             print(f"writing the demo data set to {run.data_root}/ ...", flush=True)
             write_demo(run.data_root)
     categories = resolve_categories(run.data_root, args.category)
-    dist_info = init_distributed(cli.resolve_device(args.device).type)
-    device = cli.resolve_device(args.device, dist_info.local_rank)
-    precision = resolve_precision(config.precision, device)
+    dist_info = init_distributed(runtime.resolve_device(args.device).type)
+    device = runtime.resolve_device(args.device, dist_info.local_rank)
+    precision = runtime.resolve_precision(config.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
     banner = summary(config, run, categories, device, precision) if dist_info.is_main else ""
@@ -262,21 +256,19 @@ def claim_runs(config: TrainConfig, run: TrainRun, categories: list[str], device
 
 
 def evaluate(args: argparse.Namespace, categories: list[str]) -> list[dict]:
-    """Score every trained category with both fusions (the paper's two inference scripts)."""
-    from scoring.cli import main as score
-    from scoring.cli import parse_args as scoring_parse
-    from scoring.core import format_metric
+    """Score every trained category with both fusions (the paper's two inference scripts), in Python."""
+    from scoring import ScoreConfig, ScoringRun, score_categories
     from scoring.output import versioned_dir
     from scoring.report import write_table
+    from scoring.writing import format_metric
 
+    run = ScoringRun(data_root=str(args.data_root), ckpt_dir=str(args.ckpt_dir), checkpoint=f"{{category}}-{args.arch}",
+                     command=" ".join(sys.argv))
+    device = runtime.resolve_device(args.device)
     records = []
     for fusion in ("concatenation", "multiplication"):
-        score_args = scoring_parse(fusion, [
-            "--c", ",".join(categories), "--data-root", str(args.data_root), "--ckpt-dir", str(args.ckpt_dir),
-            "--p", f"{{category}}-{args.arch}", "--device", args.device,
-            "--workers", "auto" if args.workers is None else str(args.workers),
-            "--recipe", args.recipe])
-        records += score(score_args)
+        config = ScoreConfig(fusion=fusion, workers=args.workers, recipe=args.recipe, **score_overrides(args.recipe))
+        records += score_categories(config, run, categories, device)
     header = ["category", "fusion", "image AUROC", "pixel AUROC", "AUPRO", "heatmaps"]
     rows = [[r["category"], r["fusion"], *(format_metric(r["metrics"][k], 3) for k in ("image_auroc", "pixel_auroc",
                                                                                       "aupro")),

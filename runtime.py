@@ -2,7 +2,7 @@
 
 Library code below the command lines (``training/``, ``scoring/``) and the command lines
 themselves (``cli.py``, ``main.py``, ``scoring/cli.py``) use these; errors are
-:class:`errors.UserError` worded about the values (the command lines add their flags' names).
+:class:`errors.SettingError` naming the setting (the command lines word them with their flags).
 """
 
 from __future__ import annotations
@@ -11,22 +11,26 @@ import os
 
 import torch
 
-from errors import UserError
+from errors import SettingError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` / ``cpu`` / ``cuda`` -> a ``torch.device`` (``cuda:<local_rank>`` for CUDA)."""
+def resolve_device(device: str | torch.device, local_rank: int = 0) -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` or a ``torch.device`` -> a ``torch.device`` (``auto``:
+    CUDA when available, else the CPU; plain ``cuda`` is ``cuda:<local_rank>``)."""
+    if isinstance(device, torch.device):
+        return device
+    name = device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise UserError("device cuda: no CUDA GPU is visible to PyTorch; use the CPU "
-                            "(or install a CUDA build of PyTorch and check nvidia-smi)")
-        return torch.device("cuda", local_rank)
+            raise SettingError("device", device, "no CUDA GPU is visible to PyTorch; use cpu (or install a CUDA "
+                                                 "build of PyTorch and check nvidia-smi)")
+        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
     if name != "cpu":
-        raise UserError(f"device {name!r}: choose auto, cpu or cuda")
+        raise SettingError("device", device, "choose auto, cpu or cuda")
     return torch.device("cpu")
 
 
@@ -43,11 +47,11 @@ def bf16_available(device: torch.device) -> bool:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` where ``device`` supports it natively, else ``fp32``; ``bf16`` must be supported."""
     if precision not in PRECISIONS:
-        raise UserError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+        raise SettingError("precision", precision, f"choose one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "bf16" if bf16_available(device) else "fp32"
     if precision == "bf16" and not bf16_available(device):
-        raise UserError(f"precision bf16: this {device.type.upper()} has no native bfloat16; use fp32")
+        raise SettingError("precision", precision, f"this {device.type.upper()} has no native bfloat16; use fp32")
     return precision
 
 

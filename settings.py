@@ -28,6 +28,11 @@ class Settings:
         """Field names with one of ``roles`` (all fields when none is given)."""
         return tuple(f.name for f in dataclasses.fields(cls) if not roles or f.metadata["role"] in roles)
 
+    @classmethod
+    def default(cls, name: str):
+        """The default of field ``name``: the one value that the API and the command line share."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}[name]
+
     def subset(self, *roles: str) -> dict:
         """``{name: value}`` of the fields with one of ``roles``, as plain JSON types (tuples as lists)."""
         return {name: list(value) if isinstance(value, tuple) else value

@@ -49,9 +49,9 @@ from errors import UserError
 from recipes import RECIPES
 from scoring import ScoreConfig
 from scoring import cli as score_cli
-from scoring.core import settings_record
 from scoring.detector import file_sha256
 from scoring.report import markdown_table, write_csv, write_json, write_text_atomic
+from scoring.runs import settings_record
 
 FUSIONS = ("concatenation", "multiplication")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_auroc_paper_masks")
@@ -177,7 +177,7 @@ def training_settings(argv: list[str]) -> dict:
 
 
 def result_settings(score_args: argparse.Namespace, train_size: int) -> dict:
-    """The scoring settings ``results.json`` records for ``score_args`` (as ``scoring.core`` writes them:
+    """The scoring settings ``results.json`` records for ``score_args`` (as ``scoring.runner`` writes them:
     the size resolved to the checkpoint's, no refinement without a coreset), speed settings left out."""
     config = score_cli.config_from_args(score_args)
     config = config.replace(size=config.size or train_size)

@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from benchmarks.common import markdown_table, median_seconds, system_info, write_results
-from scoring.knn import NearestNeighbours, faiss_available, greedy_coreset
+from scoring.knn import BankSearch, faiss_available, greedy_coreset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def paper_style(bank: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
 def main(args: argparse.Namespace) -> None:
     if args.bank:
         entry = torch.load(args.bank, map_location="cpu", weights_only=True)
-        first = entry["banks"][0]  # a MemoryBank state dict
+        first = entry["banks"][0]  # a bank state (scoring.model.bank_states)
         bank = first["full"] if first.get("full") is not None else first["rows"]  # the whole bank, also of coresets
     else:
         bank = torch.randn(args.rows, args.dim, generator=torch.Generator().manual_seed(0)).abs()
@@ -57,14 +57,14 @@ def main(args: argparse.Namespace) -> None:
     backends = ["torch"] + (["faiss"] if faiss_available() else [])
     per = args.batch_images
     for backend in backends:
-        index = NearestNeighbours(bank, backend)
-        err = float((index.search(one_image, 1)[:, 0] - reference).abs().max())
-        t = median_seconds(lambda index=index: index.search(queries, 1), args.images, warmup=1) / per
+        index = BankSearch(bank, backend)
+        err = float((index(one_image, 1)[:, 0] - reference).abs().max())
+        t = median_seconds(lambda index=index: index(queries, 1), args.images, warmup=1) / per
         rows.append([f"{backend} exact, {per} images per call", bank.shape[0], f"{t * 1e3:.0f}",
                      f"{paper_s / t:.1f}x", f"{err:.1e}"])
     small = bank[greedy_coreset(bank, 0.1, proj_dim=args.coreset_dim, progress=False)]
-    index = NearestNeighbours(small, backends[-1])
-    t = median_seconds(lambda: index.search(queries, 1), args.images, warmup=1) / per
+    index = BankSearch(small, backends[-1])
+    t = median_seconds(lambda: index(queries, 1), args.images, warmup=1) / per
     rows.append([f"{backends[-1]} coreset 0.1, {per} images per call", small.shape[0], f"{t * 1e3:.0f}",
                  f"{paper_s / t:.1f}x", "-"])
     header = ["search", "bank rows", "ms / image", "speed-up", "max |d - d_paper|"]

@@ -28,7 +28,7 @@ import models
 from benchmarks.common import markdown_table, system_info, write_results
 from benchmarks.latency_child import synthetic_images
 from scoring import Detector, ScoreConfig
-from scoring.detector import fit_scorer
+from scoring.calibration import Threshold
 from scoring.export import export
 from scoring.features import batched_features
 
@@ -65,8 +65,8 @@ def build_detectors(arch: str, args, work: Path) -> dict[float, Path]:
     files = {}
     for fraction in [float(c) for c in args.coresets.split(",")]:
         config = base.replace(coreset=fraction)
-        detector = Detector(model, fit_scorer(config, feats, torch.device("cpu")), config,
-                            {"value": 1.0, "source": "benchmark"}, provenance, "cpu")
+        detector = Detector.from_features(model, config, feats, provenance, torch.device("cpu"), calibrate=False)
+        detector.calibration = Threshold(1.0, "benchmark")
         stem = work / f"{arch}-c{fraction}"
         files[fraction] = detector.save(stem.with_suffix(".detector.pt"))
         with warnings.catch_warnings():

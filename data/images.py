@@ -169,10 +169,21 @@ def read_rgb(path: Path, target: int | None = None) -> torch.Tensor:
     return tensor.permute(2, 0, 1).contiguous()
 
 
+def upright_uint8(img: Image.Image) -> np.ndarray:
+    """A PIL image, turned upright by its EXIF orientation -> ``(H, W)`` or ``(H, W, C)`` uint8."""
+    return _to_uint8_array(upright(img, exif_orientation(img)))
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file as viewers show it (EXIF orientation applied), without decoding it."""
+    with Image.open(path) as img:
+        width, height = img.size
+        return (width, height) if exif_orientation(img) in (5, 6, 7, 8) else (height, width)
+
+
 def read_gray(path: Path) -> torch.Tensor:
     """``path`` -> ``(H, W)`` uint8, upright (colour masks are reduced to their maximum channel)."""
-    img = open_image(path)
-    arr = _to_uint8_array(upright(img, exif_orientation(img)))
+    arr = upright_uint8(open_image(path))
     if arr.ndim == 3:
         arr = arr.max(axis=2)
     return torch.from_numpy(np.array(arr, copy=True))
@@ -191,13 +202,19 @@ def read_mask(path: Path) -> torch.Tensor:
     return mask
 
 
+def resize_rounded(images: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
+    """``(N, C, H, W)`` 8-bit values (any dtype) -> ``(N, C, size, size)`` float, bilinear (half-pixel
+    centres), rounded to whole 8-bit values: the one resize of images for the network, in
+    training, scoring and exported files alike (traceable)."""
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+    return out.round().clamp(0, 255)
+
+
 def resize_image(image: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
-    """``(3, H, W)`` uint8 -> ``(3, size, size)`` uint8, bilinear (half-pixel centres), rounded."""
+    """``(3, H, W)`` uint8 -> ``(3, size, size)`` uint8 (:func:`resize_rounded`)."""
     if image.shape[-2:] == (size, size):
         return image
-    out = F.interpolate(image[None].float(), size=(size, size), mode="bilinear",
-                        align_corners=False, antialias=antialias)[0]
-    return out.round_().clamp_(0, 255).to(torch.uint8)
+    return resize_rounded(image[None], size, antialias)[0].to(torch.uint8)
 
 
 def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:

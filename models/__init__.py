@@ -17,6 +17,9 @@ from .wavecnet import BasicBlock, Bottleneck, WaveCNet
 
 # The network halves the image five times: smaller inputs leave layer4 without pixels.
 MIN_SIZE = 32
+# Largest image side the network is given: at 8192 px the first convolution's output of one
+# image alone is 17 GB (64 channels x 8192^2 float32).
+MAX_SIZE = 4096
 
 # name -> (block, blocks per stage); keep in sync with ``checkpoint.infer_arch``.
 ARCHS: dict[str, tuple[type, tuple[int, int, int, int]]] = {
@@ -42,5 +45,5 @@ def create_model(name: str, wavelet: str = DEFAULT_WAVELET, num_classes: int = 3
                     downsample_layer=downsample_layer, dense=dense)
 
 
-__all__ = ["ARCHS", "DEFAULT_WAVELET", "HEAD_STAGES", "MIN_SIZE", "SegHead", "WaveCNet", "WaveletDownsample",
-           "create_model", "list_models"]
+__all__ = ["ARCHS", "DEFAULT_WAVELET", "HEAD_STAGES", "MAX_SIZE", "MIN_SIZE", "SegHead", "WaveCNet",
+           "WaveletDownsample", "create_model", "list_models"]

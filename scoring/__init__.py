@@ -1,10 +1,14 @@
-"""Stage 2 scoring: features, memory bank (k-NN, coreset), fusion, metrics, pictures, reports.
+"""Stage 2 scoring: features, memory banks (exact k-NN, coreset), fusion, metrics, pictures, reports.
 
-The trained detector as one object: ``from scoring import Detector, ScoreConfig``.
+- ``Detector`` / ``ScoreConfig``: the trained detector as one object (fit, predict, save, load);
+- ``AnomalyModel`` (:mod:`scoring.model`): the one ``nn.Module`` where every score is computed;
+- ``score_categories`` / ``ScoringRun``: what the inference scripts do, as a Python call.
 """
 
-from .bank import MemoryBank
 from .config import ScoreConfig
 from .detector import Detector, Prediction
+from .model import AnomalyModel, AnomalyScorer
+from .runner import score_categories
+from .runs import ScoringRun
 
-__all__ = ["Detector", "MemoryBank", "Prediction", "ScoreConfig"]
+__all__ = ["AnomalyModel", "AnomalyScorer", "Detector", "Prediction", "ScoreConfig", "ScoringRun", "score_categories"]

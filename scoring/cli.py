@@ -1,14 +1,14 @@
 """The command line shared by ``inference_concatenation.py`` and ``inference_multiplication.py``.
 
 Both scripts are this parser and :func:`main` with a different ``fusion``; nothing else differs.
+The flags map one to one onto :class:`ScoreConfig` and :class:`ScoringRun` fields (their
+defaults are the dataclasses'); the work is :func:`scoring.runner.score_categories`.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
-from pathlib import Path
 
 import cli
 import models
@@ -16,13 +16,14 @@ from augment import parse_augs
 from data import resolve_categories
 from errors import UserError
 from recipes import RECIPES
+from runtime import PRECISIONS, resolve_device
 
-from .config import MAP_SOURCES, ScoreConfig
-from .core import ScoringRun, format_metric, score_category, write_summary
-from .fusion import FUSIONS
-from .knn import BACKENDS, PRECISIONS
-from .output import versioned_dir
+from .config import BACKENDS, FUSIONS, MAP_SOURCES, ScoreConfig
+from .runner import score_categories
+from .runs import ScoringRun
 from .synthetic_check import CHECK_AUGS, HELD_OUT_KINDS
+
+DEFAULT = ScoreConfig.default  # every scoring default comes from the dataclass: one definition per setting
 
 
 def parse_layers(text: str) -> list[int]:
@@ -42,50 +43,54 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     data = parser.add_argument_group("Data")
     data.add_argument("--c", "--category", dest="category", default="all",
                       help="category under --data-root, a comma list, or 'all'")
-    data.add_argument("--data-root", default="./mvtec_anomaly_detection", help="MVTec-layout data root")
-    data.add_argument("--size", type=int, default=None, help="image size (default: the checkpoint's, else 256)")
+    data.add_argument("--data-root", default=ScoringRun.data_root, help="MVTec-layout data root")
+    data.add_argument("--size", type=int, default=DEFAULT("size"),
+                      help="image size (default: the checkpoint's, else 256)")
     data.add_argument("--antialias", action="store_true",
                       help="antialiased resize (as the training run, if it used it)")
     data.add_argument("--images", default=None,
                       help="score this folder of unlabeled images instead of the test set (scores.csv + heatmaps)")
     model = parser.add_argument_group("Model")
-    model.add_argument("--p", default=None,
+    model.add_argument("--p", "--checkpoint", dest="checkpoint", default=None,
                        help="checkpoint: sub-folder of --ckpt-dir holding model.pt or e1600_model.pt, or a file "
                             "(default: <category>-<arch>; '{category}' in it is replaced)")
-    model.add_argument("--ckpt-dir", default="ckpt", help="where checkpoints live")
+    model.add_argument("--ckpt-dir", default=ScoringRun.ckpt_dir, help="where checkpoints live")
     model.add_argument("--arch", default=None, choices=models.list_models(),
                        help="expected arch (default: whatever the checkpoint holds; wave50 for the default --p)")
     model.add_argument("--wavelet", default=None,
                        help="wavelet for checkpoints that do not record one (the paper's: bior2.2)")
     scoring = parser.add_argument_group("Scoring")
-    scoring.add_argument("--layers", type=parse_layers, default=[2, 3], help="stages whose features are scored")
-    scoring.add_argument("--k", type=int, default=1, help="nearest neighbours averaged per patch (the paper: 1)")
-    scoring.add_argument("--coreset", type=float, default=1.0,
+    scoring.add_argument("--layers", type=parse_layers, default=DEFAULT("layers"),
+                         help="stages whose features are scored")
+    scoring.add_argument("--k", type=int, default=DEFAULT("k"),
+                         help="nearest neighbours averaged per patch (the paper: 1)")
+    scoring.add_argument("--coreset", type=float, default=DEFAULT("coreset"),
                          help="fraction of the memory bank kept by greedy k-center (1.0 = whole bank, the paper)")
-    scoring.add_argument("--coreset-dim", type=int, default=32,
+    scoring.add_argument("--coreset-dim", type=int, default=DEFAULT("coreset_dim"),
                          help="random-projection dimension used while selecting the coreset")
-    scoring.add_argument("--refine", type=int, default=16,
+    scoring.add_argument("--refine", type=int, default=DEFAULT("refine"),
                          help="with --coreset < 1: re-search each image's N highest patches in the whole bank, "
                               "so image scores stay exact (0 = pure coreset scores)")
-    scoring.add_argument("--smooth", type=float, default=0.0,
+    scoring.add_argument("--smooth", type=float, default=DEFAULT("smooth"),
                          help="Gaussian sigma (px) applied to the maps (0 = the paper; PatchCore uses 4)")
-    scoring.add_argument("--map", "--map-source", dest="map_source", default="knn", choices=MAP_SOURCES,
+    scoring.add_argument("--map", "--map-source", dest="map_source", default=DEFAULT("map_source"), choices=MAP_SOURCES,
                          help="anomaly map: knn (the paper's); for a network trained with --dense also head (its "
                               "segmentation head) or fused (both, each normalised on training images)")
-    scoring.add_argument("--knn", default="auto", choices=BACKENDS,
+    scoring.add_argument("--knn", default=DEFAULT("knn"), choices=BACKENDS,
                          help="nearest-neighbour backend (auto = faiss when installed, else torch); same distances")
-    scoring.add_argument("--knn-precision", default="auto", choices=PRECISIONS,
+    scoring.add_argument("--knn-precision", default=DEFAULT("knn_precision"), choices=PRECISIONS,
                          help="torch k-NN products: fp32, or bf16 shortlist + exact float32 re-rank (auto: bf16 on "
                               "CUDA and on CPUs with native bfloat16; returned distances are exact either way)")
-    scoring.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+    scoring.add_argument("--precision", default=DEFAULT("precision"), choices=["fp32", "bf16"],
                          help="feature extraction precision")
-    scoring.add_argument("--threshold", type=float, default=None,
+    scoring.add_argument("--threshold", type=float, default=DEFAULT("threshold"),
                          help="anomaly score threshold for verdicts and predicted regions (default: calibrated "
                               "on training images for --images, image F1-max for the test set)")
-    scoring.add_argument("--calib-percentile", type=float, default=99.0,
+    scoring.add_argument("--calib-percentile", type=float, default=DEFAULT("calib_percentile"),
                          help="percentile of cross-fitted training scores used as the calibrated threshold")
-    scoring.add_argument("--seed", type=int, default=0, help="seed of the coreset and the calibration split")
-    scoring.add_argument("--recipe", default="paper", choices=list(RECIPES),
+    scoring.add_argument("--seed", type=int, default=DEFAULT("seed"),
+                         help="seed of the coreset and the calibration split")
+    scoring.add_argument("--recipe", default=DEFAULT("recipe"), choices=list(RECIPES),
                          help="named set of scoring defaults (paper = the paper's protocol); flags you give win")
     scoring.add_argument("--rebuild-bank", action="store_true", help="ignore a cached memory bank")
     scoring.add_argument("--synthetic-check", action="store_true",
@@ -109,30 +114,15 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     out.add_argument("--save-maps", action="store_true", help="also write maps.npz (maps, masks, labels, scores)")
     out.add_argument("--no-pictures", action="store_true", help="skip the heatmap PNGs and the ROC plot")
     runtime = parser.add_argument_group("Batching")
-    runtime.add_argument("--batch-size", type=int, default=32, help="images per feature-extraction batch")
+    runtime.add_argument("--batch-size", type=int, default=DEFAULT("batch_size"),
+                         help="images per feature-extraction batch")
     cli.add_common_flags(parser)
     parser.set_defaults(fusion=fusion)
     return parser
 
 
 def validate(args: argparse.Namespace) -> None:
-    if not 0 < args.coreset <= 1:  # also false for NaN
-        raise UserError(f"--coreset {args.coreset}: must be in (0, 1]; 1 keeps the whole bank (the paper)")
-    if args.refine < 0:
-        raise UserError(f"--refine {args.refine}: must be 0 or more")
-    if args.k < 1:
-        raise UserError(f"--k {args.k}: must be at least 1")
-    if args.size is not None and args.size < models.MIN_SIZE:
-        raise UserError(f"--size {args.size}: the network needs at least {models.MIN_SIZE} px; use 128 or 256")
-    if not math.isfinite(args.smooth) or args.smooth < 0:
-        raise UserError(f"--smooth {args.smooth}: must be a number, 0 or more")
-    if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold > 0):
-        raise UserError(f"--threshold {args.threshold}: must be a positive number (scores are distances); "
-                        "leave it out to calibrate one on the training images")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
-    if not 0 < args.calib_percentile <= 100:
-        raise UserError(f"--calib-percentile {args.calib_percentile}: must be in (0, 100]")
+    """What only the command line knows; every scoring setting is checked by :class:`ScoreConfig` itself."""
     if args.wavelet is not None:
         from models.dwt import lowpass_filter
 
@@ -155,7 +145,7 @@ def check_kinds_from_args(args: argparse.Namespace) -> tuple[str, ...]:
 
 def run_from_args(args: argparse.Namespace) -> ScoringRun:
     """Paths and outputs of the parsed flags."""
-    return ScoringRun(data_root=args.data_root, ckpt_dir=args.ckpt_dir, p=args.p, arch=args.arch,
+    return ScoringRun(data_root=args.data_root, ckpt_dir=args.ckpt_dir, checkpoint=args.checkpoint, arch=args.arch,
                       wavelet=args.wavelet, images=args.images, out=args.out, overwrite=args.overwrite,
                       save_maps=args.save_maps, pictures=not args.no_pictures,
                       synthetic_check=args.synthetic_check or args.check_kinds is not None,
@@ -165,47 +155,15 @@ def run_from_args(args: argparse.Namespace) -> ScoringRun:
 
 def main(args: argparse.Namespace) -> list[dict]:
     validate(args)
-    device = cli.resolve_device(args.device)
+    config, run = config_from_args(args), run_from_args(args)
+    device = resolve_device(args.device)
     categories = resolve_categories(args.data_root, args.category)
     if args.images is not None and len(categories) != 1:
         raise UserError("--images scores new images against one category's bank: pass --c <category>")
     if args.save_detector and len(categories) != 1:
         raise UserError("--save-detector PATH writes one category's detector: pass --c <category>, or give "
                         "--save-detector without a path (each goes to ckpt/<p>/detector-<fusion>.pt)")
-    config, run = config_from_args(args), run_from_args(args)
-    records = []
-    for category in categories:
-        record = score_category(config, run, category, device, out_per_category=len(categories) > 1)
-        records.append(record)
-        print(format_record(record), flush=True)
-    if len(records) > 1:
-        if args.out:
-            base = Path(args.out) / f"summary-{args.fusion}"
-        else:
-            identity = {"fusion": args.fusion, "runs": [r["identity"] for r in records]}
-            base = versioned_dir(Path("results") / f"summary-{args.fusion}", identity) / "summary"
-        path = write_summary(base, records, args.fusion)
-        print(f"summary: {path}")
-    return records
-
-
-def format_record(record: dict) -> str:
-    head = f"{record['category']} [{record['fusion']}]"
-    if "metrics" in record:
-        m = {k: format_metric(v) for k, v in record["metrics"].items()}
-        body = (f"image AUROC {m['image_auroc']} | pixel AUROC {m['pixel_auroc']} | "
-                f"AUPRO {m['aupro']} | F1-max {m['image_f1_max']} | pixel AP {m['pixel_ap']}")
-    else:
-        body = (f"{record['images']['scored']} images scored, {record['images']['anomalous']} anomalous "
-                f"(threshold {record['threshold']['value']:.4f} = normalised score 1.0), "
-                f"{len(record['images']['skipped'])} skipped")
-    if "synthetic_check" in record:
-        c = record["synthetic_check"]
-        body += (f" | synthetic check: image AUROC {format_metric(c['image_auroc'])}, pixel AUROC "
-                 f"{format_metric(c['pixel_auroc'])}, AUPRO {format_metric(c['aupro'])}")
-    timing = (f"bank {record['timings']['bank_s']:.1f}s{' (cached)' if record['bank']['cached'] else ''}, "
-              f"{record['timings']['s_per_test_image'] * 1000:.0f} ms/image")
-    return f"{head} {body} | {timing} -> {record['out_dir']}"
+    return score_categories(config, run, categories, device)
 
 
 def parse_args(fusion: str, argv: list[str] | None = None) -> argparse.Namespace:

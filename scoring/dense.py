@@ -12,37 +12,32 @@ half, so no image is scored against itself), then:
 - ``head``: the head's normalised map alone;
 - ``fused``: the sum of both normalised maps.
 
-The image score of ``head`` and ``fused`` is the maximum of the map, as for multiplication.
+The image score of ``head`` and ``fused`` is the maximum of the map, as for multiplication
+(:func:`scoring.model.combine_head`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from errors import UserError
+from errors import SettingError
 
 from .config import MAP_SOURCES
-from .fusion import resize_map
 
-__all__ = ["MAP_SOURCES", "combine", "head_map", "map_norm", "resolve_map_source", "uses_head"]
+__all__ = ["MAP_SOURCES", "map_norm", "resolve_map_source", "uses_head"]
 
 
 def resolve_map_source(map_source: str, has_head: bool) -> str:
-    """``map_source``, checked against the network: ``head`` or ``fused`` without a head is a ``UserError``."""
+    """``map_source``, checked against the network: ``head`` or ``fused`` without a head is a ``SettingError``."""
     if map_source in ("head", "fused") and not has_head:
-        raise UserError(f"map source {map_source!r} needs a network trained with --dense (this checkpoint has no "
-                        "segmentation head); use knn")
+        raise SettingError("map_source", map_source, "needs a network trained with dense self-supervision (this "
+                           "checkpoint has no segmentation head); use knn")
     return map_source
 
 
 def uses_head(map_source: str) -> bool:
     """Whether a (resolved) map source reads the segmentation head."""
     return map_source in ("head", "fused")
-
-
-def head_map(head_logits: torch.Tensor, size: int) -> torch.Tensor:
-    """The head's logits ``(N, 1, h, w)`` -> ``(N, size, size)`` (bilinear, as the k-NN maps)."""
-    return resize_map(head_logits[:, 0].float(), size)
 
 
 def map_norm(knn_maps: torch.Tensor | None, head_maps: torch.Tensor) -> dict[str, float]:
@@ -56,14 +51,3 @@ def map_norm(knn_maps: torch.Tensor | None, head_maps: torch.Tensor) -> dict[str
     if knn_maps is not None:
         norm.update(zip(("knn_mean", "knn_std"), stats(knn_maps)))
     return norm
-
-
-def combine(map_source: str, knn_maps: torch.Tensor | None, head_logits: torch.Tensor, norm: dict[str, float],
-            size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-NN maps ``(N, S, S)`` (``None`` for ``head``) and head logits ``(N, 1, h, w)`` -> image scores
-    ``(N,)`` and maps ``(N, S, S)`` of ``map_source`` (``head`` or ``fused``), normalised by ``norm``
-    (:func:`map_norm`)."""
-    maps = (head_map(head_logits, size) - norm["head_mean"]) / norm["head_std"]
-    if map_source == "fused":
-        maps = maps + (knn_maps - norm["knn_mean"]) / norm["knn_std"]
-    return maps.flatten(1).max(1).values, maps

@@ -1,12 +1,20 @@
 """Memory bank search: exact k-nearest-neighbour distances, and greedy k-center coresets.
 
-Two backends give the same Euclidean distances:
+:class:`BankSearch` is an ``nn.Module`` holding one bank as buffers; it finds each query's ``k``
+nearest rows in two steps:
 
-- ``torch``: chunked ``|q|^2 - 2 q.b + |b|^2`` matrix products with a running top-k, so
-  memory stays bounded (``chunk_mb``) whatever the bank and query sizes; same code on CPU and
-  CUDA;
-- ``faiss``: ``IndexFlatL2`` (exact), on the GPU when faiss has GPU support and the device is
-  CUDA. Selected by ``auto`` whenever faiss is installed: it is faster on the CPU.
+1. *shortlist*: the ``k + SHORTLIST`` best candidates by ``|b|^2 - 2 q.b`` on vectors centred on
+   the bank mean, computed per chunk of bank rows with a running top-k (memory bounded, and
+   traceable: the number of chunks is fixed by the bank). The products run in float32, or in
+   bfloat16 where the CPU / GPU has it natively (``precision``). faiss (``backend="faiss"``,
+   ``IndexFlatL2`` on the centred rows) is an optional accelerator of this step only;
+2. *exact re-rank*: the shortlist's distances computed directly, ``|b - q|``, in float32; the
+   ``k`` smallest are returned.
+
+So every backend and precision returns the same exact distances; a candidate is missed only
+when more than ``SHORTLIST`` rows tie with it within the products' rounding, and even then the
+distance returned is the exact distance of a row nearly as close. Inside a traced graph
+(``torch.jit.trace``, ONNX export) the torch shortlist in float32 is used.
 """
 
 from __future__ import annotations
@@ -15,15 +23,23 @@ import math
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
-from errors import UserError
-from runtime import bf16_available
+from errors import SettingError
+from runtime import PRECISIONS, bf16_available
 
-BACKENDS = ("auto", "torch", "faiss")
-PRECISIONS = ("auto", "fp32", "bf16")
-# Shortlist length beyond k of the bf16 pass; the exact float32 distances of the shortlist decide.
-RERANK_MARGIN = 16
+from .config import BACKENDS
+
+# Candidates beyond k whose exact distances decide, for float32 and for bfloat16 products.
+SHORTLIST = 8
+SHORTLIST_BF16 = 16
+# Bank rows compared with the queries in one product, and queries per product in eager mode:
+# bounds memory (rows x queries x 4 bytes = 64 MB); a traced graph takes all its queries at once.
+CHUNK_ROWS = 4096
+QUERY_ROWS = 4096
+
+__all__ = ["BACKENDS", "PRECISIONS", "BankSearch", "faiss_available", "greedy_coreset", "resolve_backend"]
 
 
 def faiss_available() -> bool:
@@ -35,97 +51,124 @@ def faiss_available() -> bool:
 
 
 def resolve_backend(name: str) -> str:
+    """``auto`` -> ``faiss`` when installed, else ``torch``; ``faiss`` must be installed."""
+    if name not in BACKENDS:
+        raise SettingError("knn", name, f"choose one of {', '.join(BACKENDS)}")
     if name == "auto":
         return "faiss" if faiss_available() else "torch"
     if name == "faiss" and not faiss_available():
-        raise UserError("--knn faiss: faiss is not installed; pip install faiss-cpu, or use --knn torch")
+        raise SettingError("knn", name, "faiss is not installed; pip install faiss-cpu, or use torch")
     return name
 
 
-class NearestNeighbours:
-    """Exact k-NN Euclidean distances from queries to a fixed bank.
+class BankSearch(nn.Module):
+    """Exact k-NN Euclidean distances from queries to one bank (see the module docstring).
 
     Args:
-        bank: ``(B, D)`` float tensor.
-        backend: ``torch`` or ``faiss`` (``auto`` resolves to faiss when installed).
-        precision: torch backend: ``fp32`` or ``bf16`` products of centred vectors shortlist
-            candidates whose exact float32 distances are returned; ``auto`` = bf16 on CUDA and
-            on CPUs with native bfloat16.
-        device: where the torch backend computes (and the faiss GPU index lives for CUDA).
-        chunk_mb: memory budget of one distance block of the torch backend.
+        rows: ``(B, D)`` float bank, ``B > 0``.
+        backend: of the shortlist step: ``torch``, ``faiss`` or ``auto``.
+        precision: of the torch shortlist's products: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA
+            and on CPUs with native bfloat16).
     """
 
-    def __init__(self, bank: torch.Tensor, backend: str = "auto", device: torch.device | str = "cpu",
-                 chunk_mb: int = 256, precision: str = "auto"):
-        if bank.ndim != 2 or bank.shape[0] == 0:
-            raise ValueError(f"bank must be (B, D) with B > 0, got {tuple(bank.shape)}")
-        self.backend = resolve_backend(backend)
-        self.device = torch.device(device)
-        self.size, self.dim = bank.shape
-        self.chunk_elems = max(1, chunk_mb * 2**20 // 4)
-        if self.backend == "faiss":
+    def __init__(self, rows: torch.Tensor, backend: str = "auto", precision: str = "auto"):
+        super().__init__()
+        if rows.ndim != 2 or rows.shape[0] == 0:
+            raise ValueError(f"a bank must be (B, D) with B > 0, got {tuple(rows.shape)}")
+        if precision not in PRECISIONS:
+            raise SettingError("knn_precision", precision, f"choose one of {', '.join(PRECISIONS)}")
+        rows = rows.detach().float().contiguous()
+        mean = rows.mean(0)
+        centred = rows - mean
+        self.register_buffer("rows", rows)
+        self.register_buffer("mean", mean)
+        self.register_buffer("centred_sq", (centred * centred).sum(1))
+        self.backend, self.precision = resolve_backend(backend), precision
+        self._centred: torch.Tensor | None = None  # eager-mode cache: centred rows in the products' dtype
+        self._faiss = None
+
+    @property
+    def size(self) -> int:
+        return self.rows.shape[0]
+
+    def forward(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """``(M, D)`` queries -> ``(M, k)`` distances to the ``k`` nearest rows, ascending."""
+        if k > self.size:
+            raise SettingError("k", k, f"is larger than the memory bank ({self.size} patches); lower it")
+        queries = queries.to(self.rows.device, torch.float32)
+        if torch.jit.is_tracing():  # a graph takes any number of queries: no loop over them
+            return self._search(queries, k, tracing=True)
+        out = [self._search(queries[start:start + QUERY_ROWS], k, tracing=False)
+               for start in range(0, queries.shape[0], QUERY_ROWS)]
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _search(self, queries: torch.Tensor, k: int, tracing: bool) -> torch.Tensor:
+        low = torch.float32 if tracing else self._dtype()
+        keep = min(self.size, k + (SHORTLIST_BF16 if low == torch.bfloat16 else SHORTLIST))
+        if self.backend == "faiss" and not tracing:
+            candidates = self._faiss_shortlist(queries, keep)
+        else:
+            candidates = self._shortlist(queries, keep, low, tracing)
+        chosen = self.rows[candidates.reshape(-1)].view(candidates.shape[0], candidates.shape[1], -1)
+        exact = (chosen - queries[:, None, :]).pow(2).sum(-1)
+        return exact.topk(k, dim=1, largest=False).values.clamp_min(0).sqrt()
+
+    def _dtype(self) -> torch.dtype:
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16" if bf16_available(self.rows.device) else "fp32"
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def _centred_rows(self, start: int, dtype: torch.dtype, tracing: bool) -> torch.Tensor:
+        """Rows ``start:start + CHUNK_ROWS`` centred (a traced graph computes them; eager mode caches all)."""
+        if tracing:
+            return self.rows[start:start + CHUNK_ROWS] - self.mean
+        cached = self._centred
+        if cached is None or cached.dtype != dtype or cached.device != self.rows.device:
+            cached = self._centred = (self.rows - self.mean).to(dtype)
+        return cached[start:start + CHUNK_ROWS]
+
+    def _shortlist(self, queries: torch.Tensor, keep: int, dtype: torch.dtype, tracing: bool) -> torch.Tensor:
+        """``(m, D)`` -> ``(m, keep)`` row indices ranked by ``|b|^2 - 2 q.b`` on centred vectors.
+
+        Centred because ReLU features share a large mean, and the expansion on uncentred ones
+        cancels catastrophically (float32 distances off by more than 1 on trained features).
+        """
+        q = (queries - self.mean).to(dtype)
+        best_val: torch.Tensor | None = None
+        best_idx: torch.Tensor | None = None
+        for start in range(0, self.size, CHUNK_ROWS):
+            block = self._centred_rows(start, dtype, tracing)
+            # |q|^2 is the same for every row of a query: left out of the ranking.
+            approx = self.centred_sq[start:start + CHUNK_ROWS][None, :] - 2.0 * (q @ block.t()).float()
+            val, idx = approx.topk(min(keep, block.shape[0]), dim=1, largest=False)
+            idx = idx + start
+            if best_val is not None and best_idx is not None:
+                val, pick = torch.cat([best_val, val], 1).topk(keep, dim=1, largest=False)
+                idx = torch.cat([best_idx, idx], 1).gather(1, pick)
+            best_val, best_idx = val, idx
+        assert best_idx is not None
+        return best_idx
+
+    def _faiss_shortlist(self, queries: torch.Tensor, keep: int) -> torch.Tensor:
+        if self._faiss is None:
             import faiss
 
-            index = faiss.IndexFlatL2(self.dim)
-            if self.device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
-                self._gpu_res = faiss.StandardGpuResources()
-                index = faiss.index_cpu_to_gpu(self._gpu_res, self.device.index or 0, index)
-            index.add(np.ascontiguousarray(bank.detach().float().cpu().numpy()))
-            self.index = index
-        else:
-            self.bank = bank.detach().to(self.device, torch.float32).contiguous()
-            if precision == "auto":
-                precision = "bf16" if bf16_available(self.device) else "fp32"
-            # Ranked on vectors centred on the bank mean: distances do not change, but ReLU features
-            # share a large mean, and |q|^2 - 2 q.b + |b|^2 on uncentred ones cancels catastrophically
-            # (float32 distances off by more than 1 on trained wave18 features). bf16 products run on
-            # tensor cores (15x the float32 rate on an H200); the shortlist's exact float32 distances
-            # are returned either way.
-            self.mean = self.bank.mean(0)
-            centred = self.bank - self.mean
-            self.centred_sq = (centred * centred).sum(1)
-            self.bank_low = centred.to(torch.bfloat16 if precision == "bf16" else torch.float32)
-            self.precision = precision
+            index = faiss.IndexFlatL2(self.rows.shape[1])
+            if self.rows.device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
+                self._gpu_resources = faiss.StandardGpuResources()
+                index = faiss.index_cpu_to_gpu(self._gpu_resources, self.rows.device.index or 0, index)
+            index.add(np.ascontiguousarray((self.rows - self.mean).cpu().numpy()))
+            self._faiss = index
+        centred = np.ascontiguousarray((queries - self.mean).cpu().numpy())
+        _, idx = self._faiss.search(centred, keep)
+        return torch.from_numpy(idx).to(self.rows.device)
 
-    def search(self, queries: torch.Tensor, k: int = 1) -> torch.Tensor:
-        """``(M, D)`` queries -> ``(M, k)`` distances to the ``k`` nearest bank rows, ascending."""
-        if k > self.size:
-            raise UserError(f"--k {k} is larger than the memory bank ({self.size} patches); lower --k")
-        if self.backend == "faiss":
-            dist_sq, _ = self.index.search(np.ascontiguousarray(queries.detach().float().cpu().numpy()), k)
-            return torch.from_numpy(dist_sq).clamp_min_(0).sqrt_()
-        return self._search_rerank(queries.detach().to(self.device, torch.float32), k).cpu()
-
-    def _search_rerank(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """Products of centred vectors (bf16 or float32) shortlist ``k + RERANK_MARGIN`` rows per
-        query; their exact float32 distances pick ``k``.
-
-        The result misses a true neighbour only if it ranks below the shortlist, i.e. when more
-        than ``RERANK_MARGIN`` rows tie with it within the products' rounding (bf16: about 0.4% of
-        ``|q| |b|``); even then the distances returned are exact ones.
-        """
-        keep = min(self.size, k + RERANK_MARGIN)
-        q_rows = max(1, min(queries.shape[0], 4096))
-        b_rows = max(keep, self.chunk_elems // q_rows)
-        out = []
-        for q0 in range(0, queries.shape[0], q_rows):
-            q = queries[q0:q0 + q_rows]
-            q_low = (q - self.mean).to(self.bank_low.dtype)
-            best_val = best_idx = None
-            for b0 in range(0, self.size, b_rows):
-                # |q|^2 is the same for every row of a query: left out of the ranking.
-                products = (q_low @ self.bank_low[b0:b0 + b_rows].t()).float()
-                approx = products.mul_(-2).add_(self.centred_sq[b0:b0 + b_rows][None, :])
-                val, idx = approx.topk(min(keep, approx.shape[1]), dim=1, largest=False)
-                idx += b0
-                if best_val is not None:
-                    val, pick = torch.cat([best_val, val], 1).topk(keep, dim=1, largest=False)
-                    idx = torch.cat([best_idx, idx], 1).gather(1, pick)
-                best_val, best_idx = val, idx
-            shortlist = self.bank[best_idx]  # (q, keep, D)
-            exact = (shortlist - q[:, None, :]).square_().sum(-1)
-            out.append(exact.topk(k, dim=1, largest=False).values.sqrt_())
-        return torch.cat(out)
+    def __getstate__(self) -> dict:  # deep copies and pickles leave the caches behind
+        state = dict(self.__dict__)
+        state["_centred"], state["_faiss"] = None, None
+        state.pop("_gpu_resources", None)
+        return state
 
 
 def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim: int = 32,
@@ -143,7 +186,7 @@ def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim:
         ``(ceil(fraction * B),)`` long tensor of row indices, in selection order.
     """
     if not 0 < fraction <= 1:
-        raise UserError(f"--coreset {fraction}: must be in (0, 1]; 1 keeps the whole bank")
+        raise SettingError("coreset", fraction, "must be in (0, 1]; 1 keeps the whole bank")
     count = bank.shape[0]
     keep = max(1, math.ceil(fraction * count))
     if keep >= count:
@@ -170,3 +213,4 @@ def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim:
         centre = torch.argmax(min_dist)
         chosen[i] = centre
     return chosen.cpu()
+

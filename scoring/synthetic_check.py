@@ -24,8 +24,9 @@ from data.mvtec import load_cached
 from errors import UserError
 
 from . import dense, metrics
+from .calibration import cross_fitted_calibration
 from .config import ScoreConfig
-from .detector import calibration, fit_scorer, score_maps
+from .model import AnomalyScorer
 
 CHECK_AUGS = ("cutpaste", "perlin", "scar")
 # Makers no recipe trains on: a check with these does not reward having learnt its anomalies.
@@ -100,10 +101,9 @@ def synthetic_check(model: torch.nn.Module, config: ScoreConfig, data_root: str 
     fit_feats, _ = features(HeldOutImages(to_float(images[fit])), f"{category}: synthetic check bank")
     check_images, masks, labels = synthetic_images(images, held_out, fit, config.seed, tuple(kinds))
     check_feats, _ = features(HeldOutImages(check_images), f"{category}: synthetic check images")
-    scorer = fit_scorer(config, fit_feats, device)
     # A head map is normalised on the bank's images, as the run normalises it on all training images.
-    norm = calibration(config, fit_feats, device)[1] if dense.uses_head(config.map_source) else None
-    scores, maps = score_maps(config, scorer, check_feats, norm)
+    norm = cross_fitted_calibration(config, fit_feats, device)[1] if dense.uses_head(config.map_source) else None
+    scores, maps = AnomalyScorer.fit(config, fit_feats, norm, device).score(check_feats, "synthetic check")
     scores_np, maps_np, masks_np, labels_np = scores.numpy(), maps.numpy(), masks.numpy(), labels.numpy()
     return {
         "image_auroc": metrics.image_auroc(labels_np, scores_np),

@@ -103,7 +103,7 @@ def test_map_sources_on_a_dense_network(dense_ckpt, tiny_root, tmp_path):
 
 
 def test_head_maps_need_a_dense_network(trained, tiny_root, tmp_path):
-    with pytest.raises(UserError, match="needs a network trained with --dense"):
+    with pytest.raises(UserError, match="needs a network trained with dense self-supervision"):
         score(tiny_root, trained, tmp_path / "r", "concatenation", "--map", "fused")
     assert dense.resolve_map_source("knn", False) == "knn" and dense.resolve_map_source("fused", True) == "fused"
 
@@ -111,11 +111,10 @@ def test_head_maps_need_a_dense_network(trained, tiny_root, tmp_path):
 def test_fused_detector_saves_loads_and_exports_with_the_same_scores(dense_ckpt, tiny_root, tmp_path):
     detector = Detector.fit(dense_ckpt / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
                             ScoreConfig(batch_size=4, map_source="fused"), device="cpu")
-    assert detector.config.map_source == "fused" and set(detector.map_norm) == {
+    assert detector.config.map_source == "fused" and set(detector.model.scorer.map_norm) == {
         "knn_mean", "knn_std", "head_mean", "head_std"}
     # The threshold is a percentile of cross-fitted training scores of the fused map.
-    assert detector.threshold_info["train_score_max"] >= detector.threshold > detector.threshold_info[
-        "train_score_mean"]
+    assert detector.calibration.train_score_max >= detector.threshold > detector.calibration.train_score_mean
     paths = sorted((tiny_root / "widget" / "test").rglob("*.png"))
     expected = detector.predict(paths)
     loaded = Detector.load(detector.save(tmp_path / "d.pt"), device="cpu")

@@ -7,10 +7,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from scoring import metrics
-from scoring.bank import MemoryBank
-from scoring.fusion import Scorer, concat_layers, gaussian_smooth, resize_map, to_patches
-from scoring.knn import NearestNeighbours, faiss_available, greedy_coreset
+from scoring import ScoreConfig, metrics
+from scoring.knn import BankSearch, faiss_available, greedy_coreset
+from scoring.model import AnomalyScorer, PatchBank, bank_states, concat_layers, gaussian_smooth, resize_map, to_patches
+
+
+def fit(fusion: str, train: list[torch.Tensor], size: int = 32, **settings) -> AnomalyScorer:
+    """An exact-search scorer of ``train`` features (the torch search, so no faiss is needed)."""
+    return AnomalyScorer.fit(ScoreConfig(fusion=fusion, size=size, knn="torch", **settings), train)
 
 
 def test_concat_layers_nearest_upsampling():
@@ -25,29 +29,30 @@ def test_concat_layers_nearest_upsampling():
 def test_concatenation_scores_by_hand():
     # Bank: one training image whose every patch is the zero vector.
     train = [torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 2, 2)]
-    scorer = Scorer.fit("concatenation", train, lambda: MemoryBank(backend="torch"))
-    assert scorer.banks[0].full is None and scorer.banks[0].rows.shape == (16, 3)
+    scorer = fit("concatenation", train)
+    assert scorer.banks[0].whole is None and scorer.banks[0].search.rows.shape == (16, 3)
     test2 = torch.zeros(1, 2, 4, 4)
     test2[0, 0, 1, 2] = 3.0  # one layer-2 patch at distance 3
     test3 = torch.zeros(1, 1, 2, 2)
     test3[0, 0, 1, 1] = 4.0  # one layer-3 cell = 4 layer-2 patches at distance 4
-    scores, maps = scorer.score([test2, test3], size=8)
+    scores, maps = scorer.score([test2, test3])
     expected = torch.zeros(4, 4)
     expected[1, 2] = 3.0
     expected[2:, 2:] = 4.0
     assert scores.tolist() == [4.0]
-    torch.testing.assert_close(maps, resize_map(expected[None], 8))
+    torch.testing.assert_close(maps, resize_map(expected[None], 32))
 
 
 def test_multiplication_scores_by_hand():
     train = [torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 2, 2)]
-    scorer = Scorer.fit("multiplication", train, lambda: MemoryBank(backend="torch"))
+    scorer = fit("multiplication", train)
     test2 = torch.full((1, 1, 4, 4), 2.0)
     test3 = torch.full((1, 1, 2, 2), 5.0)
-    scores, maps = scorer.score([test2, test3], size=8)
-    torch.testing.assert_close(maps, torch.full((1, 8, 8), 10.0))
+    scores, maps = scorer.score([test2, test3])
+    torch.testing.assert_close(maps, torch.full((1, 32, 32), 10.0))
     assert scores.tolist() == [10.0]
-    assert len(scorer.banks) == 2 and scorer.banks[0].rows.shape == (16, 1) and scorer.banks[1].rows.shape == (4, 1)
+    assert len(scorer.banks) == 2 and scorer.banks[0].search.rows.shape == (16, 1)
+    assert scorer.banks[1].search.rows.shape == (4, 1)
 
 
 def test_to_patches_order():
@@ -59,13 +64,15 @@ def test_to_patches_order():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_chunked_knn_equals_brute_force(k, precision):
+def test_chunked_knn_equals_brute_force(k, precision, monkeypatch):
+    import scoring.knn as knn
+
+    monkeypatch.setattr(knn, "CHUNK_ROWS", 37)  # many bank chunks, uneven last chunk
+    monkeypatch.setattr(knn, "QUERY_ROWS", 64)  # several query chunks
     gen = torch.Generator().manual_seed(0)
     bank = torch.randn(1000, 16, generator=gen)
     queries = torch.randn(300, 16, generator=gen)
-    index = NearestNeighbours(bank, backend="torch", chunk_mb=0, precision=precision)
-    index.chunk_elems = 300 * 37  # many bank blocks, uneven last block
-    dist = index.search(queries, k)
+    dist = BankSearch(bank, backend="torch", precision=precision)(queries, k)
     ref = torch.cdist(queries.double(), bank.double()).topk(k, largest=False).values
     torch.testing.assert_close(dist.double(), ref, rtol=1e-4, atol=1e-4)
 
@@ -78,20 +85,43 @@ def test_bf16_shortlist_keeps_exact_neighbours_of_relu_like_features():
     bank = (centres[torch.randint(0, 50, (20000,), generator=gen)] + torch.randn(20000, 384, generator=gen)).abs()
     queries = (centres[torch.randint(0, 50, (1000,), generator=gen)] + torch.randn(1000, 384, generator=gen)).abs()
     ref = torch.cdist(queries.double(), bank.double()).topk(3, largest=False).values
-    dist = NearestNeighbours(bank, backend="torch", precision="bf16").search(queries, 3)
+    dist = BankSearch(bank, backend="torch", precision="bf16")(queries, 3)
     torch.testing.assert_close(dist.double(), ref, rtol=1e-5, atol=1e-4)
-    tiny = NearestNeighbours(bank[:5], backend="torch", precision="bf16").search(queries[:4], 5)
+    tiny = BankSearch(bank[:5], backend="torch", precision="bf16")(queries[:4], 5)
     assert tiny.shape == (4, 5)  # shortlist longer than the bank
 
 
 @pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
-def test_faiss_equals_torch():
+@pytest.mark.parametrize("k", [1, 2])
+def test_faiss_accelerator_equals_torch_search(k):
+    # faiss only shortlists; both re-rank with the same exact distances, so they agree to the bit
+    # wherever the shortlists hold the same nearest rows.
     gen = torch.Generator().manual_seed(1)
-    bank = torch.randn(2000, 32, generator=gen)
-    queries = torch.randn(100, 32, generator=gen)
-    a = NearestNeighbours(bank, backend="faiss").search(queries, 2)
-    b = NearestNeighbours(bank, backend="torch").search(queries, 2)
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    centres = 3 * torch.randn(20, 64, generator=gen)
+    bank = (centres[torch.randint(0, 20, (3000,), generator=gen)] + torch.randn(3000, 64, generator=gen)).abs()
+    queries = (centres[torch.randint(0, 20, (500,), generator=gen)] + torch.randn(500, 64, generator=gen)).abs()
+    a = BankSearch(bank, backend="faiss")(queries, k)
+    b = BankSearch(bank, backend="torch", precision="fp32")(queries, k)
+    assert torch.equal(a, b)
+    ref = torch.cdist(queries.double(), bank.double()).topk(k, largest=False).values
+    torch.testing.assert_close(a.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_search_is_the_same_traced_and_eager():
+    gen = torch.Generator().manual_seed(2)
+    search = BankSearch(torch.randn(5000, 24, generator=gen), backend="torch", precision="fp32")
+    queries = torch.randn(40, 24, generator=gen)
+    traced = torch.jit.trace(lambda q: search(q, 2), (queries,), check_trace=False)
+    others = torch.randn(70, 24, generator=gen)  # another number of queries than the trace saw
+    assert torch.equal(traced(others), search(others, 2))
+
+
+def test_k_larger_than_the_bank_names_the_setting():
+    from errors import SettingError
+
+    search = BankSearch(torch.randn(4, 3), backend="torch")
+    with pytest.raises(SettingError, match=r"k=5: is larger than the memory bank \(4 patches\)"):
+        search(torch.randn(2, 3), 5)
 
 
 def test_coreset_keeps_first_centre_and_covers_clusters():
@@ -181,16 +211,16 @@ def test_coreset_refine_restores_exact_image_scores(fusion):
     gen = torch.Generator().manual_seed(0)
     train = [torch.randn(20, 8, 8, 8, generator=gen), torch.randn(20, 4, 4, 4, generator=gen)]
     test = [torch.randn(5, 8, 8, 8, generator=gen), torch.randn(5, 4, 4, 4, generator=gen)]
-    exact = Scorer.fit(fusion, train, lambda: MemoryBank(backend="torch"))
-    coarse = Scorer.fit(fusion, train, lambda: MemoryBank(coreset=0.1, coreset_dim=0, refine=0, backend="torch"))
-    bank = coarse.banks[0]
-    assert bank.full is not None and bank.rows.shape[0] == math.ceil(0.1 * bank.full.shape[0])
+    exact = fit(fusion, train)
+    coarse_config = ScoreConfig(fusion=fusion, size=32, knn="torch", coreset=0.1, coreset_dim=0, refine=0)
+    states = bank_states(coarse_config, train)
+    assert states[0]["full"] is not None and states[0]["rows"].shape[0] == math.ceil(0.1 * states[0]["full"].shape[0])
+    coarse = AnomalyScorer.from_states(coarse_config, states)
     # The same coreset, every patch of the finest grid (64) re-searched in the whole bank.
-    refined = Scorer(fusion, [MemoryBank(refine=64, backend="torch").load_state_dict(b.state_dict())
-                              for b in coarse.banks])
-    ref_scores, ref_maps = exact.score(test, 16)
-    coarse_scores, _ = coarse.score(test, 16)
-    refined_scores, refined_maps = refined.score(test, 16)
+    refined = AnomalyScorer.from_states(coarse_config.replace(refine=64), states)
+    ref_scores, ref_maps = exact.score(test)
+    coarse_scores, _ = coarse.score(test)
+    refined_scores, refined_maps = refined.score(test)
     assert (coarse_scores >= ref_scores - 1e-5).all() and (coarse_scores > ref_scores + 1e-3).any()
     # Refining every patch (64 = all patches of the finest grid) gives the exact result.
     torch.testing.assert_close(refined_scores, ref_scores)
@@ -222,23 +252,23 @@ def test_synthetic_check_split_and_images_are_seeded_and_disjoint(kinds):
     assert torch.equal(again, batch)
 
 
-def test_memory_bank_state_round_trip_and_search():
+def test_patch_bank_state_round_trip_and_search():
     gen = torch.Generator().manual_seed(1)
     patches, queries = torch.randn(300, 6, generator=gen), torch.randn(7, 6, generator=gen)
-    bank = MemoryBank(coreset=0.2, coreset_dim=0, backend="torch").fit(patches)
-    assert bank.rows.shape == (60, 6) and torch.equal(bank.full, patches)
-    state = bank.state_dict()
-    again = MemoryBank(backend="torch").load_state_dict(state)
-    assert again.coreset == 0.2 and torch.equal(again.rows, bank.rows)
-    brute = torch.cdist(queries, bank.rows).sort(1).values[:, :3]
-    torch.testing.assert_close(again.search(queries, 3), brute, rtol=1e-4, atol=1e-4)
+    config = ScoreConfig(size=32, coreset=0.2, coreset_dim=0, knn="torch")
+    [state] = bank_states(config, [patches.T.reshape(1, 6, 20, 15)])
+    assert state["rows"].shape == (60, 6) and torch.equal(state["full"], patches)
+    bank = PatchBank(state, refine=4, backend="torch")
+    assert bank.state()["coreset"] == 0.2 and torch.equal(bank.state()["rows"], state["rows"])
+    assert torch.equal(bank.state()["full"], patches)  # kept where it is searched (refinement)
+    assert PatchBank(state, refine=0, backend="torch").state()["full"] is None  # else left out of files
+    brute = torch.cdist(queries, state["rows"]).sort(1).values[:, :3]
+    torch.testing.assert_close(bank.search(queries, 3), brute, rtol=1e-4, atol=1e-4)
     # Saved and loaded as a plain weights-only file.
     import io
 
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(bank.state(), buffer)
     buffer.seek(0)
-    loaded = MemoryBank(backend="torch").load_state_dict(torch.load(buffer, weights_only=True))
-    assert torch.equal(loaded.full, patches)
-    with pytest.raises(RuntimeError, match="fit"):
-        MemoryBank().search(queries)
+    loaded = PatchBank(torch.load(buffer, weights_only=True), refine=4, backend="torch")
+    assert torch.equal(loaded.whole.rows, patches)

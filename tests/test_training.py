@@ -131,7 +131,6 @@ def test_workers_flag_accepts_auto():
     assert runtime.resolve_workers(None, torch.device("cpu")) == 0
     assert runtime.resolve_workers(None, torch.device("cuda")) >= 1
     assert runtime.resolve_workers(2, torch.device("cuda")) == 2
-    assert cli.resolve_workers is runtime.resolve_workers  # still importable from cli
 
 
 def test_cli_help_shows_defaults():
@@ -181,7 +180,8 @@ def test_every_setting_is_a_flag_with_the_configs_default():
     assert config.wavelet == models.DEFAULT_WAVELET and DWT_IMPLS == models.WaveletDownsample.IMPLS
     # What is not a setting is a path, an output or a command-line switch.
     run_flags = {"data_root", "ckpt_dir", "resume", "overwrite", "save_every", "no_tensorboard"}
-    assert set(vars(args)) - set(TrainConfig.names()) == run_flags | {"category", "eval", "demo", "device", "debug"}
+    assert set(vars(args)) - set(TrainConfig.names()) == run_flags | {"category", "eval", "demo", "device", "debug",
+                                                                      "flag_names"}
     assert set(TrainRun().to_dict()) == run_flags - {"no_tensorboard"} | {"tensorboard"}
 
 

@@ -1,0 +1,84 @@
+"""The decision threshold and the maps' normalisation, from the normal training images alone.
+
+No test image and no label: each half of the training images is scored against a bank of the
+other half (cross-fitted, so no image is scored against itself); the threshold is the
+``calib_percentile`` percentile of those scores. For the ``head`` and ``fused`` map sources the
+same cross-fitted maps give each map's normalisation (:func:`scoring.dense.map_norm`). The bank
+used for scoring stays whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from errors import UserError
+
+from . import dense
+from .config import ScoreConfig
+from .model import AnomalyScorer, combine_head, head_map
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A decision threshold (``verdict = score > value``) and where it comes from."""
+
+    value: float
+    source: str
+    train_score_mean: float | None = None  # of the cross-fitted training scores, when calibrated
+    train_score_max: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> Threshold | None:
+        return None if values is None else cls(**{k: values.get(k) for k in cls.__dataclass_fields__})
+
+    @classmethod
+    def given(cls, value: float) -> Threshold:
+        return cls(float(value), "given (threshold setting)")
+
+
+def cross_fitted_maps(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device,
+                      keep_maps: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each half of the training images scored against a bank of the other half: k-NN image scores
+    ``(N,)`` and (``keep_maps``) maps ``(N, S, S)``, with no image scored against itself."""
+    count = train_feats[0].shape[0]
+    if count < 2:
+        raise UserError("calibrating a threshold needs at least 2 training images; give a threshold instead")
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed))
+    halves = [order[: count // 2], order[count // 2:]]
+    # The k-NN maps alone; smoothing only where the maps are kept (image scores are taken before it).
+    knn_config = config.replace(map_source="knn", smooth=config.smooth if keep_maps else 0.0)
+    layers = len(config.layers)
+    scores = torch.empty(count)
+    maps = torch.empty(count, config.size, config.size) if keep_maps else None
+    for fit, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
+        scorer = AnomalyScorer.fit(knn_config, [f[fit] for f in train_feats[:layers]], device=device)
+        held_scores, held_maps = scorer.score([f[held_out] for f in train_feats[:layers]], "calibration")
+        scores[held_out] = held_scores
+        if keep_maps:
+            maps[held_out] = held_maps
+    return scores, maps
+
+
+def cross_fitted_calibration(config: ScoreConfig, train_feats: list[torch.Tensor],
+              device: torch.device) -> tuple[Threshold, dict | None]:
+    """The calibrated threshold and, for a head map source, the maps' normalisation (else ``None``).
+
+    ``train_feats``: the training images' per-layer features, then the head's logits for a head
+    map source (:func:`scoring.features.pooled_features`).
+    """
+    norm, knn_maps = None, None
+    if config.map_source != "head":  # the head's map alone needs no k-NN map
+        scores, knn_maps = cross_fitted_maps(config, train_feats, device, keep_maps=config.map_source == "fused")
+    if dense.uses_head(config.map_source):
+        head = train_feats[len(config.layers)]
+        norm = dense.map_norm(knn_maps, head_map(head, config.size))
+        scores, _ = combine_head(config.map_source, knn_maps, head, norm, config.size)
+    value = float(np.percentile(scores.numpy(), config.calib_percentile))
+    return Threshold(value, f"cross-fitted training scores, {config.calib_percentile}th percentile",
+                     float(scores.mean()), float(scores.max())), norm

@@ -1,0 +1,154 @@
+"""Scoring a labelled test set or a folder of new images with a detector: results, no files.
+
+:func:`evaluate_test_set` returns a :class:`TestSetResult` (scores, maps, labels, masks and the
+metrics); :func:`score_image_folder` a :class:`FolderResult` (scores and maps of the readable
+images, and what was skipped, why). Both run the detector's :class:`scoring.model.AnomalyModel`
+(features through a data loader, then its scorer); writing them is :mod:`scoring.writing`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import IMAGE_SUFFIXES, TestSet
+from errors import SettingError
+
+from . import metrics
+from .detector import Detector, features_of
+from .features import ImageFiles
+
+# Why a metric cannot be computed on a test set, by what its labels / masks lack.
+IMAGE_METRICS = ("image_auroc", "image_f1_max")
+PIXEL_METRICS = ("pixel_auroc", "aupro", "pixel_ap", "pixel_auroc_paper_masks")
+
+
+@dataclass
+class TestSetResult:
+    """A labelled test set scored: per image ``paths``, ``defects`` (``good`` or the defect type),
+    ``labels`` ``(N,)`` 0/1, ``masks`` / ``paper_masks`` ``(N, S, S)`` bool, ``scores`` ``(N,)`` and
+    ``maps`` ``(N, S, S)``; the metrics (``None`` where the labels cannot give one, with the reason
+    in ``unavailable``), image AUROC per defect type, the image F1-max threshold, and the seconds
+    the scoring took."""
+
+    paths: list[str]
+    defects: list[str]
+    labels: np.ndarray
+    masks: np.ndarray
+    paper_masks: np.ndarray
+    scores: np.ndarray
+    maps: np.ndarray
+    metrics: dict = field(default_factory=dict)
+    unavailable: dict = field(default_factory=dict)
+    per_defect_image_auroc: dict = field(default_factory=dict)
+    f1_threshold: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class FolderResult:
+    """A folder of new images scored: the ``paths`` scored with their ``scores`` ``(N,)`` and ``maps``
+    ``(N, S, S)``, the files ``skipped`` (``{"path", "reason"}``), the dataset the images came from
+    (for pictures: ``dataset[index[path]]``) and the seconds the scoring took."""
+
+    paths: list[str]
+    scores: np.ndarray
+    maps: np.ndarray
+    skipped: list[dict]
+    dataset: ImageFiles
+    index: dict[str, int]
+    seconds: float = 0.0
+
+
+def unavailable_metrics(labels: np.ndarray, masks: np.ndarray) -> dict[str, str]:
+    """``{metric: reason}`` for the metrics the test set cannot give (reported as n/a, not NaN)."""
+    reasons = {}
+    if labels.min() == labels.max():
+        why = "the test set has only good images" if labels.max() == 0 else "the test set has no good images"
+        reasons.update(dict.fromkeys(IMAGE_METRICS, why))
+    if labels.max() == 0:
+        reasons.update(dict.fromkeys(PIXEL_METRICS, "the test set has only good images (no ground-truth masks)"))
+    elif not masks.any():
+        reasons.update(dict.fromkeys(PIXEL_METRICS, "no defective pixel in the ground-truth masks (masks are "
+                                                    "defective where >= 128, or 1 in 0/1 masks)"))
+    elif masks.all():
+        reasons.update(dict.fromkeys(PIXEL_METRICS, "every pixel is defective in the ground-truth masks"))
+    return reasons
+
+
+def add_metrics(result: TestSetResult) -> TestSetResult:
+    """Fill in ``result``'s metrics (``None`` with a reason where the labels or masks cannot give one)."""
+    labels, masks, scores, maps = result.labels, result.masks, result.scores, result.maps
+    unavailable = unavailable_metrics(labels, masks)
+    f1, f1_threshold = metrics.f1_max(labels, scores) if "image_f1_max" not in unavailable else (None, None)
+    computed = {
+        "image_auroc": lambda: metrics.image_auroc(labels, scores),
+        "pixel_auroc": lambda: metrics.pixel_auroc(masks, maps),
+        "aupro": lambda: metrics.aupro(masks, maps),
+        "image_f1_max": lambda: f1,
+        "pixel_ap": lambda: metrics.pixel_ap(masks, maps),
+        # The same maps against the paper code's wider masks (bilinear resize, any non-zero value).
+        "pixel_auroc_paper_masks": lambda: metrics.pixel_auroc(result.paper_masks, maps),
+    }
+    result.metrics = {name: None if name in unavailable else compute() for name, compute in computed.items()}
+    for name, reason in unavailable.items():
+        tqdm.write(f"note: {name.replace('_', ' ')} not available: {reason}", file=sys.stderr)
+    if "image_auroc" not in unavailable:
+        for defect in sorted(set(result.defects) - {"good"}):
+            keep = np.array([d in ("good", defect) for d in result.defects])
+            result.per_defect_image_auroc[defect] = metrics.image_auroc(labels[keep], scores[keep])
+    result.unavailable, result.f1_threshold = unavailable, f1_threshold
+    return result
+
+
+def evaluate_test_set(detector: Detector, dataset: TestSet, workers: int = 0, desc: str = "test") -> TestSetResult:
+    """Score every image of ``dataset`` and compute the metrics."""
+    start = time.perf_counter()
+    feats, extras = features_of(detector.model.network, dataset, detector.config, detector.device,
+                                f"{desc}: test features", workers=workers)
+    scores, maps = detector.score_features(feats)
+    result = TestSetResult(
+        paths=[p for e in extras for p in e["path"]], defects=[d for e in extras for d in e["defect"]],
+        labels=np.concatenate([np.asarray(e["label"]) for e in extras]),
+        masks=torch.cat([e["mask"] for e in extras]).numpy(),
+        paper_masks=torch.cat([e["paper_mask"] for e in extras]).numpy(),
+        scores=scores.numpy(), maps=maps.numpy(), seconds=time.perf_counter() - start)
+    return add_metrics(result)
+
+
+def folder_images(folder: Path) -> tuple[list[Path], list[dict]]:
+    """The image files under ``folder`` (by extension, sorted) and the other files, as skipped entries."""
+    candidates = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    paths = [p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES]
+    skipped = [{"path": str(p), "reason": "not an image file (by extension)"} for p in candidates if p not in paths]
+    if not paths:
+        raise SettingError("images", str(folder), "no image files (png/jpg/bmp/tif) found")
+    return paths, skipped
+
+
+def score_image_folder(detector: Detector, folder: Path, workers: int = 0) -> FolderResult:
+    """Score every readable image under ``folder``; unreadable ones are skipped with their reason."""
+    paths, skipped = folder_images(folder)
+    config = detector.config
+    dataset = ImageFiles(paths, config.size, config.antialias, skip_bad=True)
+    start = time.perf_counter()
+    feats, extras = features_of(detector.model.network, dataset, config, detector.device, "images: features",
+                                workers=workers)
+    ok = torch.tensor([flag for e in extras for flag in e["ok"]], dtype=torch.bool)
+    all_paths = [p for e in extras for p in e["path"]]
+    for path, flag, reason in zip(all_paths, ok.tolist(), [r for e in extras for r in e["reason"]]):
+        if not flag:
+            tqdm.write(f"warning: skipped {reason}", file=sys.stderr)
+            skipped.append({"path": path, "reason": reason})
+    good_paths = [p for p, flag in zip(all_paths, ok.tolist()) if flag]
+    if not good_paths:
+        raise SettingError("images", str(folder), f"none of the {len(all_paths)} files could be read")
+    scores, maps = detector.score_features([f[ok] for f in feats])
+    return FolderResult(good_paths, scores.numpy(), maps.numpy(), skipped, dataset,
+                        {p: i for i, p in enumerate(all_paths)}, time.perf_counter() - start)

@@ -1,0 +1,314 @@
+"""Where a score is computed: the one scoring module, from images to anomaly maps and image scores.
+
+:class:`AnomalyModel` is an ``nn.Module`` (in the spirit of anomalib's ``torch_model``) that
+holds the network and the memory banks as buffers; ``forward`` reads top to bottom:
+
+1. ``features``: the chosen stages of the network, each through a 3x3 average pool (and the
+   segmentation head's logits of a dense network; :mod:`scoring.features`);
+2. ``AnomalyScorer.forward``: per memory bank the nearest-neighbour distance of every patch
+   (:class:`PatchBank`: the exact search of :class:`scoring.knn.BankSearch`, and with a coreset
+   the refinement of each image's highest patches in the whole bank), the fusion of the bank
+   maps (:func:`fuse_maps`: the paper's concatenation or multiplication), the Gaussian
+   smoothing, and for a dense network the head's map (:func:`combine_head`).
+
+``Detector.predict``, the inference scripts, the threshold calibration, the synthetic check and
+the benchmarks all run this module; the exported files *are* it (:class:`ExportModel` only adds
+the uint8 preprocessing in front and is traced), so they score as ``predict`` does by
+construction.
+
+The fusions (the paper's two ways of fusing multi-level patch features into one map):
+
+- *concatenation*: every chosen layer is upsampled (nearest) onto the first (finest) layer's
+  grid and concatenated on channels; one memory bank; the ``h x w`` distance map is resized
+  bilinearly to ``S x S``; the image score is the maximum of the ``h x w`` map;
+- *multiplication*: one bank and one distance map per layer, each resized bilinearly to
+  ``S x S``, multiplied together; the image score is the maximum of the product map.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from data.images import resize_rounded
+from models import HEAD_STAGES
+
+from .config import ScoreConfig
+from .dense import uses_head
+from .features import batched_features, pooled_features
+from .knn import BankSearch, greedy_coreset
+
+# Images scored per pass of the eager loop (bounds the memory of one pass's patch queries).
+IMAGES_PER_PASS = 64
+
+
+# -- fusion ---------------------------------------------------------------------------------
+def to_patches(feat: torch.Tensor) -> torch.Tensor:
+    """``(N, C, h, w)`` -> ``(N h w, C)``, row-major over (image, y, x)."""
+    return feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
+
+
+def concat_layers(feats: list[torch.Tensor]) -> torch.Tensor:
+    """``[(N, C_l, h_l, w_l)]`` -> ``(N, sum C_l, h_0, w_0)``: nearest upsampling onto layer 0's grid."""
+    target = feats[0].shape[-2:]
+    resized = [f if f.shape[-2:] == target else F.interpolate(f, size=target, mode="nearest") for f in feats]
+    return torch.cat(resized, dim=1)
+
+
+def bank_grids(fusion: str, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer ``(N, C_l, h_l, w_l)`` -> what each bank holds: ``[(N, sum C_l, h_0, w_0)]`` for
+    concatenation, the layers themselves for multiplication."""
+    return [concat_layers(feats)] if fusion == "concatenation" else list(feats)
+
+
+def resize_map(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, h, w)`` -> ``(N, size, size)`` bilinear (half-pixel centres, no antialiasing)."""
+    return F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``(N, H, W)`` Gaussian blur truncated at 4 sigma, mirrored borders (scipy's gaussian_filter, mode='mirror')."""
+    if sigma <= 0:
+        return maps
+    radius = int(4 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(maps.dtype)
+    out = maps[:, None]
+    pad_h = min(radius, out.shape[-2] - 1)
+    pad_w = min(radius, out.shape[-1] - 1)
+    out = F.pad(out, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+    k_h = kernel[radius - pad_h: radius + pad_h + 1] if pad_h < radius else kernel
+    k_w = kernel[radius - pad_w: radius + pad_w + 1] if pad_w < radius else kernel
+    out = F.conv2d(out, k_h.view(1, 1, -1, 1))
+    out = F.conv2d(out, k_w.view(1, 1, 1, -1))
+    return out[:, 0]
+
+
+def fuse_maps(fusion: str, patch_maps: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per bank ``(N, h_b, w_b)`` distance maps -> image scores ``(N,)`` and maps ``(N, size, size)``."""
+    if fusion == "concatenation":
+        return patch_maps[0].flatten(1).max(1).values, resize_map(patch_maps[0], size)
+    maps = resize_map(patch_maps[0], size)
+    for layer_map in patch_maps[1:]:
+        maps = maps * resize_map(layer_map, size)
+    return maps.flatten(1).max(1).values, maps
+
+
+def head_map(head_logits: torch.Tensor, size: int) -> torch.Tensor:
+    """A segmentation head's logits ``(N, 1, h, w)`` -> ``(N, size, size)`` (bilinear, as the k-NN maps)."""
+    return resize_map(head_logits[:, 0].float(), size)
+
+
+def combine_head(map_source: str, knn_maps: torch.Tensor | None, head_logits: torch.Tensor, norm: dict[str, float],
+                 size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-NN maps ``(N, S, S)`` (``None`` for ``head``) and head logits ``(N, 1, h, w)`` -> image scores
+    ``(N,)`` and maps ``(N, S, S)`` of ``map_source`` (``head`` or ``fused``), each map normalised by
+    ``norm`` (:func:`scoring.dense.map_norm`); the image score is the map's maximum."""
+    maps = (head_map(head_logits, size) - norm["head_mean"]) / norm["head_std"]
+    if map_source == "fused":
+        maps = maps + (knn_maps - norm["knn_mean"]) / norm["knn_std"]
+    return maps.flatten(1).max(1).values, maps
+
+
+# -- memory banks ---------------------------------------------------------------------------
+def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device | str = "cpu") -> list[dict]:
+    """The banks of the config's fusion from normal images' per-layer features ``(N, C_l, h_l, w_l)``
+    (entries past ``config.layers``, a head's logits, are not banked): per bank ``rows`` (its greedy
+    coreset with ``config.coreset < 1``), ``full`` (the whole bank beside a coreset, else ``None``)
+    and the coreset's settings. Plain tensors and values: the bank cache and detector files hold these."""
+    states = []
+    for grid in bank_grids(config.fusion, train_feats[:len(config.layers)]):
+        patches = to_patches(grid).detach().float().cpu().contiguous()
+        rows, full = patches, None
+        if config.coreset < 1:
+            keep = greedy_coreset(patches, config.coreset, seed=config.seed, proj_dim=config.coreset_dim,
+                                  device=device)
+            rows, full = patches[keep].contiguous(), patches
+        states.append({"rows": rows, "full": full, "coreset": config.coreset, "coreset_dim": config.coreset_dim,
+                       "seed": config.seed})
+    return states
+
+
+class PatchBank(nn.Module):
+    """One memory bank: its searched rows, and beside a coreset the whole bank for refinement.
+
+    With ``refine > 0`` and a whole bank, each image's ``refine`` highest patches are searched
+    again in the whole bank, so the image score (the maximum) and the map's peaks are exact.
+    """
+
+    def __init__(self, state: dict, refine: int = 0, backend: str = "auto", precision: str = "auto"):
+        super().__init__()
+        self.search = BankSearch(state["rows"], backend, precision)
+        refining = state.get("full") is not None and refine > 0
+        # The whole bank is searched for a few patches per image: the torch search (faiss scans a
+        # handful of queries without BLAS: 138 ms against 22 ms for 16 queries x 214,000 x 384).
+        self.whole = BankSearch(state["full"], "torch", precision) if refining else None
+        self.refine = refine if refining else 0
+        self.coreset, self.coreset_dim, self.seed = state["coreset"], state["coreset_dim"], state["seed"]
+
+    def state(self) -> dict:
+        """What :func:`bank_states` made (the whole bank only when it is searched)."""
+        return {"rows": self.search.rows.cpu(), "full": None if self.whole is None else self.whole.rows.cpu(),
+                "coreset": self.coreset, "coreset_dim": self.coreset_dim, "seed": self.seed}
+
+    def forward(self, grid: torch.Tensor, k: int) -> torch.Tensor:
+        """``(N, D, h, w)`` features -> ``(N, h, w)`` mean distance to the ``k`` nearest bank patches."""
+        n, _, h, w = grid.shape
+        patches = to_patches(grid)
+        dist = self.search(patches, k).mean(1).view(n, h * w)
+        if self.whole is not None:
+            top = dist.topk(min(self.refine, h * w), dim=1).indices  # (n, refine) patch positions
+            rows = (top + torch.arange(n, device=dist.device)[:, None] * (h * w)).reshape(-1)
+            exact = self.whole(patches[rows], k).mean(1).view(top.shape)
+            dist = dist.scatter(1, top, exact)
+        return dist.view(n, h, w)
+
+
+class AnomalyScorer(nn.Module):
+    """The memory banks of one category with the scoring settings: features -> scores and maps.
+
+    Build one with :meth:`fit` (from normal images' features) or :meth:`from_states` (banks of
+    :func:`bank_states`, e.g. from the bank cache or a detector file). ``map_norm`` (the maps'
+    normalisation on training images, :func:`scoring.calibration.cross_fitted_calibration`) is needed by the
+    ``head`` and ``fused`` map sources only.
+    """
+
+    def __init__(self, banks: list[PatchBank], config: ScoreConfig, map_norm: dict | None = None):
+        super().__init__()
+        if config.size is None:
+            raise ValueError("config.size must be resolved (the network's input size)")
+        if uses_head(config.map_source) and map_norm is None:
+            raise ValueError("a head map source needs map_norm (scoring.calibration.cross_fitted_calibration)")
+        self.banks = nn.ModuleList(banks)
+        self.fusion, self.size, self.k, self.smooth = config.fusion, config.size, config.k, config.smooth
+        self.map_source, self.layer_count, self.map_norm = config.map_source, len(config.layers), map_norm
+
+    @classmethod
+    def from_states(cls, config: ScoreConfig, states: list[dict], map_norm: dict | None = None,
+                    device: torch.device | str = "cpu") -> AnomalyScorer:
+        banks = [PatchBank(state, config.refine, config.knn, config.knn_precision) for state in states]
+        return cls(banks, config, map_norm).to(device)
+
+    @classmethod
+    def fit(cls, config: ScoreConfig, train_feats: list[torch.Tensor], map_norm: dict | None = None,
+            device: torch.device | str = "cpu") -> AnomalyScorer:
+        """Banks from normal images' per-layer features ``(N, C_l, h_l, w_l)`` (see :func:`bank_states`)."""
+        return cls.from_states(config, bank_states(config, train_feats, device), map_norm, device)
+
+    @property
+    def backend(self) -> str:
+        return self.banks[0].search.backend if len(self.banks) else "none"
+
+    def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer ``(N, C_l, h_l, w_l)`` (then a head's logits ``(N, 1, h, w)`` for ``head`` / ``fused``)
+        -> image scores ``(N,)`` and maps ``(N, S, S)``. ``smooth`` blurs the k-NN maps only; their
+        image scores are taken before it (the paper's)."""
+        if self.map_source == "head":  # no k-NN search: the head's map alone
+            return combine_head("head", None, feats[self.layer_count], self.map_norm, self.size)
+        grids = bank_grids(self.fusion, feats[:self.layer_count])
+        patch_maps = [bank(grid, self.k) for bank, grid in zip(self.banks, grids)]
+        scores, maps = fuse_maps(self.fusion, patch_maps, self.size)
+        maps = gaussian_smooth(maps, self.smooth)
+        if self.map_source == "fused":
+            return combine_head("fused", maps, feats[self.layer_count], self.map_norm, self.size)
+        return scores, maps
+
+    @torch.no_grad()
+    def score(self, feats: list[torch.Tensor], desc: str = "k-NN search") -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` over any number of images, :data:`IMAGES_PER_PASS` at a time (a progress
+        bar for long runs); scores and maps come back on the CPU."""
+        count = feats[0].shape[0]
+        scores, maps = [], []
+        with tqdm(total=count, desc=desc, unit="img", leave=False, disable=count <= IMAGES_PER_PASS,
+                  dynamic_ncols=True) as bar:
+            for start in range(0, count, IMAGES_PER_PASS):
+                part_scores, part_maps = self([f[start:start + IMAGES_PER_PASS] for f in feats])
+                scores.append(part_scores.cpu())
+                maps.append(part_maps.cpu())
+                bar.update(part_scores.shape[0])
+        return torch.cat(scores), torch.cat(maps)
+
+
+class AnomalyModel(nn.Module):
+    """Network + memory banks: float images ``(N, 3, S, S)`` in [0, 1] -> scores ``(N,)``, maps ``(N, S, S)``."""
+
+    def __init__(self, network: nn.Module, scorer: AnomalyScorer, config: ScoreConfig):
+        super().__init__()
+        self.network, self.scorer, self.config = network, scorer, config
+        self.layers, self.head = list(config.layers), uses_head(config.map_source)
+        self.bf16 = config.precision == "bf16"
+
+    def features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``(N, 3, S, S)`` -> per layer ``(N, C_l, h_l, w_l)`` (then the head's logits; see
+        :func:`scoring.features.pooled_features`)."""
+        return pooled_features(self.network, images, self.layers, self.head)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scorer(self.features(images))
+
+    def batched_features(self, images: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        """Eager :meth:`features` over any number of images, ``config.batch_size`` at a time on
+        ``device`` (bfloat16 autocast with ``precision="bf16"``); float32 CPU tensors."""
+        return batched_features(self.network, images, self.layers, self.config.batch_size, device, self.bf16,
+                                self.head)
+
+    def score_images(self, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eager :meth:`forward` over any number of images (batched features, then :meth:`AnomalyScorer.score`)."""
+        return self.scorer.score(self.batched_features(images, device))
+
+
+# -- the exported form ----------------------------------------------------------------------
+def prepare_uint8(images: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
+    """uint8 ``(N, H, W, C)``, ``C`` = 1, 3 or 4 (alpha dropped) -> float ``(N, 3, S, S)`` in [0, 1],
+    resized and rounded as the training pipeline does (:func:`data.images.resize_rounded`)."""
+    x = images[..., :3].permute(0, 3, 1, 2)
+    x = x.expand(-1, 3, -1, -1)  # grayscale (C = 1) -> 3 channels; no-op for RGB
+    return resize_rounded(x, size, antialias) / 255.0
+
+
+class ExportModel(nn.Module):
+    """What an exported file holds: uint8 ``(N, H, W, C)`` -> ``(scores (N,), maps (N, S, S))``.
+
+    A CPU copy of the :class:`AnomalyModel` in front of which :func:`prepare_uint8` runs; what
+    scoring never runs (the classifier, stages past the last scored one) is left out, the search
+    is the traceable torch one in float32. The network is kept in the plain NCHW layout: saved
+    TorchScript weights come back NCHW, and channels_last inputs against them fall to PyTorch's
+    slow convolution (600 ms instead of 30 for wave18 at 64 px); oneDNN then sums in another
+    order than ``predict``'s channels_last run (features differ by ~1e-6 relative).
+    """
+
+    def __init__(self, model: AnomalyModel):
+        super().__init__()
+        core = copy.deepcopy(model).eval().to("cpu")
+        core.network = core.network.to(memory_format=torch.contiguous_format)
+        core.network.requires_grad_(False)  # the exported graph never builds an autograd graph
+        last_stage = max(*core.layers, HEAD_STAGES if core.head else 1)
+        for name in ("fc", "head", "out", *(f"layer{i}" for i in range(last_stage + 1, 5))):
+            setattr(core.network, name, nn.Identity())
+        if not core.head:
+            core.network.seg_head = None
+        for module in core.modules():
+            if isinstance(module, BankSearch):
+                module.backend, module.precision = "torch", "fp32"
+        self.core, self.size, self.antialias = core, model.config.size, model.config.antialias
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.core(prepare_uint8(images, self.size, self.antialias))
+
+
+class AnyRank(nn.Module):
+    """TorchScript front of a traced :class:`ExportModel`: also takes grayscale ``(N, H, W)`` batches."""
+
+    def __init__(self, traced: nn.Module):
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.dim() == 3:
+            images = images.unsqueeze(-1)
+        return self.traced(images)

@@ -1,0 +1,169 @@
+"""Stage 2 as a Python call: score categories with a :class:`ScoreConfig` and a :class:`ScoringRun`.
+
+    from scoring import ScoreConfig, ScoringRun, score_categories
+    records = score_categories(ScoreConfig(fusion="multiplication"),
+                               ScoringRun(data_root="demo_data", checkpoint="{category}-wave18"), ["pill"])
+
+For each category: load the checkpoint, get its detector from the bank cache
+(:mod:`scoring.cache`), score the labelled test set or a folder of new images
+(:mod:`scoring.evaluation`), optionally run the synthetic check, write the files
+(:mod:`scoring.writing`) and ``results.json``, and return that record. The inference scripts
+are this call behind their flags; ``main.py --eval`` and the benchmarks call it directly.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+from data import TestSet
+from errors import SettingError, UserError
+from runtime import resolve_workers
+
+from .cache import cached_detector
+from .config import ScoreConfig
+from .detector import features_of, is_detector_file, load_network, resolve_config
+from .evaluation import evaluate_test_set, score_image_folder
+from .output import versioned_dir
+from .report import environment, write_json
+from .runs import ScoringRun, detector_target, resolve_checkpoint, run_identity, run_output_dir, settings_record
+from .synthetic_check import synthetic_check
+from .writing import format_record, write_folder, write_run_table, write_summary, write_test_set
+
+
+def peak_memory() -> dict:
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def check_replaceable(target: Path) -> None:
+    """The detector file may replace an older detector file, never anything else (e.g. a checkpoint)."""
+    if target.exists() and not is_detector_file(target):
+        raise SettingError("save_detector", str(target), "the file exists and is not a detector file; choose "
+                                                          "another path")
+
+
+def test_set_record(detector, run: ScoringRun, category: str, out_dir: Path) -> dict:
+    """Score the category's labelled test set; write its files; its part of ``results.json``."""
+    config = detector.config
+    dataset = TestSet(run.data_root, category, config.size, config.antialias)
+    result = evaluate_test_set(detector, dataset, resolve_workers(config.workers, detector.device), category)
+    if config.threshold is not None:
+        threshold, source = config.threshold, "--threshold"
+    elif result.f1_threshold is not None:
+        threshold, source = result.f1_threshold, "image F1-max on the test labels (pictures only)"
+    else:
+        threshold, source = None, "none: no --threshold and no F1-max without both good and defect images"
+    files = write_test_set(out_dir, result, dataset, threshold, f"{category} ({config.fusion})", run.save_maps,
+                           run.pictures)
+    labels, count = result.labels, len(result.paths)
+    return {
+        "metrics": result.metrics, "unavailable_metrics": result.unavailable,
+        "per_defect_image_auroc": result.per_defect_image_auroc, "image_f1_threshold": result.f1_threshold,
+        "threshold": {"value": threshold, "source": source},
+        "data": {"root": str(run.data_root), "test_images": count, "test_good": int((labels == 0).sum()),
+                 "test_defect": int((labels == 1).sum()),
+                 "defect_types": {d: result.defects.count(d) for d in sorted(set(result.defects))}},
+        "timings": {"test_s": round(result.seconds, 3), "s_per_test_image": round(result.seconds / count, 4)},
+        "files": files,
+    }
+
+
+def folder_record(detector, run: ScoringRun, out_dir: Path) -> dict:
+    """Score the unlabeled images of ``run.images``; write ``scores.csv``; its part of ``results.json``."""
+    folder = Path(run.images)
+    result = score_image_folder(detector, folder, resolve_workers(detector.config.workers, detector.device))
+    threshold = detector.calibration
+    files = write_folder(out_dir, result, folder, threshold.value, run.save_maps, run.pictures)
+    count = len(result.paths)
+    return {
+        "images": {"folder": str(folder), "scored": count, "skipped": result.skipped,
+                   "anomalous": int((result.scores > threshold.value).sum())},
+        "threshold": threshold.to_dict(),
+        "timings": {"test_s": round(result.seconds, 3), "s_per_test_image": round(result.seconds / count, 4)},
+        "files": files,
+    }
+
+
+def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: torch.device,
+                   out_per_category: bool = False) -> dict:
+    """Score one category; writes the run's files under its output folder and returns the record
+    (what ``results.json`` holds). ``out_per_category``: ``run.out`` names a parent folder and each
+    category writes to ``<out>/<category>``."""
+    total_start = time.perf_counter()
+    ckpt_path = resolve_checkpoint(run, category)
+    network, info = load_network(ckpt_path, device, run.arch, run.wavelet)
+    config = resolve_config(config, info)
+    unlabeled = run.images is not None
+    if unlabeled and not Path(run.images).is_dir():
+        raise SettingError("images", run.images, "no such folder")
+    target = detector_target(run, ckpt_path, config.fusion)
+    if target is not None:
+        check_replaceable(target)
+    detector, cached, bank_seconds = cached_detector(
+        config, network, info, ckpt_path, run.data_root, category, device,
+        need_threshold=(unlabeled or target is not None) and config.threshold is None, rebuild=run.rebuild_bank)
+    identity = run_identity(config, run, category, info["sha256"])
+    out_dir = run_output_dir(run, identity, ckpt_path, category, out_per_category)
+    banks = [bank.search.rows for bank in detector.model.scorer.banks]
+    record = {
+        "category": category, "fusion": config.fusion, "checkpoint": dict(info),
+        "settings": settings_record(config, detector.model.scorer.backend),
+        "bank": {"patches": [int(b.shape[0]) for b in banks], "dim": [int(b.shape[1]) for b in banks],
+                 "train_images": detector.provenance["train_images"], "cached": cached},
+    }
+    record.update(folder_record(detector, run, out_dir) if unlabeled else
+                  test_set_record(detector, run, category, out_dir))
+    if run.synthetic_check:
+        check_start = time.perf_counter()
+        workers = resolve_workers(config.workers, device)
+        record["synthetic_check"] = synthetic_check(
+            network, config, run.data_root, category, device,
+            lambda dataset, desc: features_of(network, dataset, config, device, desc, workers=workers),
+            kinds=run.check_kinds)
+        record["timings"]["synthetic_check_s"] = round(time.perf_counter() - check_start, 3)
+    if target is not None:
+        record["files"]["detector"] = str(detector.save(target))
+    record["timings"]["bank_s"] = round(bank_seconds, 3)
+    record["timings"]["total_s"] = round(time.perf_counter() - total_start, 3)
+    record["memory"] = peak_memory()
+    record.update(environment(config.seed, run.command))
+    record["out_dir"] = str(out_dir)
+    record["identity"] = identity
+    write_json(out_dir / "results.json", record)
+    if not unlabeled:
+        write_run_table(out_dir, record)
+    return record
+
+
+def score_categories(config: ScoreConfig, run: ScoringRun, categories: list[str], device: torch.device,
+                     echo: bool = True) -> list[dict]:
+    """:func:`score_category` for each category (each into ``<out>/<category>`` when there are
+    several), then a summary table with the mean over categories. ``echo`` prints a line per
+    category and the summary's path."""
+    if run.images is not None and len(categories) != 1:
+        raise UserError("scoring a folder of new images uses one category's bank: name one category")
+    if run.save_detector and len(categories) != 1:
+        raise SettingError("save_detector", run.save_detector, "writes one category's detector: name one category, "
+                                                               "or leave the path out (each goes to its run folder)")
+    records = []
+    for category in categories:
+        record = score_category(config, run, category, device, out_per_category=len(categories) > 1)
+        records.append(record)
+        if echo:
+            print(format_record(record), flush=True)
+    if len(records) > 1:
+        if run.out:
+            base = Path(run.out) / f"summary-{config.fusion}"
+        else:
+            identity = {"fusion": config.fusion, "runs": [r["identity"] for r in records]}
+            base = versioned_dir(Path("results") / f"summary-{config.fusion}", identity) / "summary"
+        path = write_summary(base, records, config.fusion)
+        if echo:
+            print(f"summary: {path}")
+    return records

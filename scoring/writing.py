@@ -1,0 +1,156 @@
+"""Writing what a scoring run found: CSV / NPZ / PNG files, tables, and the console line.
+
+Inputs are the result objects of :mod:`scoring.evaluation`; every file is written atomically
+(:mod:`scoring.report`) into the run's output folder (:mod:`scoring.output`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import TestSet
+
+from . import metrics
+from .evaluation import FolderResult, TestSetResult
+from .pictures import save_panel, save_roc
+from .report import write_csv, write_json, write_table
+
+METRIC_COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
+                  ("image_f1_max", "image F1-max"), ("pixel_ap", "pixel AP")]
+
+
+def format_metric(value: float | None, digits: int = 4) -> str:
+    """A metric for tables and the console: ``n/a`` when it could not be computed."""
+    return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def image_uint8(image: torch.Tensor) -> np.ndarray:
+    """``(3, S, S)`` float in [0, 1] -> ``(S, S, 3)`` uint8."""
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def heatmap_name(path: str | Path) -> str:
+    """``a.jpg`` -> ``a.jpg.png``: the image's own extension is kept, so ``a.png`` and ``a.jpg`` differ."""
+    return Path(path).name + ".png"
+
+
+def verdict(score: float, threshold: float | None) -> str | None:
+    if threshold is None or not np.isfinite(threshold):
+        return None
+    return "anomalous" if score > threshold else "normal"
+
+
+def panel_text(path: str, score: float, threshold: float | None, label: str | None = None) -> dict:
+    """The words a heatmap panel carries: file (and label), score, threshold, verdict."""
+    return {"score": score, "verdict": verdict(score, threshold), "title": Path(path).name, "label": label}
+
+
+def save_test_pictures(out_dir: Path, dataset: TestSet, result: TestSetResult, threshold: float | None,
+                       title: str) -> None:
+    """A panel per test image (one colour scale for the run) and the ROC curves."""
+    maps = result.maps
+    vmin, vmax = float(maps.min()), float(maps.max())
+    for i, (path, defect) in enumerate(tqdm(list(zip(result.paths, result.defects)), desc=f"{title}: pictures",
+                                            unit="img", leave=False)):
+        save_panel(out_dir / "heatmaps" / defect / heatmap_name(path), image_uint8(dataset[i]["image"]), maps[i],
+                   vmin, vmax, threshold, result.masks[i],
+                   **panel_text(path, float(result.scores[i]), threshold, label=defect))
+    curves = {}
+    if result.metrics["image_auroc"] is not None:
+        curves["image"] = (*metrics.roc_points(result.labels, result.scores), result.metrics["image_auroc"])
+    if result.metrics["pixel_auroc"] is not None:
+        curves["pixel"] = (*metrics.roc_points(result.masks.reshape(-1), maps.reshape(-1)),
+                           result.metrics["pixel_auroc"])
+    save_roc(out_dir / "roc.png", curves, title)
+
+
+def write_test_set(out_dir: Path, result: TestSetResult, dataset: TestSet, threshold: float | None, title: str,
+                   save_maps: bool, pictures: bool) -> dict:
+    """``image_scores.csv`` (and ``maps.npz``, the heatmaps and ``roc.png``); returns ``{kind: path}``."""
+    if save_maps:
+        np.savez_compressed(out_dir / "maps.npz", maps=result.maps.astype(np.float32),
+                            masks=result.masks.astype(np.uint8), labels=result.labels.astype(np.int64),
+                            scores=result.scores.astype(np.float32), paths=np.array(result.paths),
+                            defects=np.array(result.defects))
+    write_csv(out_dir / "image_scores.csv", ["path", "defect", "label", "score"],
+              [[path, defect, int(label), f"{score:.6f}"]
+               for path, defect, label, score in zip(result.paths, result.defects, result.labels, result.scores)])
+    if pictures:
+        save_test_pictures(out_dir, dataset, result, threshold, title)
+    return {"heatmaps": str(out_dir / "heatmaps") if pictures else None,
+            "roc": str(out_dir / "roc.png") if pictures else None,
+            "maps": str(out_dir / "maps.npz") if save_maps else None,
+            "image_scores": str(out_dir / "image_scores.csv")}
+
+
+def write_folder(out_dir: Path, result: FolderResult, folder: Path, threshold: float,
+                 save_maps: bool, pictures: bool) -> dict:
+    """``scores.csv`` with verdicts (and ``maps.npz``, the heatmaps); returns ``{kind: path}``."""
+    scores = result.scores.tolist()
+    # Raw scores are distances whose scale differs from model to model; divided by the threshold,
+    # 1.0 is the decision boundary on every model.
+    write_csv(out_dir / "scores.csv", ["path", "score", "normalized_score", "verdict"],
+              [[path, f"{score:.6f}", f"{score / threshold:.6f}", verdict(score, threshold)]
+               for path, score in zip(result.paths, scores)])
+    if save_maps:
+        np.savez_compressed(out_dir / "maps.npz", maps=result.maps.astype(np.float32), scores=result.scores,
+                            paths=np.array(result.paths))
+    if pictures:
+        vmin, vmax = float(result.maps.min()), float(result.maps.max())
+        for i, path in enumerate(tqdm(result.paths, desc="images: pictures", unit="img", leave=False)):
+            image = image_uint8(result.dataset[result.index[path]]["image"])
+            rel = Path(path).relative_to(folder)
+            save_panel(out_dir / "heatmaps" / rel.parent / heatmap_name(rel), image, result.maps[i], vmin, vmax,
+                       threshold, **panel_text(path, float(scores[i]), threshold))
+    return {"scores": str(out_dir / "scores.csv"), "heatmaps": str(out_dir / "heatmaps") if pictures else None}
+
+
+def write_run_table(out_dir: Path, record: dict) -> None:
+    row = [record["category"], record["fusion"]] + [format_metric(record["metrics"][k]) for k, _ in METRIC_COLUMNS]
+    write_table(out_dir / "results", ["category", "fusion"] + [name for _, name in METRIC_COLUMNS], [row])
+
+
+def write_summary(base: Path, records: list[dict], fusion: str) -> Path:
+    """Per-category table with the mean row (over the categories where a metric exists), as
+    ``base.md``, ``base.csv`` and ``base.json``."""
+    header = ["category"] + [name for _, name in METRIC_COLUMNS] + ["s / test image"]
+    rows = []
+    for r in records:
+        rows.append([r["category"]] + [format_metric(r["metrics"][k]) for k, _ in METRIC_COLUMNS]
+                    + [f"{r['timings']['s_per_test_image']:.3f}"])
+    means = {}
+    for key, _ in METRIC_COLUMNS:
+        values = [r["metrics"][key] for r in records if r["metrics"][key] is not None]
+        means[key] = float(np.mean(values)) if values else None
+    rows.append(["**mean**"] + [format_metric(means[k]) for k, _ in METRIC_COLUMNS]
+                + [f"{np.mean([r['timings']['s_per_test_image'] for r in records]):.3f}"])
+    write_table(base, header, rows)
+    write_json(base.with_suffix(".json"), {"fusion": fusion, "categories": [
+        {"category": r["category"], **r["metrics"], "results": os.path.join(r["out_dir"], "results.json")}
+        for r in records], "mean": means})
+    return base.with_suffix(".md")
+
+
+def format_record(record: dict) -> str:
+    """One console line for a scored category: its metrics (or verdict counts), timing and folder."""
+    head = f"{record['category']} [{record['fusion']}]"
+    if "metrics" in record:
+        m = {k: format_metric(v) for k, v in record["metrics"].items()}
+        body = (f"image AUROC {m['image_auroc']} | pixel AUROC {m['pixel_auroc']} | "
+                f"AUPRO {m['aupro']} | F1-max {m['image_f1_max']} | pixel AP {m['pixel_ap']}")
+    else:
+        body = (f"{record['images']['scored']} images scored, {record['images']['anomalous']} anomalous "
+                f"(threshold {record['threshold']['value']:.4f} = normalised score 1.0), "
+                f"{len(record['images']['skipped'])} skipped")
+    if "synthetic_check" in record:
+        c = record["synthetic_check"]
+        body += (f" | synthetic check: image AUROC {format_metric(c['image_auroc'])}, pixel AUROC "
+                 f"{format_metric(c['pixel_auroc'])}, AUPRO {format_metric(c['aupro'])}")
+    timing = (f"bank {record['timings']['bank_s']:.1f}s{' (cached)' if record['bank']['cached'] else ''}, "
+              f"{record['timings']['s_per_test_image'] * 1000:.0f} ms/image")
+    return f"{head} {body} | {timing} -> {record['out_dir']}"
