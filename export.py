@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cli
-from errors import UserError
+from common import cli
+from common.errors import UserError
 from scoring import Detector
 from scoring.export import FORMATS, export, run_exported
 

@@ -14,24 +14,22 @@ writing (its ``.lock``) is refused as well (``training/rundir.py``).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import sys
 from pathlib import Path
 
 import torch
 
-import cli
 import models
-import runtime
 from augment import parse_augs
+from common import cli, runtime
+from common.errors import UserError
+from common.recipes import RECIPES, score_overrides, train_overrides
 from data import resolve_categories
-from errors import UserError
 from models.dwt import lowpass_filter
-from recipes import RECIPES, score_overrides, train_overrides
-from training import TrainConfig, TrainRun, cleanup, init_distributed, run_dir_for, train_category
-from training.distributed import DistInfo, all_reduce_sum
-from training.rundir import RunClaim
+from training import TrainConfig, TrainRun, init_distributed, train_categories
+from training.config import ANOMALY_SITES, DWT_IMPLS, SCHEDULES
+
+DEFAULT = TrainConfig.default  # every training default comes from the dataclass: one definition per setting
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -41,38 +39,44 @@ def get_args_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("Data")
     data.add_argument("--c", "--category", dest="category", default="all",
                       help="category folder under --data-root, a comma list, or 'all'")
-    data.add_argument("--data-root", default="./mvtec_anomaly_detection",
+    data.add_argument("--data-root", default=TrainRun.data_root,
                       help="folder with <category>/train/good, test/<type>, ground_truth/<type>")
-    data.add_argument("--size", type=int, default=256, help="images are resized to size x size")
+    data.add_argument("--size", type=int, default=DEFAULT("size"), help="images are resized to size x size")
     data.add_argument("--antialias", action="store_true",
                       help="antialiased resize (the paper's checkpoints were trained without)")
     model = parser.add_argument_group("Model")
-    model.add_argument("--arch", default="wave50", choices=models.list_models(), help="backbone")
-    model.add_argument("--wavelet", default=models.DEFAULT_WAVELET, help="any PyWavelets wavelet name")
+    model.add_argument("--arch", default=DEFAULT("arch"), choices=models.list_models(), help="backbone")
+    model.add_argument("--wavelet", default=DEFAULT("wavelet"), help="any PyWavelets wavelet name")
     aug = parser.add_argument_group("Augmentation")
-    aug.add_argument("--augs", default="cutpaste,perlin",
+    aug.add_argument("--augs", default=",".join(DEFAULT("augs")),
                      help="anomaly makers, one class each: cutpaste, perlin, scar, poisson, scratch, texture, shapes")
     aug.add_argument("--rotflip", action="store_true",
                      help="rotate (90 degree steps) and mirror normal images at random (texture-like data)")
     aug.add_argument("--dense", action="store_true",
                      help="dense self-supervision: also train a segmentation head to find each synthetic anomaly's "
-                          "mask (focal + soft Dice loss); scoring then fuses its map with the k-NN map")
-    aug.add_argument("--dense-weight", type=float, default=1.0,
+                          "mask (focal + soft Dice loss); its gradient shapes the features the k-NN map scores "
+                          "(scoring can also use the head's own map: --map head or fused)")
+    aug.add_argument("--dense-weight", type=float,
+                     default=DEFAULT("dense_weight"),
                      help="weight of the segmentation loss beside the classification loss (with --dense)")
     opt = parser.add_argument_group("Optimisation")
-    opt.add_argument("--e", "--epochs", dest="epochs", type=int, default=1600, help="epochs (the paper: 1600)")
-    opt.add_argument("--b", "--batch-size", dest="batch_size", type=int, default=32,
+    opt.add_argument("--e", "--epochs", dest="epochs", type=int, default=DEFAULT("epochs"),
+                     help="epochs (the paper: 1600)")
+    opt.add_argument("--b", "--batch-size", dest="batch_size", type=int, default=DEFAULT("batch_size"),
                      help="normal images per batch (each brings one anomaly per generator)")
-    opt.add_argument("--lr", type=float, default=0.03, help="SGD learning rate")
-    opt.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float, default=3e-5,
+    opt.add_argument("--lr", type=float, default=DEFAULT("lr"), help="SGD learning rate")
+    opt.add_argument("--wd", "--weight-decay", dest="weight_decay", type=float,
+                     default=DEFAULT("weight_decay"),
                      help="weight decay")
-    opt.add_argument("--m", "--momentum", dest="momentum", type=float, default=0.9, help="SGD momentum")
-    opt.add_argument("--sched", default="constant", choices=["constant", "cosine"],
+    opt.add_argument("--m", "--momentum", dest="momentum", type=float, default=DEFAULT("momentum"), help="SGD momentum")
+    opt.add_argument("--sched", default=DEFAULT("sched"), choices=SCHEDULES,
                      help="learning-rate schedule: constant (the paper) or warm-up then cosine decay")
-    opt.add_argument("--warmup", type=int, default=0, help="warm-up epochs of the cosine schedule")
-    opt.add_argument("--seed", type=int, default=0, help="same seed -> same anomalies, batches and weights")
+    opt.add_argument("--warmup", type=int, default=DEFAULT("warmup"), help="warm-up epochs of the cosine schedule")
+    opt.add_argument("--seed", type=int, default=DEFAULT("seed"),
+                     help="same seed -> same anomalies, batches and weights")
     speed = parser.add_argument_group("Speed")
-    speed.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    speed.add_argument("--precision", default=DEFAULT("precision"),
+                       choices=runtime.PRECISIONS,
                        help="auto = bfloat16 autocast where the CPU/GPU supports it natively")
     speed.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                        help="keep NCHW memory format (channels_last is faster with oneDNN and cuDNN)")
@@ -80,27 +84,28 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="do not pin host memory of batches (CUDA only)")
     speed.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
                        help="turn off cudnn.benchmark autotuning")
-    speed.add_argument("--anomalies-on", default="auto", choices=["auto", "device", "loader"],
+    speed.add_argument("--anomalies-on", default=DEFAULT("anomalies_on"), choices=ANOMALY_SITES,
                        help="where synthetic anomalies are made: device = whole batches on the training device "
                             "(GPU), loader = one image at a time in the data loader; auto = device on CUDA")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the network (first epoch slower while it compiles)")
-    speed.add_argument("--dwt-impl", default="auto", choices=list(models.WaveletDownsample.IMPLS),
+    speed.add_argument("--dwt-impl", default=DEFAULT("dwt_impl"), choices=DWT_IMPLS,
                        help="form of the wavelet layer in training: conv = depthwise convolution, matmul = "
                             "banded matrix products; auto = matmul under CPU bfloat16, else conv (measured)")
     out = parser.add_argument_group("Output")
-    out.add_argument("--ckpt-dir", default="ckpt", help="checkpoints go to <ckpt-dir>/<category>-<arch>/")
+    out.add_argument("--ckpt-dir", default=TrainRun.ckpt_dir, help="checkpoints go to <ckpt-dir>/<category>-<arch>/")
     out.add_argument("--resume", nargs="?", const="auto", default=None,
                      help="continue from <ckpt-dir>/<category>-<arch>/model.pt, or from the given file")
     out.add_argument("--overwrite", action="store_true",
                      help="start over in a run folder that already holds a run: the old folder is renamed to "
                           "<category>-<arch>.old-<date>-<time> (nothing is deleted); without it (or --resume) "
                           "such a folder is refused")
-    out.add_argument("--save-every", type=int, default=50, help="also save every N epochs (0 = end only)")
+    out.add_argument("--save-every", type=int, default=TrainRun.save_every,
+                     help="also save every N epochs (0 = end only)")
     out.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     out.add_argument("--eval", action="store_true",
                      help="after training, score each category with both fusions and print one table")
-    out.add_argument("--recipe", default="paper", choices=list(RECIPES),
+    out.add_argument("--recipe", default=DEFAULT("recipe"), choices=list(RECIPES),
                      help="named set of defaults: paper (the paper's protocol), best (the recommended recipe), "
                           "dense (paper + dense self-supervision); see README Results; flags you give still win")
     demo = parser.add_argument_group("Demo")
@@ -130,33 +135,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Check flags before any work starts; every problem is a one-line ``UserError``."""
-    if args.size < models.MIN_SIZE:
-        raise UserError(f"--size {args.size}: the network needs at least {models.MIN_SIZE} px (it halves the "
-                        "image 5 times); use 128 or 256")
-    for flag, value in (("--e", args.epochs), ("--b", args.batch_size)):
-        if value < (0 if flag == "--e" else 1):
-            raise UserError(f"{flag} {value}: must be positive")
-    # Checked here, not by torch.optim.SGD (a traceback) or after a whole epoch (a NaN loss).
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        raise UserError(f"--lr {args.lr}: must be a positive finite number (the paper: 0.03)")
-    if not (math.isfinite(args.momentum) and 0 <= args.momentum < 1):
-        raise UserError(f"--m {args.momentum}: momentum must be in [0, 1) (the paper: 0.9)")
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        raise UserError(f"--wd {args.weight_decay}: weight decay must be a finite number, 0 or more (the paper: 3e-5)")
+    """Check what only the command line knows before any work starts (every training setting is
+    checked by :class:`TrainConfig` itself); every problem is a one-line ``UserError``."""
     if args.resume == "auto" and args.overwrite:
         raise UserError("--resume and --overwrite: choose one (--resume continues the run in the run folder, "
                         "--overwrite moves it aside and starts over)")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise UserError(f"--resume {args.resume}: no such checkpoint file (give a .pt file, or --resume alone for "
                         f"{args.ckpt_dir}/<category>-{args.arch}/model.pt)")
-    if not (math.isfinite(args.dense_weight) and args.dense_weight >= 0):
-        raise UserError(f"--dense-weight {args.dense_weight}: must be a finite number, 0 or more")
-    if args.warmup < 0:
-        raise UserError(f"--warmup {args.warmup}: must be 0 or more")
     if args.save_every < 0:
         raise UserError(f"--save-every {args.save_every}: must be 0 or more")
-    args.augs = parse_augs(args.augs)
     lowpass_filter(args.wavelet)
     cli.check_workers(args.workers)
 
@@ -202,57 +190,14 @@ def main(args: argparse.Namespace) -> list:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = config.cudnn_benchmark
     banner = summary(config, run, categories, device, precision) if dist_info.is_main else ""
-    paths = train_all(config, run, categories, device, dist_info, "--demo" if args.demo else "--overwrite", banner)
+    paths = train_categories(config, run, categories, device, dist_info, "--demo" if args.demo else "--overwrite",
+                             banner)
     if dist_info.is_main:
         for path, did_train in paths:
             print(f"saved {path}" if did_train else f"unchanged {path}")
         if args.eval:
             evaluate(args, categories)
     return [path for path, _ in paths]
-
-
-def train_all(config: TrainConfig, run: TrainRun, categories: list[str], device: torch.device, dist_info: DistInfo,
-              why_overwrite: str, banner: str = "") -> list[tuple[Path, bool]]:
-    """Train every category; returns each checkpoint's path and whether it was trained. ``banner``
-    (what is about to be trained) is printed once the run folders are claimed, so a refusal is one line."""
-    done = []
-    try:
-        # Every run folder is checked and locked before the first category trains, and stays
-        # locked until the last one is done (released on every way out, Ctrl-C included).
-        with claim_runs(config, run, categories, device, dist_info, why_overwrite):
-            if banner:
-                print(banner, flush=True)
-            for category in categories:
-                done.append(train_category(config, run, category, device, dist_info))
-    finally:
-        cleanup(dist_info)
-    return done
-
-
-def claim_runs(config: TrainConfig, run: TrainRun, categories: list[str], device: torch.device,
-               dist_info: DistInfo, why_overwrite: str = "--overwrite") -> contextlib.ExitStack:
-    """Check, lock and (``--overwrite``) move aside every run folder; only rank 0 does it under torchrun.
-
-    Returns the context that releases the locks. The other ranks learn whether rank 0 succeeded
-    through one all-reduce, so a refusal stops every process instead of leaving them waiting in
-    the first collective.
-    """
-    held = contextlib.ExitStack()
-    failure = None
-    if dist_info.is_main:
-        claim = RunClaim([run_dir_for(run.ckpt_dir, c, config.arch) for c in categories], run.resume,
-                         run.overwrite, epochs=config.epochs, why_overwrite=why_overwrite)
-        try:
-            held.enter_context(claim)
-        except BaseException as exc:  # passed on to the other ranks first, then raised
-            failure = exc
-    if dist_info.enabled:
-        flag = all_reduce_sum(torch.tensor([float(failure is not None)], device=device), dist_info)
-        if flag.item() and failure is None:
-            raise SystemExit(2)  # rank 0 prints the reason
-    if failure is not None:
-        raise failure
-    return held
 
 
 def evaluate(args: argparse.Namespace, categories: list[str]) -> list[dict]:

@@ -12,7 +12,7 @@ the synthetic check all go through :func:`make_anomalies` / :func:`make_anomalie
 
 from __future__ import annotations
 
-from errors import UserError
+from common.errors import SettingError
 
 from .cutpaste import cutpaste, scar
 from .perlin import perlin_blend, perlin_mask, perlin_noise
@@ -42,17 +42,17 @@ MAKERS: dict[str, Maker] = {
 }
 
 
-def parse_augs(spec: str | list[str], flag: str = "--augs") -> list[str]:
-    """``"cutpaste,perlin"`` -> ``["cutpaste", "perlin"]``, checking every name is an anomaly maker
-    (errors name ``flag``)."""
+def parse_augs(spec: str | list[str] | tuple[str, ...], setting: str = "augs") -> list[str]:
+    """``"cutpaste,perlin"`` -> ``["cutpaste", "perlin"]``, checking every name is an anomaly maker,
+    given once (errors are :class:`SettingError` of ``setting``)."""
     names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else list(spec)
     names = [n for n in names if n]
     unknown = [n for n in names if n not in MAKERS]
     if unknown or not names:
-        raise UserError(f"{flag} {','.join(names) or '(empty)'}: unknown anomaly maker "
-                        f"{', '.join(unknown) or '(none given)'}; choose from {', '.join(MAKERS)}")
+        raise SettingError(setting, ",".join(names) or "(empty)", f"unknown anomaly maker "
+                           f"{', '.join(unknown) or '(none given)'}; choose from {', '.join(MAKERS)}")
     if len(set(names)) != len(names):
-        raise UserError(f"{flag} {','.join(names)}: an anomaly maker is listed twice")
+        raise SettingError(setting, ",".join(names), "an anomaly maker is listed twice")
     return names
 
 

@@ -33,6 +33,7 @@ set ``mean``) and ``accuracy.json`` (every run's metrics, each with its ``datase
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import statistics
@@ -42,16 +43,18 @@ from pathlib import Path
 
 import torch
 
-import cli
 import main as train_main
 from augment import parse_augs
-from errors import UserError
-from recipes import RECIPES
-from scoring import ScoreConfig
+from common import cli
+from common.errors import UserError
+from common.recipes import RECIPES
+from common.runtime import resolve_device
+from scoring import ScoreConfig, score_categories
 from scoring import cli as score_cli
 from scoring.detector import file_sha256
 from scoring.report import markdown_table, write_csv, write_json, write_text_atomic
 from scoring.runs import settings_record
+from training import train_categories
 
 FUSIONS = ("concatenation", "multiplication")
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_auroc_paper_masks")
@@ -72,8 +75,8 @@ TIE = 1e-9
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--datasets", nargs="+", metavar="PATH",
                         help="category folders in the MVTec layout (each holding train/ test/ ground_truth/); "
                              "the data root is a folder's parent, the category its name")
@@ -176,6 +179,15 @@ def training_settings(argv: list[str]) -> dict:
     return train_main.config_from_args(train_main.parse_args(argv)).subset("weights")
 
 
+def train_variant(argv: list[str]) -> None:
+    """Train the run ``main.py argv`` describes, in Python (a run already in its folder is moved aside)."""
+    train_args = train_main.parse_args(argv)
+    train_main.validate(train_args)
+    run = dataclasses.replace(train_main.run_from_args(train_args), overwrite=True)
+    train_categories(train_main.config_from_args(train_args), run, [train_args.category], train_args.device,
+                     why_overwrite="--overwrite")
+
+
 def result_settings(score_args: argparse.Namespace, train_size: int) -> dict:
     """The scoring settings ``results.json`` records for ``score_args`` (as ``scoring.runner`` writes them:
     the size resolved to the checkpoint's, no refinement without a coreset), speed settings left out."""
@@ -208,7 +220,7 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
         start = time.perf_counter()
         # A run already in the folder (other settings, or no --reuse) is retrained from scratch:
         # --overwrite moves it aside (printed), it is not deleted.
-        train_main.main(train_main.parse_args([*argv, "--overwrite"]))
+        train_variant(argv)
         train_s = time.perf_counter() - start
         TRAINED_HERE.add(run_dir.resolve())
     ckpt_sha = file_sha256(run_dir / "model.pt")
@@ -229,7 +241,8 @@ def run_one(args, name: str, train_name: str, train_flags: list[str], score_flag
                     and check_matches(record, score_args)):
                 rows.append(result_row(args.category, name, seed, fusion, epochs, train_s, record))
                 continue
-        [record] = score_cli.main(score_args)
+        [record] = score_categories(score_cli.config_from_args(score_args), score_cli.run_from_args(score_args),
+                                    [args.category], resolve_device(score_args.device))
         rows.append(result_row(args.category, name, seed, fusion, epochs, train_s, record))
     return rows
 
@@ -456,7 +469,7 @@ def run_dataset(args: argparse.Namespace, plan: list[tuple], seeds: list[int], r
 def main(args: argparse.Namespace) -> None:
     datasets = parse_datasets(args)
     if args.check_kinds:
-        parse_augs(args.check_kinds, flag="--check-kinds")  # a typo fails before any training
+        parse_augs(args.check_kinds, setting="check_kinds")  # a typo fails before any training
         args.synthetic_check = True
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [parse_variant(v) for v in args.variants]

@@ -23,8 +23,8 @@ import torch
 import models
 from benchmarks.common import device_sync, markdown_table, median_seconds, system_info, write_results
 from benchmarks.paper_style_dwt import PaperStyleDownsample
+from common.runtime import bf16_available
 from models.dwt import WaveletDownsample
-from runtime import bf16_available
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -21,8 +21,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import cli
-from errors import UserError
+from common import cli
+from common.errors import UserError
 from scoring.report import write_json, write_table
 
 METRICS = ("image_auroc", "pixel_auroc")

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import markdown_table, write_results
+from common.runtime import PRECISIONS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,7 +36,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--c", dest="category", default="magnetic_tile")
     parser.add_argument("--configs", default="wave18@128", help="comma list of arch@size")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="training precision (scoring features stay fp32 unless --score-precision)")
     parser.add_argument("--score-precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--b", dest="batch_size", type=int, default=32)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import augment
 from augment import make_anomalies, other_index, sample_seed
-from errors import UserError
+from common.errors import UserError
 
 from .images import (
     is_mask_name,
@@ -66,11 +66,12 @@ def find_categories(root: str | Path) -> list[str]:
 
 
 def resolve_categories(root: str | Path, spec: str) -> list[str]:
-    """``--c`` value (``all``, one name, or a comma list) -> category names, checked to exist."""
+    """``--c`` value (``all``, one name, or a comma list) -> category names, checked to exist (a name
+    given twice counts once: ``tiny,tiny`` trains and scores ``tiny`` once)."""
     found = find_categories(root)
     if spec == "all":
         return found
-    asked = [c.strip() for c in spec.split(",") if c.strip()]
+    asked = list(dict.fromkeys(c.strip() for c in spec.split(",") if c.strip()))
     if not asked:
         raise UserError(f"--c '{spec}': no category named; pass a category (found: {', '.join(found)}) or 'all'")
     missing = [c for c in asked if c not in found]

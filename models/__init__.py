@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from errors import UserError
+from common.errors import UserError
 
 from .dwt import DEFAULT_WAVELET, WaveletDownsample
 from .seghead import HEAD_STAGES, SegHead

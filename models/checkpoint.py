@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from errors import UserError
-from fileio import atomic_write, no_space
+from common.errors import UserError
+from common.fileio import atomic_write, no_space
 
 STATE_KEY = "netD_state_dict"
 # The segmentation head of dense self-supervision, beside (not inside) the network's state dict.

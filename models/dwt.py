@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from errors import UserError
+from common.errors import UserError
 
 DEFAULT_WAVELET = "bior2.2"
 

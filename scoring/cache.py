@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from common.runtime import resolve_workers
 from data import train_images
 from models.checkpoint import save_atomic
-from runtime import resolve_workers
 
 from . import dense
 from .calibration import Threshold, cross_fitted_calibration

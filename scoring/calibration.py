@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from errors import UserError
+from common.errors import UserError
 
 from . import dense
 from .config import ScoreConfig

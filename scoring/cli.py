@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import cli
 import models
 from augment import parse_augs
+from common import cli
+from common.errors import UserError
+from common.recipes import RECIPES
+from common.runtime import PRECISIONS, resolve_device
 from data import resolve_categories
-from errors import UserError
-from recipes import RECIPES
-from runtime import PRECISIONS, resolve_device
 
 from .config import BACKENDS, FUSIONS, MAP_SOURCES, ScoreConfig
 from .runner import score_categories
@@ -140,7 +140,7 @@ def check_kinds_from_args(args: argparse.Namespace) -> tuple[str, ...]:
     """The synthetic check's anomaly kinds of ``--check-kinds`` (checked names; default ``CHECK_AUGS``)."""
     if args.check_kinds is None:
         return CHECK_AUGS
-    return tuple(parse_augs(args.check_kinds, flag="--check-kinds"))
+    return tuple(parse_augs(args.check_kinds, setting="check_kinds"))
 
 
 def run_from_args(args: argparse.Namespace) -> ScoringRun:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from errors import SettingError
+from common.errors import SettingError
+from common.runtime import PRECISIONS
+from common.settings import Settings, setting
 from models import MAX_SIZE, MIN_SIZE
-from runtime import PRECISIONS
-from settings import Settings, setting
 
 FUSIONS = ("concatenation", "multiplication")
 BACKENDS = ("auto", "torch", "faiss")  # scoring.knn

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from errors import SettingError
+from common.errors import SettingError
 
 from .config import MAP_SOURCES
 

@@ -30,10 +30,10 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 import models
+from common.errors import UserError
+from common.runtime import resolve_device
 from data.images import list_images
-from errors import UserError
 from models.checkpoint import HEAD_PREFIX, build_from_checkpoint, load_weights, read_checkpoint, save_atomic
-from runtime import resolve_device
 
 from . import dense
 from .calibration import Threshold, cross_fitted_calibration

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common.errors import SettingError
 from data import IMAGE_SUFFIXES, TestSet
-from errors import SettingError
 
 from . import metrics
 from .detector import Detector, features_of

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UserError
+from common.errors import UserError
 
 from .detector import Detector
 from .model import AnyRank, ExportModel

@@ -15,8 +15,8 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from common.errors import UserError
 from data import load_image, to_float
-from errors import UserError
 from models import HEAD_STAGES
 
 

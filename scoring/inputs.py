@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from common.errors import UserError
 from data.images import load_image, to_float, upright_size, upright_uint8
-from errors import UserError
 
 from .model import prepare_uint8
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from errors import SettingError
-from runtime import PRECISIONS, bf16_available
+from common.errors import SettingError
+from common.runtime import PRECISIONS, bf16_available
 
 from .config import BACKENDS
 
@@ -35,11 +35,15 @@ from .config import BACKENDS
 SHORTLIST = 8
 SHORTLIST_BF16 = 16
 # Bank rows compared with the queries in one product, and queries per product in eager mode:
-# bounds memory (rows x queries x 4 bytes = 64 MB); a traced graph takes all its queries at once.
+# bounds memory (rows x queries x 4 bytes = 64 MB); a traced graph takes all its queries at once
+# against chunks of CHUNK_ROWS. In eager mode few queries take longer chunks (up to CHUNK_ELEMENTS
+# products each): 16 queries against 214,000 rows are one product, not 52 with a merge each.
 CHUNK_ROWS = 4096
 QUERY_ROWS = 4096
+CHUNK_ELEMENTS = CHUNK_ROWS * QUERY_ROWS
+FAISS_ADD_ROWS = 65536
 
-__all__ = ["BACKENDS", "PRECISIONS", "BankSearch", "faiss_available", "greedy_coreset", "resolve_backend"]
+__all__ = ["BACKENDS", "BankSearch", "faiss_available", "greedy_coreset", "resolve_backend"]
 
 
 def faiss_available() -> bool:
@@ -84,6 +88,9 @@ class BankSearch(nn.Module):
         self.register_buffer("mean", mean)
         self.register_buffer("centred_sq", (centred * centred).sum(1))
         self.backend, self.precision = resolve_backend(backend), precision
+        # False: ``rows`` are the bank as given (files keep them bit for bit); True after
+        # :meth:`store_centred` (exported graphs): ``rows`` are centred and ``mean`` is the offset of queries.
+        self.stored_centred = False
         self._centred: torch.Tensor | None = None  # eager-mode cache: centred rows in the products' dtype
         self._faiss = None
 
@@ -110,7 +117,7 @@ class BankSearch(nn.Module):
         else:
             candidates = self._shortlist(queries, keep, low, tracing)
         chosen = self.rows[candidates.reshape(-1)].view(candidates.shape[0], candidates.shape[1], -1)
-        exact = (chosen - queries[:, None, :]).pow(2).sum(-1)
+        exact = (chosen - self._query_frame(queries)[:, None, :]).pow(2).sum(-1)
         return exact.topk(k, dim=1, largest=False).values.clamp_min(0).sqrt()
 
     def _dtype(self) -> torch.dtype:
@@ -119,14 +126,29 @@ class BankSearch(nn.Module):
             precision = "bf16" if bf16_available(self.rows.device) else "fp32"
         return torch.bfloat16 if precision == "bf16" else torch.float32
 
-    def _centred_rows(self, start: int, dtype: torch.dtype, tracing: bool) -> torch.Tensor:
-        """Rows ``start:start + CHUNK_ROWS`` centred (a traced graph computes them; eager mode caches all)."""
+    def store_centred(self) -> BankSearch:
+        """Keep the rows centred in place (a traced graph then needs no centring per call, and no
+        second copy of the bank); distances are the same. For exported graphs; returns ``self``."""
+        if not self.stored_centred:
+            self.rows = self.rows - self.mean
+            self.stored_centred, self._centred, self._faiss = True, None, None
+        return self
+
+    def _query_frame(self, queries: torch.Tensor) -> torch.Tensor:
+        """Queries in the frame of ``rows``: as given, or shifted by the mean when the rows are stored centred."""
+        return queries - self.mean if self.stored_centred else queries
+
+    def _centred_rows(self, start: int, stop: int, dtype: torch.dtype, tracing: bool) -> torch.Tensor:
+        """Rows ``start:stop`` centred (stored so, computed in a traced graph, cached in eager mode)."""
+        if self.stored_centred and dtype == torch.float32:
+            return self.rows[start:stop]
         if tracing:
-            return self.rows[start:start + CHUNK_ROWS] - self.mean
+            return self.rows[start:stop] - self.mean
         cached = self._centred
         if cached is None or cached.dtype != dtype or cached.device != self.rows.device:
-            cached = self._centred = (self.rows - self.mean).to(dtype)
-        return cached[start:start + CHUNK_ROWS]
+            centred = self.rows if self.stored_centred else self.rows - self.mean
+            cached = self._centred = centred.to(dtype)
+        return cached[start:stop]
 
     def _shortlist(self, queries: torch.Tensor, keep: int, dtype: torch.dtype, tracing: bool) -> torch.Tensor:
         """``(m, D)`` -> ``(m, keep)`` row indices ranked by ``|b|^2 - 2 q.b`` on centred vectors.
@@ -137,10 +159,11 @@ class BankSearch(nn.Module):
         q = (queries - self.mean).to(dtype)
         best_val: torch.Tensor | None = None
         best_idx: torch.Tensor | None = None
-        for start in range(0, self.size, CHUNK_ROWS):
-            block = self._centred_rows(start, dtype, tracing)
+        step = CHUNK_ROWS if tracing else max(CHUNK_ROWS, CHUNK_ELEMENTS // max(1, queries.shape[0]))
+        for start in range(0, self.size, step):
+            block = self._centred_rows(start, start + step, dtype, tracing)
             # |q|^2 is the same for every row of a query: left out of the ranking.
-            approx = self.centred_sq[start:start + CHUNK_ROWS][None, :] - 2.0 * (q @ block.t()).float()
+            approx = self.centred_sq[start:start + step][None, :] - 2.0 * (q @ block.t()).float()
             val, idx = approx.topk(min(keep, block.shape[0]), dim=1, largest=False)
             idx = idx + start
             if best_val is not None and best_idx is not None:
@@ -158,7 +181,9 @@ class BankSearch(nn.Module):
             if self.rows.device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
                 self._gpu_resources = faiss.StandardGpuResources()
                 index = faiss.index_cpu_to_gpu(self._gpu_resources, self.rows.device.index or 0, index)
-            index.add(np.ascontiguousarray((self.rows - self.mean).cpu().numpy()))
+            for start in range(0, self.size, FAISS_ADD_ROWS):  # in blocks: no second whole copy of the bank
+                block = self.rows[start:start + FAISS_ADD_ROWS]
+                index.add(np.ascontiguousarray((block if self.stored_centred else block - self.mean).cpu().numpy()))
             self._faiss = index
         centred = np.ascontiguousarray((queries - self.mean).cpu().numpy())
         _, idx = self._faiss.search(centred, keep)

@@ -295,6 +295,7 @@ class ExportModel(nn.Module):
         for module in core.modules():
             if isinstance(module, BankSearch):
                 module.backend, module.precision = "torch", "fp32"
+                module.store_centred()
         self.core, self.size, self.antialias = core, model.config.size, model.config.antialias
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ import re
 import shutil
 from pathlib import Path
 
-from errors import UserError
+from common.errors import UserError
 
 from .report import write_json
 

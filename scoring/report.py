@@ -12,8 +12,8 @@ import json
 import math
 from pathlib import Path
 
-import fileio
-from provenance import PACKAGES, environment, git_commit, versions
+from common import fileio
+from common.provenance import PACKAGES, environment, git_commit, versions
 
 __all__ = ["PACKAGES", "environment", "git_commit", "markdown_table", "versions", "write_csv", "write_json",
            "write_table", "write_text_atomic"]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from common.errors import SettingError, UserError
+from common.runtime import resolve_device, resolve_workers
 from data import TestSet
-from errors import SettingError, UserError
-from runtime import resolve_workers
 
 from .cache import cached_detector
 from .config import ScoreConfig
@@ -141,11 +141,12 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     return record
 
 
-def score_categories(config: ScoreConfig, run: ScoringRun, categories: list[str], device: torch.device,
-                     echo: bool = True) -> list[dict]:
+def score_categories(config: ScoreConfig, run: ScoringRun, categories: list[str],
+                     device: str | torch.device = "auto", echo: bool = True) -> list[dict]:
     """:func:`score_category` for each category (each into ``<out>/<category>`` when there are
     several), then a summary table with the mean over categories. ``echo`` prints a line per
     category and the summary's path."""
+    device = resolve_device(device)
     if run.images is not None and len(categories) != 1:
         raise UserError("scoring a folder of new images uses one category's bank: name one category")
     if run.save_detector and len(categories) != 1:

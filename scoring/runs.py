@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import models
-from errors import SettingError
+from common.errors import SettingError
 
 from .config import ScoreConfig
 from .output import output_dir

@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import Dataset
 
 import augment
+from common.errors import UserError
 from data import to_float, train_images
 from data.mvtec import load_cached
-from errors import UserError
 
 from . import dense, metrics
 from .calibration import cross_fitted_calibration

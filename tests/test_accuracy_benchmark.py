@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import cli
 import main as train_main
 from benchmarks import accuracy
-from errors import UserError
-from recipes import RECIPES
+from common import cli
+from common.errors import UserError
+from common.recipes import RECIPES
 from scoring import ScoreConfig
 from scoring import cli as score_cli
 from training import WEIGHT_SETTINGS

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import augment
-from errors import UserError
+from common.errors import UserError
 
 SIZE = 128
 

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from common.errors import UserError
 from data import TestSet, TrainSet, find_categories, read_rgb, resolve_categories
 from data.images import load_image, resize_mask
-from errors import UserError
 from training.loop import EpochShuffleSampler
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
 import main as train_main
 import models
-from errors import UserError
+from common import cli
+from common.errors import SettingError, UserError
 from models.checkpoint import load_weights, read_checkpoint
 from scoring import Detector, ScoreConfig, dense
 from scoring import cli as score_cli
@@ -81,8 +81,10 @@ def test_dense_checkpoint_keeps_the_paper_network_loadable(dense_ckpt, one_epoch
 def test_resume_refuses_another_dense_setting(dense_ckpt, tiny_root, tmp_path):
     with pytest.raises(UserError, match="has a segmentation head"):
         train(tiny_root, tmp_path, "--e", "2", "--resume", str(dense_ckpt / "widget-wave18" / "model.pt"))
-    with pytest.raises(UserError, match="--dense-weight"):
-        train_main.validate(train_main.parse_args(["--dense-weight", "nan"]))
+    args = train_main.parse_args(["--dense-weight", "nan"])
+    with pytest.raises(SettingError, match="dense_weight=nan: must be a finite number") as info:
+        train_main.config_from_args(args)  # the library names the field, the CLI its flag
+    assert cli.setting_message(info.value, args.flag_names).startswith("--dense-weight nan: must be")
 
 
 def test_map_sources_on_a_dense_network(dense_ckpt, tiny_root, tmp_path):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
-from errors import UserError
+from common import cli
+from common.errors import UserError
 from scoring import Detector, ScoreConfig
 from scoring import cli as score_cli
 from scoring.detector import FORMAT_VERSION

@@ -5,7 +5,7 @@ import pytest
 import pywt
 import torch
 
-from errors import UserError
+from common.errors import UserError
 from models.dwt import WaveletDownsample
 
 

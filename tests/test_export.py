@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import cli
 import export as export_cli
+from common import cli
 from scoring import Detector, ScoreConfig
 from scoring.export import export, read_metadata
 

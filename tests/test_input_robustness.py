@@ -10,10 +10,10 @@ import torch
 from PIL import Image, ImageOps
 
 import data.images as images
+from common.errors import UserError
 from data import TestSet, read_mask, read_rgb, resolve_categories
 from data.images import read_gray, resize_mask
 from data.mvtec import test_samples as list_test_samples
-from errors import UserError
 
 EXIF_ORIENTATION = 0x0112
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import models
-from errors import UserError
+from common.errors import UserError
 from models.checkpoint import extract_state_dict, infer_arch, load_weights, read_checkpoint, save_atomic
 
 SPEC_DIR = Path(__file__).parent / "data"

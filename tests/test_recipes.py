@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import main as train_main
+from common.recipes import RECIPES, check_recipe, recipe_flags, train_overrides
 from data import TrainSet
-from recipes import RECIPES, check_recipe, recipe_flags, train_overrides
 from scoring import ScoreConfig
 from scoring import cli as score_cli
 from training import TrainConfig
@@ -86,7 +86,7 @@ def test_recipes_are_overrides_of_the_configs():
     ({"train": {"learning_rate": 0.1}, "score": {}}, "train has no setting learning_rate"),
     ({"train": {}, "score": {"neighbours": 3}}, "score has no setting neighbours"),
     ({"train": {"augs": "cutpaste,scar"}, "score": {}}, "augs='cutpaste,scar' is a str"),
-    ({"train": {"sched": "linear"}, "score": {}}, "sched must be one of"),
+    ({"train": {"sched": "linear"}, "score": {}}, "sched=.linear.: choose one of constant, cosine"),
     ({"train": {}}, "needs exactly the keys"),
 ])
 def test_a_recipe_that_names_no_setting_is_refused(recipe, message):

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
-import fileio
 import main as train_main
+from common import cli, fileio
 from data import demo
 from models.checkpoint import read_checkpoint, save_atomic
 from scoring.report import write_json

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import cli
+from common import cli
 from scoring import cli as score_cli
 from scoring import metrics
 

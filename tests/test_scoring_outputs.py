@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
+from common import cli
 from scoring import cli as score_cli
 from scoring.output import IDENTITY_FILE, explicit_dir, versioned_dir
 

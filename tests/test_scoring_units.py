@@ -68,6 +68,7 @@ def test_chunked_knn_equals_brute_force(k, precision, monkeypatch):
     import scoring.knn as knn
 
     monkeypatch.setattr(knn, "CHUNK_ROWS", 37)  # many bank chunks, uneven last chunk
+    monkeypatch.setattr(knn, "CHUNK_ELEMENTS", 37 * 64)
     monkeypatch.setattr(knn, "QUERY_ROWS", 64)  # several query chunks
     gen = torch.Generator().manual_seed(0)
     bank = torch.randn(1000, 16, generator=gen)
@@ -116,8 +117,21 @@ def test_search_is_the_same_traced_and_eager():
     assert torch.equal(traced(others), search(others, 2))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_rows_stored_centred_give_the_same_distances(precision):
+    gen = torch.Generator().manual_seed(3)
+    bank = (5 + torch.randn(3000, 32, generator=gen)).abs()  # a large shared mean, as ReLU features have
+    queries = (5 + torch.randn(200, 32, generator=gen)).abs()
+    plain = BankSearch(bank, backend="torch", precision=precision)
+    before = plain(queries, 2)
+    assert torch.equal(plain.rows, bank)  # as given: files keep the bank bit for bit
+    centred = plain.store_centred()
+    torch.testing.assert_close(centred(queries, 2), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(centred.rows, bank - bank.mean(0))
+
+
 def test_k_larger_than_the_bank_names_the_setting():
-    from errors import SettingError
+    from common.errors import SettingError
 
     search = BankSearch(torch.randn(4, 3), backend="torch")
     with pytest.raises(SettingError, match=r"k=5: is larger than the memory bank \(4 patches\)"):

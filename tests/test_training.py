@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
 import main as train_main
 import models
-import runtime
 import training.loop
+from common import cli, runtime
 from models.checkpoint import extract_state_dict, load_weights, read_checkpoint
 from training import RESUME_WARN_SETTINGS, WEIGHT_SETTINGS, TrainConfig, TrainRun
 from training.checkpoints import CheckpointSaver, copy_tensors
@@ -193,7 +192,7 @@ def test_setting_lists_follow_the_roles():
                                     "momentum", "sched", "warmup", "seed", "precision", "anomalies_on")
     assert set(TrainConfig.names("speed")) == {"workers", "pin_memory", "channels_last", "cudnn_benchmark", "compile",
                                                "dwt_impl"}
-    with pytest.raises(ValueError, match="sched must be one of"):
+    with pytest.raises(ValueError, match="sched=.linear.: choose one of constant, cosine"):
         TrainConfig(sched="linear")
     assert TrainConfig(augs=["cutpaste"]).augs == ("cutpaste",) and TrainConfig(augs=["cutpaste"]).num_classes == 2
 

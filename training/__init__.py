@@ -1,12 +1,14 @@
 """Stage 1 training: the settings, the loop, checkpoints, logging, the anomaly preview, torchrun support.
 
-``training`` never imports ``scoring`` or the command line (``cli``): see tests/test_layers.py.
+``training`` never imports ``scoring`` or the command line (``common.cli``): see tests/test_layers.py.
+From Python: :func:`train_categories` (:mod:`training.runner`).
 """
 
 from .checkpoints import CHECKPOINT_NAME
 from .config import RESUME_WARN_SETTINGS, WEIGHT_SETTINGS, TrainConfig, TrainRun
 from .distributed import DistInfo, cleanup, init_distributed
-from .loop import PREVIEW_NAME, run_dir_for, train_category
+from .loop import PREVIEW_NAME, train_category
+from .runner import train_categories
 
 __all__ = ["CHECKPOINT_NAME", "PREVIEW_NAME", "RESUME_WARN_SETTINGS", "WEIGHT_SETTINGS", "DistInfo", "TrainConfig",
-           "TrainRun", "cleanup", "init_distributed", "run_dir_for", "train_category"]
+           "TrainRun", "cleanup", "init_distributed", "train_categories", "train_category"]

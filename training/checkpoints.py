@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from errors import UserError
+from common.errors import SETTING, SettingError, UserError
+from common.provenance import git_commit
 from models.checkpoint import HEAD_KEY, load_weights, network_state, read_checkpoint, save_atomic, split_head_state
-from provenance import git_commit
 
 from .config import RESUME_REFUSED_SETTINGS, RESUME_WARN_SETTINGS, TrainConfig, TrainRun
 
@@ -74,6 +74,14 @@ def resume_setting_changes(ckpt: dict, config: TrainConfig) -> list[str]:
             if key in saved and saved[key] != now[key]]
 
 
+def check_not_fewer_epochs(epochs: int, done: int, path: Path) -> None:
+    """Continuing a run asks for at least the epochs its checkpoint ``path`` already holds (``done``)."""
+    if epochs < done:
+        raise SettingError("epochs", epochs, f"{path} already holds {done} epochs; give {SETTING}{done} or more to "
+                                             f"continue it ({SETTING}{done}: nothing to train), or start over instead "
+                                             "of resuming (overwrite)")
+
+
 def read_resume(config: TrainConfig, run: TrainRun, ckpt_path: Path, device: torch.device,
                 main_rank: bool) -> tuple[dict | None, Path | None, bool]:
     """The checkpoint ``run.resume`` continues from: ``(checkpoint or None, its path, finished)``.
@@ -92,9 +100,7 @@ def read_resume(config: TrainConfig, run: TrainRun, ckpt_path: Path, device: tor
     ckpt = read_checkpoint(path, map_location=device)
     check_resume_compatible(ckpt, config, path)
     done = int(ckpt.get("epoch", 0))
-    if config.epochs < done:
-        raise UserError(f"--e {config.epochs}: {path} already holds {done} epochs; give --e {done} or "
-                        f"more to continue it, or drop --resume and add --overwrite to start over")
+    check_not_fewer_epochs(config.epochs, done, path)
     finished = config.epochs == done and path.resolve() == ckpt_path.resolve()
     if finished and main_rank:
         changed = resume_setting_changes(ckpt, config)

@@ -2,9 +2,9 @@
 
 Built from the command line at its edge (``main.py``) or by hand in Python::
 
-    from training import TrainConfig, TrainRun, train_category
+    from training import TrainConfig, TrainRun, train_categories
     config = TrainConfig(arch="wave18", size=128, epochs=20)
-    train_category(config, TrainRun(data_root="../shared/datasets"), "magnetic_tile", device, DistInfo())
+    train_categories(config, TrainRun(data_root="../shared/datasets"), ["magnetic_tile"])
 
 Every list of settings elsewhere is derived from the fields' metadata. ``role``:
 
@@ -22,14 +22,18 @@ What a run reads and writes (folders, saving, logging) is :class:`TrainRun`, not
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from settings import Settings, setting
+from augment import parse_augs
+from common.errors import SettingError
+from common.runtime import PRECISIONS
+from common.settings import Settings, setting
+from models import MAX_SIZE, MIN_SIZE, list_models
 
 ROLES = ("weights", "label", "speed")
 SCHEDULES = ("constant", "cosine")
-PRECISIONS = ("auto", "fp32", "bf16")
 ANOMALY_SITES = ("auto", "device", "loader")
 DWT_IMPLS = ("auto", "conv", "matmul")  # models.WaveletDownsample.IMPLS
 
@@ -41,7 +45,12 @@ def _setting(default, role: str, resume: str = "warn"):
 
 @dataclass(frozen=True)
 class TrainConfig(Settings):
-    """How a network is trained (stage 1). See ``python main.py --help`` for each setting."""
+    """How a network is trained (stage 1). See ``python main.py --help`` for each setting.
+
+    Every field is checked when the config is made: a value no training can take is a
+    :class:`common.errors.SettingError` naming the field (``TrainConfig(lr=0)`` -> ``lr=0: must be a
+    positive finite number``; ``main.py`` words it ``--lr 0: ...``).
+    """
 
     arch: str = _setting("wave50", "weights", resume="refuse")
     wavelet: str = _setting("bior2.2", "weights", resume="refuse")  # models.DEFAULT_WAVELET
@@ -70,11 +79,39 @@ class TrainConfig(Settings):
     dwt_impl: str = _setting("auto", "speed")
 
     def __post_init__(self):
-        object.__setattr__(self, "augs", tuple(self.augs))
-        for name, allowed in (("sched", SCHEDULES), ("precision", PRECISIONS), ("anomalies_on", ANOMALY_SITES),
-                              ("dwt_impl", DWT_IMPLS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        object.__setattr__(self, "augs", tuple(parse_augs(self.augs)))
+        for name, problem in self.problems():
+            raise SettingError(name, getattr(self, name), problem)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """``[(field, what is wrong)]`` of the values no training can take (empty when all are fine)."""
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def whole(value, low: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        checks = [
+            ("arch", self.arch in list_models(), f"choose one of {', '.join(list_models())}"),
+            ("size", whole(self.size, MIN_SIZE) and self.size <= MAX_SIZE,
+             f"the network needs {MIN_SIZE} to {MAX_SIZE} px (it halves the image 5 times); use 128 or 256"),
+            ("epochs", whole(self.epochs, 0), "must be 0 or more (the paper: 1600)"),
+            ("batch_size", whole(self.batch_size, 1), "must be at least 1"),
+            ("lr", number(self.lr) and self.lr > 0, "must be a positive finite number (the paper: 0.03)"),
+            ("momentum", number(self.momentum) and 0 <= self.momentum < 1,
+             "momentum must be in [0, 1) (the paper: 0.9)"),
+            ("weight_decay", number(self.weight_decay) and self.weight_decay >= 0,
+             "weight decay must be a finite number, 0 or more (the paper: 3e-5)"),
+            ("dense_weight", number(self.dense_weight) and self.dense_weight >= 0,
+             "must be a finite number, 0 or more"),
+            ("warmup", whole(self.warmup, 0), "must be 0 or more"),
+            ("sched", self.sched in SCHEDULES, f"choose one of {', '.join(SCHEDULES)}"),
+            ("precision", self.precision in PRECISIONS, f"choose one of {', '.join(PRECISIONS)}"),
+            ("anomalies_on", self.anomalies_on in ANOMALY_SITES, f"choose one of {', '.join(ANOMALY_SITES)}"),
+            ("dwt_impl", self.dwt_impl in DWT_IMPLS, f"choose one of {', '.join(DWT_IMPLS)}"),
+            ("workers", self.workers is None or whole(self.workers, 0), "must be 0 or more (None: automatic)"),
+        ]
+        return [(name, problem) for name, ok, problem in checks if not ok]
 
     @property
     def num_classes(self) -> int:

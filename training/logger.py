@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fileio import write_text_atomic
+from common.fileio import write_text_atomic
 
 
 class EpochLogger:

@@ -22,9 +22,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 import models
+from common.errors import UserError
+from common.runtime import resolve_precision, resolve_workers
 from data import TrainSet
-from errors import UserError
-from runtime import resolve_precision, resolve_workers
 
 from .checkpoints import CHECKPOINT_NAME, CheckpointSaver, read_resume, restore
 from .config import RESUME_WARN_SETTINGS, WEIGHT_SETTINGS, TrainConfig, TrainRun
@@ -38,7 +38,7 @@ from .segmentation import mask_batch, segmentation_loss
 PREVIEW_NAME = "anomaly_preview.png"
 
 __all__ = ["CHECKPOINT_NAME", "PREVIEW_NAME", "RESUME_WARN_SETTINGS", "WEIGHT_SETTINGS", "EpochShuffleSampler",
-           "Trainer", "lr_at", "make_batch", "run_dir_for", "train_category"]
+           "Trainer", "lr_at", "make_batch", "train_category"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -56,10 +56,6 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
-
-
-def run_dir_for(ckpt_dir: str | Path, category: str, arch: str) -> Path:
-    return Path(ckpt_dir) / f"{category}-{arch}"
 
 
 def lr_at(epoch: int, config: TrainConfig) -> float:
@@ -300,7 +296,7 @@ def train_category(config: TrainConfig, run: TrainRun, category: str, device: to
     empty unless ``run.resume`` continues it). A resumed run that already holds ``config.epochs``
     epochs is left byte-identical; fewer epochs than it holds is a ``UserError``.
     """
-    run_dir = run_dir_for(run.ckpt_dir, category, config.arch)
+    run_dir = run.run_dir(category, config.arch)
     ckpt_path = run_dir / CHECKPOINT_NAME
     main_rank = dist_info.is_main
     precision = resolve_precision(config.precision, device)  # unsupported: fails before any work

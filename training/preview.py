@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fileio import atomic_write
+from common.fileio import atomic_write
 
 TITLE = "Synthetic anomalies made from the training images; red outline: the changed region"
 MIN_TILE = 96  # smaller images are enlarged (nearest, integer factor) so the grid stays legible

@@ -25,11 +25,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import fileio
-from errors import UserError
+from common import fileio
+from common.errors import UserError
 from models.checkpoint import read_checkpoint
 
-from .checkpoints import CHECKPOINT_NAME
+from .checkpoints import CHECKPOINT_NAME, check_not_fewer_epochs
 
 LOCK_NAME = ".lock"
 # What makes a folder hold a run: a checkpoint (ours, or e.g. the paper's e1600_model.pt) or a log.
@@ -178,13 +178,11 @@ def resume_file(resume: str, run_dir: Path) -> Path:
 
 
 def check_resume_epochs(path: Path, epochs: int) -> int:
-    """``--e`` below the epochs ``path`` already holds is a ``UserError``; returns those epochs (0: no file)."""
+    """Fewer epochs than ``path`` already holds is a ``SettingError``; returns those epochs (0: no file)."""
     if not path.is_file():
         return 0
     done = int(read_checkpoint(path).get("epoch", 0))
-    if epochs < done:
-        raise UserError(f"--e {epochs}: {path} already holds {done} epochs; give --e {done} or more to continue "
-                        f"it (--e {done}: nothing to train), or drop --resume and add --overwrite to start over")
+    check_not_fewer_epochs(epochs, done, path)
     return done
 
 

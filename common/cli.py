@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from errors import SettingError, UserError
+from common.errors import SettingError, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):

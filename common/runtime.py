@@ -1,8 +1,8 @@
 """What both stages ask of the machine: the device, bfloat16 support, loader workers, precision.
 
 Library code below the command lines (``training/``, ``scoring/``) and the command lines
-themselves (``cli.py``, ``main.py``, ``scoring/cli.py``) use these; errors are
-:class:`errors.SettingError` naming the setting (the command lines word them with their flags).
+themselves (``common/cli.py``, ``main.py``, ``scoring/cli.py``) use these; errors are
+:class:`common.errors.SettingError` naming the setting (the command lines word them with their flags).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from errors import SettingError
+from common.errors import SETTING, SettingError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -26,8 +26,8 @@ def resolve_device(device: str | torch.device, local_rank: int = 0) -> torch.dev
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise SettingError("device", device, "no CUDA GPU is visible to PyTorch; use cpu (or install a CUDA "
-                                                 "build of PyTorch and check nvidia-smi)")
+            raise SettingError("device", device, f"no CUDA GPU is visible to PyTorch; use {SETTING}cpu (or install a "
+                                                 "CUDA build of PyTorch and check nvidia-smi)")
         return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
     if name != "cpu":
         raise SettingError("device", device, "choose auto, cpu or cuda")
@@ -51,7 +51,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if bf16_available(device) else "fp32"
     if precision == "bf16" and not bf16_available(device):
-        raise SettingError("precision", precision, f"this {device.type.upper()} has no native bfloat16; use fp32")
+        raise SettingError("precision", precision, f"this {device.type.upper()} has no native bfloat16; use "
+                                                   f"{SETTING}fp32")
     return precision
 
 
