@@ -31,6 +31,7 @@ from scoring import Detector, ScoreConfig
 from scoring.calibration import Threshold
 from scoring.export import export
 from scoring.features import batched_features
+from scoring.model import AnomalyModel, AnomalyScorer, bank_states
 
 FORMS = ("predict", "torchscript", "onnx")
 # Times one form in a process of its own (python -m benchmarks.latency_child, from the repository
@@ -46,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--train-images", type=int, default=209, help="images in the memory bank")
     parser.add_argument("--coresets", default="1.0,0.1,0.01", help="bank fractions (1.0 = exact bank)")
+    parser.add_argument("--uncertified", action="store_true",
+                        help="also time each coreset with the fixed, uncertified re-search (the old --refine 16)")
     parser.add_argument("--forms", default=",".join(FORMS))
     parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls (fewer when slow)")
     parser.add_argument("--budget-s", type=float, default=30.0, help="time limit of one form's batch-1 timing")
@@ -54,8 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_detectors(arch: str, args, work: Path) -> dict[float, Path]:
-    """One detector file per coreset fraction, banks from the synthetic training images."""
+def build_detectors(arch: str, args, work: Path) -> dict[str, Path]:
+    """One detector file per bank (coreset fraction; with ``--uncertified`` also each coreset's
+    fixed re-search of its ``refine`` highest patches), banks from the synthetic training images."""
     torch.manual_seed(0)
     model = models.create_model(arch).eval().to(memory_format=torch.channels_last)
     base = ScoreConfig(size=args.size, batch_size=16)
@@ -65,15 +69,21 @@ def build_detectors(arch: str, args, work: Path) -> dict[float, Path]:
     files = {}
     for fraction in [float(c) for c in args.coresets.split(",")]:
         config = base.replace(coreset=fraction)
-        detector = Detector.from_features(model, config, feats, provenance, torch.device("cpu"), calibrate=False)
-        detector.calibration = Threshold(1.0, "benchmark")
-        stem = work / f"{arch}-c{fraction}"
-        files[fraction] = detector.save(stem.with_suffix(".detector.pt"))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for form in ("torchscript", "onnx"):
-                if form in args.forms:
-                    export(detector, form, stem.with_suffix("." + SUFFIX[form]))
+        states = bank_states(config, feats)  # one coreset for both ways of re-searching it
+        kinds = {"exact": config} if fraction >= 1 else {f"coreset {fraction:g}": config}
+        if fraction < 1 and args.uncertified:
+            kinds[f"coreset {fraction:g} uncertified"] = config.replace(certify=False)
+        for bank, kind_config in kinds.items():
+            scorer = AnomalyScorer.from_states(kind_config, states)
+            detector = Detector(AnomalyModel(model, scorer, kind_config), Threshold(1.0, "benchmark"), provenance)
+            # No dots in the stem: with_suffix would cut "0.1" to "0" (and 0.1 and 0.01 would share a file).
+            stem = work / f"{arch}-{bank.replace(' ', '_').replace('.', 'p')}"
+            files[bank] = detector.save(stem.with_suffix(".detector.pt"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for form in ("torchscript", "onnx"):
+                    if form in args.forms:
+                        export(detector, form, stem.with_suffix("." + SUFFIX[form]))
     return files
 
 
@@ -87,8 +97,7 @@ def main(args: argparse.Namespace) -> None:
         for arch in args.archs.split(","):
             print(f"{arch}: building banks from {args.train_images} images at {args.size} px ...", flush=True)
             files = build_detectors(arch, args, Path(tmp))
-            for fraction, detector_file in files.items():
-                bank = "exact" if fraction >= 1 else f"coreset {fraction:g}"
+            for bank, detector_file in files.items():
                 for form in args.forms.split(","):
                     path = detector_file if form == "predict" else detector_file.with_name(
                         detector_file.name.replace("detector.pt", SUFFIX[form]))

@@ -38,18 +38,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """``{dest: the flag's first long option}`` of every option of ``parser``."""
+    """``{dest: the flag's first long option}`` of every option of ``parser``, and for switches
+    ``{"dest=value": flag}`` (``{"certify=False": "--uncertified"}``)."""
     names = {}
     for action in parser._actions:  # argparse offers no public list of its options
         options = [o for o in action.option_strings if o.startswith("--")]
         if options:
             names.setdefault(action.dest, options[0])
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                names.setdefault(f"{action.dest}={action.const}", options[0])
     return names
 
 
 def setting_message(exc: SettingError, names: dict[str, str]) -> str:
     """A library's setting error in the command line's words (the flag, where the setting has one)."""
-    return exc.worded_as(names[exc.name]) if exc.name in names else str(exc)
+    return exc.worded_as(names) if exc.name in names else str(exc)
 
 
 # Write failures a user can fix by freeing space or choosing another folder.

@@ -69,8 +69,12 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     scoring.add_argument("--coreset-dim", type=int, default=DEFAULT("coreset_dim"),
                          help="random-projection dimension used while selecting the coreset")
     scoring.add_argument("--refine", type=int, default=DEFAULT("refine"),
-                         help="with --coreset < 1: re-search each image's N highest patches in the whole bank, "
-                              "so image scores stay exact (0 = pure coreset scores)")
+                         help="with --coreset < 1: patches re-searched in the whole bank per round (doubling each "
+                              "round) until every image score is certified equal to the exact bank's")
+    scoring.add_argument("--uncertified", dest="certify", action="store_false",
+                         help="with --coreset < 1: re-search only each image's --refine highest patches, once "
+                              "(faster; image scores may lie above the exact bank's); with --refine 0 none "
+                              "(the coreset alone)")
     scoring.add_argument("--smooth", type=float, default=DEFAULT("smooth"),
                          help="Gaussian sigma (px) applied to the maps (0 = the paper; PatchCore uses 4)")
     scoring.add_argument("--map", "--map-source", dest="map_source", default=DEFAULT("map_source"), choices=MAP_SOURCES,
@@ -79,8 +83,9 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     scoring.add_argument("--knn", default=DEFAULT("knn"), choices=BACKENDS,
                          help="nearest-neighbour backend (auto = faiss when installed, else torch); same distances")
     scoring.add_argument("--knn-precision", default=DEFAULT("knn_precision"), choices=PRECISIONS,
-                         help="torch k-NN products: fp32, or bf16 shortlist + exact float32 re-rank (auto: bf16 on "
-                              "CUDA and on CPUs with native bfloat16; returned distances are exact either way)")
+                         help="torch k-NN shortlist products: fp32, or bf16 (queries its rounding bound cannot certify "
+                              "are searched again in fp32); auto: bf16 on CUDA and CPUs with AMX. Returned distances "
+                              "are exact float32 ones either way")
     scoring.add_argument("--precision", default=DEFAULT("precision"), choices=["fp32", "bf16"],
                          help="feature extraction precision")
     scoring.add_argument("--threshold", type=float, default=DEFAULT("threshold"),

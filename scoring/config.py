@@ -41,7 +41,8 @@ class ScoreConfig(Settings):
     coreset_dim: int = setting(32, "bank")
     seed: int = setting(0, "bank")  # coreset and calibration split
     k: int = setting(1, "score")
-    refine: int = setting(16, "score")  # with a coreset: top patches re-searched in the whole bank
+    refine: int = setting(16, "score")  # with a coreset: patches re-searched in the whole bank per round
+    certify: bool = setting(True, "score")  # with a coreset: image scores certified equal to the exact bank's
     smooth: float = setting(0.0, "score")
     map_source: str = setting("knn", "score")  # the paper's k-NN map; head / fused: networks trained with --dense
     threshold: float | None = setting(None, "score")  # None: calibrated on the training images
@@ -74,7 +75,13 @@ class ScoreConfig(Settings):
              "must be in (0, 1]; 1 keeps the whole bank (the paper)"),
             ("coreset_dim", isinstance(self.coreset_dim, int) and self.coreset_dim >= 0, "must be 0 or more"),
             ("k", isinstance(self.k, int) and self.k >= 1, "must be at least 1"),
-            ("refine", isinstance(self.refine, int) and self.refine >= 0, "must be 0 or more"),
+            ("refine", isinstance(self.refine, int) and (self.refine >= 1 if self.certify and self.coreset < 1
+                                                         else self.refine >= 0),
+             "must be at least 1 for certified coreset scores (0 = the coreset alone, uncertified: add "
+             "`certify=False`)"),
+            ("map_source", not (self.certify and self.coreset < 1 and self.map_source == "fused"),
+             "certified coreset scores cover the knn and head maps, not the fused one; add `certify=False` "
+             "(uncertified) or keep the whole bank (`coreset=1`)"),
             ("smooth", number(self.smooth) and self.smooth >= 0, "must be a number, 0 or more"),
             ("threshold", self.threshold is None or (number(self.threshold) and self.threshold > 0),
              "must be a positive number (scores are distances); leave it out to calibrate one on the training images"),

@@ -74,13 +74,16 @@ class Prediction:
     ``scores`` ``(N,)`` float32 raw anomaly scores (distances); ``maps`` ``(N, S, S)`` float32
     (a list of ``(H_i, W_i)`` maps with ``original_size=True``); ``verdicts`` ``(N,)`` bool,
     ``score > threshold`` (``None`` without a threshold); ``normalized_scores`` = score /
-    threshold, so 1.0 is the decision boundary on every model.
+    threshold, so 1.0 is the decision boundary on every model. ``search``: what the memory-bank
+    search did (:func:`scoring.model.search_report`: with a coreset, how many image scores are
+    certified equal to the exact bank's and how many patches were re-searched per image).
     """
 
     scores: np.ndarray
     maps: np.ndarray | list[np.ndarray]
     verdicts: np.ndarray | None
     threshold: float | None
+    search: dict | None = None
 
     @property
     def normalized_scores(self) -> np.ndarray | None:
@@ -183,7 +186,7 @@ class Detector:
             maps_out = maps.float().numpy().astype(np.float32)
         threshold = self.threshold
         verdicts = None if threshold is None else scores_np > threshold
-        return Prediction(scores_np, maps_out, verdicts, threshold)
+        return Prediction(scores_np, maps_out, verdicts, threshold, dict(self.model.scorer.search_stats))
 
     __call__ = predict
 

@@ -25,7 +25,7 @@ import torch
 from common.errors import UserError
 
 from .detector import Detector
-from .model import AnyRank, ExportModel
+from .model import AnyRank, AnyRankCertified, ExportModel
 
 FORMATS = ("torchscript", "onnx")
 
@@ -35,8 +35,16 @@ def metadata(detector: Detector) -> dict:
     return {"threshold": detector.threshold,
             "threshold_source": None if detector.calibration is None else detector.calibration.source,
             "input": "uint8 (N, H, W, C), C = 1, 3 or 4 (alpha dropped) (TorchScript: also (N, H, W)); RGB order",
-            "outputs": "scores (N,) float32; maps (N, S, S) float32; verdict = score > threshold",
+            "outputs": "scores (N,) float32; maps (N, S, S) float32; verdict = score > threshold"
+                       + ("; certified (N,) bool: the score equals the exact bank's" if reports_certified(detector)
+                          else ""),
             "size": detector.size, "config": detector.config.to_dict(), "provenance": detector.provenance}
+
+
+def reports_certified(detector: Detector) -> bool:
+    """Whether the exported file has the third output ``certified`` (a coreset with certified scores)."""
+    scorer = detector.model.scorer
+    return scorer.coreset and scorer.certify_scores
 
 
 def example_input(detector: Detector, batch: int = 2) -> torch.Tensor:
@@ -46,8 +54,9 @@ def example_input(detector: Detector, batch: int = 2) -> torch.Tensor:
 
 @torch.no_grad()
 def export_torchscript(detector: Detector, out: Path) -> Path:
-    traced = torch.jit.trace(ExportModel(detector.model), example_input(detector), check_trace=False)
-    scripted = torch.jit.script(AnyRank(traced))
+    core = ExportModel(detector.model)
+    traced = torch.jit.trace(core, example_input(detector), check_trace=False)
+    scripted = torch.jit.script((AnyRankCertified if core.reports_certified else AnyRank)(traced))
     extra = {"metadata.json": json.dumps(metadata(detector))}
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
         tmp = Path(work) / out.name
@@ -72,9 +81,9 @@ def export_onnx(detector: Detector, out: Path, opset: int = 18) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
         raw = Path(work) / "graph.onnx"
         torch.onnx.export(core, (example_input(detector),), str(raw), input_names=["images"],
-                          output_names=["scores", "maps"], opset_version=opset, dynamo=False,
-                          dynamic_axes={"images": {0: "N", 1: "H", 2: "W", 3: "C"}, "scores": {0: "N"},
-                                        "maps": {0: "N"}})
+                          output_names=core.output_names, opset_version=opset, dynamo=False,
+                          dynamic_axes={"images": {0: "N", 1: "H", 2: "W", 3: "C"},
+                                        **{name: {0: "N"} for name in core.output_names}})
         model = onnx.load(str(raw))
         for key, value in metadata(detector).items():
             entry = model.metadata_props.add()
@@ -104,17 +113,17 @@ def export(detector: Detector, fmt: str, out: str | Path) -> Path:
     return export_torchscript(detector, out) if fmt == "torchscript" else export_onnx(detector, out)
 
 
-def run_exported(path: str | Path, fmt: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Score uint8 ``(N, H, W, C)`` images with an exported file (as a deployment would)."""
+def run_exported(path: str | Path, fmt: str, images: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Score uint8 ``(N, H, W, C)`` images with an exported file (as a deployment would): scores,
+    maps, and for a certified coreset whether each image score is certified."""
     if fmt == "torchscript":
         with torch.no_grad():
-            scores, maps = torch.jit.load(str(path))(torch.from_numpy(np.ascontiguousarray(images)))
-        return scores.numpy(), maps.numpy()
+            outputs = torch.jit.load(str(path))(torch.from_numpy(np.ascontiguousarray(images)))
+        return tuple(output.numpy() for output in outputs)
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    scores, maps = session.run(None, {"images": np.ascontiguousarray(images)})
-    return scores, maps
+    return tuple(session.run(None, {"images": np.ascontiguousarray(images)}))
 
 
 def read_metadata(path: str | Path, fmt: str) -> dict:

@@ -6,15 +6,20 @@ nearest rows in two steps:
 1. *shortlist*: the ``k + SHORTLIST`` best candidates by ``|b|^2 - 2 q.b`` on vectors centred on
    the bank mean, computed per chunk of bank rows with a running top-k (memory bounded, and
    traceable: the number of chunks is fixed by the bank). The products run in float32, or in
-   bfloat16 where the CPU / GPU has it natively (``precision``). faiss (``backend="faiss"``,
-   ``IndexFlatL2`` on the centred rows) is an optional accelerator of this step only;
+   bfloat16 (``precision``; ``auto`` where it pays: CUDA, CPUs with AMX). faiss
+   (``backend="faiss"``, ``IndexFlatL2`` on the centred rows) is an optional accelerator of this
+   step only;
 2. *exact re-rank*: the shortlist's distances computed directly, ``|b - q|``, in float32; the
    ``k`` smallest are returned.
 
-So every backend and precision returns the same exact distances; a candidate is missed only
-when more than ``SHORTLIST`` rows tie with it within the products' rounding, and even then the
-distance returned is the exact distance of a row nearly as close. Inside a traced graph
-(``torch.jit.trace``, ONNX export) the torch shortlist in float32 is used.
+So every backend and precision returns the same exact distances. A bfloat16 product can be off
+by ~2^-8 |q| |b|, far more than the gap between near neighbours of trained features (a 16-row
+shortlist missed the nearest row often enough to move image scores by 6% on toothbrush): a
+bfloat16 shortlist is therefore checked against that bound, and every query it cannot certify
+is searched again in float32. A float32 shortlist misses a neighbour only when more than
+``SHORTLIST`` rows tie with it within float32 rounding, and then returns the exact distance of a
+row as near within that rounding. Inside a traced graph (``torch.jit.trace``, ONNX export) the
+torch shortlist in float32 is used.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from common.errors import SettingError
-from common.runtime import PRECISIONS, bf16_available
+from common.runtime import PRECISIONS, bf16_matmul_pays
 
 from .config import BACKENDS
 
@@ -113,17 +118,56 @@ class BankSearch(nn.Module):
         low = torch.float32 if tracing else self._dtype()
         keep = min(self.size, k + (SHORTLIST_BF16 if low == torch.bfloat16 else SHORTLIST))
         if self.backend == "faiss" and not tracing:
-            candidates = self._faiss_shortlist(queries, keep)
+            candidates, next_value = self._faiss_shortlist(queries, keep)
+            low = torch.float32  # faiss ranks in float32
         else:
-            candidates = self._shortlist(queries, keep, low, tracing)
+            candidates, next_value = self._shortlist(queries, keep, low, tracing)
+        distances = self._rerank(queries, candidates, k)
+        if tracing:  # a graph has no data-dependent branch: its float32 shortlist is taken as it is
+            return distances
+        # Where the products' rounding could hide a row nearer than the k-th found, the query is
+        # searched again in a finer precision (bfloat16 -> float32 -> float64, which is exact here).
+        for finer in (torch.float32, torch.float64)[0 if low == torch.bfloat16 else 1:]:
+            unsure = ~self._shortlist_holds(queries, distances[:, -1], next_value, low)
+            if not bool(unsure.any()):
+                break
+            low = finer
+            again, next_value_again = self._shortlist(queries[unsure], min(self.size, k + SHORTLIST), low, tracing)
+            distances[unsure] = self._rerank(queries[unsure], again, k)
+            next_value = next_value.double()  # a copy, in the finest precision yet
+            next_value[unsure] = next_value_again.double()
+        return distances
+
+    def _rerank(self, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+        """``(m, D)`` queries and ``(m, c)`` candidate rows -> ``(m, k)`` exact distances of the ``k`` nearest."""
         chosen = self.rows[candidates.reshape(-1)].view(candidates.shape[0], candidates.shape[1], -1)
         exact = (chosen - self._query_frame(queries)[:, None, :]).pow(2).sum(-1)
         return exact.topk(k, dim=1, largest=False).values.clamp_min(0).sqrt()
 
+    def _shortlist_holds(self, queries: torch.Tensor, kth: torch.Tensor, next_value: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+        """``(m,)``: whether no row outside the shortlist can be nearer than the exact ``kth`` distance.
+
+        A row's ranking value ``|b|^2 - 2 q.b`` (centred) computed with ``dtype`` products and
+        float32 sums of ``D`` terms is off by at most ``2 r |q| |b| + D u |b|^2`` (rounding of the
+        operands ``r`` = 2^-8 for bfloat16, and ``D + 1`` float32 units ``u`` for the sums; a
+        worst-case bound), so every row outside the shortlist has a true value of at least
+        ``next_value`` minus that; the query holds when that is not below the ``k``-th's true value
+        ``kth^2 - |q|^2``.
+        """
+        unit, dim = 2.0 ** -24, self.rows.shape[1]
+        operands = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0
+        centred = (queries - self.mean).double()
+        q_norm = centred.pow(2).sum(1).sqrt()
+        b_sq = float(self.centred_sq.max())
+        # (+ D u |q|^2: faiss's values carry |q|^2, computed in float32 too)
+        error = 2.0 * (operands + (dim + 1) * unit) * q_norm * b_sq ** 0.5 + dim * unit * (b_sq + q_norm.pow(2))
+        return next_value.double() - error >= kth.double().pow(2) - q_norm.pow(2)
+
     def _dtype(self) -> torch.dtype:
         precision = self.precision
         if precision == "auto":
-            precision = "bf16" if bf16_available(self.rows.device) else "fp32"
+            precision = "bf16" if bf16_matmul_pays(self.rows.device.type) else "fp32"
         return torch.bfloat16 if precision == "bf16" else torch.float32
 
     def store_centred(self) -> BankSearch:
@@ -144,36 +188,51 @@ class BankSearch(nn.Module):
             return self.rows[start:stop]
         if tracing:
             return self.rows[start:stop] - self.mean
+        if dtype == torch.float64:  # the last resort for a few queries: no float64 copy of the bank is kept
+            rows = self.rows[start:stop].double()
+            return rows if self.stored_centred else rows - self.mean.double()
         cached = self._centred
         if cached is None or cached.dtype != dtype or cached.device != self.rows.device:
             centred = self.rows if self.stored_centred else self.rows - self.mean
             cached = self._centred = centred.to(dtype)
         return cached[start:stop]
 
-    def _shortlist(self, queries: torch.Tensor, keep: int, dtype: torch.dtype, tracing: bool) -> torch.Tensor:
-        """``(m, D)`` -> ``(m, keep)`` row indices ranked by ``|b|^2 - 2 q.b`` on centred vectors.
+    def _shortlist(self, queries: torch.Tensor, keep: int, dtype: torch.dtype,
+                   tracing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m, D)`` -> ``(m, keep)`` row indices ranked by ``|b|^2 - 2 q.b`` on centred vectors, and
+        ``(m,)`` the best such value outside the shortlist (``inf`` when the shortlist is the bank).
 
         Centred because ReLU features share a large mean, and the expansion on uncentred ones
         cancels catastrophically (float32 distances off by more than 1 on trained features).
         """
-        q = (queries - self.mean).to(dtype)
+        q = (queries - self.mean).to(dtype) if dtype != torch.float64 else queries.double() - self.mean.double()
         best_val: torch.Tensor | None = None
         best_idx: torch.Tensor | None = None
+        ranked = keep + 1 if keep < self.size else keep  # one more: the best value outside the shortlist
         step = CHUNK_ROWS if tracing else max(CHUNK_ROWS, CHUNK_ELEMENTS // max(1, queries.shape[0]))
         for start in range(0, self.size, step):
             block = self._centred_rows(start, start + step, dtype, tracing)
             # |q|^2 is the same for every row of a query: left out of the ranking.
-            approx = self.centred_sq[start:start + step][None, :] - 2.0 * (q @ block.t()).float()
-            val, idx = approx.topk(min(keep, block.shape[0]), dim=1, largest=False)
+            products = q @ block.t()
+            norms = self.centred_sq[start:start + step]
+            if dtype == torch.float64:
+                norms = block.pow(2).sum(1)
+            else:
+                products = products.float()
+            approx = norms[None, :] - 2.0 * products
+            val, idx = approx.topk(min(ranked, block.shape[0]), dim=1, largest=False)
             idx = idx + start
             if best_val is not None and best_idx is not None:
-                val, pick = torch.cat([best_val, val], 1).topk(keep, dim=1, largest=False)
+                val, pick = torch.cat([best_val, val], 1).topk(ranked, dim=1, largest=False)
                 idx = torch.cat([best_idx, idx], 1).gather(1, pick)
             best_val, best_idx = val, idx
-        assert best_idx is not None
-        return best_idx
+        assert best_idx is not None and best_val is not None
+        if ranked == keep:  # the whole bank is in the shortlist: nothing outside it
+            return best_idx, torch.full_like(best_val[:, 0], float("inf"))
+        return best_idx[:, :keep], best_val[:, keep]
 
-    def _faiss_shortlist(self, queries: torch.Tensor, keep: int) -> torch.Tensor:
+    def _faiss_shortlist(self, queries: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`_shortlist`, ranked by faiss (``IndexFlatL2`` of the centred rows, float32)."""
         if self._faiss is None:
             import faiss
 
@@ -186,8 +245,13 @@ class BankSearch(nn.Module):
                 index.add(np.ascontiguousarray((block if self.stored_centred else block - self.mean).cpu().numpy()))
             self._faiss = index
         centred = np.ascontiguousarray((queries - self.mean).cpu().numpy())
-        _, idx = self._faiss.search(centred, keep)
-        return torch.from_numpy(idx).to(self.rows.device)
+        ranked = keep + 1 if keep < self.size else keep  # one more: the best value outside the shortlist
+        dist_sq, idx = self._faiss.search(centred, ranked)
+        idx, dist_sq = torch.from_numpy(idx).to(self.rows.device), torch.from_numpy(dist_sq).to(self.rows.device)
+        if ranked == keep:
+            return idx, torch.full_like(dist_sq[:, 0], float("inf"))
+        # faiss ranks by |q|^2 + |b|^2 - 2 q.b: the same value as ours plus |q|^2.
+        return idx[:, :keep], dist_sq[:, keep] - torch.from_numpy(centred).to(self.rows.device).pow(2).sum(1)
 
     def __getstate__(self) -> dict:  # deep copies and pickles leave the caches behind
         state = dict(self.__dict__)

@@ -28,12 +28,14 @@ The fusions (the paper's two ways of fusing multi-level patch features into one 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from common.errors import SettingError
 from data.images import resize_rounded
 from models import HEAD_STAGES
 
@@ -44,6 +46,9 @@ from .knn import BankSearch, greedy_coreset
 
 # Images scored per pass of the eager loop (bounds the memory of one pass's patch queries).
 IMAGES_PER_PASS = 64
+# Rounds of re-search in an exported graph, which has no data-dependent loop: refine x (1 + 2 + 4 +
+# 8) candidates per image; the file reports which image scores are certified (see certify).
+EXPORT_ROUNDS = 4
 
 
 # -- fusion ---------------------------------------------------------------------------------
@@ -126,6 +131,7 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
         patches = to_patches(grid).detach().float().cpu().contiguous()
         rows, full = patches, None
         if config.coreset < 1:
+            check_coreset_size(config.coreset, patches.shape[0], grid.shape[-2] * grid.shape[-1])
             keep = greedy_coreset(patches, config.coreset, seed=config.seed, proj_dim=config.coreset_dim,
                                   device=device)
             rows, full = patches[keep].contiguous(), patches
@@ -134,11 +140,18 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
     return states
 
 
-class PatchBank(nn.Module):
-    """One memory bank: its searched rows, and beside a coreset the whole bank for refinement.
+def check_coreset_size(fraction: float, rows: int, per_image: int) -> None:
+    """A coreset of fewer rows than one image has patches says nothing about normal images: refused."""
+    keep = math.ceil(fraction * rows)
+    if keep < per_image:
+        raise SettingError("coreset", fraction, f"keeps {keep} of the bank's {rows} patches, fewer than one image's "
+                                                f"{per_image}: far too small to describe normal images; use 0.01 "
+                                                "or more (0.1 is usual)")
 
-    With ``refine > 0`` and a whole bank, each image's ``refine`` highest patches are searched
-    again in the whole bank, so the image score (the maximum) and the map's peaks are exact.
+
+class PatchBank(nn.Module):
+    """One memory bank: its searched rows (a coreset or the whole bank), and beside a coreset the
+    whole bank, in which :class:`AnomalyScorer` re-searches the patches the image score depends on.
     """
 
     def __init__(self, state: dict, refine: int = 0, backend: str = "auto", precision: str = "auto"):
@@ -148,7 +161,6 @@ class PatchBank(nn.Module):
         # The whole bank is searched for a few patches per image: the torch search (faiss scans a
         # handful of queries without BLAS: 138 ms against 22 ms for 16 queries x 214,000 x 384).
         self.whole = BankSearch(state["full"], "torch", precision) if refining else None
-        self.refine = refine if refining else 0
         self.coreset, self.coreset_dim, self.seed = state["coreset"], state["coreset_dim"], state["seed"]
 
     def state(self) -> dict:
@@ -156,17 +168,14 @@ class PatchBank(nn.Module):
         return {"rows": self.search.rows.cpu(), "full": None if self.whole is None else self.whole.rows.cpu(),
                 "coreset": self.coreset, "coreset_dim": self.coreset_dim, "seed": self.seed}
 
-    def forward(self, grid: torch.Tensor, k: int) -> torch.Tensor:
-        """``(N, D, h, w)`` features -> ``(N, h, w)`` mean distance to the ``k`` nearest bank patches."""
-        n, _, h, w = grid.shape
-        patches = to_patches(grid)
-        dist = self.search(patches, k).mean(1).view(n, h * w)
-        if self.whole is not None:
-            top = dist.topk(min(self.refine, h * w), dim=1).indices  # (n, refine) patch positions
-            rows = (top + torch.arange(n, device=dist.device)[:, None] * (h * w)).reshape(-1)
-            exact = self.whole(patches[rows], k).mean(1).view(top.shape)
-            dist = dist.scatter(1, top, exact)
-        return dist.view(n, h, w)
+    def forward(self, patches: torch.Tensor, k: int) -> torch.Tensor:
+        """``(M, D)`` patches -> ``(M,)`` mean distance to their ``k`` nearest searched rows: the exact
+        distance without a coreset, an upper bound of it with one (a subset's k nearest are no nearer)."""
+        return self.search(patches, k).mean(1)
+
+    def exact(self, patches: torch.Tensor, k: int) -> torch.Tensor:
+        """``(M, D)`` -> ``(M,)`` mean distance to the ``k`` nearest rows of the whole bank."""
+        return (self.search if self.whole is None else self.whole)(patches, k).mean(1)
 
 
 class AnomalyScorer(nn.Module):
@@ -187,6 +196,9 @@ class AnomalyScorer(nn.Module):
         self.banks = nn.ModuleList(banks)
         self.fusion, self.size, self.k, self.smooth = config.fusion, config.size, config.k, config.smooth
         self.map_source, self.layer_count, self.map_norm = config.map_source, len(config.layers), map_norm
+        self.refine, self.certify_scores = config.refine, config.certify
+        self.coreset = any(bank.whole is not None for bank in banks)  # a coreset whose distances are bounds
+        self.search_stats: dict = {}  # of the last :meth:`score` call (re-searched patches, certified images)
 
     @classmethod
     def from_states(cls, config: ScoreConfig, states: list[dict], map_norm: dict | None = None,
@@ -206,32 +218,176 @@ class AnomalyScorer(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per layer ``(N, C_l, h_l, w_l)`` (then a head's logits ``(N, 1, h, w)`` for ``head`` / ``fused``)
-        -> image scores ``(N,)`` and maps ``(N, S, S)``. ``smooth`` blurs the k-NN maps only; their
-        image scores are taken before it (the paper's)."""
+        -> image scores ``(N,)`` and maps ``(N, S, S)`` (:meth:`search_maps` without its search report)."""
+        scores, maps, _, _ = self.search_maps(feats)
+        return scores, maps
+
+    def search_maps(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`forward`, and per image whether its score is certified exact ``(N,)`` bool and how
+        many patches were re-searched in the whole bank ``(N,)`` (see :meth:`knn_maps`). ``smooth``
+        blurs the k-NN maps only; their image scores are taken before it (the paper's)."""
         if self.map_source == "head":  # no k-NN search: the head's map alone
-            return combine_head("head", None, feats[self.layer_count], self.map_norm, self.size)
-        grids = bank_grids(self.fusion, feats[:self.layer_count])
-        patch_maps = [bank(grid, self.k) for bank, grid in zip(self.banks, grids)]
+            scores, maps = combine_head("head", None, feats[self.layer_count], self.map_norm, self.size)
+            searched = torch.zeros_like(scores, dtype=torch.long)
+            return scores, maps, torch.ones_like(searched, dtype=torch.bool), searched
+        patch_maps, certified, searched = self.knn_maps(feats)
         scores, maps = fuse_maps(self.fusion, patch_maps, self.size)
         maps = gaussian_smooth(maps, self.smooth)
         if self.map_source == "fused":
-            return combine_head("fused", maps, feats[self.layer_count], self.map_norm, self.size)
-        return scores, maps
+            scores, maps = combine_head("fused", maps, feats[self.layer_count], self.map_norm, self.size)
+        return scores, maps, certified, searched
+
+    # -- nearest-neighbour maps, with a coreset certified -----------------------------------
+    def knn_maps(self, feats: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Per layer ``(N, C_l, h_l, w_l)`` -> per bank the ``(N, h_b, w_b)`` distance map, whether each
+        image score is certified exact ``(N,)`` bool, and the patches re-searched per image ``(N,)``.
+
+        Without a coreset every distance is exact. With one, a patch's coreset distance is an upper
+        bound of its exact distance (a subset's ``k`` nearest are no nearer), so the image score can
+        be certified (:meth:`certify`); ``certify=False`` re-searches each bank's ``refine`` highest
+        patches once instead (uncertified), ``refine=0`` none (pure coreset).
+        """
+        grids = bank_grids(self.fusion, feats[:self.layer_count])
+        n = grids[0].shape[0]
+        shapes = [(int(g.shape[-2]), int(g.shape[-1])) for g in grids]
+        patches = [to_patches(g) for g in grids]
+        values = [bank(p, self.k).view(n, -1) for bank, p in zip(self.banks, patches)]
+        device = values[0].device
+        searched = torch.zeros(n, dtype=torch.long, device=device)
+        certified = (torch.zeros_like if self.coreset else torch.ones_like)(searched, dtype=torch.bool)
+        if self.coreset and self.certify_scores:
+            certified, searched = self.certify(values, patches, shapes)
+        elif self.coreset and self.refine > 0:
+            for layer, bank in enumerate(self.banks):  # each bank's top patches once: fast, uncertified
+                top = values[layer].topk(min(self.refine, values[layer].shape[1]), dim=1).indices
+                values[layer] = self.researched(bank, patches[layer], values[layer], top)
+                searched = searched + top.shape[1]
+        return [v.view(n, *shape) for v, shape in zip(values, shapes)], certified, searched
+
+    def researched(self, bank: PatchBank, patches: torch.Tensor, values: torch.Tensor,
+                   cells: torch.Tensor) -> torch.Tensor:
+        """``values`` ``(N, P)`` with the ``cells`` ``(N, c)`` of each image replaced by their exact distances."""
+        rows = (cells + torch.arange(values.shape[0], device=values.device)[:, None] * values.shape[1]).reshape(-1)
+        return values.scatter(1, cells, bank.exact(patches[rows], self.k).view(cells.shape))
+
+    def image_bound(self, values: list[torch.Tensor], exact: list[torch.Tensor],
+                    shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """What each image score is the maximum of, from the current distances: ``(N, Q)`` values and
+        which of them are still open (an upper bound: some distance it reads is not exact yet).
+
+        Concatenation: the grid cells themselves. Multiplication: the pixels of the product of the
+        resized maps (monotone in every distance, all non-negative, so a bound stays a bound); a
+        pixel is open where a resized map of the open cells is not zero there.
+        """
+        if self.fusion == "concatenation":
+            return values[0], ~exact[0]
+        n = values[0].shape[0]
+        product = open_weight = None
+        for value, done, (h, w) in zip(values, exact, shapes):
+            resized = resize_map(value.view(n, h, w), self.size)
+            pending = resize_map((~done).float().view(n, h, w), self.size)
+            product = resized if product is None else product * resized
+            open_weight = pending if open_weight is None else open_weight + pending
+        return product.flatten(1), open_weight.flatten(1) > 0
+
+    def contributors(self, candidates: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        """``(N, c)`` candidates of :meth:`image_bound` -> ``(N, c x m)`` cells of a ``shape`` grid they
+        read: the cell itself (concatenation), or for a pixel the 3 x 3 cells around its bilinear
+        source position (a superset of the 2 x 2 it reads, whatever the rounding of that position)."""
+        if self.fusion == "concatenation":
+            return candidates
+        h, w = shape
+        y = torch.div(candidates, self.size, rounding_mode="floor")
+        x = candidates - y * self.size
+
+        def near(coord: torch.Tensor, length: int) -> torch.Tensor:
+            source = ((coord.float() + 0.5) * (length / self.size) - 0.5).clamp(min=0).floor().long()
+            return torch.stack([source - 1, source, source + 1], -1).clamp(0, length - 1)
+
+        cells = near(y, h)[..., :, None] * w + near(x, w)[..., None, :]  # (N, c, 3, 3)
+        return cells.flatten(1)
+
+    def certify(self, values: list[torch.Tensor], patches: list[torch.Tensor],
+                shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-search, in the whole bank, the cells the image score may depend on, highest bound
+        first, until no open bound is above the best exact value: then the score *is* the exact
+        bank's. Rounds of ``refine``, ``2 refine``, ``4 refine``, ... candidates (one pass over the
+        whole bank each); ``values`` are updated in place. A traced graph runs
+        :data:`EXPORT_ROUNDS` rounds and reports which images are certified. Returns certified
+        ``(N,)`` bool and the cells re-searched per image ``(N,)``.
+        """
+        n = values[0].shape[0]
+        tracing = torch.jit.is_tracing()
+        exact = [torch.zeros_like(v, dtype=torch.bool) for v in values]
+        searched = torch.zeros(n, dtype=torch.long, device=values[0].device)
+        rounds = 0
+        while True:
+            bound, open_ = self.image_bound(values, exact, shapes)
+            best = bound.masked_fill(open_, float("-inf")).amax(1)
+            certified = bound.masked_fill(~open_, float("-inf")).amax(1) <= best
+            if (rounds == EXPORT_ROUNDS) if tracing else bool(certified.all()):
+                return certified, searched
+            count = min(self.refine * 2 ** rounds, bound.shape[1])
+            pick = bound.masked_fill(~open_ | certified[:, None], float("-inf")).topk(count, dim=1)
+            for layer, bank in enumerate(self.banks):
+                cells = self.contributors(pick.indices, shapes[layer])  # (n, count x m)
+                per_pick = cells.shape[1] // count
+                valid = (pick.values > float("-inf")).unsqueeze(-1).expand(-1, -1, per_pick).reshape(n, -1)
+                wanted = valid & ~exact[layer].gather(1, cells)
+                if tracing:
+                    values[layer], exact[layer] = self.search_cells(bank, patches[layer], values[layer],
+                                                                    exact[layer], cells, wanted)
+                else:
+                    searched += self.search_cells_(bank, patches[layer], values[layer], exact[layer], cells, wanted)
+            rounds += 1
+
+    def search_cells(self, bank: PatchBank, patches: torch.Tensor, values: torch.Tensor, exact: torch.Tensor,
+                     cells: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Traceable: ``values`` / ``exact`` ``(N, P)`` with the ``wanted`` of ``cells`` ``(N, c)`` searched in
+        the whole bank. Every cell is searched (fixed shapes); only wanted ones change, so the result
+        is the eager :meth:`search_cells_`'s (a cell picked twice gets the same exact value twice)."""
+        fresh = self.researched(bank, patches, values, cells)
+        chosen = torch.zeros_like(values).scatter_add(1, cells, wanted.float()) > 0
+        return torch.where(chosen, fresh, values), exact | chosen
+
+    def search_cells_(self, bank: PatchBank, patches: torch.Tensor, values: torch.Tensor, exact: torch.Tensor,
+                      cells: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+        """Eager, in place: the ``wanted`` of ``cells`` ``(N, c)`` searched once each in the whole bank;
+        returns the cells searched per image ``(N,)``."""
+        n, count = values.shape
+        flat = torch.unique((cells + torch.arange(n, device=cells.device)[:, None] * count)[wanted])
+        if flat.numel() > 0:  # else this bank's cells of the picked candidates are exact already
+            values.view(-1)[flat] = bank.exact(patches[flat], self.k)
+            exact.view(-1)[flat] = True
+        return torch.bincount(flat // count, minlength=n)
 
     @torch.no_grad()
     def score(self, feats: list[torch.Tensor], desc: str = "k-NN search") -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` over any number of images, :data:`IMAGES_PER_PASS` at a time (a progress
-        bar for long runs); scores and maps come back on the CPU."""
+        bar for long runs); scores and maps come back on the CPU, the search report in
+        :attr:`search_stats`."""
         count = feats[0].shape[0]
-        scores, maps = [], []
+        scores, maps, certified, searched = [], [], [], []
         with tqdm(total=count, desc=desc, unit="img", leave=False, disable=count <= IMAGES_PER_PASS,
                   dynamic_ncols=True) as bar:
             for start in range(0, count, IMAGES_PER_PASS):
-                part_scores, part_maps = self([f[start:start + IMAGES_PER_PASS] for f in feats])
-                scores.append(part_scores.cpu())
-                maps.append(part_maps.cpu())
-                bar.update(part_scores.shape[0])
+                parts = self.search_maps([f[start:start + IMAGES_PER_PASS] for f in feats])
+                for store, part in zip((scores, maps, certified, searched), parts):
+                    store.append(part.cpu())
+                bar.update(parts[0].shape[0])
+        self.search_stats = search_report(self, torch.cat(certified), torch.cat(searched))
         return torch.cat(scores), torch.cat(maps)
+
+
+def search_report(scorer: AnomalyScorer, certified: torch.Tensor, searched: torch.Tensor) -> dict:
+    """What the search did for ``N`` images: whether a coreset was searched, how (``certified``,
+    ``uncertified``, ``coreset only``), how many image scores are certified exact, and the patches
+    re-searched in the whole bank per image (mean and max)."""
+    mode = "exact bank" if not scorer.coreset else "certified" if scorer.certify_scores else \
+        "uncertified" if scorer.refine > 0 else "coreset only"
+    return {"bank": mode, "images": int(certified.numel()), "certified_images": int(certified.sum()),
+            "re_searched_per_image_mean": float(searched.float().mean()) if searched.numel() else 0.0,
+            "re_searched_per_image_max": int(searched.max()) if searched.numel() else 0}
 
 
 class AnomalyModel(nn.Module):
@@ -297,9 +453,18 @@ class ExportModel(nn.Module):
                 module.backend, module.precision = "torch", "fp32"
                 module.store_centred()
         self.core, self.size, self.antialias = core, model.config.size, model.config.antialias
+        # A certified coreset adds a third output: which image scores are certified exact.
+        self.reports_certified = bool(core.scorer.coreset and core.scorer.certify_scores)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.core(prepare_uint8(images, self.size, self.antialias))
+    @property
+    def output_names(self) -> list[str]:
+        return ["scores", "maps", "certified"] if self.reports_certified else ["scores", "maps"]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """uint8 ``(N, H, W, C)`` -> scores ``(N,)``, maps ``(N, S, S)`` (and certified ``(N,)`` bool)."""
+        feats = self.core.features(prepare_uint8(images, self.size, self.antialias))
+        scores, maps, certified, _ = self.core.scorer.search_maps(feats)
+        return (scores, maps, certified) if self.reports_certified else (scores, maps)
 
 
 class AnyRank(nn.Module):
@@ -310,6 +475,15 @@ class AnyRank(nn.Module):
         self.traced = traced
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.dim() == 3:
+            images = images.unsqueeze(-1)
+        return self.traced(images)
+
+
+class AnyRankCertified(AnyRank):
+    """:class:`AnyRank` of a file with a certified coreset (TorchScript needs the outputs' count)."""
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if images.dim() == 3:
             images = images.unsqueeze(-1)
         return self.traced(images)

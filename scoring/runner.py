@@ -119,6 +119,7 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     }
     record.update(folder_record(detector, run, out_dir) if unlabeled else
                   test_set_record(detector, run, category, out_dir))
+    record["search"] = dict(detector.model.scorer.search_stats)  # coreset: certified images, re-searched patches
     if run.synthetic_check:
         check_start = time.perf_counter()
         workers = resolve_workers(config.workers, device)

@@ -151,6 +151,11 @@ def format_record(record: dict) -> str:
         c = record["synthetic_check"]
         body += (f" | synthetic check: image AUROC {format_metric(c['image_auroc'])}, pixel AUROC "
                  f"{format_metric(c['pixel_auroc'])}, AUPRO {format_metric(c['aupro'])}")
+    search = record.get("search", {})
+    if search.get("bank") in ("certified", "uncertified", "coreset only"):
+        body += (f" | coreset ({search['bank']}): {search['certified_images']}/{search['images']} scores certified "
+                 f"exact, {search['re_searched_per_image_mean']:.0f} patches re-searched per image (max "
+                 f"{search['re_searched_per_image_max']})")
     timing = (f"bank {record['timings']['bank_s']:.1f}s{' (cached)' if record['bank']['cached'] else ''}, "
               f"{record['timings']['s_per_test_image'] * 1000:.0f} ms/image")
     return f"{head} {body} | {timing} -> {record['out_dir']}"

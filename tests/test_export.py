@@ -37,17 +37,18 @@ STANDALONE = textwrap.dedent("""
             extra = {"metadata.json": ""}
             model = torch.jit.load(path, _extra_files=extra)
             with torch.no_grad():
-                scores, maps = model(torch.from_numpy(images))
-                gray_scores, _ = model(torch.from_numpy(np.ascontiguousarray(images[..., 0])))
-            scores, maps, gray_scores = scores.numpy(), maps.numpy(), gray_scores.numpy()
+                outputs = [o.numpy() for o in model(torch.from_numpy(images))]
+                gray_scores = model(torch.from_numpy(np.ascontiguousarray(images[..., 0])))[0].numpy()
             threshold = json.loads(extra["metadata.json"])["threshold"]
         else:
             import onnxruntime
             session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-            scores, maps = session.run(None, {"images": images})
-            gray_scores, _ = session.run(None, {"images": np.ascontiguousarray(images[..., :1])})
+            outputs = session.run(None, {"images": images})
+            gray_scores = session.run(None, {"images": np.ascontiguousarray(images[..., :1])})[0]
             threshold = json.loads(session.get_modelmeta().custom_metadata_map["threshold"])
-        np.savez(path + ".npz", scores=scores, maps=maps, gray_scores=gray_scores, threshold=threshold)
+        certified = outputs[2] if len(outputs) == 3 else np.ones(len(outputs[0]), bool)  # a certified coreset's
+        np.savez(path + ".npz", scores=outputs[0], maps=outputs[1], gray_scores=gray_scores, threshold=threshold,
+                 certified=certified, outputs=len(outputs))
 """)
 VARIANTS = {"concatenation": {}, "multiplication": {"fusion": "multiplication"},
             "coreset": {"coreset": 0.3, "refine": 4, "k": 2}}
@@ -101,6 +102,8 @@ def test_exported_files_score_as_predict_in_a_fresh_process(fmt, detectors, imag
         gray = detector.predict([a[..., 0] for a in arrays])
         assert_scores_close(got["gray_scores"], gray.scores, detector.threshold)
         assert float(got["threshold"]) == pytest.approx(detector.threshold)
+        # A certified coreset's file says so per image (third output); the others keep two outputs.
+        assert int(got["outputs"]) == (3 if name == "coreset" else 2) and got["certified"].all()
         meta = read_metadata(files[name], fmt)
         assert meta["size"] == 32 and meta["config"]["fusion"] == detector.config.fusion
         assert meta["provenance"]["arch"] == "wave18"

@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+import scoring.knn as knn_module
 from scoring import ScoreConfig, metrics
 from scoring.knn import BankSearch, faiss_available, greedy_coreset
 from scoring.model import AnomalyScorer, PatchBank, bank_states, concat_layers, gaussian_smooth, resize_map, to_patches
@@ -90,6 +91,22 @@ def test_bf16_shortlist_keeps_exact_neighbours_of_relu_like_features():
     torch.testing.assert_close(dist.double(), ref, rtol=1e-5, atol=1e-4)
     tiny = BankSearch(bank[:5], backend="torch", precision="bf16")(queries[:4], 5)
     assert tiny.shape == (4, 5)  # shortlist longer than the bank
+
+
+def test_bf16_shortlist_is_checked_where_rounding_hides_the_nearest_row():
+    # Long vectors, tiny gaps: bfloat16 products (~2^-8 |q| |b|) cannot tell the near rows apart,
+    # and a 16-row shortlist misses the nearest; the rounding bound sends those queries to float32.
+    gen = torch.Generator().manual_seed(4)
+    centre = 30 * torch.rand(64, generator=gen)  # two far clusters: long vectors even once centred
+    sign = torch.where(torch.rand(5300, 1, generator=gen) < 0.5, 1.0, -1.0)
+    points = sign * centre + 0.05 * torch.randn(5300, 64, generator=gen)
+    bank, queries = points[:5000], points[5000:]
+    ref = torch.cdist(queries.double(), bank.double()).topk(2, largest=False).values
+    search = BankSearch(bank, backend="torch", precision="bf16")
+    candidates, _ = search._shortlist(queries, 2 + knn_module.SHORTLIST_BF16, torch.bfloat16, False)
+    unchecked = search._rerank(queries, candidates, 2)
+    assert (unchecked.double() > ref + 1e-4).any()  # the bfloat16 shortlist alone is wrong here...
+    torch.testing.assert_close(search(queries, 2).double(), ref, rtol=1e-5, atol=1e-5)  # ...the search is not
 
 
 @pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
@@ -226,7 +243,8 @@ def test_coreset_refine_restores_exact_image_scores(fusion):
     train = [torch.randn(20, 8, 8, 8, generator=gen), torch.randn(20, 4, 4, 4, generator=gen)]
     test = [torch.randn(5, 8, 8, 8, generator=gen), torch.randn(5, 4, 4, 4, generator=gen)]
     exact = fit(fusion, train)
-    coarse_config = ScoreConfig(fusion=fusion, size=32, knn="torch", coreset=0.1, coreset_dim=0, refine=0)
+    coarse_config = ScoreConfig(fusion=fusion, size=32, knn="torch", coreset=0.1, coreset_dim=0, refine=0,
+                                certify=False)
     states = bank_states(coarse_config, train)
     assert states[0]["full"] is not None and states[0]["rows"].shape[0] == math.ceil(0.1 * states[0]["full"].shape[0])
     coarse = AnomalyScorer.from_states(coarse_config, states)
@@ -269,8 +287,8 @@ def test_synthetic_check_split_and_images_are_seeded_and_disjoint(kinds):
 def test_patch_bank_state_round_trip_and_search():
     gen = torch.Generator().manual_seed(1)
     patches, queries = torch.randn(300, 6, generator=gen), torch.randn(7, 6, generator=gen)
-    config = ScoreConfig(size=32, coreset=0.2, coreset_dim=0, knn="torch")
-    [state] = bank_states(config, [patches.T.reshape(1, 6, 20, 15)])
+    config = ScoreConfig(size=32, coreset=0.2, coreset_dim=0, knn="torch", certify=False)
+    [state] = bank_states(config, [patches.view(10, 5, 6, 6).permute(0, 3, 1, 2)])  # 10 images of 5 x 6 patches
     assert state["rows"].shape == (60, 6) and torch.equal(state["full"], patches)
     bank = PatchBank(state, refine=4, backend="torch")
     assert bank.state()["coreset"] == 0.2 and torch.equal(bank.state()["rows"], state["rows"])
@@ -286,3 +304,74 @@ def test_patch_bank_state_round_trip_and_search():
     buffer.seek(0)
     loaded = PatchBank(torch.load(buffer, weights_only=True), refine=4, backend="torch")
     assert torch.equal(loaded.whole.rows, patches)
+
+
+def coreset_case(fusion: str, seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Clustered non-negative features (as ReLU features are) of 30 training and 12 test images."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = [3 * torch.randn(6, channels, generator=gen) for channels in (8, 4)]
+
+    def images(count: int) -> list[torch.Tensor]:
+        out = []
+        for centre, side in zip(centres, (8, 4)):
+            pick = centre[torch.randint(0, 6, (count, side, side), generator=gen)]  # (count, side, side, C)
+            out.append((pick + 0.5 * torch.randn(pick.shape, generator=gen)).abs().permute(0, 3, 1, 2).contiguous())
+        return out
+
+    return images(30), images(12)
+
+
+@pytest.mark.parametrize("fusion", ["concatenation", "multiplication"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_certified_coreset_scores_equal_the_exact_bank(fusion, k):
+    train, test = coreset_case(fusion, seed=k)
+    exact_scores, exact_maps = fit(fusion, train, k=k).score(test)
+    config = ScoreConfig(fusion=fusion, size=32, knn="torch", k=k, coreset=0.1, refine=2)
+    certified = AnomalyScorer.fit(config, train)
+    scores, maps = certified.score(test)
+    torch.testing.assert_close(scores, exact_scores, rtol=1e-6, atol=0)
+    assert (maps >= exact_maps - 1e-5).all()  # outside the re-searched patches the map is a bound
+    stats = certified.search_stats
+    assert stats["bank"] == "certified" and stats["certified_images"] == stats["images"] == 12
+    assert 0 < stats["re_searched_per_image_mean"] <= stats["re_searched_per_image_max"]
+    # The fixed, uncertified re-search of the 2 highest patches does not reach the exact scores.
+    fixed = AnomalyScorer.fit(config.replace(certify=False), train)
+    fixed_scores, _ = fixed.score(test)
+    assert (fixed_scores >= exact_scores - 1e-5).all() and (fixed_scores > exact_scores * (1 + 1e-4)).any()
+    assert fixed.search_stats["bank"] == "uncertified" and fixed.search_stats["certified_images"] == 0
+
+
+@pytest.mark.parametrize("fusion", ["concatenation", "multiplication"])
+def test_traced_certification_scores_and_maps_as_eager(fusion):
+    train, test = coreset_case(fusion, seed=5)
+    scorer = AnomalyScorer.fit(ScoreConfig(fusion=fusion, size=32, knn="torch", coreset=0.1, refine=2), train)
+    eager_scores, eager_maps, eager_certified, _ = scorer.search_maps(test)
+    traced = torch.jit.trace(lambda a, b: scorer.search_maps([a, b])[:3], tuple(t[:5] for t in test),
+                             check_trace=False)
+    scores, maps, certified = traced(*test)  # another batch size than the trace saw
+    assert eager_certified.all() and certified.any() and not certified.all()  # 4 rounds of 2, 4, 8, 16 cells
+    # Certified within the graph's fixed rounds: the same exact scores and maps as eager; the others
+    # say so, and their scores are bounds of the exact ones.
+    torch.testing.assert_close(scores[certified], eager_scores[certified], rtol=1e-6, atol=0)
+    torch.testing.assert_close(maps[certified], eager_maps[certified], rtol=1e-6, atol=1e-6)
+    assert (scores[~certified] >= eager_scores[~certified] - 1e-6).all()
+
+
+def test_tiny_coresets_are_refused_and_fused_maps_are_not_certified():
+    from common.errors import SettingError
+
+    train, _ = coreset_case("concatenation")
+    with pytest.raises(SettingError, match=r"coreset=1e-09: keeps 1 of the bank's 1920 patches, fewer than one"):
+        AnomalyScorer.fit(ScoreConfig(size=32, knn="torch", coreset=1e-9), train)
+    with pytest.raises(SettingError, match="refine=0: must be at least 1 for certified coreset scores"):
+        ScoreConfig(coreset=0.1, refine=0)
+    assert ScoreConfig(coreset=0.1, refine=0, certify=False).refine == 0  # the coreset alone, uncertified
+    with pytest.raises(SettingError, match="not the fused one") as info:
+        ScoreConfig(coreset=0.1, map_source="fused")
+    from common import cli
+
+    flags = {"map_source": "--map", "certify": "--uncertified", "certify=False": "--uncertified",
+             "coreset": "--coreset"}
+    assert cli.setting_message(info.value, flags) == (
+        "--map fused: certified coreset scores cover the knn and head maps, not the fused one; add --uncertified "
+        "(uncertified) or keep the whole bank (--coreset 1)")
