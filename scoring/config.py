@@ -75,8 +75,8 @@ class ScoreConfig(Settings):
              "must be in (0, 1]; 1 keeps the whole bank (the paper)"),
             ("coreset_dim", isinstance(self.coreset_dim, int) and self.coreset_dim >= 0, "must be 0 or more"),
             ("k", isinstance(self.k, int) and self.k >= 1, "must be at least 1"),
-            ("refine", isinstance(self.refine, int) and (self.refine >= 1 if self.certify and self.coreset < 1
-                                                         else self.refine >= 0),
+            ("refine", isinstance(self.refine, int) and self.refine >= 0, "must be 0 or more"),
+            ("refine", not (self.certify and self.coreset < 1 and self.refine == 0),
              "must be at least 1 for certified coreset scores (0 = the coreset alone, uncertified: add "
              "`certify=False`)"),
             ("map_source", not (self.certify and self.coreset < 1 and self.map_source == "fused"),

@@ -8,6 +8,7 @@ images, and what was skipped, why). Both run the detector's :class:`scoring.mode
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -123,18 +124,26 @@ def evaluate_test_set(detector: Detector, dataset: TestSet, workers: int = 0, de
 
 
 def folder_images(folder: Path) -> tuple[list[Path], list[dict]]:
-    """The image files under ``folder`` (by extension, sorted) and the other files, as skipped entries."""
-    candidates = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """The image files under ``folder`` (by extension, sorted) and the other files, as skipped
+    entries (broken links among them)."""
+    entries = sorted(p for p in folder.rglob("*") if not p.name.startswith(".") and (p.is_file() or p.is_symlink()))
+    broken = [p for p in entries if not p.exists()]  # a link whose target is gone
+    candidates = [p for p in entries if p.is_file()]
     paths = [p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES]
     skipped = [{"path": str(p), "reason": "not an image file (by extension)"} for p in candidates if p not in paths]
+    skipped += [{"path": str(p), "reason": f"broken link (its target {os.readlink(p)} does not exist)"}
+                for p in broken]
     if not paths:
         raise SettingError("images", str(folder), "no image files (png/jpg/bmp/tif) found")
     return paths, skipped
 
 
-def score_image_folder(detector: Detector, folder: Path, workers: int = 0) -> FolderResult:
-    """Score every readable image under ``folder``; unreadable ones are skipped with their reason."""
-    paths, skipped = folder_images(folder)
+def score_image_folder(detector: Detector, folder: Path, workers: int = 0,
+                       listing: tuple[list[Path], list[dict]] | None = None) -> FolderResult:
+    """Score every readable image under ``folder`` (``listing``: its :func:`folder_images`, when the
+    caller has it already); unreadable ones are skipped with their reason."""
+    paths, skipped = listing if listing is not None else folder_images(folder)
+    skipped = list(skipped)
     config = detector.config
     dataset = ImageFiles(paths, config.size, config.antialias, skip_bad=True)
     start = time.perf_counter()

@@ -1,29 +1,34 @@
 """Where a scoring run writes its files, without ever replacing another run's results.
 
 A run's *identity* is what its numbers and pictures depend on: the checkpoint's content
-(sha256), the category, the fusion, the data it scored (test set or ``--images`` folder) and
-the scoring settings. It is written as ``.identity.json`` into the output folder before
-anything else, so even a run that was killed half-way can be recognised.
+(sha256), the category, the fusion, the data it scored (test set, or an ``--images`` folder by
+its files' contents) and the scoring settings. It is written as ``.identity.json`` into the
+output folder before anything else, so even a run that was killed half-way can be recognised.
 
 - Default folder ``results/<p>/<fusion>``: versioned as anomalib does, ``v0``, ``v1``, ... with
-  a ``latest`` link to the newest. A run with the identity of an existing version clears and
-  rewrites that version (a re-run replaces its own results); any other identity gets the next
-  version, so results of another checkpoint or other settings are never replaced.
-- ``--out DIR``: exactly that folder. It is cleared when it holds this run's own earlier
-  results; results of another run there are only replaced with ``--overwrite``.
+  a ``latest`` link to the newest. A run with the identity of an existing version writes into
+  that version (the files it writes again are replaced, the others, e.g. heatmaps of an earlier
+  run with pictures, are kept: they are the same run's); any other identity gets the next
+  version, so results of another checkpoint, other settings or other images are never replaced.
+- ``--out DIR``: exactly that folder, the same way; results of another run there are only
+  replaced (cleared first) with ``--overwrite``.
+- :func:`run_folder` publishes a run only when it succeeds: ``latest`` moves then, and a run that
+  fails leaves no new version behind (and ``latest`` where it was).
 
 Clearing removes only the files a scoring run writes (:data:`RUN_FILES`), never anything else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
-from common.errors import UserError
+from common.errors import SettingError, UserError
 
 from .report import write_json
 
@@ -59,9 +64,10 @@ def clear_run_files(folder: Path) -> None:
 
 
 def _claim(folder: Path, identity: dict) -> Path:
-    """Clear ``folder`` of earlier run files and write this run's identity into it first."""
+    """Write this run's identity into ``folder`` first (made if need be)."""
+    if folder.exists() and not folder.is_dir():
+        raise SettingError("out", str(folder), "is a file, not a folder; give a folder for the results")
     folder.mkdir(parents=True, exist_ok=True)
-    clear_run_files(folder)
     write_json(folder / IDENTITY_FILE, identity)
     return folder
 
@@ -86,28 +92,51 @@ def point_latest(base: Path, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def versioned_dir(base: Path, identity: dict) -> Path:
-    """The version of ``base`` that holds ``identity``'s results, or a new one; ``latest`` points to it."""
+def chosen_version(base: Path, identity: dict) -> Path:
+    """The version of ``base`` that holds ``identity``'s results, or the next new one (not made yet)."""
     existing = versions(base)
     for _, folder in existing:
         if _read_identity(folder) == identity:
-            chosen = folder
-            break
-    else:
-        chosen = base / f"v{existing[-1][0] + 1 if existing else 0}"
-    _claim(chosen, identity)
+            return folder
+    return base / f"v{existing[-1][0] + 1 if existing else 0}"
+
+
+def versioned_dir(base: Path, identity: dict) -> Path:
+    """The version of ``base`` that holds ``identity``'s results, or a new one; ``latest`` points to it."""
+    chosen = _claim(chosen_version(base, identity), identity)
     point_latest(base, chosen)
     return chosen
 
 
 def explicit_dir(folder: Path, identity: dict, overwrite: bool, flag: str = "--out") -> Path:
-    """``--out DIR``: cleared for a re-run of the same identity; another run's results need ``--overwrite``."""
-    if holds_results(folder) and _read_identity(folder) != identity and not overwrite:
-        raise UserError(f"{flag} {folder} holds results of another checkpoint or other settings; pass "
-                        f"--overwrite to replace them, or choose another {flag}")
+    """``--out DIR``: reused by a re-run of the same identity; another run's results need ``--overwrite``
+    (and are cleared first)."""
+    if holds_results(folder) and _read_identity(folder) != identity:
+        if not overwrite:
+            raise UserError(f"{flag} {folder} holds results of another checkpoint or other settings; pass "
+                            f"--overwrite to replace them, or choose another {flag}")
+        clear_run_files(folder)
     return _claim(folder, identity)
 
 
 def output_dir(base: Path, identity: dict, explicit: bool, overwrite: bool) -> Path:
     """:func:`explicit_dir` for a folder the user named, :func:`versioned_dir` for a default one."""
     return explicit_dir(base, identity, overwrite) if explicit else versioned_dir(base, identity)
+
+
+@contextlib.contextmanager
+def run_folder(base: Path, identity: dict, explicit: bool, overwrite: bool) -> Iterator[Path]:
+    """The folder a scoring run writes into (as :func:`output_dir` chooses it), published only if
+    the run succeeds: then ``latest`` points to it. If the run fails, a folder it made is removed
+    again, so no empty or half-written version is left, and ``latest`` stays where it was."""
+    target = base if explicit else chosen_version(base, identity)
+    made = not target.exists()
+    folder = explicit_dir(base, identity, overwrite) if explicit else _claim(target, identity)
+    try:
+        yield folder
+    except BaseException:
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if not explicit:
+        point_latest(base, folder)

@@ -25,11 +25,11 @@ from data import TestSet
 
 from .cache import cached_detector
 from .config import ScoreConfig
-from .detector import features_of, is_detector_file, load_network, resolve_config
-from .evaluation import evaluate_test_set, score_image_folder
-from .output import versioned_dir
+from .detector import features_of, files_digest, is_detector_file, load_network, read_detector_file, resolve_config
+from .evaluation import evaluate_test_set, folder_images, score_image_folder
+from .output import run_folder, versioned_dir
 from .report import environment, write_json
-from .runs import ScoringRun, detector_target, resolve_checkpoint, run_identity, run_output_dir, settings_record
+from .runs import ScoringRun, detector_target, output_place, resolve_checkpoint, run_identity, settings_record
 from .synthetic_check import synthetic_check
 from .writing import format_record, write_folder, write_run_table, write_summary, write_test_set
 
@@ -41,11 +41,22 @@ def peak_memory() -> dict:
     return out
 
 
-def check_replaceable(target: Path) -> None:
-    """The detector file may replace an older detector file, never anything else (e.g. a checkpoint)."""
-    if target.exists() and not is_detector_file(target):
+def check_replaceable(target: Path, detector, overwrite: bool) -> None:
+    """The detector file may replace the same detector (checkpoint, training images and settings),
+    or any detector file with ``overwrite``; never another kind of file (e.g. a checkpoint)."""
+    if not target.exists():
+        return
+    if not is_detector_file(target):
         raise SettingError("save_detector", str(target), "the file exists and is not a detector file; choose "
                                                           "another path")
+    state = read_detector_file(target)
+    provenance, ours = state.get("provenance", {}), detector.provenance
+    same = state.get("config") == detector.config.to_dict() and all(
+        provenance.get(key) == ours.get(key) for key in ("sha256", "train_files_sha256"))
+    if not same and not overwrite:
+        raise SettingError("save_detector", str(target), "holds a detector of another checkpoint, training images "
+                                                          "or settings; add `overwrite=True` to replace it, or "
+                                                          "choose another path")
 
 
 def test_set_record(detector, run: ScoringRun, category: str, out_dir: Path) -> dict:
@@ -74,10 +85,11 @@ def test_set_record(detector, run: ScoringRun, category: str, out_dir: Path) -> 
     }
 
 
-def folder_record(detector, run: ScoringRun, out_dir: Path) -> dict:
-    """Score the unlabeled images of ``run.images``; write ``scores.csv``; its part of ``results.json``."""
+def folder_record(detector, run: ScoringRun, out_dir: Path, listing: tuple[list[Path], list[dict]]) -> dict:
+    """Score the unlabeled images of ``run.images`` (``listing``: :func:`scoring.evaluation.folder_images`);
+    write ``scores.csv``; its part of ``results.json``."""
     folder = Path(run.images)
-    result = score_image_folder(detector, folder, resolve_workers(detector.config.workers, detector.device))
+    result = score_image_folder(detector, folder, resolve_workers(detector.config.workers, detector.device), listing)
     threshold = detector.calibration
     files = write_folder(out_dir, result, folder, threshold.value, run.save_maps, run.pictures)
     count = len(result.paths)
@@ -94,31 +106,53 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
                    out_per_category: bool = False) -> dict:
     """Score one category; writes the run's files under its output folder and returns the record
     (what ``results.json`` holds). ``out_per_category``: ``run.out`` names a parent folder and each
-    category writes to ``<out>/<category>``."""
+    category writes to ``<out>/<category>``. A run that fails leaves no new version (see
+    :func:`scoring.output.run_folder`)."""
     total_start = time.perf_counter()
     ckpt_path = resolve_checkpoint(run, category)
     network, info = load_network(ckpt_path, device, run.arch, run.wavelet)
     config = resolve_config(config, info)
-    unlabeled = run.images is not None
-    if unlabeled and not Path(run.images).is_dir():
-        raise SettingError("images", run.images, "no such folder")
+    listing = None
+    if run.images is not None:
+        if not Path(run.images).is_dir():
+            raise SettingError("images", run.images, "no such folder")
+        listing = folder_images(Path(run.images))
     target = detector_target(run, ckpt_path, config.fusion)
-    if target is not None:
-        check_replaceable(target)
     detector, cached, bank_seconds = cached_detector(
         config, network, info, ckpt_path, run.data_root, category, device,
-        need_threshold=(unlabeled or target is not None) and config.threshold is None, rebuild=run.rebuild_bank)
-    identity = run_identity(config, run, category, info["sha256"])
-    out_dir = run_output_dir(run, identity, ckpt_path, category, out_per_category)
+        need_threshold=(listing is not None or target is not None) and config.threshold is None,
+        rebuild=run.rebuild_bank)
+    if target is not None:
+        check_replaceable(target, detector, run.overwrite)
+    identity = run_identity(config, run, category, info["sha256"], listing and files_digest(listing[0]))
+    base, explicit = output_place(run, ckpt_path, config.fusion, category, out_per_category)
+    with run_folder(base, identity, explicit, run.overwrite) as out_dir:
+        record = scored_record(detector, info, run, category, out_dir, listing)
+        if target is not None:
+            record["files"]["detector"] = str(detector.save(target))
+        record["bank"]["cached"] = cached
+        record["timings"].update(bank_s=round(bank_seconds, 3), total_s=round(time.perf_counter() - total_start, 3))
+        record.update(memory=peak_memory(), **environment(config.seed, run.command), out_dir=str(out_dir),
+                      identity=identity)
+        write_json(out_dir / "results.json", record)
+        if listing is None:
+            write_run_table(out_dir, record)
+    return record
+
+
+def scored_record(detector, info: dict, run: ScoringRun, category: str, out_dir: Path, listing) -> dict:
+    """Score the test set (``listing`` ``None``) or the listed new images, and the synthetic check;
+    write their files into ``out_dir``; the record of ``results.json`` so far (``info``: the checkpoint's)."""
+    config, network, device = detector.config, detector.model.network, detector.device
     banks = [bank.search.rows for bank in detector.model.scorer.banks]
     record = {
         "category": category, "fusion": config.fusion, "checkpoint": dict(info),
         "settings": settings_record(config, detector.model.scorer.backend),
         "bank": {"patches": [int(b.shape[0]) for b in banks], "dim": [int(b.shape[1]) for b in banks],
-                 "train_images": detector.provenance["train_images"], "cached": cached},
+                 "train_images": detector.provenance["train_images"]},
     }
-    record.update(folder_record(detector, run, out_dir) if unlabeled else
-                  test_set_record(detector, run, category, out_dir))
+    record.update(test_set_record(detector, run, category, out_dir) if listing is None else
+                  folder_record(detector, run, out_dir, listing))
     record["search"] = dict(detector.model.scorer.search_stats)  # coreset: certified images, re-searched patches
     if run.synthetic_check:
         check_start = time.perf_counter()
@@ -128,17 +162,6 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
             lambda dataset, desc: features_of(network, dataset, config, device, desc, workers=workers),
             kinds=run.check_kinds)
         record["timings"]["synthetic_check_s"] = round(time.perf_counter() - check_start, 3)
-    if target is not None:
-        record["files"]["detector"] = str(detector.save(target))
-    record["timings"]["bank_s"] = round(bank_seconds, 3)
-    record["timings"]["total_s"] = round(time.perf_counter() - total_start, 3)
-    record["memory"] = peak_memory()
-    record.update(environment(config.seed, run.command))
-    record["out_dir"] = str(out_dir)
-    record["identity"] = identity
-    write_json(out_dir / "results.json", record)
-    if not unlabeled:
-        write_run_table(out_dir, record)
     return record
 
 

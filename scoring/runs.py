@@ -15,7 +15,6 @@ import models
 from common.errors import SettingError
 
 from .config import ScoreConfig
-from .output import output_dir
 from .synthetic_check import CHECK_AUGS
 
 CHECKPOINT_NAMES = ("model.pt", "e1600_model.pt")
@@ -109,20 +108,22 @@ def settings_record(config: ScoreConfig, backend: str) -> dict:
     return {**record, "knn": backend, **PROTOCOL}
 
 
-def run_identity(config: ScoreConfig, run: ScoringRun, category: str, ckpt_sha: str) -> dict:
-    """What a run's results depend on (see :mod:`scoring.output`): speed settings left out."""
-    source = {"images": os.path.abspath(run.images)} if run.images is not None else \
-        {"data_root": os.path.abspath(run.data_root)}
+def run_identity(config: ScoreConfig, run: ScoringRun, category: str, ckpt_sha: str,
+                 images_digest: str | None = None) -> dict:
+    """What a run's results depend on (see :mod:`scoring.output`): speed settings left out; an
+    ``--images`` folder by its path and its files (``images_digest``: their names and contents), so
+    scoring tomorrow's images in the same folder makes a new version instead of replacing today's."""
+    source = {"images": os.path.abspath(run.images), "images_sha256": images_digest} if run.images is not None \
+        else {"data_root": os.path.abspath(run.data_root)}
     settings = {k: v for k, v in settings_record(config, "").items() if k not in ScoreConfig.names("speed")}
     return {"checkpoint_sha256": ckpt_sha, "category": category, "fusion": config.fusion, **source,
             "settings": settings}
 
 
-def run_output_dir(run: ScoringRun, identity: dict, ckpt_path: Path, category: str, out_per_category: bool) -> Path:
-    """``run.out`` (or ``<out>/<category>``) as given, else the versioned ``results/<run>/<fusion>[-images]``."""
+def output_place(run: ScoringRun, ckpt_path: Path, fusion: str, category: str,
+                 out_per_category: bool) -> tuple[Path, bool]:
+    """Where the run writes, for :func:`scoring.output.run_folder`: ``run.out`` (or ``<out>/<category>``)
+    as given (``True``: explicit), else the versioned ``results/<run>/<fusion>[-images]``."""
     if run.out:
-        return output_dir(Path(run.out) / category if out_per_category else Path(run.out), identity,
-                          explicit=True, overwrite=run.overwrite)
-    folder = identity["fusion"] + ("-images" if run.images is not None else "")
-    return output_dir(Path("results") / run_name(ckpt_path) / folder, identity, explicit=False,
-                      overwrite=run.overwrite)
+        return (Path(run.out) / category if out_per_category else Path(run.out)), True
+    return Path("results") / run_name(ckpt_path) / (fusion + ("-images" if run.images is not None else "")), False

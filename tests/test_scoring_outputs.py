@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from common import cli
+from common.errors import SettingError
 from scoring import cli as score_cli
-from scoring.output import IDENTITY_FILE, explicit_dir, versioned_dir
+from scoring.output import IDENTITY_FILE, explicit_dir, run_folder, versioned_dir
 
 FAST = ["--batch-size", "4", "--no-pictures"]
 
@@ -48,7 +49,7 @@ def results_of(folder: Path) -> dict:
 
 # --- the folder logic itself ----------------------------------------------------------------
 
-def test_versions_keep_other_runs_and_a_rerun_clears_its_own(tmp_path):
+def test_versions_keep_other_runs_and_a_rerun_keeps_its_own(tmp_path):
     base = tmp_path / "results" / "zipper-wave50" / "concatenation"
     first = versioned_dir(base, {"k": 1})
     (first / "heatmaps").mkdir()
@@ -61,7 +62,8 @@ def test_versions_keep_other_runs_and_a_rerun_clears_its_own(tmp_path):
     assert (first / "heatmaps" / "old.png").exists()  # another run's results stay
     again = versioned_dir(base, {"k": 1})
     assert again == first and (base / "latest").resolve() == first.resolve()
-    assert not (first / "heatmaps").exists() and not (first / "results.json").exists()
+    # The same run again writes into its own version; what it does not write again stays (its heatmaps).
+    assert (first / "heatmaps" / "old.png").exists() and (first / "results.json").exists()
     assert (first / "my_notes.txt").read_text() == "mine"
     assert json.loads((first / IDENTITY_FILE).read_text()) == {"k": 1}
 
@@ -69,20 +71,42 @@ def test_versions_keep_other_runs_and_a_rerun_clears_its_own(tmp_path):
 def test_explicit_out_refuses_other_results_unless_overwrite(tmp_path):
     folder = explicit_dir(tmp_path / "out", {"k": 1}, overwrite=False)
     (folder / "results.json").write_text("{}")
-    assert explicit_dir(folder, {"k": 1}, overwrite=False) == folder  # its own: cleared, reused
-    assert not (folder / "results.json").exists()
-    (folder / "results.json").write_text("{}")
+    assert explicit_dir(folder, {"k": 1}, overwrite=False) == folder  # its own: reused, kept
+    assert (folder / "results.json").exists()
     with pytest.raises(Exception, match="holds results of another checkpoint or other settings; pass --overwrite"):
         explicit_dir(folder, {"k": 2}, overwrite=False)
     assert (folder / "results.json").exists()
     explicit_dir(folder, {"k": 2}, overwrite=True)
-    assert not (folder / "results.json").exists()
+    assert not (folder / "results.json").exists()  # another run's results: cleared with --overwrite
     # A folder of the user's own files (no results) is simply used.
     own = tmp_path / "own"
     own.mkdir()
     (own / "photo.png").write_bytes(b"x")
     explicit_dir(own, {"k": 3}, overwrite=False)
     assert (own / "photo.png").exists()
+
+
+def test_a_failed_run_leaves_no_version_and_latest_where_it_was(tmp_path):
+    base = tmp_path / "results" / "r" / "concatenation"
+    with run_folder(base, {"k": 1}, explicit=False, overwrite=False) as first:
+        (first / "results.json").write_text("{}")
+    with pytest.raises(RuntimeError), run_folder(base, {"k": 2}, explicit=False, overwrite=False) as second:
+        assert second.name == "v1" and (second / IDENTITY_FILE).exists()
+        raise RuntimeError("the run failed half-way")
+    assert [p.name for p in sorted(base.iterdir())] == ["latest", "v0"]
+    assert (base / "latest").resolve() == first.resolve()
+    # A failure in a version that existed (same identity) keeps it and everything in it.
+    with pytest.raises(RuntimeError), run_folder(base, {"k": 1}, explicit=False, overwrite=False):
+        raise RuntimeError("failed again")
+    assert (first / "results.json").exists() and (base / "latest").resolve() == first.resolve()
+
+
+def test_out_naming_a_file_says_so(tmp_path):
+    afile = tmp_path / "taken.txt"
+    afile.write_text("x")
+    with pytest.raises(SettingError, match="taken.txt'?: is a file, not a folder"):
+        explicit_dir(afile, {"k": 1}, overwrite=False)
+    assert afile.read_text() == "x"
 
 
 # --- the inference command line -------------------------------------------------------------
@@ -153,10 +177,17 @@ def test_images_csv_names_extensions_and_normalised_scores(tiny_root, trained, w
         assert row["verdict"] == ("anomalous" if float(row["normalized_score"]) >= 1 else "normal")
     assert sorted(p.name for p in (out / "heatmaps").glob("*.png")) == ["a.jpg.png", "a.png.png",
                                                                        "part 7, left.png.png"]
-    # A second run over the same folder replaces the first run's pictures, not adds to them.
+    # Tomorrow's images in the same folder (one gone, a broken link added) are another run: a new
+    # version; today's scores.csv and pictures stay as they were.
+    before = (out / "scores.csv").read_text()
     (folder / "a.jpg").unlink()
+    (folder / "gone.png").symlink_to(folder / "nowhere.png")
     assert score(argv, capsys)[0] == 0
-    assert sorted(p.name for p in (out / "heatmaps").glob("*.png")) == ["a.png.png", "part 7, left.png.png"]
+    tomorrow = out.parent / "v1"
+    assert sorted(p.name for p in (tomorrow / "heatmaps").glob("*.png")) == ["a.png.png", "part 7, left.png.png"]
+    assert (out / "scores.csv").read_text() == before and len(list((out / "heatmaps").glob("*.png"))) == 3
+    skipped = results_of(tomorrow)["images"]["skipped"]
+    assert [Path(s["path"]).name for s in skipped] == ["gone.png"] and "broken link" in skipped[0]["reason"]
 
 
 def test_bank_cache_is_keyed_by_file_content(tiny_root, trained, workdir, capsys, tmp_path):
@@ -209,3 +240,38 @@ def test_metrics_that_cannot_be_computed_say_why(tiny_root, trained, workdir, ca
     assert record["metrics"]["image_auroc"] is None and record["metrics"]["pixel_auroc"] is None
     assert "only good images" in record["unavailable_metrics"]["image_auroc"]
     assert "n/a" in (workdir / "o" / "results.md").read_text()
+
+
+def test_failed_runs_leave_no_version_and_reruns_keep_their_pictures(tiny_root, trained, workdir, capsys, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root)
+    argv = ["--c", "widget", "--data-root", str(root), "--ckpt-dir", str(trained), "--batch-size", "4"]
+    assert score(argv, capsys)[0] == 0  # with pictures
+    base = workdir / "results" / "widget-wave18" / "concatenation"
+    pictures = sorted((base / "v0" / "heatmaps").rglob("*.png"))
+    assert pictures
+    # The same run without pictures: its own version, whose pictures stay.
+    assert score(argv + ["--no-pictures"], capsys)[0] == 0
+    assert sorted((base / "v0" / "heatmaps").rglob("*.png")) == pictures
+    # A run that fails after it started (another setting: a new version; then a mask of the wrong
+    # size) leaves no version behind, and latest where it was.
+    mask = next((root / "widget" / "ground_truth").rglob("*_mask.png"))
+    Image.open(mask).resize((7, 5)).save(mask)
+    code, _, err = score(argv + ["--k", "2"], capsys)
+    assert code == 2 and "is 7x5" in error_line(err)
+    assert sorted(p.name for p in base.iterdir()) == ["latest", "v0"] and (base / "latest").resolve().name == "v0"
+
+
+def test_save_detector_replaces_only_the_same_detector(tiny_root, trained, workdir, capsys, tmp_path):
+    target = tmp_path / "widget.detector.pt"
+    argv = ["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), *FAST,
+            "--save-detector", str(target)]
+    assert score(argv, capsys)[0] == 0
+    first = target.read_bytes()
+    assert score(argv, capsys)[0] == 0  # the same detector again: replaced without asking
+    code, _, err = score(argv + ["--k", "2"], capsys)  # another detector: refused, the file kept
+    assert code == 2 and "holds a detector of another checkpoint, training images or settings; add --overwrite" \
+        in error_line(err)
+    assert torch.load(target, weights_only=True)["config"]["k"] == 1 and len(target.read_bytes()) == len(first)
+    assert score(argv + ["--k", "2", "--overwrite"], capsys)[0] == 0
+    assert torch.load(target, weights_only=True)["config"]["k"] == 2
