@@ -9,7 +9,10 @@ field's metadata; every list of settings elsewhere is derived from those roles w
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import field
+
+from common.errors import SettingError
 
 
 def setting(default, role: str, **metadata):
@@ -17,8 +20,28 @@ def setting(default, role: str, **metadata):
     return field(default=default, metadata={"role": role, **metadata})
 
 
+def is_number(value) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_whole(value, low: int) -> bool:
+    """An int (not a bool) of at least ``low``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 class Settings:
-    """Mixin for a frozen settings dataclass (see the module docstring)."""
+    """Mixin for a frozen settings dataclass (see the module docstring). A subclass lists what is
+    wrong with its values in ``problems()`` and calls :meth:`check` from ``__post_init__``."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """``[(field, what is wrong)]`` of the values no run can take (empty when all are fine)."""
+        return []
+
+    def check(self) -> None:
+        """The first of :meth:`problems` as a :class:`SettingError` naming the field and its value."""
+        for name, problem in self.problems():
+            raise SettingError(name, getattr(self, name), problem)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

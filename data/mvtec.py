@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import augment
 from augment import make_anomalies, other_index, sample_seed
-from common.errors import UserError
+from common.errors import SettingError, UserError
 
 from .images import (
     is_mask_name,
@@ -73,11 +73,12 @@ def resolve_categories(root: str | Path, spec: str) -> list[str]:
         return found
     asked = list(dict.fromkeys(c.strip() for c in spec.split(",") if c.strip()))
     if not asked:
-        raise UserError(f"--c '{spec}': no category named; pass a category (found: {', '.join(found)}) or 'all'")
+        raise SettingError("category", spec, f"no category named; pass a category (found: {', '.join(found)}) or "
+                                             "'all'")
     missing = [c for c in asked if c not in found]
     if missing:
-        raise UserError(f"--c {spec}: no category {', '.join(missing)} under {root} "
-                        f"(found: {', '.join(found)})")
+        raise SettingError("category", spec, f"no category {', '.join(missing)} under {root} "
+                                             f"(found: {', '.join(found)})")
     return asked
 
 

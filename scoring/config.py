@@ -11,12 +11,10 @@ identity, the accuracy benchmark's reuse check) is derived from the fields' ``ro
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from common.errors import SettingError
 from common.runtime import PRECISIONS
-from common.settings import Settings, setting
+from common.settings import Settings, is_number, is_whole, setting
 from models import MAX_SIZE, MIN_SIZE
 
 FUSIONS = ("concatenation", "multiplication")
@@ -29,7 +27,7 @@ class ScoreConfig(Settings):
     """How a trained network scores images (stage 2). See the README's options table.
 
     Every field is checked when the config is made: a value no run can take is a
-    :class:`errors.SettingError` naming the field (``ScoreConfig(k=0)`` -> ``k=0: must be at least 1``).
+    :class:`common.errors.SettingError` naming the field (``ScoreConfig(k=0)`` -> ``k=0: must be at least 1``).
     """
 
     fusion: str = setting("concatenation", "bank")
@@ -55,42 +53,38 @@ class ScoreConfig(Settings):
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(sorted(self.layers)))
-        for name, problem in self.problems():
-            raise SettingError(name, getattr(self, name), problem)
+        self.check()
 
     def problems(self) -> list[tuple[str, str]]:
         """``[(field, what is wrong)]`` of the values no scoring run can take (empty when all are fine)."""
-        def number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
         checks = [
             ("fusion", self.fusion in FUSIONS, f"choose one of {', '.join(FUSIONS)}"),
             ("map_source", self.map_source in MAP_SOURCES, f"choose one of {', '.join(MAP_SOURCES)}"),
-            ("size", self.size is None or (isinstance(self.size, int) and MIN_SIZE <= self.size <= MAX_SIZE),
+            ("size", self.size is None or (is_whole(self.size, MIN_SIZE) and self.size <= MAX_SIZE),
              f"the network needs {MIN_SIZE} to {MAX_SIZE} px; use 128 or 256"),
             ("layers", bool(self.layers) and all(layer in (1, 2, 3, 4) for layer in self.layers)
              and len(set(self.layers)) == len(self.layers), "stages are numbered 1 to 4, each at most once (e.g. 2,3)"),
             ("precision", self.precision in ("fp32", "bf16"), "choose fp32 or bf16"),
-            ("coreset", number(self.coreset) and 0 < self.coreset <= 1,
+            ("coreset", is_number(self.coreset) and 0 < self.coreset <= 1,
              "must be in (0, 1]; 1 keeps the whole bank (the paper)"),
-            ("coreset_dim", isinstance(self.coreset_dim, int) and self.coreset_dim >= 0, "must be 0 or more"),
-            ("k", isinstance(self.k, int) and self.k >= 1, "must be at least 1"),
-            ("refine", isinstance(self.refine, int) and self.refine >= 0, "must be 0 or more"),
+            ("coreset_dim", is_whole(self.coreset_dim, 0), "must be 0 or more"),
+            ("k", is_whole(self.k, 1), "must be at least 1"),
+            ("refine", is_whole(self.refine, 0), "must be 0 or more"),
             ("refine", not (self.certify and self.coreset < 1 and self.refine == 0),
              "must be at least 1 for certified coreset scores (0 = the coreset alone, uncertified: add "
              "`certify=False`)"),
             ("map_source", not (self.certify and self.coreset < 1 and self.map_source == "fused"),
              "certified coreset scores cover the knn and head maps, not the fused one; add `certify=False` "
              "(uncertified) or keep the whole bank (`coreset=1`)"),
-            ("smooth", number(self.smooth) and self.smooth >= 0, "must be a number, 0 or more"),
-            ("threshold", self.threshold is None or (number(self.threshold) and self.threshold > 0),
+            ("smooth", is_number(self.smooth) and self.smooth >= 0, "must be a number, 0 or more"),
+            ("threshold", self.threshold is None or (is_number(self.threshold) and self.threshold > 0),
              "must be a positive number (scores are distances); leave it out to calibrate one on the training images"),
-            ("calib_percentile", number(self.calib_percentile) and 0 < self.calib_percentile <= 100,
+            ("calib_percentile", is_number(self.calib_percentile) and 0 < self.calib_percentile <= 100,
              "must be in (0, 100]"),
             ("knn", self.knn in BACKENDS, f"choose one of {', '.join(BACKENDS)}"),
             ("knn_precision", self.knn_precision in PRECISIONS, f"choose one of {', '.join(PRECISIONS)}"),
-            ("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "must be at least 1"),
-            ("workers", self.workers is None or (isinstance(self.workers, int) and self.workers >= 0),
+            ("batch_size", is_whole(self.batch_size, 1), "must be at least 1"),
+            ("workers", self.workers is None or is_whole(self.workers, 0),
              "must be 0 or more (None: automatic)"),
         ]
         return [(name, problem) for name, ok, problem in checks if not ok]

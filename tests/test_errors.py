@@ -111,7 +111,7 @@ def test_small_and_huge_images_train(root, tmp_path):
     (["--size", "20"], "--size 20"),
     (["--wavelet", "wat"], "unknown wavelet 'wat'"),
     (["--augs", "cutpaste,blur"], "--augs"),
-    (["--b", "64"], "--b 64 is larger than the 8 training images"),
+    (["--b", "64"], "--b 64: is larger than the 8 training images"),
     (["--workers", "999"], "--workers 999"),
     (["--e", "-1"], "--e -1"),
     (["--arch", "wave9"], "argument --arch: invalid choice: 'wave9'"),

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageOps
 
 import data.images as images
+from common import cli
 from common.errors import UserError
 from data import TestSet, read_mask, read_rgb, resolve_categories
 from data.images import read_gray, resize_mask
@@ -79,9 +80,10 @@ def test_mask_named_files_in_test_folders_skipped(widget, capsys):
 
 @pytest.mark.parametrize("spec", ["", ",", " , "])
 def test_empty_category_spec_is_an_error(tiny_root, spec):
-    with pytest.raises(UserError, match=r"^--c '.*': no category named; pass a category "
-                                        r"\(found: gizmo, widget\) or 'all'$"):
+    with pytest.raises(UserError, match=r"^category='.*': no category named; pass a category "
+                                        r"\(found: gizmo, widget\) or 'all'$") as info:
         resolve_categories(tiny_root, spec)
+    assert cli.setting_message(info.value, {"category": "--c"}).startswith(f"--c {spec}: no category named")
 
 
 # D. EXIF orientation -------------------------------------------------------------------------

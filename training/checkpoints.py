@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common.errors import SETTING, SettingError, UserError
+from common.errors import SETTING, SettingError
 from common.provenance import git_commit
 from models.checkpoint import HEAD_KEY, load_weights, network_state, read_checkpoint, save_atomic, split_head_state
 
@@ -51,19 +51,20 @@ def checkpoint_payload(model_state: dict, optimizer_state: dict, epoch: int, con
 
 
 def check_resume_compatible(ckpt: dict, config: TrainConfig, path: Path) -> None:
-    """A checkpoint of another network (arch, wavelet, size, anomaly classes) is a ``UserError``."""
+    """A checkpoint of another network (arch, wavelet, size, anomaly classes) is a ``SettingError``."""
     for key in RESUME_REFUSED_SETTINGS:
         if key == "dense":
             if bool(ckpt.get("dense", False)) != config.dense:
-                has = "has a segmentation head (--dense)" if ckpt.get("dense") else "has no segmentation head"
-                raise UserError(f"--resume {path}: the checkpoint {has}; use the same --dense setting or another "
-                                "--ckpt-dir")
+                has = "has a segmentation head (dense)" if ckpt.get("dense") else "has no segmentation head"
+                raise SettingError("resume", str(path), f"the checkpoint {has}; use the same `dense={config.dense}` "
+                                                        "setting, or another checkpoint folder")
         elif key == "augs":
             if "augs" in ckpt and list(ckpt["augs"]) != list(config.augs):
-                raise UserError(f"--resume {path}: checkpoint was trained with --augs {','.join(ckpt['augs'])}")
+                raise SettingError("resume", str(path), f"checkpoint was trained with `augs={','.join(ckpt['augs'])}`")
         elif key in ckpt and ckpt[key] != getattr(config, key):
-            raise UserError(f"--resume {path}: checkpoint has {key}={ckpt[key]} but this run asks "
-                            f"--{key} {getattr(config, key)}; use the same settings or another --ckpt-dir")
+            raise SettingError("resume", str(path), f"checkpoint has {key}={ckpt[key]} but this run asks "
+                                                    f"`{key}={getattr(config, key)}`; use the same settings or another "
+                                                    "checkpoint folder")
 
 
 def resume_setting_changes(ckpt: dict, config: TrainConfig) -> list[str]:
@@ -95,7 +96,7 @@ def read_resume(config: TrainConfig, run: TrainRun, ckpt_path: Path, device: tor
     path = ckpt_path if run.resume == "auto" else Path(run.resume)
     if not path.is_file():
         if run.resume != "auto":
-            raise UserError(f"--resume {path}: no such checkpoint")
+            raise SettingError("resume", str(path), "no such checkpoint")
         return None, path, False
     ckpt = read_checkpoint(path, map_location=device)
     check_resume_compatible(ckpt, config, path)

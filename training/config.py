@@ -22,14 +22,12 @@ What a run reads and writes (folders, saving, logging) is :class:`TrainRun`, not
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from augment import parse_augs
-from common.errors import SettingError
 from common.runtime import PRECISIONS
-from common.settings import Settings, setting
+from common.settings import Settings, is_number, is_whole, setting
 from models import MAX_SIZE, MIN_SIZE, list_models
 
 ROLES = ("weights", "label", "speed")
@@ -80,36 +78,29 @@ class TrainConfig(Settings):
 
     def __post_init__(self):
         object.__setattr__(self, "augs", tuple(parse_augs(self.augs)))
-        for name, problem in self.problems():
-            raise SettingError(name, getattr(self, name), problem)
+        self.check()
 
     def problems(self) -> list[tuple[str, str]]:
         """``[(field, what is wrong)]`` of the values no training can take (empty when all are fine)."""
-        def number(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-        def whole(value, low: int) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
         checks = [
             ("arch", self.arch in list_models(), f"choose one of {', '.join(list_models())}"),
-            ("size", whole(self.size, MIN_SIZE) and self.size <= MAX_SIZE,
+            ("size", is_whole(self.size, MIN_SIZE) and self.size <= MAX_SIZE,
              f"the network needs {MIN_SIZE} to {MAX_SIZE} px (it halves the image 5 times); use 128 or 256"),
-            ("epochs", whole(self.epochs, 0), "must be 0 or more (the paper: 1600)"),
-            ("batch_size", whole(self.batch_size, 1), "must be at least 1"),
-            ("lr", number(self.lr) and self.lr > 0, "must be a positive finite number (the paper: 0.03)"),
-            ("momentum", number(self.momentum) and 0 <= self.momentum < 1,
+            ("epochs", is_whole(self.epochs, 0), "must be 0 or more (the paper: 1600)"),
+            ("batch_size", is_whole(self.batch_size, 1), "must be at least 1"),
+            ("lr", is_number(self.lr) and self.lr > 0, "must be a positive finite number (the paper: 0.03)"),
+            ("momentum", is_number(self.momentum) and 0 <= self.momentum < 1,
              "momentum must be in [0, 1) (the paper: 0.9)"),
-            ("weight_decay", number(self.weight_decay) and self.weight_decay >= 0,
+            ("weight_decay", is_number(self.weight_decay) and self.weight_decay >= 0,
              "weight decay must be a finite number, 0 or more (the paper: 3e-5)"),
-            ("dense_weight", number(self.dense_weight) and self.dense_weight >= 0,
+            ("dense_weight", is_number(self.dense_weight) and self.dense_weight >= 0,
              "must be a finite number, 0 or more"),
-            ("warmup", whole(self.warmup, 0), "must be 0 or more"),
+            ("warmup", is_whole(self.warmup, 0), "must be 0 or more"),
             ("sched", self.sched in SCHEDULES, f"choose one of {', '.join(SCHEDULES)}"),
             ("precision", self.precision in PRECISIONS, f"choose one of {', '.join(PRECISIONS)}"),
             ("anomalies_on", self.anomalies_on in ANOMALY_SITES, f"choose one of {', '.join(ANOMALY_SITES)}"),
             ("dwt_impl", self.dwt_impl in DWT_IMPLS, f"choose one of {', '.join(DWT_IMPLS)}"),
-            ("workers", self.workers is None or whole(self.workers, 0), "must be 0 or more (None: automatic)"),
+            ("workers", self.workers is None or is_whole(self.workers, 0), "must be 0 or more (None: automatic)"),
         ]
         return [(name, problem) for name, ok, problem in checks if not ok]
 

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 import models
-from common.errors import UserError
+from common.errors import SETTING, SettingError, UserError
 from common.runtime import resolve_precision, resolve_workers
 from data import TrainSet
 
@@ -87,8 +87,9 @@ def anomalies_on_device(config: TrainConfig, device: torch.device, dataset: Trai
     if config.anomalies_on == "auto":
         return device.type == "cuda" and dataset.images is not None
     if config.anomalies_on == "device" and dataset.images is None:
-        raise UserError("--anomalies-on device needs the training images cached in memory, but they are "
-                        "larger than the cache limit; use --anomalies-on loader or a smaller --size")
+        raise SettingError("anomalies_on", "device", "needs the training images cached in memory, but they are "
+                                                      "larger than the cache limit; use `anomalies_on=loader` or a "
+                                                      "smaller image size")
     return config.anomalies_on == "device"
 
 
@@ -98,8 +99,9 @@ def make_dataset(config: TrainConfig, run: TrainRun, category: str, dist_info: D
                        antialias=config.antialias, rotflip=config.rotflip, with_masks=config.dense)
     per_rank = math.ceil(len(dataset) / dist_info.world_size)
     if config.batch_size > per_rank:
-        raise UserError(f"--b {config.batch_size} is larger than the {len(dataset)} training images of "
-                        f"{category}{' per process' if dist_info.enabled else ''}; use --b {per_rank} or less")
+        raise SettingError("batch_size", config.batch_size, f"is larger than the {len(dataset)} training images of "
+                                                            f"{category}{' per process' if dist_info.enabled else ''}; "
+                                                            f"use {SETTING}{per_rank} or less")
     return dataset
 
 
