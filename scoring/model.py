@@ -197,7 +197,7 @@ class AnomalyScorer(nn.Module):
         self.fusion, self.size, self.k, self.smooth = config.fusion, config.size, config.k, config.smooth
         self.map_source, self.layer_count, self.map_norm = config.map_source, len(config.layers), map_norm
         self.refine, self.certify_scores = config.refine, config.certify
-        self.coreset = any(bank.whole is not None for bank in banks)  # a coreset whose distances are bounds
+        self.coreset = any(bank.coreset < 1 for bank in banks)  # searched rows whose distances are bounds
         self.search_stats: dict = {}  # of the last :meth:`score` call (re-searched patches, certified images)
 
     @classmethod

@@ -339,6 +339,10 @@ def test_certified_coreset_scores_equal_the_exact_bank(fusion, k):
     fixed_scores, _ = fixed.score(test)
     assert (fixed_scores >= exact_scores - 1e-5).all() and (fixed_scores > exact_scores * (1 + 1e-4)).any()
     assert fixed.search_stats["bank"] == "uncertified" and fixed.search_stats["certified_images"] == 0
+    alone = AnomalyScorer.from_states(config.replace(certify=False, refine=0), bank_states(config, train))
+    alone_scores, _ = alone.score(test)
+    assert alone.search_stats["bank"] == "coreset only" and alone.search_stats["certified_images"] == 0
+    assert (alone_scores >= exact_scores - 1e-5).all()  # the coreset alone: bounds, not certified
 
 
 @pytest.mark.parametrize("fusion", ["concatenation", "multiplication"])
