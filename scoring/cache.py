@@ -59,21 +59,27 @@ def read_entry(cache: Path, settings: dict) -> dict | None:
     return entry if isinstance(entry, dict) and entry.get("settings") == settings else None
 
 
+def training_files(data_root: str, category: str) -> tuple[list[Path], str]:
+    """The category's training images and their digest (names and contents: the cache key's part)."""
+    paths = train_images(data_root, category)
+    return paths, files_digest(paths)
+
+
 def calibration_key(config: ScoreConfig) -> str:
     """The scoring settings a calibration depends on (the given threshold left out)."""
     return json.dumps({k: v for k, v in config.subset("score").items() if k != "threshold"}, sort_keys=True)
 
 
 def cached_detector(config: ScoreConfig, network: torch.nn.Module, info: dict, ckpt_path: Path, data_root: str,
-                    category: str, device: torch.device, need_threshold: bool,
-                    rebuild: bool = False) -> tuple[Detector, bool, float]:
+                    category: str, device: torch.device, need_threshold: bool, rebuild: bool = False,
+                    train: tuple[list[Path], str] | None = None) -> tuple[Detector, bool, float]:
     """The category's detector: banks (and calibrated threshold, map normalisation) from the cache
     when they are there for these settings, else built from the training images and cached.
+    ``train``: the training image paths and their :func:`files_digest`, when the caller has them.
 
     Returns the detector, whether the banks came from the cache, and the seconds it took.
     """
-    paths = train_images(data_root, category)
-    train_digest = files_digest(paths)  # hashed once here, for the cache key and the provenance
+    paths, train_digest = train or training_files(data_root, category)
     settings = bank_settings(config, info["sha256"], train_digest)
     cache = bank_cache_path(ckpt_path, settings)
     start = time.perf_counter()

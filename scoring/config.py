@@ -11,6 +11,7 @@ identity, the accuracy benchmark's reuse check) is derived from the fields' ``ro
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from common.runtime import PRECISIONS
@@ -52,7 +53,8 @@ class ScoreConfig(Settings):
     workers: int | None = setting(None, "speed")
 
     def __post_init__(self):
-        object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+        with contextlib.suppress(TypeError):  # not a collection of stage numbers: problems() names it
+            object.__setattr__(self, "layers", tuple(sorted(self.layers)))
         self.check()
 
     def problems(self) -> list[tuple[str, str]]:
@@ -62,7 +64,8 @@ class ScoreConfig(Settings):
             ("map_source", self.map_source in MAP_SOURCES, f"choose one of {', '.join(MAP_SOURCES)}"),
             ("size", self.size is None or (is_whole(self.size, MIN_SIZE) and self.size <= MAX_SIZE),
              f"the network needs {MIN_SIZE} to {MAX_SIZE} px; use 128 or 256"),
-            ("layers", bool(self.layers) and all(layer in (1, 2, 3, 4) for layer in self.layers)
+            ("layers", isinstance(self.layers, tuple) and bool(self.layers)
+             and all(is_whole(layer, 1) and layer <= 4 for layer in self.layers)
              and len(set(self.layers)) == len(self.layers), "stages are numbered 1 to 4, each at most once (e.g. 2,3)"),
             ("precision", self.precision in ("fp32", "bf16"), "choose fp32 or bf16"),
             ("coreset", is_number(self.coreset) and 0 < self.coreset <= 1,
@@ -70,10 +73,11 @@ class ScoreConfig(Settings):
             ("coreset_dim", is_whole(self.coreset_dim, 0), "must be 0 or more"),
             ("k", is_whole(self.k, 1), "must be at least 1"),
             ("refine", is_whole(self.refine, 0), "must be 0 or more"),
-            ("refine", not (self.certify and self.coreset < 1 and self.refine == 0),
+            ("refine", not (self.certify and is_number(self.coreset) and self.coreset < 1 and self.refine == 0),
              "must be at least 1 for certified coreset scores (0 = the coreset alone, uncertified: add "
              "`certify=False`)"),
-            ("map_source", not (self.certify and self.coreset < 1 and self.map_source == "fused"),
+            ("map_source", not (self.certify and is_number(self.coreset) and self.coreset < 1
+                                and self.map_source == "fused"),
              "certified coreset scores cover the knn and head maps, not the fused one; add `certify=False` "
              "(uncertified) or keep the whole bank (`coreset=1`)"),
             ("smooth", is_number(self.smooth) and self.smooth >= 0, "must be a number, 0 or more"),

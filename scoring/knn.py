@@ -96,7 +96,7 @@ class BankSearch(nn.Module):
         # False: ``rows`` are the bank as given (files keep them bit for bit); True after
         # :meth:`store_centred` (exported graphs): ``rows`` are centred and ``mean`` is the offset of queries.
         self.stored_centred = False
-        self._centred: torch.Tensor | None = None  # eager-mode cache: centred rows in the products' dtype
+        self._centred: dict[torch.dtype, torch.Tensor] = {}  # eager-mode cache: centred rows per products' dtype
         self._faiss = None
 
     @property
@@ -149,14 +149,18 @@ class BankSearch(nn.Module):
         """``(m,)``: whether no row outside the shortlist can be nearer than the exact ``kth`` distance.
 
         A row's ranking value ``|b|^2 - 2 q.b`` (centred) computed with ``dtype`` products and
-        float32 sums of ``D`` terms is off by at most ``2 r |q| |b| + D u |b|^2`` (rounding of the
-        operands ``r`` = 2^-8 for bfloat16, and ``D + 1`` float32 units ``u`` for the sums; a
-        worst-case bound), so every row outside the shortlist has a true value of at least
+        float32 sums of ``D`` terms is off by at most ``2 r |q| |b| + D u |b|^2``: ``r`` counts the
+        rounding of both operands and of the product's result to bfloat16 (3 x 2^-8 + 2^-16; also
+        for float32 products when PyTorch may run them in a reduced precision, TF32 or bf16) and
+        ``D + 1`` float32 units ``u`` for the sums; a worst-case bound. So every row outside the
+        shortlist has a true value of at least
         ``next_value`` minus that; the query holds when that is not below the ``k``-th's true value
         ``kth^2 - |q|^2``.
         """
         unit, dim = 2.0 ** -24, self.rows.shape[1]
-        operands = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0
+        reduced = dtype == torch.bfloat16 or (dtype == torch.float32
+                                              and torch.get_float32_matmul_precision() != "highest")
+        operands = 3 * 2.0 ** -8 + 2.0 ** -16 if reduced else 0.0
         centred = (queries - self.mean).double()
         q_norm = centred.pow(2).sum(1).sqrt()
         b_sq = float(self.centred_sq.max())
@@ -175,7 +179,7 @@ class BankSearch(nn.Module):
         second copy of the bank); distances are the same. For exported graphs; returns ``self``."""
         if not self.stored_centred:
             self.rows = self.rows - self.mean
-            self.stored_centred, self._centred, self._faiss = True, None, None
+            self.stored_centred, self._centred, self._faiss = True, {}, None
         return self
 
     def _query_frame(self, queries: torch.Tensor) -> torch.Tensor:
@@ -191,10 +195,10 @@ class BankSearch(nn.Module):
         if dtype == torch.float64:  # the last resort for a few queries: no float64 copy of the bank is kept
             rows = self.rows[start:stop].double()
             return rows if self.stored_centred else rows - self.mean.double()
-        cached = self._centred
-        if cached is None or cached.dtype != dtype or cached.device != self.rows.device:
+        cached = self._centred.get(dtype)  # one copy per dtype: a float32 fallback keeps the bfloat16 copy
+        if cached is None or cached.device != self.rows.device:
             centred = self.rows if self.stored_centred else self.rows - self.mean
-            cached = self._centred = centred.to(dtype)
+            cached = self._centred[dtype] = centred.to(dtype)
         return cached[start:stop]
 
     def _shortlist(self, queries: torch.Tensor, keep: int, dtype: torch.dtype,
@@ -255,7 +259,7 @@ class BankSearch(nn.Module):
 
     def __getstate__(self) -> dict:  # deep copies and pickles leave the caches behind
         state = dict(self.__dict__)
-        state["_centred"], state["_faiss"] = None, None
+        state["_centred"], state["_faiss"] = {}, None
         state.pop("_gpu_resources", None)
         return state
 

@@ -329,6 +329,8 @@ class AnomalyScorer(nn.Module):
                 return certified, searched
             count = min(self.refine * 2 ** rounds, bound.shape[1])
             pick = bound.masked_fill(~open_ | certified[:, None], float("-inf")).topk(count, dim=1)
+            if not tracing and not bool((pick.values > float("-inf")).any()):
+                return certified, searched  # nothing left to search (non-finite distances): not certified
             for layer, bank in enumerate(self.banks):
                 cells = self.contributors(pick.indices, shapes[layer])  # (n, count x m)
                 per_pick = cells.shape[1] // count

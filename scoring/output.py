@@ -128,15 +128,18 @@ def output_dir(base: Path, identity: dict, explicit: bool, overwrite: bool) -> P
 def run_folder(base: Path, identity: dict, explicit: bool, overwrite: bool) -> Iterator[Path]:
     """The folder a scoring run writes into (as :func:`output_dir` chooses it), published only if
     the run succeeds: then ``latest`` points to it. If the run fails, a folder it made is removed
-    again, so no empty or half-written version is left, and ``latest`` stays where it was."""
+    again (in a folder that held no results, what it wrote), so no empty or half-written version is
+    left, and ``latest`` stays where it was."""
     target = base if explicit else chosen_version(base, identity)
-    made = not target.exists()
+    made, held = not target.exists(), holds_results(target)
     folder = explicit_dir(base, identity, overwrite) if explicit else _claim(target, identity)
     try:
         yield folder
     except BaseException:
         if made:
             shutil.rmtree(folder, ignore_errors=True)
+        elif not held:  # a folder of the user's own files: only what this run wrote goes
+            clear_run_files(folder)
         raise
     if not explicit:
         point_latest(base, folder)

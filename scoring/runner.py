@@ -23,7 +23,7 @@ from common.errors import SettingError, UserError
 from common.runtime import resolve_device, resolve_workers
 from data import TestSet
 
-from .cache import cached_detector
+from .cache import cached_detector, training_files
 from .config import ScoreConfig
 from .detector import features_of, files_digest, is_detector_file, load_network, read_detector_file, resolve_config
 from .evaluation import evaluate_test_set, folder_images, score_image_folder
@@ -118,15 +118,17 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
             raise SettingError("images", run.images, "no such folder")
         listing = folder_images(Path(run.images))
     target = detector_target(run, ckpt_path, config.fusion)
-    detector, cached, bank_seconds = cached_detector(
-        config, network, info, ckpt_path, run.data_root, category, device,
-        need_threshold=(listing is not None or target is not None) and config.threshold is None,
-        rebuild=run.rebuild_bank)
-    if target is not None:
-        check_replaceable(target, detector, run.overwrite)
-    identity = run_identity(config, run, category, info["sha256"], listing and files_digest(listing[0]))
+    train = training_files(run.data_root, category)
+    identity = run_identity(config, run, category, info["sha256"], train[1], listing and files_digest(listing[0]))
     base, explicit = output_place(run, ckpt_path, config.fusion, category, out_per_category)
+    # The folder is claimed before the bank is built: a refusal costs nothing, a failure leaves no version.
     with run_folder(base, identity, explicit, run.overwrite) as out_dir:
+        detector, cached, bank_seconds = cached_detector(
+            config, network, info, ckpt_path, run.data_root, category, device,
+            need_threshold=(listing is not None or target is not None) and config.threshold is None,
+            rebuild=run.rebuild_bank, train=train)
+        if target is not None:
+            check_replaceable(target, detector, run.overwrite)
         record = scored_record(detector, info, run, category, out_dir, listing)
         if target is not None:
             record["files"]["detector"] = str(detector.save(target))

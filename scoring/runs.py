@@ -108,16 +108,17 @@ def settings_record(config: ScoreConfig, backend: str) -> dict:
     return {**record, "knn": backend, **PROTOCOL}
 
 
-def run_identity(config: ScoreConfig, run: ScoringRun, category: str, ckpt_sha: str,
+def run_identity(config: ScoreConfig, run: ScoringRun, category: str, ckpt_sha: str, train_digest: str,
                  images_digest: str | None = None) -> dict:
-    """What a run's results depend on (see :mod:`scoring.output`): speed settings left out; an
-    ``--images`` folder by its path and its files (``images_digest``: their names and contents), so
-    scoring tomorrow's images in the same folder makes a new version instead of replacing today's."""
+    """What a run's results depend on (see :mod:`scoring.output`): speed settings left out; the
+    training images by content (``train_digest``: they make the bank); an ``--images`` folder by its
+    path and its files (``images_digest``: their names and contents), so scoring tomorrow's images
+    in the same folder makes a new version instead of replacing today's."""
     source = {"images": os.path.abspath(run.images), "images_sha256": images_digest} if run.images is not None \
         else {"data_root": os.path.abspath(run.data_root)}
     settings = {k: v for k, v in settings_record(config, "").items() if k not in ScoreConfig.names("speed")}
     return {"checkpoint_sha256": ckpt_sha, "category": category, "fusion": config.fusion, **source,
-            "settings": settings}
+            "train_files_sha256": train_digest, "settings": settings}
 
 
 def output_place(run: ScoringRun, ckpt_path: Path, fusion: str, category: str,

@@ -24,6 +24,17 @@ METRIC_COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")
                   ("image_f1_max", "image F1-max"), ("pixel_ap", "pixel AP")]
 
 
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez_compressed`` atomically: a temporary file beside ``path``, renamed into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as handle:
+            np.savez_compressed(handle, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def format_metric(value: float | None, digits: int = 4) -> str:
     """A metric for tables and the console: ``n/a`` when it could not be computed."""
     return "n/a" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
@@ -73,10 +84,9 @@ def write_test_set(out_dir: Path, result: TestSetResult, dataset: TestSet, thres
                    save_maps: bool, pictures: bool) -> dict:
     """``image_scores.csv`` (and ``maps.npz``, the heatmaps and ``roc.png``); returns ``{kind: path}``."""
     if save_maps:
-        np.savez_compressed(out_dir / "maps.npz", maps=result.maps.astype(np.float32),
-                            masks=result.masks.astype(np.uint8), labels=result.labels.astype(np.int64),
-                            scores=result.scores.astype(np.float32), paths=np.array(result.paths),
-                            defects=np.array(result.defects))
+        save_npz(out_dir / "maps.npz", maps=result.maps.astype(np.float32), masks=result.masks.astype(np.uint8),
+                 labels=result.labels.astype(np.int64), scores=result.scores.astype(np.float32),
+                 paths=np.array(result.paths), defects=np.array(result.defects))
     write_csv(out_dir / "image_scores.csv", ["path", "defect", "label", "score"],
               [[path, defect, int(label), f"{score:.6f}"]
                for path, defect, label, score in zip(result.paths, result.defects, result.labels, result.scores)])
@@ -98,8 +108,8 @@ def write_folder(out_dir: Path, result: FolderResult, folder: Path, threshold: f
               [[path, f"{score:.6f}", f"{score / threshold:.6f}", verdict(score, threshold)]
                for path, score in zip(result.paths, scores)])
     if save_maps:
-        np.savez_compressed(out_dir / "maps.npz", maps=result.maps.astype(np.float32), scores=result.scores,
-                            paths=np.array(result.paths))
+        save_npz(out_dir / "maps.npz", maps=result.maps.astype(np.float32), scores=result.scores,
+                 paths=np.array(result.paths))
     if pictures:
         vmin, vmax = float(result.maps.min()), float(result.maps.max())
         for i, path in enumerate(tqdm(result.paths, desc="images: pictures", unit="img", leave=False)):

@@ -208,7 +208,9 @@ def test_bank_cache_is_keyed_by_file_content(tiny_root, trained, workdir, capsys
     os.utime(first, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert first.stat().st_size == stat.st_size and first.stat().st_mtime_ns == stat.st_mtime_ns
     assert first.read_bytes() != before
-    assert score(argv, capsys)[0] == 0 and results_of(workdir / "o")["bank"]["cached"] is False
+    # Other training images make another bank, so another run: its results do not silently replace these.
+    assert score(argv, capsys)[0] == 2
+    assert score(argv + ["--overwrite"], capsys)[0] == 0 and results_of(workdir / "o")["bank"]["cached"] is False
 
 
 def test_bank_cache_disk_full_warns_and_scores(tiny_root, trained, workdir, capsys, monkeypatch):

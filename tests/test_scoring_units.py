@@ -147,6 +147,22 @@ def test_rows_stored_centred_give_the_same_distances(precision):
     torch.testing.assert_close(centred.rows, bank - bank.mean(0))
 
 
+def test_bf16_bound_counts_both_operands_and_the_rounded_product():
+    # 17 rows that bfloat16 ranks before the true nearest one (an exact copy of the query).
+    a, c = 1 + 2 ** -7, 1 + 2 ** -8 - 2 ** -12
+    rows = torch.tensor([a] * 17 + [c] + [-a] * 17 + [-c])[:, None]
+    assert BankSearch(rows, backend="torch", precision="bf16")(torch.tensor([[c]]), 1).item() == 0.0
+
+
+def test_certification_stops_on_non_finite_features():
+    train, test = coreset_case("concatenation")
+    scorer = AnomalyScorer.fit(ScoreConfig(size=32, knn="torch", coreset=0.1, refine=2), train)
+    test = [t.clone() for t in test]
+    test[0][0] = float("nan")
+    scorer.score(test)  # returns (it used to loop for ever)
+    assert scorer.search_stats["certified_images"] < 12
+
+
 def test_k_larger_than_the_bank_names_the_setting():
     from common.errors import SettingError
 

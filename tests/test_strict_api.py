@@ -24,6 +24,9 @@ from training import TrainConfig
     ({"refine": -1}, "refine=-1: must be 0 or more"),
     ({"layers": (2, 5)}, "layers=.*stages are numbered 1 to 4"),
     ({"knn": "annoy"}, "knn='annoy': choose one of auto, torch, faiss"),
+    ({"coreset": None}, r"coreset=None: must be in \(0, 1\]"),
+    ({"layers": None}, "layers=None: stages are numbered 1 to 4"),
+    ({"layers": (2, "3")}, "stages are numbered 1 to 4"),
 ])
 def test_score_config_refuses_what_the_command_line_refuses(values, message):
     with pytest.raises(SettingError, match=message):
@@ -36,6 +39,7 @@ def test_score_config_refuses_what_the_command_line_refuses(values, message):
     ({"size": 100000}, "size=100000: the network needs 32 to 4096 px"),
     ({"augs": ("cutpaste", "blur")}, "augs='cutpaste,blur': unknown anomaly maker blur"),
     ({"momentum": 1.0}, r"momentum=1.0: momentum must be in \[0, 1\)"),
+    ({"augs": None}, "augs=None: give anomaly maker names"),
 ])
 def test_train_config_refuses_bad_values(values, message):
     with pytest.raises(SettingError, match=message):

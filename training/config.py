@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from augment import parse_augs
+from common.errors import SettingError
 from common.runtime import PRECISIONS
 from common.settings import Settings, is_number, is_whole, setting
 from models import MAX_SIZE, MIN_SIZE, list_models
@@ -77,6 +78,8 @@ class TrainConfig(Settings):
     dwt_impl: str = _setting("auto", "speed")
 
     def __post_init__(self):
+        if not isinstance(self.augs, (str, list, tuple)):
+            raise SettingError("augs", self.augs, "give anomaly maker names, e.g. ('cutpaste', 'perlin')")
         object.__setattr__(self, "augs", tuple(parse_augs(self.augs)))
         self.check()
 
