@@ -119,17 +119,12 @@ def explicit_dir(folder: Path, identity: dict, overwrite: bool, flag: str = "--o
     return _claim(folder, identity)
 
 
-def output_dir(base: Path, identity: dict, explicit: bool, overwrite: bool) -> Path:
-    """:func:`explicit_dir` for a folder the user named, :func:`versioned_dir` for a default one."""
-    return explicit_dir(base, identity, overwrite) if explicit else versioned_dir(base, identity)
-
-
 @contextlib.contextmanager
 def run_folder(base: Path, identity: dict, explicit: bool, overwrite: bool) -> Iterator[Path]:
-    """The folder a scoring run writes into (as :func:`output_dir` chooses it), published only if
-    the run succeeds: then ``latest`` points to it. If the run fails, a folder it made is removed
-    again (in a folder that held no results, what it wrote), so no empty or half-written version is
-    left, and ``latest`` stays where it was."""
+    """The folder a scoring run writes into (:func:`explicit_dir` for a folder the user named, else the
+    version :func:`chosen_version` picks), published only if the run succeeds: then ``latest``
+    points to it. If the run fails, a folder it made is removed again (in a folder that held no
+    results, what it wrote), so no empty or half-written version is left, and ``latest`` stays."""
     target = base if explicit else chosen_version(base, identity)
     made, held = not target.exists(), holds_results(target)
     folder = explicit_dir(base, identity, overwrite) if explicit else _claim(target, identity)
