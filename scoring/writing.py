@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from common import fileio
 from data import TestSet
 
 from . import metrics
@@ -25,14 +26,8 @@ METRIC_COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC")
 
 
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """``np.savez_compressed`` atomically: a temporary file beside ``path``, renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``np.savez_compressed`` through :func:`common.fileio.atomic_write` (a reader never sees half a file)."""
+    fileio.atomic_write(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
 def format_metric(value: float | None, digits: int = 4) -> str:
