@@ -252,13 +252,14 @@ def read_detector_file(path: Path) -> dict:
     return state
 
 
-def is_detector_file(path: Path) -> bool:
-    """Whether ``path`` holds a detector file (read lazily, without loading its tensors)."""
+def detector_state(path: Path) -> dict | None:
+    """The state of a detector file, read lazily (tensors memory-mapped, not loaded), or ``None``
+    when ``path`` holds something else (of any format version: only the format name counts)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
-        return False
-    return isinstance(state, dict) and state.get("format") == FORMAT
+        return None
+    return state if isinstance(state, dict) and state.get("format") == FORMAT else None
 
 
 def load_network(checkpoint: str | Path, device: torch.device, arch: str | None = None,

@@ -25,7 +25,7 @@ from data import TestSet
 
 from .cache import cached_detector, training_files
 from .config import ScoreConfig
-from .detector import features_of, files_digest, is_detector_file, load_network, read_detector_file, resolve_config
+from .detector import detector_state, features_of, files_digest, load_network, resolve_config
 from .evaluation import evaluate_test_set, folder_images, score_image_folder
 from .output import run_folder, versioned_dir
 from .report import environment, write_json
@@ -46,10 +46,10 @@ def check_replaceable(target: Path, detector, overwrite: bool) -> None:
     or any detector file with ``overwrite``; never another kind of file (e.g. a checkpoint)."""
     if not target.exists():
         return
-    if not is_detector_file(target):
+    state = detector_state(target)  # one lazy read: the bank is not loaded to compare settings
+    if state is None:
         raise SettingError("save_detector", str(target), "the file exists and is not a detector file; choose "
                                                           "another path")
-    state = read_detector_file(target)
     provenance, ours = state.get("provenance", {}), detector.provenance
     same = state.get("config") == detector.config.to_dict() and all(
         provenance.get(key) == ours.get(key) for key in ("sha256", "train_files_sha256"))
