@@ -41,7 +41,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="category folder under --data-root, a comma list, or 'all'")
     data.add_argument("--data-root", default=TrainRun.data_root,
                       help="folder with <category>/train/good, test/<type>, ground_truth/<type>")
-    data.add_argument("--size", type=int, default=DEFAULT("size"), help="images are resized to size x size")
+    data.add_argument("--size", type=int, default=DEFAULT("size"),
+                      help="the network's input: images (or tiles of them, see --frame) are size x size")
+    data.add_argument("--frame", default=DEFAULT("frame"),
+                      help="what images are resized to: square (size x size, the paper), auto (the training "
+                           "images' aspect ratio and size, up to 4x the area; trains on size x size tiles) or HxW")
     data.add_argument("--antialias", action="store_true",
                       help="antialiased resize (the paper's checkpoints were trained without)")
     model = parser.add_argument_group("Model")
@@ -162,7 +166,8 @@ def run_from_args(args: argparse.Namespace) -> TrainRun:
 
 
 def summary(config: TrainConfig, run: TrainRun, categories: list[str], device: torch.device, precision: str) -> str:
-    return (f"training {', '.join(categories)} | {config.arch} ({config.wavelet}) at {config.size} px | "
+    frame = "" if config.frame == "square" else f", {config.frame} frame in tiles"
+    return (f"training {', '.join(categories)} | {config.arch} ({config.wavelet}) at {config.size} px{frame} | "
             f"augs {'+'.join(config.augs)} | {config.epochs} epochs, batch {config.batch_size} x "
             f"{config.num_classes}, SGD lr {config.lr} momentum {config.momentum} wd {config.weight_decay} | "
             f"seed {config.seed} | {device} {precision}{' channels_last' if config.channels_last else ''} | "

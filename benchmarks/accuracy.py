@@ -49,6 +49,7 @@ from common import cli
 from common.errors import UserError
 from common.recipes import RECIPES
 from common.runtime import resolve_device
+from data.frames import parse_frame
 from scoring import ScoreConfig, score_categories
 from scoring import cli as score_cli
 from scoring.detector import file_sha256
@@ -193,7 +194,12 @@ def result_settings(score_args: argparse.Namespace, train_size: int) -> dict:
     the size resolved to the checkpoint's, no refinement without a coreset), speed settings left out."""
     config = score_cli.config_from_args(score_args)
     config = config.replace(size=config.size or train_size)
-    return {k: v for k, v in settings_record(config, "").items() if k in RESULT_SETTINGS}
+    wanted = {k: v for k, v in settings_record(config, "").items() if k in RESULT_SETTINGS}
+    if config.frame == "square":
+        wanted["frame"] = f"{config.size}x{config.size}"
+    elif parse_frame(config.frame or "") is None:
+        del wanted["frame"]  # the checkpoint's or the training images' frame: the checkpoint digest decides
+    return wanted
 
 
 def settings_mismatch(recorded: dict, wanted: dict) -> list[str]:

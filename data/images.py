@@ -22,6 +22,8 @@ from torch.nn import functional as F
 
 from common.errors import UserError
 
+from .frames import Frame, as_frame
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_THRESHOLD = 128
 # Decompression-bomb guard off: inspection images can be legitimately huge (e.g. 8000 x 6000).
@@ -202,41 +204,43 @@ def read_mask(path: Path) -> torch.Tensor:
     return mask
 
 
-def resize_rounded(images: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
-    """``(N, C, H, W)`` 8-bit values (any dtype) -> ``(N, C, size, size)`` float, bilinear (half-pixel
-    centres), rounded to whole 8-bit values: the one resize of images for the network, in
-    training, scoring and exported files alike (traceable)."""
-    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+def resize_rounded(images: torch.Tensor, size: int | Frame, antialias: bool = False) -> torch.Tensor:
+    """``(N, C, H, W)`` 8-bit values (any dtype) -> ``(N, C, *frame)`` float (``size``: a square side
+    or a frame ``(H', W')``, see :mod:`data.frames`), bilinear (half-pixel centres), rounded to whole
+    8-bit values: the one resize of images for the network, in training, scoring and exported files
+    alike (traceable)."""
+    out = F.interpolate(images.float(), size=as_frame(size), mode="bilinear", align_corners=False,
+                        antialias=antialias)
     return out.round().clamp(0, 255)
 
 
-def resize_image(image: torch.Tensor, size: int, antialias: bool = False) -> torch.Tensor:
-    """``(3, H, W)`` uint8 -> ``(3, size, size)`` uint8 (:func:`resize_rounded`)."""
-    if image.shape[-2:] == (size, size):
+def resize_image(image: torch.Tensor, size: int | Frame, antialias: bool = False) -> torch.Tensor:
+    """``(3, H, W)`` uint8 -> ``(3, *frame)`` uint8 (:func:`resize_rounded`)."""
+    if tuple(image.shape[-2:]) == as_frame(size):
         return image
     return resize_rounded(image[None], size, antialias)[0].to(torch.uint8)
 
 
-def resize_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
-    """``(H, W)`` uint8 soft mask -> ``(size, size)`` bool: nearest neighbour, then ``>= 128``."""
-    if mask.shape != (size, size):
-        mask = F.interpolate(mask[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+def resize_mask(mask: torch.Tensor, size: int | Frame) -> torch.Tensor:
+    """``(H, W)`` uint8 soft mask -> ``(*frame)`` bool: nearest neighbour, then ``>= 128``."""
+    if tuple(mask.shape) != as_frame(size):
+        mask = F.interpolate(mask[None, None].float(), size=as_frame(size), mode="nearest")[0, 0]
     return mask >= MASK_THRESHOLD
 
 
-def resize_mask_paper(mask: torch.Tensor, size: int) -> torch.Tensor:
+def resize_mask_paper(mask: torch.Tensor, size: int | Frame) -> torch.Tensor:
     """The paper code's mask convention, for comparable numbers: bilinear resize, defective where > 0.
 
     Counting every non-zero value of a bilinearly resized soft mask widens each defect by about
     a pixel (and by the whole soft rim of JPEG-like masks such as Magnetic Tile's).
     """
-    out = F.interpolate(mask[None, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    out = F.interpolate(mask[None, None].float(), size=as_frame(size), mode="bilinear", align_corners=False)[0, 0]
     return out > 0
 
 
-def load_image(path: Path, size: int, antialias: bool = False) -> torch.Tensor:
-    """Read and resize: ``(3, size, size)`` uint8."""
-    return resize_image(read_rgb(path, size), size, antialias)
+def load_image(path: Path, size: int | Frame, antialias: bool = False) -> torch.Tensor:
+    """Read and resize: ``(3, *frame)`` uint8 (``size``: a square side or a frame ``(H, W)``)."""
+    return resize_image(read_rgb(path, min(as_frame(size))), size, antialias)
 
 
 def to_float(image: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ import augment
 from augment import make_anomalies, other_index, sample_seed
 from common.errors import SettingError, UserError
 
+from .frames import Frame, as_frame, random_tiles
 from .images import (
     is_mask_name,
     list_images,
@@ -153,11 +154,13 @@ def check_mask_fits(image_path: Path, image_hw: tuple[int, int], mask_path: Path
                         "(another aspect ratio); fix or replace the mask")
 
 
-def load_cached(paths: list[Path], size: int, antialias: bool, desc: str) -> torch.Tensor | None:
-    """Decode + resize every path into one ``(N, 3, size, size)`` uint8 tensor, or ``None`` if too big."""
-    if len(paths) * 3 * size * size > CACHE_LIMIT_BYTES:
+def load_cached(paths: list[Path], size: int | Frame, antialias: bool, desc: str) -> torch.Tensor | None:
+    """Decode + resize every path into one ``(N, 3, H, W)`` uint8 tensor (``size``: a square side or a
+    frame ``(H, W)``), or ``None`` if too big."""
+    height, width = as_frame(size)
+    if len(paths) * 3 * height * width > CACHE_LIMIT_BYTES:
         return None
-    images = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    images = torch.empty(len(paths), 3, height, width, dtype=torch.uint8)
     for i, path in enumerate(tqdm(paths, desc=desc, leave=False, unit="img", disable=len(paths) < 50)):
         images[i] = load_image(path, size, antialias)
     return images
@@ -169,16 +172,22 @@ class TrainSet(Dataset):
     ``dataset[i]`` is ``(normal (3, S, S) float, anomalies (G, 3, S, S) float)``, with
     ``masks (G, S, S) bool`` as a third element when ``with_masks`` (dense self-supervision);
     maker ``g`` of ``augs`` is class ``g + 1``. Call ``set_epoch(e)`` before each epoch.
+
+    Images are resized to ``frame`` ``(H, W)`` (default ``(size, size)``, the paper). A larger frame
+    trains on tiles: each sample is a random ``size x size`` tile of its frame-sized image (and each
+    anomaly source a random tile of another image), so the anomalies are made per tile.
     """
 
     def __init__(self, root: str | Path, category: str, size: int, augs: list[str], seed: int = 0,
-                 antialias: bool = False, cache: bool = True, rotflip: bool = False, with_masks: bool = False):
+                 antialias: bool = False, cache: bool = True, rotflip: bool = False, with_masks: bool = False,
+                 frame: Frame | None = None):
         self.paths = train_images(root, category)
         self.size, self.augs, self.seed, self.antialias = size, augs, seed, antialias
+        self.frame = as_frame(frame or size)
         self.rotflip, self.with_masks = rotflip, with_masks
         self.makers = [augment.MAKERS[name] for name in augs]
         self.epoch = 0
-        self.images = load_cached(self.paths, size, antialias, f"{category}: caching train") if cache else None
+        self.images = load_cached(self.paths, self.frame, antialias, f"{category}: caching train") if cache else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -187,10 +196,15 @@ class TrainSet(Dataset):
         self.epoch = epoch
 
     def image(self, index: int) -> torch.Tensor:
-        """``(3, S, S)`` float in [0, 1]."""
+        """``(3, H, W)`` float in [0, 1]: the whole frame-sized image."""
         raw = self.images[index] if self.images is not None else load_image(
-            self.paths[index], self.size, self.antialias)
+            self.paths[index], self.frame, self.antialias)
         return to_float(raw)
+
+    def tile(self, index: int, rng: torch.Generator) -> torch.Tensor:
+        """``(3, S, S)`` float: image ``index`` itself (square frame, drawing nothing from ``rng``) or a
+        random tile of it."""
+        return random_tiles(self.image(index)[None], self.size, rng)[0]
 
     def sample(self, index: int, epoch: int | None = None,
                seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -199,8 +213,9 @@ class TrainSet(Dataset):
         random training image, as in the paper."""
         epoch = self.epoch if epoch is None else epoch
         rng = torch.Generator().manual_seed(sample_seed(self.seed if seed is None else seed, epoch, index))
-        return make_anomalies(self.image(index), self.makers,
-                              lambda rng: self.image(other_index(index, len(self), rng)), rng, self.rotflip)
+        normal = self.tile(index, rng)
+        return make_anomalies(normal, self.makers,
+                              lambda rng: self.tile(other_index(index, len(self), rng), rng), rng, self.rotflip)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         normal, anomalies, masks = self.sample(index)
@@ -208,27 +223,28 @@ class TrainSet(Dataset):
 
 
 class TestSet(Dataset):
-    """Labelled test images: ``dataset[i]`` is a dict with ``image`` (3, S, S) float, ``mask``
-    (S, S) bool, ``label`` int, ``path`` str, ``defect`` str."""
+    """Labelled test images: ``dataset[i]`` is a dict with ``image`` (3, H, W) float, ``mask``
+    (H, W) bool, ``label`` int, ``path`` str, ``defect`` str; ``size`` is a square side or a frame
+    ``(H, W)`` (:mod:`data.frames`)."""
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, root: str | Path, category: str, size: int, antialias: bool = False):
+    def __init__(self, root: str | Path, category: str, size: int | Frame, antialias: bool = False):
         self.samples = test_samples(root, category)
-        self.size, self.antialias = size, antialias
+        self.size, self.antialias = as_frame(size), antialias
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        raw = read_rgb(sample.path, self.size)
+        raw = read_rgb(sample.path, min(self.size))
         if sample.mask_path is not None:
             soft = read_mask(sample.mask_path)
             check_mask_fits(sample.path, tuple(raw.shape[-2:]), sample.mask_path, tuple(soft.shape))
             mask, paper_mask = resize_mask(soft, self.size), resize_mask_paper(soft, self.size)
         else:
-            mask = paper_mask = torch.zeros(self.size, self.size, dtype=torch.bool)
+            mask = paper_mask = torch.zeros(self.size, dtype=torch.bool)
         return {"image": to_float(resize_image(raw, self.size, self.antialias)), "mask": mask,
                 "paper_mask": paper_mask,
                 "label": sample.label, "path": str(sample.path), "defect": sample.defect}

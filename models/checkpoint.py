@@ -183,6 +183,7 @@ def build_from_checkpoint(checkpoint: dict, source: str, arch: str | None = None
     load_weights(model, state, source, found)
     info = {"arch": found, "wavelet": wavelet, "num_classes": num_classes, "dense": dense,
             "size": checkpoint.get("size"),
+            "frame": checkpoint.get("frame"),  # [H, W] the images were resized to (None: size x size)
             "epoch": checkpoint.get("epoch"), "recipe": checkpoint.get("recipe", "paper"),
             "augs": checkpoint.get("augs")}
     return model, info

@@ -46,6 +46,9 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     data.add_argument("--data-root", default=ScoringRun.data_root, help="MVTec-layout data root")
     data.add_argument("--size", type=int, default=DEFAULT("size"),
                       help="image size (default: the checkpoint's, else 256)")
+    data.add_argument("--frame", default=DEFAULT("frame"),
+                      help="what images are resized to: square (size x size), auto (the training images' "
+                           "aspect ratio and size, up to 4x the area) or HxW (default: the checkpoint's)")
     data.add_argument("--antialias", action="store_true",
                       help="antialiased resize (as the training run, if it used it)")
     data.add_argument("--images", default=None,

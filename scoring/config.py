@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from common.runtime import PRECISIONS
 from common.settings import Settings, is_number, is_whole, setting
+from data.frames import Frame, frame_problem, parse_frame
 from models import MAX_SIZE, MIN_SIZE
 
 FUSIONS = ("concatenation", "multiplication")
@@ -33,6 +34,7 @@ class ScoreConfig(Settings):
 
     fusion: str = setting("concatenation", "bank")
     size: int | None = setting(None, "bank")  # None: the checkpoint's training size (else 256)
+    frame: str | None = setting(None, "bank")  # data.frames: None = the checkpoint's; square, auto or HxW
     antialias: bool = setting(False, "bank")
     layers: tuple[int, ...] = setting((2, 3), "bank")
     precision: str = setting("fp32", "bank")  # feature extraction: fp32 or bf16
@@ -57,6 +59,16 @@ class ScoreConfig(Settings):
             object.__setattr__(self, "layers", tuple(sorted(self.layers)))
         self.check()
 
+    @property
+    def hw(self) -> Frame:
+        """The ``(H, W)`` images are resized to: the resolved frame (``HxW``), else ``size x size``."""
+        explicit = parse_frame(self.frame) if self.frame else None
+        if explicit is not None:
+            return explicit
+        if self.frame in (None, "square") and self.size is not None:
+            return self.size, self.size
+        raise ValueError(f"config.frame={self.frame!r} must be resolved first (scoring.detector.resolve_config)")
+
     def problems(self) -> list[tuple[str, str]]:
         """``[(field, what is wrong)]`` of the values no scoring run can take (empty when all are fine)."""
         checks = [
@@ -64,6 +76,7 @@ class ScoreConfig(Settings):
             ("map_source", self.map_source in MAP_SOURCES, f"choose one of {', '.join(MAP_SOURCES)}"),
             ("size", self.size is None or (is_whole(self.size, MIN_SIZE) and self.size <= MAX_SIZE),
              f"the network needs {MIN_SIZE} to {MAX_SIZE} px; use 128 or 256"),
+            ("frame", self.frame is None or frame_problem(self.frame) is None, frame_problem(self.frame) or ""),
             ("layers", isinstance(self.layers, tuple) and bool(self.layers)
              and all(is_whole(layer, 1) and layer <= 4 for layer in self.layers)
              and len(set(self.layers)) == len(self.layers), "stages are numbered 1 to 4, each at most once (e.g. 2,3)"),

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader
 import models
 from common.errors import UserError
 from common.runtime import resolve_device
-from data.images import list_images
+from data.frames import Frame, frame_text, resolve_frame
+from data.images import list_images, upright_size
 from models.checkpoint import HEAD_PREFIX, build_from_checkpoint, load_weights, read_checkpoint, save_atomic
 
 from . import dense
@@ -121,9 +122,9 @@ class Detector:
         threshold on them (cross-fitted, no labels)."""
         device = resolve_device(device)
         network, info = load_network(checkpoint, device, arch, wavelet)
-        config = resolve_config(config or ScoreConfig(), info)
         paths = image_paths(train_images)
-        feats = features_of(network, ImageFiles(paths, config.size, config.antialias), config, device,
+        config = resolve_config(config or ScoreConfig(), info, paths)
+        feats = features_of(network, ImageFiles(paths, config.hw, config.antialias), config, device,
                             "train features")[0]
         return cls.from_features(network, config, feats, provenance(info, paths), device, calibrate)
 
@@ -149,7 +150,13 @@ class Detector:
 
     @property
     def size(self) -> int:
+        """The network's training input size (the frame may be larger: :attr:`frame`)."""
         return self.config.size
+
+    @property
+    def frame(self) -> Frame:
+        """``(H, W)``: what every image is resized to before the network (:mod:`data.frames`)."""
+        return self.config.hw
 
     @property
     def threshold(self) -> float | None:
@@ -157,8 +164,8 @@ class Detector:
         return None if self.calibration is None else float(self.calibration.value)
 
     def preprocess(self, image: ImageLike) -> tuple[torch.Tensor, tuple[int, int]]:
-        """One image -> ``(3, S, S)`` float in [0, 1] and its ``(H, W)`` (:func:`scoring.inputs.prepare`)."""
-        return prepare(image, self.size, self.config.antialias)
+        """One image -> ``(3, *frame)`` float in [0, 1] and its own ``(H, W)`` (:func:`scoring.inputs.prepare`)."""
+        return prepare(image, self.frame, self.config.antialias)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``(N, 3, S, S)`` float -> per layer ``(N, C_l, h_l, w_l)`` float32 CPU features."""
@@ -281,10 +288,19 @@ def features_of(network: torch.nn.Module, dataset, config: ScoreConfig, device: 
                    head=dense.uses_head(config.map_source))
 
 
-def resolve_config(config: ScoreConfig, info: dict) -> ScoreConfig:
+def resolve_config(config: ScoreConfig, info: dict, train_paths: list[Path] | None = None) -> ScoreConfig:
     """The config with what depends on the network filled in: the size (the checkpoint's training
-    size, else 256) and the map source (checked: ``head`` and ``fused`` need a segmentation head)."""
-    return config.replace(size=config.size or info["size"] or 256,
+    size, else 256), the frame as ``HxW`` (``None``: the checkpoint's, else square; ``auto``: from
+    ``train_paths``' image sizes) and the map source (checked: ``head`` and ``fused`` need a
+    segmentation head)."""
+    size = config.size or info["size"] or 256
+    spec = config.frame
+    if spec is None:
+        spec = frame_text(info["frame"]) if info.get("frame") and config.size in (None, info["size"]) else "square"
+    if spec == "auto" and train_paths is None:
+        raise ValueError("the auto frame needs the training images (train_paths)")
+    sizes = [upright_size(path) for path in train_paths] if spec == "auto" else None
+    return config.replace(size=size, frame=frame_text(resolve_frame(spec, size, sizes)),
                           map_source=dense.resolve_map_source(config.map_source, bool(info.get("dense"))))
 
 

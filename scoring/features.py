@@ -17,18 +17,20 @@ from tqdm import tqdm
 
 from common.errors import UserError
 from data import load_image, to_float
+from data.frames import Frame, as_frame
 from models import HEAD_STAGES
 
 
 class ImageFiles(Dataset):
     """Plain images for feature extraction: ``{"image", "path", "ok", "reason"}``.
 
-    ``image`` is ``(3, size, size)`` float; with ``skip_bad`` an unreadable file gives ``ok=False``
+    ``image`` is ``(3, H, W)`` float (``size``: a square side or a frame ``(H, W)``); with ``skip_bad``
+    an unreadable file gives ``ok=False``
     (and a zero image) instead of an error.
     """
 
-    def __init__(self, paths: list[Path], size: int, antialias: bool = False, skip_bad: bool = False):
-        self.paths, self.size, self.antialias, self.skip_bad = paths, size, antialias, skip_bad
+    def __init__(self, paths: list[Path], size: int | Frame, antialias: bool = False, skip_bad: bool = False):
+        self.paths, self.size, self.antialias, self.skip_bad = paths, as_frame(size), antialias, skip_bad
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -40,7 +42,7 @@ class ImageFiles(Dataset):
         except UserError as exc:
             if not self.skip_bad:
                 raise
-            image, ok, reason = torch.zeros(3, self.size, self.size), False, str(exc)
+            image, ok, reason = torch.zeros(3, *self.size), False, str(exc)
         return {"image": image, "path": str(path), "ok": ok, "reason": reason}
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from common.errors import UserError
+from data.frames import Frame, as_frame
 from data.images import load_image, to_float, upright_size, upright_uint8
 
 from .model import prepare_uint8
@@ -76,8 +77,9 @@ def check_tensor(image: torch.Tensor) -> torch.Tensor:
     return chw.expand(3, -1, -1)
 
 
-def prepare(image: ImageLike, size: int, antialias: bool) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One image -> ``(3, S, S)`` float in [0, 1] as the training pipeline makes it, and its ``(H, W)``."""
+def prepare(image: ImageLike, size: int | Frame, antialias: bool) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image -> ``(3, *frame)`` float in [0, 1] as the training pipeline makes it (``size``: a square
+    side or the frame ``(H', W')``), and its own ``(H, W)``."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
@@ -91,8 +93,8 @@ def prepare(image: ImageLike, size: int, antialias: bool) -> tuple[torch.Tensor,
         return prepare_uint8(hwc[None], size, antialias)[0], tuple(array.shape[:2])
     if isinstance(image, torch.Tensor):
         chw = check_tensor(image)
-        if chw.shape[-2:] != (size, size):
-            chw = F.interpolate(chw[None], size=(size, size), mode="bilinear", align_corners=False,
+        if tuple(chw.shape[-2:]) != as_frame(size):
+            chw = F.interpolate(chw[None], size=as_frame(size), mode="bilinear", align_corners=False,
                                 antialias=antialias)[0]
         return chw.clamp(0, 1), tuple(image.shape[-2:])
     raise UserError(f"cannot score a {type(image).__name__}: pass file paths, PIL images, uint8 NumPy "

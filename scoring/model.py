@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from common.errors import SettingError
+from data.frames import Frame, as_frame
 from data.images import resize_rounded
 from models import HEAD_STAGES
 
@@ -70,9 +71,10 @@ def bank_grids(fusion: str, feats: list[torch.Tensor]) -> list[torch.Tensor]:
     return [concat_layers(feats)] if fusion == "concatenation" else list(feats)
 
 
-def resize_map(maps: torch.Tensor, size: int) -> torch.Tensor:
-    """``(N, h, w)`` -> ``(N, size, size)`` bilinear (half-pixel centres, no antialiasing)."""
-    return F.interpolate(maps[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+def resize_map(maps: torch.Tensor, size: int | Frame) -> torch.Tensor:
+    """``(N, h, w)`` -> ``(N, H, W)`` (``size``: a square side or the frame ``(H, W)``), bilinear
+    (half-pixel centres, no antialiasing)."""
+    return F.interpolate(maps[:, None], size=as_frame(size), mode="bilinear", align_corners=False)[:, 0]
 
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -94,8 +96,8 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return out[:, 0]
 
 
-def fuse_maps(fusion: str, patch_maps: list[torch.Tensor], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per bank ``(N, h_b, w_b)`` distance maps -> image scores ``(N,)`` and maps ``(N, size, size)``."""
+def fuse_maps(fusion: str, patch_maps: list[torch.Tensor], size: Frame) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per bank ``(N, h_b, w_b)`` distance maps -> image scores ``(N,)`` and maps ``(N, H, W)`` (``size``)."""
     if fusion == "concatenation":
         return patch_maps[0].flatten(1).max(1).values, resize_map(patch_maps[0], size)
     maps = resize_map(patch_maps[0], size)
@@ -104,13 +106,13 @@ def fuse_maps(fusion: str, patch_maps: list[torch.Tensor], size: int) -> tuple[t
     return maps.flatten(1).max(1).values, maps
 
 
-def head_map(head_logits: torch.Tensor, size: int) -> torch.Tensor:
-    """A segmentation head's logits ``(N, 1, h, w)`` -> ``(N, size, size)`` (bilinear, as the k-NN maps)."""
+def head_map(head_logits: torch.Tensor, size: Frame) -> torch.Tensor:
+    """A segmentation head's logits ``(N, 1, h, w)`` -> ``(N, H, W)`` (``size``; bilinear, as the k-NN maps)."""
     return resize_map(head_logits[:, 0].float(), size)
 
 
 def combine_head(map_source: str, knn_maps: torch.Tensor | None, head_logits: torch.Tensor, norm: dict[str, float],
-                 size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 size: Frame) -> tuple[torch.Tensor, torch.Tensor]:
     """k-NN maps ``(N, S, S)`` (``None`` for ``head``) and head logits ``(N, 1, h, w)`` -> image scores
     ``(N,)`` and maps ``(N, S, S)`` of ``map_source`` (``head`` or ``fused``), each map normalised by
     ``norm`` (:func:`scoring.dense.map_norm`); the image score is the map's maximum."""
@@ -191,10 +193,11 @@ class AnomalyScorer(nn.Module):
         super().__init__()
         if config.size is None:
             raise ValueError("config.size must be resolved (the network's input size)")
+        # The output frame (H, W): resize_map and the certification's pixel coordinates read it.
         if uses_head(config.map_source) and map_norm is None:
             raise ValueError("a head map source needs map_norm (scoring.calibration.cross_fitted_calibration)")
         self.banks = nn.ModuleList(banks)
-        self.fusion, self.size, self.k, self.smooth = config.fusion, config.size, config.k, config.smooth
+        self.fusion, self.size, self.k, self.smooth = config.fusion, config.hw, config.k, config.smooth
         self.map_source, self.layer_count, self.map_norm = config.map_source, len(config.layers), map_norm
         self.refine, self.certify_scores = config.refine, config.certify
         self.coreset = any(bank.coreset < 1 for bank in banks)  # searched rows whose distances are bounds
@@ -297,14 +300,15 @@ class AnomalyScorer(nn.Module):
         if self.fusion == "concatenation":
             return candidates
         h, w = shape
-        y = torch.div(candidates, self.size, rounding_mode="floor")
-        x = candidates - y * self.size
+        out_h, out_w = self.size
+        y = torch.div(candidates, out_w, rounding_mode="floor")
+        x = candidates - y * out_w
 
-        def near(coord: torch.Tensor, length: int) -> torch.Tensor:
-            source = ((coord.float() + 0.5) * (length / self.size) - 0.5).clamp(min=0).floor().long()
+        def near(coord: torch.Tensor, length: int, out: int) -> torch.Tensor:
+            source = ((coord.float() + 0.5) * (length / out) - 0.5).clamp(min=0).floor().long()
             return torch.stack([source - 1, source, source + 1], -1).clamp(0, length - 1)
 
-        cells = near(y, h)[..., :, None] * w + near(x, w)[..., None, :]  # (N, c, 3, 3)
+        cells = near(y, h, out_h)[..., :, None] * w + near(x, w, out_w)[..., None, :]  # (N, c, 3, 3)
         return cells.flatten(1)
 
     def certify(self, values: list[torch.Tensor], patches: list[torch.Tensor],
@@ -421,8 +425,8 @@ class AnomalyModel(nn.Module):
 
 
 # -- the exported form ----------------------------------------------------------------------
-def prepare_uint8(images: torch.Tensor, size: int, antialias: bool) -> torch.Tensor:
-    """uint8 ``(N, H, W, C)``, ``C`` = 1, 3 or 4 (alpha dropped) -> float ``(N, 3, S, S)`` in [0, 1],
+def prepare_uint8(images: torch.Tensor, size: int | Frame, antialias: bool) -> torch.Tensor:
+    """uint8 ``(N, H, W, C)``, ``C`` = 1, 3 or 4 (alpha dropped) -> float ``(N, 3, *frame)`` in [0, 1],
     resized and rounded as the training pipeline does (:func:`data.images.resize_rounded`)."""
     x = images[..., :3].permute(0, 3, 1, 2)
     x = x.expand(-1, 3, -1, -1)  # grayscale (C = 1) -> 3 channels; no-op for RGB
@@ -454,7 +458,7 @@ class ExportModel(nn.Module):
             if isinstance(module, BankSearch):
                 module.backend, module.precision = "torch", "fp32"
                 module.store_centred()
-        self.core, self.size, self.antialias = core, model.config.size, model.config.antialias
+        self.core, self.size, self.antialias = core, model.config.hw, model.config.antialias
         # A certified coreset adds a third output: which image scores are certified exact.
         self.reports_certified = bool(core.scorer.coreset and core.scorer.certify_scores)
 

@@ -62,7 +62,7 @@ def check_replaceable(target: Path, detector, overwrite: bool) -> None:
 def test_set_record(detector, run: ScoringRun, category: str, out_dir: Path) -> dict:
     """Score the category's labelled test set; write its files; its part of ``results.json``."""
     config = detector.config
-    dataset = TestSet(run.data_root, category, config.size, config.antialias)
+    dataset = TestSet(run.data_root, category, config.hw, config.antialias)
     result = evaluate_test_set(detector, dataset, resolve_workers(config.workers, detector.device), category)
     if config.threshold is not None:
         threshold, source = config.threshold, "--threshold"
@@ -111,14 +111,14 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     total_start = time.perf_counter()
     ckpt_path = resolve_checkpoint(run, category)
     network, info = load_network(ckpt_path, device, run.arch, run.wavelet)
-    config = resolve_config(config, info)
+    train = training_files(run.data_root, category)
+    config = resolve_config(config, info, train[0])
     listing = None
     if run.images is not None:
         if not Path(run.images).is_dir():
             raise SettingError("images", run.images, "no such folder")
         listing = folder_images(Path(run.images))
     target = detector_target(run, ckpt_path, config.fusion)
-    train = training_files(run.data_root, category)
     identity = run_identity(config, run, category, info["sha256"], train[1], listing and files_digest(listing[0]))
     base, explicit = output_place(run, ckpt_path, config.fusion, category, out_per_category)
     # The folder is claimed before the bank is built: a refusal costs nothing, a failure leaves no version.

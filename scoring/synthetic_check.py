@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 import augment
 from common.errors import UserError
 from data import to_float, train_images
+from data.frames import random_tiles
 from data.mvtec import load_cached
 
 from . import dense, metrics
@@ -58,6 +59,27 @@ def split_train(count: int, seed: int, fraction: float = HOLDOUT_FRACTION) -> tu
     return order[held:], order[:held]
 
 
+def anomaly_in_square(normal: torch.Tensor, maker, pick_source,
+                      rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One anomaly of ``maker`` in ``normal`` ``(3, H, W)`` -> ``((1, 3, H, W), (1, H, W) bool)``.
+
+    The makers draw on squares: a non-square frame gets its anomaly in a random square of side
+    ``min(H, W)`` (from a random square of the source), as training makes anomalies per tile.
+    """
+    _, height, width = normal.shape
+    if height == width:
+        return augment.make_anomalies(normal, [maker], pick_source, rng)[1:]
+    side = min(height, width)
+    top = int(torch.randint(height - side + 1, (1,), generator=rng))
+    left = int(torch.randint(width - side + 1, (1,), generator=rng))
+    window = (slice(top, top + side), slice(left, left + side))
+    _, anomaly, mask = augment.make_anomalies(normal[(slice(None), *window)], [maker],
+                                              lambda rng: random_tiles(pick_source(rng)[None], side, rng)[0], rng)
+    image, full = normal.clone()[None], torch.zeros(1, height, width, dtype=torch.bool)
+    image[(0, slice(None), *window)], full[(0, *window)] = anomaly[0], mask[0]
+    return image, full
+
+
 def synthetic_images(images: torch.Tensor, held_out: torch.Tensor, fit: torch.Tensor, seed: int,
                      augs: tuple[str, ...] = CHECK_AUGS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Held-out normals followed by one anomaly per kind for each of them, kind by kind.
@@ -75,7 +97,7 @@ def synthetic_images(images: torch.Tensor, held_out: torch.Tensor, fit: torch.Te
     out_images, out_masks = [normals], [torch.zeros(normals.shape[0], *normals.shape[-2:], dtype=torch.bool)]
     for name in augs:  # kind by kind, not image by image: the order this stream has always been drawn in
         for normal in normals:
-            _, anomaly, mask = augment.make_anomalies(normal, [augment.MAKERS[name]], pick_source, rng)
+            anomaly, mask = anomaly_in_square(normal, augment.MAKERS[name], pick_source, rng)
             out_images.append(anomaly)
             out_masks.append(mask)
     labels = torch.tensor([0] * len(normals) + [1] * len(normals) * len(augs))
@@ -88,10 +110,10 @@ def synthetic_check(model: torch.nn.Module, config: ScoreConfig, data_root: str 
 
     ``features(dataset, desc)`` extracts per-layer features the way the run does (its layers,
     batch size, precision, map source); the bank follows the config's fusion, coreset, ``k`` and
-    ``smooth``; ``config.size`` must be resolved. ``kinds``: names of
+    ``smooth``; ``config.frame`` must be resolved. ``kinds``: names of
     ``augment.MAKERS``, one anomaly of each per held-out image.
     """
-    size = config.size
+    size = config.hw
     paths = train_images(data_root, category)
     images = load_cached(paths, size, config.antialias, f"{category}: synthetic check, caching train")
     if images is None:

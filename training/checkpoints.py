@@ -26,7 +26,7 @@ CHECKPOINT_NAME = "model.pt"
 
 
 def checkpoint_payload(model_state: dict, optimizer_state: dict, epoch: int, config: TrainConfig, run: TrainRun,
-                       category: str) -> dict:
+                       category: str, frame: tuple[int, int] | None = None) -> dict:
     """The checkpoint dict: the paper's keys plus what rebuilds the run (plain types only); the
     segmentation head's weights (dense self-supervision) go beside ``netD_state_dict``, not in it."""
     net_state, head_state = split_head_state(model_state)
@@ -39,6 +39,7 @@ def checkpoint_payload(model_state: dict, optimizer_state: dict, epoch: int, con
         "arch": config.arch,
         "wavelet": config.wavelet,
         "size": config.size,
+        "frame": list(frame or (config.size, config.size)),  # (H, W) the images were resized to (data.frames)
         "augs": list(config.augs),
         "num_classes": config.num_classes,
         "category": category,
@@ -169,8 +170,9 @@ class CheckpointSaver:
     """
 
     def __init__(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                 run: TrainRun, category: str, main_rank: bool, saved_epoch: int):
-        self.path, self.model, self.optimizer = path, model, optimizer
+                 run: TrainRun, category: str, main_rank: bool, saved_epoch: int,
+                 frame: tuple[int, int] | None = None):
+        self.path, self.model, self.optimizer, self.frame = path, model, optimizer, frame
         self.config, self.run, self.category, self.main_rank = config, run, category, main_rank
         self.saved_epoch = saved_epoch
         self.kept_epoch: int | None = None  # the epoch the copies hold, if newer than the file
@@ -179,7 +181,8 @@ class CheckpointSaver:
     def save(self, epoch: int, states: tuple[dict, dict] | None = None) -> None:
         if self.main_rank:
             model_state, optimizer_state = states or (self.model.state_dict(), self.optimizer.state_dict())
-            save_atomic(checkpoint_payload(model_state, optimizer_state, epoch, self.config, self.run, self.category),
+            save_atomic(checkpoint_payload(model_state, optimizer_state, epoch, self.config, self.run, self.category,
+                                           self.frame),
                         self.path)
         self.saved_epoch = epoch
 

@@ -29,6 +29,7 @@ from augment import parse_augs
 from common.errors import SettingError
 from common.runtime import PRECISIONS
 from common.settings import Settings, is_number, is_whole, setting
+from data.frames import frame_problem, resolve_frame
 from models import MAX_SIZE, MIN_SIZE, list_models
 
 ROLES = ("weights", "label", "speed")
@@ -54,6 +55,7 @@ class TrainConfig(Settings):
     arch: str = _setting("wave50", "weights", resume="refuse")
     wavelet: str = _setting("bior2.2", "weights", resume="refuse")  # models.DEFAULT_WAVELET
     size: int = _setting(256, "weights", resume="refuse")
+    frame: str = _setting("square", "weights")  # data.frames: square (the paper), auto or HxW; tiles of size
     antialias: bool = _setting(False, "weights")
     augs: tuple[str, ...] = _setting(("cutpaste", "perlin"), "weights", resume="refuse")
     rotflip: bool = _setting(False, "weights")
@@ -89,6 +91,10 @@ class TrainConfig(Settings):
             ("arch", self.arch in list_models(), f"choose one of {', '.join(list_models())}"),
             ("size", is_whole(self.size, MIN_SIZE) and self.size <= MAX_SIZE,
              f"the network needs {MIN_SIZE} to {MAX_SIZE} px (it halves the image 5 times); use 128 or 256"),
+            ("frame", frame_problem(self.frame) is None, frame_problem(self.frame) or ""),
+            ("frame", frame_problem(self.frame) is not None or not is_whole(self.size, MIN_SIZE)
+             or min(resolve_frame(self.frame, self.size, [(self.size, self.size)])) >= self.size,
+             f"each side must be at least the size ({self.size} px): the network trains on tiles of that size"),
             ("epochs", is_whole(self.epochs, 0), "must be 0 or more (the paper: 1600)"),
             ("batch_size", is_whole(self.batch_size, 1), "must be at least 1"),
             ("lr", is_number(self.lr) and self.lr > 0, "must be a positive finite number (the paper: 0.03)"),

@@ -23,6 +23,7 @@ from torch.utils.data import Sampler
 from augment import batch_seed, make_anomalies_batch, other_indices
 from augment.batched import BATCH_MAKERS
 from data import TrainSet, to_float
+from data.frames import random_tiles
 
 
 class DeviceBatches:
@@ -37,7 +38,7 @@ class DeviceBatches:
         if dataset.images is None:
             raise ValueError("DeviceBatches needs the in-memory image cache of the training set")
         self.dataset, self.sampler, self.batch_size, self.device = dataset, sampler, batch_size, device
-        self.images = dataset.images.to(device)  # (N, 3, S, S) uint8
+        self.images = dataset.images.to(device)  # (N, 3, H, W) uint8 (the frame; tiles of S x S are cut)
         self.makers = [BATCH_MAKERS[name] for name in dataset.augs]
 
     def __len__(self) -> int:
@@ -54,7 +55,9 @@ class DeviceBatches:
     def make(self, index: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, ...]:
         """Training indices ``(B,)`` -> ``(normal (B, 3, S, S), anomalies (B, G, 3, S, S))`` in [0, 1]
         (and their masks, see the class)."""
+        size = self.dataset.size
         normal, anomalies, masks = make_anomalies_batch(
-            to_float(self.images[index]), self.makers,
-            lambda rng: to_float(self.images[other_indices(index, len(self.images), rng)]), rng, self.dataset.rotflip)
+            to_float(random_tiles(self.images[index], size, rng)), self.makers,
+            lambda rng: to_float(random_tiles(self.images[other_indices(index, len(self.images), rng)], size, rng)),
+            rng, self.dataset.rotflip)
         return (normal, anomalies, masks) if self.dataset.with_masks else (normal, anomalies)

@@ -24,7 +24,9 @@ from tqdm import tqdm
 import models
 from common.errors import SETTING, SettingError, UserError
 from common.runtime import resolve_precision, resolve_workers
-from data import TrainSet
+from data import TrainSet, train_images
+from data.frames import resolve_frame
+from data.images import upright_size
 
 from .checkpoints import CHECKPOINT_NAME, CheckpointSaver, read_resume, restore
 from .config import RESUME_WARN_SETTINGS, WEIGHT_SETTINGS, TrainConfig, TrainRun
@@ -95,8 +97,11 @@ def anomalies_on_device(config: TrainConfig, device: torch.device, dataset: Trai
 
 def make_dataset(config: TrainConfig, run: TrainRun, category: str, dist_info: DistInfo) -> TrainSet:
     """The category's training set; a batch larger than a process's share of it is a ``UserError``."""
+    paths = train_images(run.data_root, category)
+    frame = resolve_frame(config.frame, config.size, [upright_size(path) for path in paths]
+                          if config.frame == "auto" else None)
     dataset = TrainSet(run.data_root, category, config.size, list(config.augs), seed=config.seed,
-                       antialias=config.antialias, rotflip=config.rotflip, with_masks=config.dense)
+                       antialias=config.antialias, rotflip=config.rotflip, with_masks=config.dense, frame=frame)
     per_rank = math.ceil(len(dataset) / dist_info.world_size)
     if config.batch_size > per_rank:
         raise SettingError("batch_size", config.batch_size, f"is larger than the {len(dataset)} training images of "
@@ -314,7 +319,8 @@ def train_category(config: TrainConfig, run: TrainRun, category: str, device: to
     trainer = Trainer(wrap_model(model, config, device, dist_info), optimizer, sampler, dataset, loader, config,
                       device, precision, dist_info)
     logger = open_run_dir(run_dir, run, dataset, config.seed, start_epoch, main_rank)
-    saver = CheckpointSaver(ckpt_path, model, optimizer, config, run, category, main_rank, saved_epoch=start_epoch)
+    saver = CheckpointSaver(ckpt_path, model, optimizer, config, run, category, main_rank, saved_epoch=start_epoch,
+                            frame=dataset.frame)
     run_epochs(trainer, saver, logger, start_epoch, desc=f"{category} {config.arch}")
     barrier(dist_info)
     return ckpt_path, True
