@@ -5,7 +5,7 @@
     python export.py --detector pill.detector.pt --format torchscript --out pill.ts
 
 The file takes raw uint8 images ``(N, H, W, 3)`` or ``(N, H, W, 1)`` (TorchScript also
-``(N, H, W)``) and returns ``scores`` ``(N,)`` and ``maps`` ``(N, S, S)``; resizing and scaling
+``(N, H, W)``) and returns ``scores`` ``(N,)`` and ``maps`` ``(N, H, W)`` (the frame); resizing and scaling
 are inside. The threshold and the settings are stored beside the graph (see README "Export and
 deployment"). After writing, the file is run once on a few images and compared with
 ``Detector.predict``; the differences are printed.

@@ -3,7 +3,8 @@
 The file *is* the detector's scoring module: :class:`scoring.model.ExportModel` (the
 :class:`scoring.model.AnomalyModel` that ``Detector.predict`` runs, with the uint8 preprocessing
 in front), traced. It takes the raw uint8 image batch ``(N, H, W, C)`` (``C`` = 1, 3 or 4;
-TorchScript also ``(N, H, W)``) and returns ``scores`` ``(N,)`` and ``maps`` ``(N, S, S)`` float32.
+TorchScript also ``(N, H, W)``) and returns ``scores`` ``(N,)`` and ``maps`` ``(N, H, W)`` float32 at the
+detector's frame.
 This module only writes and reads files: the threshold is not in the graph but stored beside it
 (TorchScript ``_extra_files``, ONNX metadata ``threshold``), with the settings, so a deployment
 can change it without re-exporting.
@@ -35,10 +36,11 @@ def metadata(detector: Detector) -> dict:
     return {"threshold": detector.threshold,
             "threshold_source": None if detector.calibration is None else detector.calibration.source,
             "input": "uint8 (N, H, W, C), C = 1, 3 or 4 (alpha dropped) (TorchScript: also (N, H, W)); RGB order",
-            "outputs": "scores (N,) float32; maps (N, S, S) float32; verdict = score > threshold"
+            "outputs": "scores (N,) float32; maps (N, H, W) float32 at the frame; verdict = score > threshold"
                        + ("; certified (N,) bool: the score equals the exact bank's" if reports_certified(detector)
                           else ""),
-            "size": detector.size, "config": detector.config.to_dict(), "provenance": detector.provenance}
+            "size": detector.size, "frame": list(detector.frame), "config": detector.config.to_dict(),
+            "provenance": detector.provenance}
 
 
 def reports_certified(detector: Detector) -> bool:
@@ -49,7 +51,8 @@ def reports_certified(detector: Detector) -> bool:
 
 def example_input(detector: Detector, batch: int = 2) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (batch, detector.size + 7, detector.size + 3, 3), dtype=torch.uint8, generator=gen)
+    height, width = detector.frame
+    return torch.randint(0, 256, (batch, height + 7, width + 3, 3), dtype=torch.uint8, generator=gen)
 
 
 @torch.no_grad()

@@ -20,6 +20,13 @@ from data import load_image, to_float
 from data.frames import Frame, as_frame
 from models import HEAD_STAGES
 
+# Frames with a side over TILE_SIDE px go through the network in tiles of at most TILE_SIDE x TILE_SIDE
+# with TILE_HALO px of context around each (its features dropped): the memory of one pass stays
+# bounded (a 4096 x 4096 frame would need about 10 GB for wave18's first stage alone).
+TILE_SIDE = 1024
+TILE_HALO = 128
+TILE_STEP = 32  # the network's largest stride: tile edges on it keep every grid aligned
+
 
 class ImageFiles(Dataset):
     """Plain images for feature extraction: ``{"image", "path", "ok", "reason"}``.
@@ -47,9 +54,50 @@ class ImageFiles(Dataset):
 
 
 def pooled_features(model: torch.nn.Module, images: torch.Tensor, layers: list[int],
-                    head: bool = False) -> list[torch.Tensor]:
-    """``(N, 3, S, S)`` -> ``[(N, C_l, S / 2**(l+1), S / 2**(l+1)) for l in layers]`` (1-based stages),
-    followed by the segmentation head's logits ``(N, 1, S/4, S/4)`` when ``head`` (dense networks)."""
+                    head: bool = False, tile: int = TILE_SIDE, halo: int = TILE_HALO) -> list[torch.Tensor]:
+    """``(N, 3, H, W)`` -> ``[(N, C_l, H / 2**(l+1), W / 2**(l+1)) for l in layers]`` (1-based stages),
+    followed by the segmentation head's logits ``(N, 1, H/4, W/4)`` when ``head`` (dense networks).
+
+    A frame with a side over ``tile`` (both sides multiples of :data:`TILE_STEP`) goes through the
+    network in overlapping tiles: each tile's core of at most ``tile x tile`` px is run with
+    ``halo`` px of the image around it, and only the core's features are kept and stitched, at
+    full resolution. Memory then grows with the tile, not the frame; the positions depend on the
+    frame alone, so a traced graph unrolls the same loop.
+    """
+    height, width = images.shape[-2:]
+    whole = max(height, width) <= tile or height % TILE_STEP or width % TILE_STEP
+    if whole:
+        return _pooled(model, images, layers, head)
+    rows, cols = _tile_spans(height, tile, halo), _tile_spans(width, tile, halo)
+    out: list[torch.Tensor] | None = None
+    for top, bottom, window_top, window_bottom in rows:
+        for left, right, window_left, window_right in cols:
+            part = _pooled(model, images[..., window_top:window_bottom, window_left:window_right], layers, head)
+            if out is None:
+                out = [f.new_zeros(*f.shape[:2], height * f.shape[-2] // (window_bottom - window_top),
+                                   width * f.shape[-1] // (window_right - window_left)) for f in part]
+            for whole_map, piece in zip(out, part):
+                stride = height // whole_map.shape[-2]
+                whole_map[..., top // stride:bottom // stride, left // stride:right // stride] = \
+                    piece[..., (top - window_top) // stride:(bottom - window_top) // stride,
+                          (left - window_left) // stride:(right - window_left) // stride]
+    assert out is not None
+    return out
+
+
+def _tile_spans(length: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
+    """Cores ``[start, stop)`` of at most ``tile`` px covering ``length``, each with its window
+    ``[start - halo, stop + halo)`` clipped to the image; all multiples of :data:`TILE_STEP`."""
+    count = -(-length // tile)
+    step = TILE_STEP * -(-length // (count * TILE_STEP))  # equal cores, the last one shorter
+    spans = []
+    for start in range(0, length, step):
+        stop = min(length, start + step)
+        spans.append((start, stop, max(0, start - halo), min(length, stop + halo)))
+    return spans
+
+
+def _pooled(model: torch.nn.Module, images: torch.Tensor, layers: list[int], head: bool) -> list[torch.Tensor]:
     stages = model.forward_features(images, stages=max(*layers, HEAD_STAGES if head else 1))
     feats = [F.avg_pool2d(stages[layer - 1], 3, stride=1, padding=1) for layer in layers]
     return feats + [model.seg_head(stages)] if head else feats

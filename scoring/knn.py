@@ -46,6 +46,7 @@ SHORTLIST_BF16 = 16
 CHUNK_ROWS = 4096
 QUERY_ROWS = 4096
 CHUNK_ELEMENTS = CHUNK_ROWS * QUERY_ROWS
+GPU_CHUNK_FACTOR = 64  # on CUDA: blocks of up to 1 G products (4 GB of float32 scores)
 FAISS_ADD_ROWS = 65536
 
 __all__ = ["BACKENDS", "BankSearch", "faiss_available", "greedy_coreset", "resolve_backend"]
@@ -213,7 +214,9 @@ class BankSearch(nn.Module):
         best_val: torch.Tensor | None = None
         best_idx: torch.Tensor | None = None
         ranked = keep + 1 if keep < self.size else keep  # one more: the best value outside the shortlist
-        step = CHUNK_ROWS if tracing else max(CHUNK_ROWS, CHUNK_ELEMENTS // max(1, queries.shape[0]))
+        # A GPU takes far larger blocks: per-block Python overhead, not arithmetic, bounds it otherwise.
+        elements = CHUNK_ELEMENTS * (GPU_CHUNK_FACTOR if q.is_cuda else 1)
+        step = CHUNK_ROWS if tracing else max(CHUNK_ROWS, elements // max(1, queries.shape[0]))
         for start in range(0, self.size, step):
             block = self._centred_rows(start, start + step, dtype, tracing)
             # |q|^2 is the same for every row of a query: left out of the ranking.

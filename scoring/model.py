@@ -271,7 +271,8 @@ class AnomalyScorer(nn.Module):
                    cells: torch.Tensor) -> torch.Tensor:
         """``values`` ``(N, P)`` with the ``cells`` ``(N, c)`` of each image replaced by their exact distances."""
         rows = (cells + torch.arange(values.shape[0], device=values.device)[:, None] * values.shape[1]).reshape(-1)
-        return values.scatter(1, cells, bank.exact(patches[rows], self.k).view(cells.shape))
+        fresh = bank.exact(patches[rows.to(patches.device)], self.k).to(values.device)
+        return values.scatter(1, cells, fresh.view(cells.shape))
 
     def image_bound(self, values: list[torch.Tensor], exact: list[torch.Tensor],
                     shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,7 +364,8 @@ class AnomalyScorer(nn.Module):
         n, count = values.shape
         flat = torch.unique((cells + torch.arange(n, device=cells.device)[:, None] * count)[wanted])
         if flat.numel() > 0:  # else this bank's cells of the picked candidates are exact already
-            values.view(-1)[flat] = bank.exact(patches[flat], self.k)
+            # Features may live on the CPU while the bank (and so the distances) live on a GPU.
+            values.view(-1)[flat] = bank.exact(patches[flat.to(patches.device)], self.k).to(values.device)
             exact.view(-1)[flat] = True
         return torch.bincount(flat // count, minlength=n)
 

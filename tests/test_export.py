@@ -51,7 +51,8 @@ STANDALONE = textwrap.dedent("""
                  certified=certified, outputs=len(outputs))
 """)
 VARIANTS = {"concatenation": {}, "multiplication": {"fusion": "multiplication"},
-            "coreset": {"coreset": 0.3, "refine": 4, "k": 2}}
+            "coreset": {"coreset": 0.3, "refine": 4, "k": 2},
+            "frame": {"frame": "64x32"}}  # a frame larger than the training size, not square
 
 
 def assert_scores_close(got: np.ndarray, expected: np.ndarray, threshold: float) -> None:
@@ -106,6 +107,7 @@ def test_exported_files_score_as_predict_in_a_fresh_process(fmt, detectors, imag
         assert int(got["outputs"]) == (3 if name == "coreset" else 2) and got["certified"].all()
         meta = read_metadata(files[name], fmt)
         assert meta["size"] == 32 and meta["config"]["fusion"] == detector.config.fusion
+        assert meta["frame"] == list(detector.frame) and got["maps"].shape[1:] == detector.frame
         assert meta["provenance"]["arch"] == "wave18"
 
 
