@@ -237,6 +237,7 @@ class Detector:
     def __repr__(self) -> str:
         threshold = "none" if self.threshold is None else f"{self.threshold:.4g}"
         return (f"Detector({self.provenance.get('arch')}, {self.config.fusion}, {self.size} px, "
+                f"frame {self.config.frame}, "
                 f"banks {[tuple(b.search.rows.shape) for b in self.model.scorer.banks]}, threshold {threshold})")
 
 

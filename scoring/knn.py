@@ -39,6 +39,10 @@ from .config import BACKENDS
 # Candidates beyond k whose exact distances decide, for float32 and for bfloat16 products.
 SHORTLIST = 8
 SHORTLIST_BF16 = 16
+# faiss scans fewer queries than this without BLAS (138 ms against torch's 22 ms for 16 queries x
+# 214,000 rows x 384): the torch shortlist takes them.
+FAISS_MIN_QUERIES = 32
+BAND_ROWS = 4096  # an unsure query with more rows than this within rounding of its k-th goes finer
 # Bank rows compared with the queries in one product, and queries per product in eager mode:
 # bounds memory (rows x queries x 4 bytes = 64 MB); a traced graph takes all its queries at once
 # against chunks of CHUNK_ROWS. In eager mode few queries take longer chunks (up to CHUNK_ELEMENTS
@@ -46,7 +50,7 @@ SHORTLIST_BF16 = 16
 CHUNK_ROWS = 4096
 QUERY_ROWS = 4096
 CHUNK_ELEMENTS = CHUNK_ROWS * QUERY_ROWS
-GPU_CHUNK_FACTOR = 64  # on CUDA: blocks of up to 1 G products (4 GB of float32 scores)
+GPU_CHUNK_FACTOR = 16  # on CUDA: blocks of up to 268 M products (1 GB of float32 scores)
 FAISS_ADD_ROWS = 65536
 
 __all__ = ["BACKENDS", "BankSearch", "faiss_available", "greedy_coreset", "resolve_backend"]
@@ -118,7 +122,7 @@ class BankSearch(nn.Module):
     def _search(self, queries: torch.Tensor, k: int, tracing: bool) -> torch.Tensor:
         low = torch.float32 if tracing else self._dtype()
         keep = min(self.size, k + (SHORTLIST_BF16 if low == torch.bfloat16 else SHORTLIST))
-        if self.backend == "faiss" and not tracing:
+        if self.backend == "faiss" and not tracing and queries.shape[0] >= FAISS_MIN_QUERIES:
             candidates, next_value = self._faiss_shortlist(queries, keep)
             low = torch.float32  # faiss ranks in float32
         else:
@@ -132,12 +136,61 @@ class BankSearch(nn.Module):
             unsure = ~self._shortlist_holds(queries, distances[:, -1], next_value, low)
             if not bool(unsure.any()):
                 break
+            # First, in the same precision: every row whose value is within the rounding bound of
+            # the k-th found is re-ranked exactly (usually a handful; a float64 pass over the whole
+            # bank cost seconds a query batch). Only queries with too many such rows go finer.
+            which = unsure.nonzero()[:, 0]
+            band, done = self._band(queries[which], distances[which, -1], k, low)
+            distances[which[done]] = band[done]
+            next_value = next_value.double()  # a copy, in the finest precision yet
+            next_value[which[done]] = float("inf")
+            unsure[which[done]] = False
+            if not bool(unsure.any()):
+                break
             low = finer
             again, next_value_again = self._shortlist(queries[unsure], min(self.size, k + SHORTLIST), low, tracing)
             distances[unsure] = self._rerank(queries[unsure], again, k)
-            next_value = next_value.double()  # a copy, in the finest precision yet
             next_value[unsure] = next_value_again.double()
         return distances
+
+    def _band(self, queries: torch.Tensor, kth: torch.Tensor, k: int,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m, D)`` unsure queries with their ``k``-th distance found ``(m,)`` -> ``(m, k)`` exact
+        distances and ``(m,)`` whether each is final.
+
+        A row nearer than the ``k``-th found has a ranking value (``dtype`` products) of at most
+        ``kth^2 - |q|^2`` plus the rounding bound of :meth:`_value_error`; every such row is
+        re-ranked exactly, so the ``k`` nearest among them are the bank's. A query with more than
+        :data:`BAND_ROWS` such rows is not final (its band is left to a finer precision).
+        """
+        count = queries.shape[0]
+        cross, square = self._error_terms(dtype)
+        q_sq = (queries - self.mean).double().pow(2).sum(1)
+        limit, q_norm = (kth.double().pow(2) - q_sq)[:, None], q_sq.sqrt()[:, None]
+        q = (queries - self.mean).to(dtype)
+        step = max(CHUNK_ROWS, CHUNK_ELEMENTS // max(1, count))
+        hits_q, hits_r = [], []
+        for start in range(0, self.size, step):
+            block = self._centred_rows(start, start + step, dtype, False)
+            b_sq = self.centred_sq[start:start + step]
+            approx = b_sq[None, :] - 2.0 * (q @ block.t()).float()
+            # Each row's own bound (its own |b|), far tighter than the bank's largest row.
+            b_sq = b_sq.double()[None, :]
+            error = cross * q_norm * b_sq.sqrt() + square * (b_sq + q_sq[:, None])
+            query_index, row_index = (approx.double() - error <= limit).nonzero(as_tuple=True)
+            hits_q.append(query_index)
+            hits_r.append(row_index + start)
+        query_index, order = torch.cat(hits_q).sort(stable=True)
+        row_index = torch.cat(hits_r)[order]
+        per_query = torch.bincount(query_index, minlength=count)
+        done = (per_query >= k) & (per_query <= BAND_ROWS)
+        keep = done[query_index]
+        query_index, row_index = query_index[keep], row_index[keep]
+        exact = (self.rows[row_index] - self._query_frame(queries)[query_index]).pow(2).sum(-1)
+        offsets = torch.cumsum(per_query * done, 0) - per_query * done
+        table = torch.full((count, max(k, int((per_query * done).max()))), float("inf"), device=queries.device)
+        table[query_index, torch.arange(len(query_index), device=queries.device) - offsets[query_index]] = exact
+        return table.topk(k, dim=1, largest=False).values.clamp_min(0).sqrt(), done
 
     def _rerank(self, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
         """``(m, D)`` queries and ``(m, c)`` candidate rows -> ``(m, k)`` exact distances of the ``k`` nearest."""
@@ -158,16 +211,26 @@ class BankSearch(nn.Module):
         ``next_value`` minus that; the query holds when that is not below the ``k``-th's true value
         ``kth^2 - |q|^2``.
         """
+        error, q_sq = self._value_error(queries, dtype)
+        return next_value.double() - error >= kth.double().pow(2) - q_sq
+
+    def _error_terms(self, dtype: torch.dtype) -> tuple[float, float]:
+        """``(cross, square)``: a ranking value computed with ``dtype`` products is off by at most
+        ``cross |q| |b| + square (|b|^2 + |q|^2)`` (see :meth:`_shortlist_holds`)."""
         unit, dim = 2.0 ** -24, self.rows.shape[1]
         reduced = dtype == torch.bfloat16 or (dtype == torch.float32
                                               and torch.get_float32_matmul_precision() != "highest")
         operands = 3 * 2.0 ** -8 + 2.0 ** -16 if reduced else 0.0
-        centred = (queries - self.mean).double()
-        q_norm = centred.pow(2).sum(1).sqrt()
-        b_sq = float(self.centred_sq.max())
         # (+ D u |q|^2: faiss's values carry |q|^2, computed in float32 too)
-        error = 2.0 * (operands + (dim + 1) * unit) * q_norm * b_sq ** 0.5 + dim * unit * (b_sq + q_norm.pow(2))
-        return next_value.double() - error >= kth.double().pow(2) - q_norm.pow(2)
+        return 2.0 * (operands + (dim + 1) * unit), dim * unit
+
+    def _value_error(self, queries: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m,)`` float64: the rounding bound of any row's ranking value for each query (the bank's
+        largest row), and ``|q|^2`` of the centred queries."""
+        cross, square = self._error_terms(dtype)
+        q_sq = (queries - self.mean).double().pow(2).sum(1)
+        b_sq = float(self.centred_sq.max())
+        return cross * q_sq.sqrt() * b_sq ** 0.5 + square * (b_sq + q_sq), q_sq
 
     def _dtype(self) -> torch.dtype:
         precision = self.precision

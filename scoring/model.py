@@ -160,9 +160,9 @@ class PatchBank(nn.Module):
         super().__init__()
         self.search = BankSearch(state["rows"], backend, precision)
         refining = state.get("full") is not None and refine > 0
-        # The whole bank is searched for a few patches per image: the torch search (faiss scans a
-        # handful of queries without BLAS: 138 ms against 22 ms for 16 queries x 214,000 x 384).
-        self.whole = BankSearch(state["full"], "torch", precision) if refining else None
+        # The whole bank is searched for the patches certification picks (BankSearch takes the torch
+        # search for a handful of queries, which faiss scans without BLAS).
+        self.whole = BankSearch(state["full"], backend, precision) if refining else None
         self.coreset, self.coreset_dim, self.seed = state["coreset"], state["coreset_dim"], state["seed"]
 
     def state(self) -> dict:

@@ -109,6 +109,34 @@ def test_bf16_shortlist_is_checked_where_rounding_hides_the_nearest_row():
     torch.testing.assert_close(search(queries, 2).double(), ref, rtol=1e-5, atol=1e-5)  # ...the search is not
 
 
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_unsure_float32_shortlists_are_settled_by_the_rounding_band(backend, monkeypatch):
+    # 300 rows within 1e-4 of each other around long vectors: float32 products cannot order them
+    # (rounding ~1e-5 |q| |b|), so every shortlist of 9 is unsure. The rows within the rounding
+    # bound of the k-th are re-ranked exactly, with no float64 pass over the bank.
+    if backend == "faiss" and not faiss_available():
+        pytest.skip("faiss not installed")
+    gen = torch.Generator().manual_seed(6)
+    centre = 40 + torch.rand(96, generator=gen)
+    bank = torch.cat([centre + 1e-4 * torch.randn(300, 96, generator=gen), torch.randn(3000, 96, generator=gen)])
+    queries = centre + 1e-4 * torch.randn(20, 96, generator=gen)
+    precisions = []
+    original = BankSearch._shortlist
+    monkeypatch.setattr(BankSearch, "_shortlist", lambda self, q, keep, dtype, tracing:
+                        precisions.append(dtype) or original(self, q, keep, dtype, tracing))
+    banded = []
+    band = BankSearch._band
+    monkeypatch.setattr(BankSearch, "_band", lambda self, *args: banded.append(args[0].shape[0]) or band(self, *args))
+    search = BankSearch(bank, backend=backend, precision="fp32")
+    got = search(queries, 2)
+    assert banded == [20]  # every query was unsure, and the band settled each
+    ref = torch.cdist(queries.double(), bank.double()).topk(2, largest=False).values
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    assert torch.float64 not in precisions
+    error, q_sq = search._value_error(queries, torch.float32)
+    assert bool((error > 0).all()) and torch.allclose(q_sq, ((queries - search.mean).double() ** 2).sum(1))
+
+
 @pytest.mark.skipif(not faiss_available(), reason="faiss not installed")
 @pytest.mark.parametrize("k", [1, 2])
 def test_faiss_accelerator_equals_torch_search(k):
