@@ -87,6 +87,8 @@ def test_scoring_follows_the_checkpoints_frame(tall, tmp_path, capsys):
     prediction = detector.predict(paths)
     assert prediction.maps.shape == (len(paths), 96, 32)
     assert [m.shape for m in detector.predict(paths[:2], original_size=True).maps] == [(112, 48)] * 2
+    loaded = Detector.load(detector.save(tmp_path / "tall.detector.pt"))
+    assert loaded.frame == (96, 32) and np.array_equal(loaded.predict(paths).scores, prediction.scores)
     square = Detector.fit(checkpoint, root / "tall" / "train" / "good", ScoreConfig(batch_size=4, frame="square"))
     assert square.frame == (32, 32) and square.predict(paths[:1]).maps.shape == (1, 32, 32)
     # The command line scores the test set at the frame: masks resized to it, maps.npz at it.
