@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -13,6 +14,17 @@ from pathlib import Path
 import torch
 
 from scoring.report import markdown_table  # noqa: F401  (re-exported for the benchmark scripts)
+
+
+def checkpoint_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with what the benchmarks on one trained network and its data set share:
+    ``--checkpoint``, ``--data-root``, ``--c``; ``doc`` (the module docstring) gives the description."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a trained model.pt")
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--c", dest="category", required=True)
+    return parser
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,

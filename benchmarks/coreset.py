@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import markdown_table, system_info, write_results
+from benchmarks.common import checkpoint_parser, markdown_table, system_info, write_results
 from data import TestSet, train_images
 from scoring import ScoreConfig, metrics
 from scoring.detector import features_of, load_network, resolve_config
@@ -29,11 +29,7 @@ from scoring.model import AnomalyScorer, bank_states
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a trained model.pt")
-    parser.add_argument("--data-root", required=True)
-    parser.add_argument("--c", dest="category", required=True)
+    parser = checkpoint_parser(__doc__)
     parser.add_argument("--coreset", type=float, default=0.1)
     parser.add_argument("--refine", type=int, default=ScoreConfig.default("refine"))
     parser.add_argument("--ks", default="1,2")
