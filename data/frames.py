@@ -95,6 +95,14 @@ def resolve_frame(spec: str, size: int, image_sizes: Sequence[tuple[int, int]] |
     return frame
 
 
+def frame_for_images(spec: str, size: int, paths: Sequence) -> Frame:
+    """:func:`resolve_frame` with the ``auto`` rule reading the sizes of the images at ``paths``
+    (their headers only, EXIF orientation applied)."""
+    from .images import upright_size  # data.images imports this module
+
+    return resolve_frame(spec, size, [upright_size(path) for path in paths] if spec == "auto" else None)
+
+
 def as_frame(size: int | Sequence[int]) -> Frame:
     """``S`` (a square) or ``(H, W)`` -> ``(H, W)``: what every resize of this package accepts."""
     if isinstance(size, int):

@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader
 import models
 from common.errors import UserError
 from common.runtime import resolve_device
-from data.frames import Frame, frame_text, resolve_frame
-from data.images import list_images, upright_size
+from data.frames import Frame, frame_for_images, frame_text
+from data.images import list_images
 from models.checkpoint import HEAD_PREFIX, build_from_checkpoint, load_weights, read_checkpoint, save_atomic
 
 from . import dense
@@ -300,8 +300,7 @@ def resolve_config(config: ScoreConfig, info: dict, train_paths: list[Path] | No
         spec = frame_text(info["frame"]) if info.get("frame") and config.size in (None, info["size"]) else "square"
     if spec == "auto" and train_paths is None:
         raise ValueError("the auto frame needs the training images (train_paths)")
-    sizes = [upright_size(path) for path in train_paths] if spec == "auto" else None
-    return config.replace(size=size, frame=frame_text(resolve_frame(spec, size, sizes)),
+    return config.replace(size=size, frame=frame_text(frame_for_images(spec, size, train_paths or [])),
                           map_source=dense.resolve_map_source(config.map_source, bool(info.get("dense"))))
 
 

@@ -25,8 +25,7 @@ import models
 from common.errors import SETTING, SettingError, UserError
 from common.runtime import resolve_precision, resolve_workers
 from data import TrainSet, train_images
-from data.frames import resolve_frame
-from data.images import upright_size
+from data.frames import frame_for_images
 
 from .checkpoints import CHECKPOINT_NAME, CheckpointSaver, read_resume, restore
 from .config import RESUME_WARN_SETTINGS, WEIGHT_SETTINGS, TrainConfig, TrainRun
@@ -97,9 +96,7 @@ def anomalies_on_device(config: TrainConfig, device: torch.device, dataset: Trai
 
 def make_dataset(config: TrainConfig, run: TrainRun, category: str, dist_info: DistInfo) -> TrainSet:
     """The category's training set; a batch larger than a process's share of it is a ``UserError``."""
-    paths = train_images(run.data_root, category)
-    frame = resolve_frame(config.frame, config.size, [upright_size(path) for path in paths]
-                          if config.frame == "auto" else None)
+    frame = frame_for_images(config.frame, config.size, train_images(run.data_root, category))
     dataset = TrainSet(run.data_root, category, config.size, list(config.augs), seed=config.seed,
                        antialias=config.antialias, rotflip=config.rotflip, with_masks=config.dense, frame=frame)
     per_rank = math.ceil(len(dataset) / dist_info.world_size)
