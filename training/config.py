@@ -29,7 +29,7 @@ from augment import parse_augs
 from common.errors import SettingError
 from common.runtime import PRECISIONS
 from common.settings import Settings, is_number, is_whole, setting
-from data.frames import frame_problem, resolve_frame
+from data.frames import frame_problem, parse_frame
 from models import MAX_SIZE, MIN_SIZE, list_models
 
 ROLES = ("weights", "label", "speed")
@@ -93,7 +93,7 @@ class TrainConfig(Settings):
              f"the network needs {MIN_SIZE} to {MAX_SIZE} px (it halves the image 5 times); use 128 or 256"),
             ("frame", frame_problem(self.frame) is None, frame_problem(self.frame) or ""),
             ("frame", frame_problem(self.frame) is not None or not is_whole(self.size, MIN_SIZE)
-             or min(resolve_frame(self.frame, self.size, [(self.size, self.size)])) >= self.size,
+             or min(parse_frame(self.frame) or (self.size,)) >= self.size,  # the rules always fit
              f"each side must be at least the size ({self.size} px): the network trains on tiles of that size"),
             ("epochs", is_whole(self.epochs, 0), "must be 0 or more (the paper: 1600)"),
             ("batch_size", is_whole(self.batch_size, 1), "must be at least 1"),
