@@ -4,10 +4,11 @@
 #
 #   bash benchmarks/frames_gpu.sh OUT DATASET_FOLDER [DATASET_FOLDER ...]
 #
-# Variants: paper; best (squashed to 128 x 128); best scored at the auto frame (trained squashed);
-# best trained on 128 px tiles of the auto frame and scored at it (exact bank, and certified
-# coreset 0.1 / 0.05). A machine without PyWavelets gets it from wheels in .whl/ (see
-# benchmarks/gpu_check.sh for how to fetch one).
+# Variants (FRAME_VARIANTS, ';'-separated, overrides them): paper; best (squashed to 128 x 128);
+# best scored at the auto frame (trained squashed); best trained on 128 px tiles of the auto frame
+# and scored at it (exact bank, and certified coreset 0.1 / 0.05). Each seed's accuracy.json is
+# copied to OUT/seedN.json every 15 s, so a run cut short keeps what finished. A machine
+# without PyWavelets gets it from wheels in .whl/ (see benchmarks/gpu_check.sh for how to fetch one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$1
@@ -18,20 +19,23 @@ if ! "$PY" -c "import pywt" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/frames_site .whl/*.whl
     export PYTHONPATH=/tmp/frames_site${PYTHONPATH:+:$PYTHONPATH}
 fi
-mkdir -p "$OUT"
-VARIANTS=(paper best "best-auto=best|--frame auto" "tiles=best --frame auto|"
-          "tiles-c10=best --frame auto|--coreset 0.1" "tiles-c05=best --frame auto|--coreset 0.05")
+mkdir -p "$OUT" runs
+DEFAULT_VARIANTS="paper;best;best-auto=best|--frame auto;tiles=best --frame auto|;tiles-c10=best --frame auto|--coreset 0.1;tiles-c05=best --frame auto|--coreset 0.05"
+IFS=';' read -r -a VARIANTS <<<"${FRAME_VARIANTS:-$DEFAULT_VARIANTS}"
 COMMON=(--datasets "$@" --arch wave18 --size 128 --e 20 --no-baseline --fusions concatenation
         --work-dir runs/frames --reference paper --variants "${VARIANTS[@]}")
-mkdir -p runs
+copy_results() { for s in 0 1 2; do cp "runs/frames_out/seed$s/accuracy.json" "$OUT/seed$s.json" 2>/dev/null; done; }
+PIDS=()
 for seed in 0 1 2; do
     "$PY" -m benchmarks.accuracy "${COMMON[@]}" --seeds "$seed" --out "runs/frames_out/seed$seed" \
-        >"runs/frames_log$seed.txt" 2>&1 &
+        >"$OUT/log$seed.txt" 2>&1 &
+    PIDS+=($!)
 done
-wait
-for seed in 0 1 2; do
-    tail -c 3000 "runs/frames_log$seed.txt"
-    cp "runs/frames_out/seed$seed/accuracy.json" "$OUT/seed$seed.json" 2>/dev/null
-done >"$OUT/log.txt"
-"$PY" -m benchmarks.accuracy "${COMMON[@]}" --seeds 0,1,2 --reuse --out "$OUT/all" >>"$OUT/log.txt" 2>&1
-cat "$OUT/all/accuracy.md" 2>/dev/null || tail -50 "$OUT/log.txt"
+(while sleep 15; do copy_results; done) &
+COPIER=$!
+wait "${PIDS[@]}"
+kill "$COPIER"
+copy_results
+"$PY" -m benchmarks.accuracy "${COMMON[@]}" --seeds 0,1,2 --reuse --out runs/frames_out/all >/dev/null 2>&1
+cp runs/frames_out/all/accuracy.md "$OUT/all.md" 2>/dev/null
+cat "$OUT/all.md" 2>/dev/null || tail -c 3000 "$OUT"/log*.txt
