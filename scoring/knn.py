@@ -24,7 +24,9 @@ torch shortlist in float32 is used.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -42,6 +44,11 @@ SHORTLIST_BF16 = 16
 # faiss scans fewer queries than this without BLAS (138 ms against torch's 22 ms for 16 queries x
 # 214,000 rows x 384): the torch shortlist takes them.
 FAISS_MIN_QUERIES = 32
+# faiss 1.15 scans up to 128,000 queries without BLAS (its distance_compute_blas_threshold): 256
+# queries x 49,000 rows x 384 took 416 ms so, 64 ms with BLAS (2 cores of an AMD EPYC). Our
+# searches set it to this while they run. The rounding bound of _shortlist_holds is the BLAS
+# form's (|q|^2 + |b|^2 - 2 q.b), the worse of the two.
+FAISS_BLAS_QUERIES = 20
 BAND_ROWS = 4096  # an unsure query with more rows than this within rounding of its k-th goes finer
 # Bank rows compared with the queries in one product, and queries per product in eager mode:
 # bounds memory (rows x queries x 4 bytes = 64 MB); a traced graph takes all its queries at once
@@ -54,6 +61,20 @@ GPU_CHUNK_FACTOR = 16  # on CUDA: blocks of up to 268 M products (1 GB of float3
 FAISS_ADD_ROWS = 65536
 
 __all__ = ["BACKENDS", "BankSearch", "faiss_available", "greedy_coreset", "resolve_backend"]
+
+
+@contextlib.contextmanager
+def faiss_blas_threshold(queries: int) -> Iterator[None]:
+    """faiss's ``distance_compute_blas_threshold`` (the fewest queries it ranks with BLAS) set to
+    ``queries`` while the block runs, restored after it."""
+    import faiss
+
+    before = faiss.cvar.distance_compute_blas_threshold
+    faiss.cvar.distance_compute_blas_threshold = queries
+    try:
+        yield
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = before
 
 
 def faiss_available() -> bool:
@@ -316,7 +337,8 @@ class BankSearch(nn.Module):
             self._faiss = index
         centred = np.ascontiguousarray((queries - self.mean).cpu().numpy())
         ranked = keep + 1 if keep < self.size else keep  # one more: the best value outside the shortlist
-        dist_sq, idx = self._faiss.search(centred, ranked)
+        with faiss_blas_threshold(FAISS_BLAS_QUERIES):
+            dist_sq, idx = self._faiss.search(centred, ranked)
         idx, dist_sq = torch.from_numpy(idx).to(self.rows.device), torch.from_numpy(dist_sq).to(self.rows.device)
         if ranked == keep:
             return idx, torch.full_like(dist_sq[:, 0], float("inf"))

@@ -146,7 +146,11 @@ def test_faiss_accelerator_equals_torch_search(k):
     centres = 3 * torch.randn(20, 64, generator=gen)
     bank = (centres[torch.randint(0, 20, (3000,), generator=gen)] + torch.randn(3000, 64, generator=gen)).abs()
     queries = (centres[torch.randint(0, 20, (500,), generator=gen)] + torch.randn(500, 64, generator=gen)).abs()
-    a = BankSearch(bank, backend="faiss")(queries, k)
+    import faiss
+
+    threshold = faiss.cvar.distance_compute_blas_threshold
+    a = BankSearch(bank, backend="faiss")(queries, k)  # ranked with BLAS (see FAISS_BLAS_QUERIES)
+    assert faiss.cvar.distance_compute_blas_threshold == threshold  # the user's setting is left as it was
     b = BankSearch(bank, backend="torch", precision="fp32")(queries, k)
     assert torch.equal(a, b)
     ref = torch.cdist(queries.double(), bank.double()).topk(k, largest=False).values
