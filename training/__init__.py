@@ -4,9 +4,10 @@
 From Python: :func:`train_categories` (:mod:`training.runner`).
 """
 
+from common.distributed import DistInfo, cleanup, init_distributed
+
 from .checkpoints import CHECKPOINT_NAME
 from .config import RESUME_WARN_SETTINGS, WEIGHT_SETTINGS, TrainConfig, TrainRun
-from .distributed import DistInfo, cleanup, init_distributed
 from .loop import PREVIEW_NAME, train_category
 from .runner import train_categories
 

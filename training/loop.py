@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
 import models
+from common.distributed import DistInfo, all_reduce_sum, barrier
 from common.errors import SETTING, SettingError, UserError
 from common.runtime import resolve_precision, resolve_workers
 from data import TrainSet, train_images
@@ -30,7 +31,6 @@ from data.frames import frame_for_images
 from .checkpoints import CHECKPOINT_NAME, CheckpointSaver, read_resume, restore
 from .config import RESUME_WARN_SETTINGS, WEIGHT_SETTINGS, TrainConfig, TrainRun
 from .device_batches import DeviceBatches
-from .distributed import DistInfo, all_reduce_sum, barrier
 from .interrupt import StopRequest, ignore_sigint_in_worker
 from .logger import EpochLogger
 from .preview import save_preview

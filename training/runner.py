@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from common.distributed import DistInfo, all_reduce_sum, cleanup
 from common.runtime import resolve_device
 
 from .config import TrainConfig, TrainRun
-from .distributed import DistInfo, all_reduce_sum, cleanup
 from .loop import train_category
 from .rundir import RunClaim
 

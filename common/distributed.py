@@ -1,0 +1,132 @@
+"""torchrun support: read RANK / WORLD_SIZE / LOCAL_RANK, start and stop the process group, and
+the few collectives training and scoring use (each a no-op in one process).
+
+    torchrun --nproc_per_node=2 main.py --c bottle --device cpu    # gloo on CPU, nccl on CUDA
+    torchrun --nproc_per_node=2 inference_concatenation.py --category bottle --device cpu
+
+A process of the run that stops (killed, out of memory) makes the others' collectives fail, or
+torchrun stops them with SIGTERM: both end as :class:`RunStopped`, a :class:`UserError`, so the
+command line prints one line and what a run was writing is removed (see ``scoring.output.run_folder``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from common.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group when launched by torchrun; a no-op for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend=backend)
+    return info
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        collective(dist.barrier)
+
+
+def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class RunStopped(UserError):
+    """Another process of a torchrun run stopped, so this one cannot finish its part."""
+
+
+STOPPED = ("another process of this torchrun run stopped (its own message says why); this one stops too "
+           "and leaves no partial result")
+T = TypeVar("T")
+
+
+def collective(call: Callable[[], T]) -> T:
+    """``call()`` (a collective), with a peer that is gone worded as :class:`RunStopped`."""
+    try:
+        return call()
+    except (RuntimeError, ConnectionError) as exc:  # gloo: "Connection closed by peer", "Read error" ...
+        raise RunStopped(f"{STOPPED} ({str(exc).splitlines()[0][:120]})") from exc
+
+
+def stop_on_sigterm(info: DistInfo) -> None:
+    """Under torchrun, SIGTERM (sent when another process failed) raises :class:`RunStopped`, so
+    ``finally`` / cleanup code runs; one process keeps the default."""
+    if info.enabled:
+        def stopped(signum, frame):
+            raise RunStopped(STOPPED)
+
+        signal.signal(signal.SIGTERM, stopped)
+
+
+def block(count: int, info: DistInfo, align: int = 1) -> range:
+    """The contiguous share of ``range(count)`` of rank ``info.rank``: whole units of ``align``
+    items (a batch: each rank's batches are then the one process's), as even as they can be;
+    ranks in order, so the shares concatenated are ``range(count)``."""
+    units = -(-count // max(1, align))
+    start = info.rank * units // info.world_size * align
+    stop = (info.rank + 1) * units // info.world_size * align
+    return range(min(start, count), min(stop, count))
+
+
+def gather_to_main(obj: T, info: DistInfo) -> list[T] | None:
+    """Every rank's ``obj`` (picklable) in rank order on rank 0, ``None`` on the others."""
+    if not info.enabled:
+        return [obj]
+    out: list | None = [None] * info.world_size if info.is_main else None
+    collective(lambda: dist.gather_object(obj, out, dst=0))
+    return out
+
+
+def all_gather(tensor: torch.Tensor, info: DistInfo) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (the same shape on every rank), in rank order, on every rank."""
+    if not info.enabled:
+        return [tensor]
+    out = [torch.empty_like(tensor) for _ in range(info.world_size)]
+    collective(lambda: dist.all_gather(out, tensor.contiguous()))
+    return out
+
+
+def broadcast_object(obj: T, info: DistInfo, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    collective(lambda: dist.broadcast_object_list(box, src=src))
+    return box[0]
