@@ -59,7 +59,7 @@ def barrier(info: DistInfo) -> None:
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        collective(lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM))
     return tensor
 
 
@@ -130,3 +130,11 @@ def broadcast_object(obj: T, info: DistInfo, src: int = 0) -> T:
     box = [obj]
     collective(lambda: dist.broadcast_object_list(box, src=src))
     return box[0]
+
+
+def part_offset(count: int, info: DistInfo | None) -> tuple[int, int]:
+    """For parts of ``count`` items per rank, in rank order: where this rank's starts, and the total."""
+    if info is None or not info.enabled:
+        return 0, count
+    sizes = [int(n) for n in all_gather(torch.tensor([count]), info)]
+    return sum(sizes[:info.rank]), sum(sizes)

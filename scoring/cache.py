@@ -72,10 +72,11 @@ def calibration_key(config: ScoreConfig) -> str:
 
 def cached_detector(config: ScoreConfig, network: torch.nn.Module, info: dict, ckpt_path: Path, data_root: str,
                     category: str, device: torch.device, need_threshold: bool, rebuild: bool = False,
-                    train: tuple[list[Path], str] | None = None) -> tuple[Detector, bool, float]:
+                    train: tuple[list[Path], str] | None = None, write: bool = True) -> tuple[Detector, bool, float]:
     """The category's detector: banks (and calibrated threshold, map normalisation) from the cache
     when they are there for these settings, else built from the training images and cached.
-    ``train``: the training image paths and their :func:`files_digest`, when the caller has them.
+    ``train``: the training image paths and their :func:`files_digest`, when the caller has them;
+    ``write=False`` builds what is missing without writing the cache (torchrun's other ranks).
 
     Returns the detector, whether the banks came from the cache, and the seconds it took.
     """
@@ -100,7 +101,8 @@ def cached_detector(config: ScoreConfig, network: torch.nn.Module, info: dict, c
             known = {**known, "threshold": threshold.to_dict(), **({"map_norm": norm} if norm else {})}
             calibrations[calibration_key(config)] = known
         try:
-            save_atomic(entry, cache)
+            if write:
+                save_atomic(entry, cache)
         except OSError as exc:  # a read-only checkpoint folder or a full disk only costs the cache
             tqdm.write(f"warning: cannot cache the memory bank at {cache} ({exc.strerror}); continuing",
                        file=sys.stderr)

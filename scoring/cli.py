@@ -13,6 +13,7 @@ import sys
 import models
 from augment import parse_augs
 from common import cli
+from common.distributed import cleanup, init_distributed, stop_on_sigterm
 from common.errors import UserError
 from common.recipes import RECIPES
 from common.runtime import PRECISIONS, resolve_device
@@ -121,6 +122,10 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
                           "for scoring.Detector.load and export.py (default path: ckpt/<p>/detector-<fusion>.pt)")
     out.add_argument("--save-maps", action="store_true", help="also write maps.npz (maps, masks, labels, scores)")
     out.add_argument("--no-pictures", action="store_true", help="skip the heatmap PNGs and the ROC plot")
+    out.add_argument("--shard-bank", action="store_true",
+                     help="under torchrun: each process holds 1/N of the memory bank and every process searches "
+                          "its part for every image (a bank N times larger than one process's memory; needs "
+                          "--threshold for --images); without it the processes split the images")
     runtime = parser.add_argument_group("Batching")
     runtime.add_argument("--batch-size", type=int, default=DEFAULT("batch_size"),
                          help="images per feature-extraction batch")
@@ -158,7 +163,8 @@ def run_from_args(args: argparse.Namespace) -> ScoringRun:
                       save_maps=args.save_maps, pictures=not args.no_pictures,
                       synthetic_check=args.synthetic_check or args.check_kinds is not None,
                       check_kinds=check_kinds_from_args(args),
-                      rebuild_bank=args.rebuild_bank, save_detector=args.save_detector, command=" ".join(sys.argv))
+                      rebuild_bank=args.rebuild_bank, save_detector=args.save_detector, shard_bank=args.shard_bank,
+                      command=" ".join(sys.argv))
 
 
 def main(args: argparse.Namespace) -> list[dict]:
@@ -171,7 +177,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.save_detector and len(categories) != 1:
         raise UserError("--save-detector PATH writes one category's detector: pass --c <category>, or give "
                         "--save-detector without a path (each goes to ckpt/<p>/detector-<fusion>.pt)")
-    return score_categories(config, run, categories, device)
+    shards = init_distributed(device.type)
+    stop_on_sigterm(shards)
+    try:
+        return score_categories(config, run, categories, device, shards=shards)
+    finally:
+        cleanup(shards)
 
 
 def parse_args(fusion: str, argv: list[str] | None = None) -> argparse.Namespace:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Subset
 from tqdm import tqdm
 
+from common.distributed import DistInfo, block, gather_to_main
 from common.errors import SettingError
 from data import IMAGE_SUFFIXES, TestSet
 
@@ -28,6 +30,7 @@ from .features import ImageFiles
 # Why a metric cannot be computed on a test set, by what its labels / masks lack.
 IMAGE_METRICS = ("image_auroc", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "aupro", "pixel_ap", "pixel_auroc_paper_masks")
+ONE_PROCESS = DistInfo()
 
 
 @dataclass
@@ -108,19 +111,32 @@ def add_metrics(result: TestSetResult) -> TestSetResult:
     return result
 
 
-def evaluate_test_set(detector: Detector, dataset: TestSet, workers: int = 0, desc: str = "test") -> TestSetResult:
-    """Score every image of ``dataset`` and compute the metrics."""
+def evaluate_test_set(detector: Detector, dataset: TestSet, workers: int = 0, desc: str = "test",
+                      shards: DistInfo = ONE_PROCESS) -> TestSetResult | None:
+    """Score every image of ``dataset`` and compute the metrics. Under torchrun (``shards``) each
+    rank scores its block of whole batches and rank 0 gets the result (the others ``None``): the
+    same numbers as one process, whose batches they are."""
     start = time.perf_counter()
-    feats, extras = features_of(detector.model.network, dataset, detector.config, detector.device,
-                                f"{desc}: test features", workers=workers)
-    scores, maps = detector.score_features(feats)
-    result = TestSetResult(
-        paths=[p for e in extras for p in e["path"]], defects=[d for e in extras for d in e["defect"]],
-        labels=np.concatenate([np.asarray(e["label"]) for e in extras]),
-        masks=torch.cat([e["mask"] for e in extras]).numpy(),
-        paper_masks=torch.cat([e["paper_mask"] for e in extras]).numpy(),
-        scores=scores.numpy(), maps=maps.numpy(), seconds=time.perf_counter() - start)
-    return add_metrics(result)
+    share = block(len(dataset), shards, align=detector.config.batch_size)
+    part: dict = {"search": {}}
+    if len(share):
+        subset = dataset if len(share) == len(dataset) else Subset(dataset, share)
+        feats, extras = features_of(detector.model.network, subset, detector.config, detector.device,
+                                    f"{desc}: test features", workers=workers)
+        scores, maps = detector.score_features(feats)
+        part = {"paths": [p for e in extras for p in e["path"]], "defects": [d for e in extras for d in e["defect"]],
+                "labels": np.concatenate([np.asarray(e["label"]) for e in extras]),
+                "masks": torch.cat([e["mask"] for e in extras]).numpy(),
+                "paper_masks": torch.cat([e["paper_mask"] for e in extras]).numpy(),
+                "scores": scores.numpy(), "maps": maps.numpy(), "search": detector.model.scorer.search_stats}
+    parts = gather_to_main(part, shards)
+    if parts is None:
+        return None
+    parts = [p for p in parts if "scores" in p]
+    detector.model.scorer.search_stats = merged_search_reports([p["search"] for p in parts])
+    joined = {key: [v for p in parts for v in p[key]] if key in ("paths", "defects") else
+              np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "search"}
+    return add_metrics(TestSetResult(**joined, seconds=time.perf_counter() - start))
 
 
 def folder_images(folder: Path) -> tuple[list[Path], list[dict]]:
@@ -139,25 +155,53 @@ def folder_images(folder: Path) -> tuple[list[Path], list[dict]]:
 
 
 def score_image_folder(detector: Detector, folder: Path, workers: int = 0,
-                       listing: tuple[list[Path], list[dict]] | None = None) -> FolderResult:
+                       listing: tuple[list[Path], list[dict]] | None = None,
+                       shards: DistInfo = ONE_PROCESS) -> FolderResult | None:
     """Score every readable image under ``folder`` (``listing``: its :func:`folder_images`, when the
-    caller has it already); unreadable ones are skipped with their reason."""
+    caller has it already); unreadable ones are skipped with their reason. Under torchrun
+    (``shards``) each rank scores its block of whole batches and rank 0 gets the result (the
+    others ``None``)."""
     paths, skipped = listing if listing is not None else folder_images(folder)
-    skipped = list(skipped)
     config = detector.config
     dataset = ImageFiles(paths, config.size, config.antialias, skip_bad=True)
     start = time.perf_counter()
-    feats, extras = features_of(detector.model.network, dataset, config, detector.device, "images: features",
-                                workers=workers)
-    ok = torch.tensor([flag for e in extras for flag in e["ok"]], dtype=torch.bool)
-    all_paths = [p for e in extras for p in e["path"]]
-    for path, flag, reason in zip(all_paths, ok.tolist(), [r for e in extras for r in e["reason"]]):
-        if not flag:
-            tqdm.write(f"warning: skipped {reason}", file=sys.stderr)
-            skipped.append({"path": path, "reason": reason})
-    good_paths = [p for p, flag in zip(all_paths, ok.tolist()) if flag]
+    share = block(len(paths), shards, align=config.batch_size)
+    part = {"paths": [], "scores": np.zeros(0, np.float32), "maps": None, "skipped": [], "search": {}, "read": 0}
+    if len(share):
+        subset = dataset if len(share) == len(dataset) else Subset(dataset, share)
+        feats, extras = features_of(detector.model.network, subset, config, detector.device, "images: features",
+                                    workers=workers)
+        ok = torch.tensor([flag for e in extras for flag in e["ok"]], dtype=torch.bool)
+        all_paths = [p for e in extras for p in e["path"]]
+        for path, flag, reason in zip(all_paths, ok.tolist(), [r for e in extras for r in e["reason"]]):
+            if not flag:
+                tqdm.write(f"warning: skipped {reason}", file=sys.stderr)
+                part["skipped"].append({"path": path, "reason": reason})
+        part["paths"] = [p for p, flag in zip(all_paths, ok.tolist()) if flag]
+        if part["paths"]:
+            scores, maps = detector.score_features([f[ok] for f in feats])
+            part.update(scores=scores.numpy(), maps=maps.numpy(), search=detector.model.scorer.search_stats)
+    parts = gather_to_main(part, shards)
+    if parts is None:
+        return None
+    good_paths = [p for part in parts for p in part["paths"]]
     if not good_paths:
-        raise SettingError("images", str(folder), f"none of the {len(all_paths)} files could be read")
-    scores, maps = detector.score_features([f[ok] for f in feats])
-    return FolderResult(good_paths, scores.numpy(), maps.numpy(), skipped, dataset,
-                        {p: i for i, p in enumerate(all_paths)}, time.perf_counter() - start)
+        raise SettingError("images", str(folder), f"none of the {len(paths)} files could be read")
+    detector.model.scorer.search_stats = merged_search_reports([p["search"] for p in parts if p["paths"]])
+    scored = [p for p in parts if p["paths"]]
+    return FolderResult(good_paths, np.concatenate([p["scores"] for p in scored]),
+                        np.concatenate([p["maps"] for p in scored]),
+                        list(skipped) + [s for p in parts for s in p["skipped"]], dataset,
+                        {str(p): i for i, p in enumerate(paths)}, time.perf_counter() - start)
+
+
+def merged_search_reports(reports: list[dict]) -> dict:
+    """One search report (:func:`scoring.model.search_report`) of several ranks' images."""
+    if len(reports) == 1:
+        return reports[0]
+    images = sum(r["images"] for r in reports)
+    return {"bank": reports[0]["bank"], "images": images,
+            "certified_images": sum(r["certified_images"] for r in reports),
+            "re_searched_per_image_mean": sum(r["re_searched_per_image_mean"] * r["images"] for r in reports)
+            / max(1, images),
+            "re_searched_per_image_max": max(r["re_searched_per_image_max"] for r in reports)}

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.distributed import DistInfo, all_gather, all_reduce_sum, part_offset
 from common.errors import SettingError
 from common.runtime import PRECISIONS, bf16_matmul_pays
 
@@ -106,9 +107,14 @@ class BankSearch(nn.Module):
             and on CPUs with native bfloat16).
     """
 
-    def __init__(self, rows: torch.Tensor, backend: str = "auto", precision: str = "auto"):
+    def __init__(self, rows: torch.Tensor, backend: str = "auto", precision: str = "auto",
+                 shards: DistInfo | None = None):
         super().__init__()
-        if rows.ndim != 2 or rows.shape[0] == 0:
+        # Under torchrun with a sharded bank, ``rows`` are this rank's part: a search returns the
+        # k smallest over every rank's (all-gathered), so each rank gets the whole bank's answer.
+        self.shards = shards if shards is not None and shards.enabled else None
+        self.total = int(all_reduce_sum(torch.tensor([rows.shape[0]]), self.shards)) if self.shards else rows.shape[0]
+        if rows.ndim != 2 or (rows.shape[0] == 0 and self.shards is None):  # a rank's part may be empty
             raise ValueError(f"a bank must be (B, D) with B > 0, got {tuple(rows.shape)}")
         if precision not in PRECISIONS:
             raise SettingError("knn_precision", precision, f"choose one of {', '.join(PRECISIONS)}")
@@ -131,14 +137,20 @@ class BankSearch(nn.Module):
 
     def forward(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         """``(M, D)`` queries -> ``(M, k)`` distances to the ``k`` nearest rows, ascending."""
-        if k > self.size:
-            raise SettingError("k", k, f"is larger than the memory bank ({self.size} patches); lower it")
+        if k > self.total:
+            raise SettingError("k", k, f"is larger than the memory bank ({self.total} patches); lower it")
         queries = queries.to(self.rows.device, torch.float32)
         if torch.jit.is_tracing():  # a graph takes any number of queries: no loop over them
             return self._search(queries, k, tracing=True)
-        out = [self._search(queries[start:start + QUERY_ROWS], k, tracing=False)
-               for start in range(0, queries.shape[0], QUERY_ROWS)]
-        return out[0] if len(out) == 1 else torch.cat(out)
+        mine = min(k, self.size)  # a rank's part may hold fewer than k rows
+        out = [self._search(queries[start:start + QUERY_ROWS], mine, tracing=False)
+               for start in range(0, queries.shape[0], QUERY_ROWS)] if mine else [queries.new_empty(len(queries), 0)]
+        found = out[0] if len(out) == 1 else torch.cat(out)
+        if self.shards is None:
+            return found
+        found = torch.nn.functional.pad(found, (0, k - mine), value=float("inf"))
+        # Exact distances, each computed alone: the k smallest of the parts' k smallest are the bank's.
+        return torch.cat(all_gather(found, self.shards), 1).topk(k, dim=1, largest=False).values
 
     def _search(self, queries: torch.Tensor, k: int, tracing: bool) -> torch.Tensor:
         low = torch.float32 if tracing else self._dtype()
@@ -353,45 +365,89 @@ class BankSearch(nn.Module):
 
 
 def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim: int = 32,
-                   device: torch.device | str = "cpu", progress: bool = True) -> torch.Tensor:
+                   device: torch.device | str = "cpu", progress: bool = True,
+                   shards: DistInfo | None = None) -> torch.Tensor:
     """Greedy k-center subset of ``bank`` rows (PatchCore's coreset), as indices.
 
     The bank is first projected to ``proj_dim`` dimensions by a seeded Gaussian random
     projection (distances roughly kept, the loop much cheaper); the first centre is a seeded
     random row and is always included; each next centre is the row farthest from all chosen.
+    Memory: the projected rows and one distance per row (the projection made in blocks of
+    :data:`PROJECT_ROWS`, so a million rows need no second copy of the bank).
+
+    Under torchrun with a sharded bank (``shards``), ``bank`` is this rank's part, the parts in
+    rank order make the bank, and every rank gets the same indices (into the whole bank) as one
+    process would: each step's farthest row is the maximum over the ranks (the lowest index on a
+    tie, as ``argmax``), and its owner sends the centre to the others.
 
     Args:
         bank: ``(B, D)``.
         fraction: share of rows kept, in (0, 1].
     Returns:
-        ``(ceil(fraction * B),)`` long tensor of row indices, in selection order.
+        ``(ceil(fraction * B_total),)`` long tensor of row indices, in selection order.
     """
     if not 0 < fraction <= 1:
         raise SettingError("coreset", fraction, "must be in (0, 1]; 1 keeps the whole bank")
-    count = bank.shape[0]
+    shards = shards if shards is not None and shards.enabled else None
+    offset, count = part_offset(bank.shape[0], shards)
     keep = max(1, math.ceil(fraction * count))
     if keep >= count:
         return torch.arange(count)
     gen = torch.Generator().manual_seed(seed)
-    x = bank.detach().to(device, torch.float32)
-    if proj_dim and proj_dim < x.shape[1]:
-        proj = torch.randn(x.shape[1], proj_dim, generator=gen).to(x.device) / math.sqrt(proj_dim)
-        x = x @ proj
+    x = project(bank, proj_dim, gen, device)
     sq = (x * x).sum(1)
     first = int(torch.randint(0, count, (1,), generator=gen))
     # Kept on the device: reading each new centre back to the host would stall a GPU every step.
     chosen = torch.empty(keep, dtype=torch.long, device=x.device)
     chosen[0] = first
-    min_dist = torch.full((count,), float("inf"), device=x.device)
+    min_dist = torch.full((x.shape[0],), float("inf"), device=x.device)
     centre = chosen[0]
     for i in tqdm(range(1, keep), desc="coreset", unit="centre", leave=False, disable=not progress,
                   mininterval=1.0):
-        # index_select with a 1-element tensor: indexing with a 0-d tensor would read it on the host.
-        c = x.index_select(0, centre.view(1))[0]
+        if shards is None:
+            # index_select with a 1-element tensor: indexing with a 0-d tensor would read it on the host.
+            c, c_sq = x.index_select(0, centre.view(1))[0], sq.index_select(0, centre.view(1))
+        else:
+            c, c_sq = shared_centre(x, sq, int(centre) - offset, shards)
         # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one fused matrix-vector product per new centre
-        dist = torch.addmv(sq, x, c, alpha=-2).add_(sq.index_select(0, centre.view(1)))
+        dist = torch.addmv(sq, x, c, alpha=-2).add_(c_sq)
         torch.minimum(min_dist, dist, out=min_dist)
-        centre = torch.argmax(min_dist)
+        centre = torch.argmax(min_dist) if shards is None else farthest(min_dist, offset, shards)
         chosen[i] = centre
     return chosen.cpu()
 
+
+# Rows projected per product while selecting a coreset: bounds the temporary copies.
+PROJECT_ROWS = 65536
+
+
+def project(bank: torch.Tensor, proj_dim: int, gen: torch.Generator, device: torch.device | str) -> torch.Tensor:
+    """``(B, D)`` -> ``(B, proj_dim)`` float32 on ``device``: a seeded Gaussian random projection, made
+    in blocks of :data:`PROJECT_ROWS` rows (the rows as they are when ``proj_dim`` is 0 or >= D)."""
+    if not proj_dim or proj_dim >= bank.shape[1]:
+        return bank.detach().to(device, torch.float32)
+    proj = (torch.randn(bank.shape[1], proj_dim, generator=gen) / math.sqrt(proj_dim)).to(device)
+    out = torch.empty(bank.shape[0], proj_dim, device=device)
+    for start in range(0, bank.shape[0], PROJECT_ROWS):
+        out[start:start + PROJECT_ROWS] = bank[start:start + PROJECT_ROWS].detach().to(device, torch.float32) @ proj
+    return out
+
+
+def shared_centre(x: torch.Tensor, sq: torch.Tensor, local: int, shards: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """The centre's projected row ``(d,)`` and squared norm ``(1,)``, sent by the rank that holds
+    row ``local`` of its part (the others add zeros: the sum is the row, exactly)."""
+    packed = torch.zeros(x.shape[1] + 1, device=x.device)
+    if 0 <= local < x.shape[0]:
+        packed[:-1], packed[-1] = x[local], sq[local]
+    all_reduce_sum(packed, shards)
+    return packed[:-1], packed[-1:]
+
+
+def farthest(min_dist: torch.Tensor, offset: int, shards: DistInfo) -> torch.Tensor:
+    """The whole bank's row farthest from the chosen centres (the lowest index on a tie): each
+    rank's own farthest, the maximum over ranks."""
+    local = int(torch.argmax(min_dist)) if min_dist.numel() else -1
+    value = float(min_dist[local]) if local >= 0 else float("-inf")
+    best = torch.stack(all_gather(torch.tensor([value, float(offset + local)], dtype=torch.float64), shards))
+    top = best[:, 0].max()
+    return best[best[:, 0] == top, 1].min().long()

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from common.distributed import DistInfo, part_offset
 from common.errors import SettingError
 from data.frames import Frame, as_frame
 from data.images import resize_rounded
@@ -123,19 +124,24 @@ def combine_head(map_source: str, knn_maps: torch.Tensor | None, head_logits: to
 
 
 # -- memory banks ---------------------------------------------------------------------------
-def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device | str = "cpu") -> list[dict]:
+def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device | str = "cpu",
+                shards: DistInfo | None = None) -> list[dict]:
     """The banks of the config's fusion from normal images' per-layer features ``(N, C_l, h_l, w_l)``
     (entries past ``config.layers``, a head's logits, are not banked): per bank ``rows`` (its greedy
     coreset with ``config.coreset < 1``), ``full`` (the whole bank beside a coreset, else ``None``)
-    and the coreset's settings. Plain tensors and values: the bank cache and detector files hold these."""
+    and the coreset's settings. Plain tensors and values: the bank cache and detector files hold these.
+    With ``shards`` (torchrun, a sharded bank) ``train_feats`` are this rank's block of images and
+    the states its part of each bank: its rows of the coreset one process would choose."""
     states = []
     for grid in bank_grids(config.fusion, train_feats[:len(config.layers)]):
         patches = to_patches(grid).detach().float().cpu().contiguous()
         rows, full = patches, None
         if config.coreset < 1:
-            check_coreset_size(config.coreset, patches.shape[0], grid.shape[-2] * grid.shape[-1])
+            offset, total = part_offset(patches.shape[0], shards)
+            check_coreset_size(config.coreset, total, grid.shape[-2] * grid.shape[-1])
             keep = greedy_coreset(patches, config.coreset, seed=config.seed, proj_dim=config.coreset_dim,
-                                  device=device)
+                                  device=device, shards=shards) - offset
+            keep = keep[(keep >= 0) & (keep < patches.shape[0])]  # this rank's rows of the whole bank's coreset
             rows, full = patches[keep].contiguous(), patches
         states.append({"rows": rows, "full": full, "coreset": config.coreset, "coreset_dim": config.coreset_dim,
                        "seed": config.seed})
@@ -156,13 +162,14 @@ class PatchBank(nn.Module):
     whole bank, in which :class:`AnomalyScorer` re-searches the patches the image score depends on.
     """
 
-    def __init__(self, state: dict, refine: int = 0, backend: str = "auto", precision: str = "auto"):
+    def __init__(self, state: dict, refine: int = 0, backend: str = "auto", precision: str = "auto",
+                 shards: DistInfo | None = None):
         super().__init__()
-        self.search = BankSearch(state["rows"], backend, precision)
+        self.search = BankSearch(state["rows"], backend, precision, shards)
         refining = state.get("full") is not None and refine > 0
         # The whole bank is searched for the patches certification picks (BankSearch takes the torch
         # search for a handful of queries, which faiss scans without BLAS).
-        self.whole = BankSearch(state["full"], backend, precision) if refining else None
+        self.whole = BankSearch(state["full"], backend, precision, shards) if refining else None
         self.coreset, self.coreset_dim, self.seed = state["coreset"], state["coreset_dim"], state["seed"]
 
     def state(self) -> dict:
@@ -205,8 +212,10 @@ class AnomalyScorer(nn.Module):
 
     @classmethod
     def from_states(cls, config: ScoreConfig, states: list[dict], map_norm: dict | None = None,
-                    device: torch.device | str = "cpu") -> AnomalyScorer:
-        banks = [PatchBank(state, config.refine, config.knn, config.knn_precision) for state in states]
+                    device: torch.device | str = "cpu", shards: DistInfo | None = None) -> AnomalyScorer:
+        """The scorer of :func:`bank_states`' states; with ``shards`` (a sharded bank) the states
+        are this rank's parts and every search returns the whole bank's answer."""
+        banks = [PatchBank(state, config.refine, config.knn, config.knn_precision, shards) for state in states]
         return cls(banks, config, map_norm).to(device)
 
     @classmethod

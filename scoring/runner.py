@@ -13,12 +13,14 @@ are this call behind their flags; ``main.py --eval`` and the benchmarks call it 
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from pathlib import Path
 
 import torch
 
+from common.distributed import DistInfo, barrier
 from common.errors import SettingError, UserError
 from common.runtime import resolve_device, resolve_workers
 from data import TestSet
@@ -26,10 +28,11 @@ from data import TestSet
 from .cache import cached_detector, training_files
 from .config import ScoreConfig
 from .detector import detector_state, features_of, files_digest, load_network, resolve_config
-from .evaluation import evaluate_test_set, folder_images, score_image_folder
+from .evaluation import ONE_PROCESS, evaluate_test_set, folder_images, score_image_folder
 from .output import run_folder, versioned_dir
 from .report import environment, write_json
 from .runs import ScoringRun, detector_target, output_place, resolve_checkpoint, run_identity, settings_record
+from .sharding import sharded_bank_detector
 from .synthetic_check import synthetic_check
 from .writing import format_record, write_folder, write_run_table, write_summary, write_test_set
 
@@ -59,11 +62,15 @@ def check_replaceable(target: Path, detector, overwrite: bool) -> None:
                                                           "choose another path")
 
 
-def test_set_record(detector, run: ScoringRun, category: str, out_dir: Path) -> dict:
-    """Score the category's labelled test set; write its files; its part of ``results.json``."""
+def test_set_record(detector, run: ScoringRun, category: str, out_dir: Path | None,
+                    shards: DistInfo = ONE_PROCESS) -> dict | None:
+    """Score the category's labelled test set; write its files; its part of ``results.json``
+    (under torchrun: rank 0's; the others score their share and return ``None``)."""
     config = detector.config
     dataset = TestSet(run.data_root, category, config.hw, config.antialias)
-    result = evaluate_test_set(detector, dataset, resolve_workers(config.workers, detector.device), category)
+    result = evaluate_test_set(detector, dataset, resolve_workers(config.workers, detector.device), category, shards)
+    if result is None:
+        return None
     if config.threshold is not None:
         threshold, source = config.threshold, "--threshold"
     elif result.f1_threshold is not None:
@@ -85,11 +92,15 @@ def test_set_record(detector, run: ScoringRun, category: str, out_dir: Path) -> 
     }
 
 
-def folder_record(detector, run: ScoringRun, out_dir: Path, listing: tuple[list[Path], list[dict]]) -> dict:
+def folder_record(detector, run: ScoringRun, out_dir: Path | None, listing: tuple[list[Path], list[dict]],
+                  shards: DistInfo = ONE_PROCESS) -> dict | None:
     """Score the unlabeled images of ``run.images`` (``listing``: :func:`scoring.evaluation.folder_images`);
-    write ``scores.csv``; its part of ``results.json``."""
+    write ``scores.csv``; its part of ``results.json`` (under torchrun: rank 0's, see :func:`test_set_record`)."""
     folder = Path(run.images)
-    result = score_image_folder(detector, folder, resolve_workers(detector.config.workers, detector.device), listing)
+    result = score_image_folder(detector, folder, resolve_workers(detector.config.workers, detector.device), listing,
+                                shards)
+    if result is None:
+        return None
     threshold = detector.calibration
     files = write_folder(out_dir, result, folder, threshold.value, run.save_maps, run.pictures)
     count = len(result.paths)
@@ -103,11 +114,13 @@ def folder_record(detector, run: ScoringRun, out_dir: Path, listing: tuple[list[
 
 
 def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: torch.device,
-                   out_per_category: bool = False) -> dict:
+                   out_per_category: bool = False, shards: DistInfo = ONE_PROCESS) -> dict | None:
     """Score one category; writes the run's files under its output folder and returns the record
     (what ``results.json`` holds). ``out_per_category``: ``run.out`` names a parent folder and each
     category writes to ``<out>/<category>``. A run that fails leaves no new version (see
-    :func:`scoring.output.run_folder`)."""
+    :func:`scoring.output.run_folder`). Under torchrun (``shards``) the images are split over the
+    ranks (each holds the whole bank); rank 0 writes every file and returns the record, the
+    others return ``None``."""
     total_start = time.perf_counter()
     ckpt_path = resolve_checkpoint(run, category)
     network, info = load_network(ckpt_path, device, run.arch, run.wavelet)
@@ -122,17 +135,24 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     identity = run_identity(config, run, category, info["sha256"], train[1], listing and files_digest(listing[0]))
     base, explicit = output_place(run, ckpt_path, config.fusion, category, out_per_category)
     # The folder is claimed before the bank is built: a refusal costs nothing, a failure leaves no version.
-    with run_folder(base, identity, explicit, run.overwrite) as out_dir:
-        detector, cached, bank_seconds = cached_detector(
-            config, network, info, ckpt_path, run.data_root, category, device,
-            need_threshold=(listing is not None or target is not None) and config.threshold is None,
-            rebuild=run.rebuild_bank, train=train)
-        if target is not None:
+    claim = run_folder(base, identity, explicit, run.overwrite) if shards.is_main else contextlib.nullcontext()
+    with claim as out_dir:
+        need_threshold = (listing is not None or target is not None) and config.threshold is None
+        detector, cached, bank_seconds = shared_detector(config, network, info, ckpt_path, run, category, device,
+                                                         need_threshold, train, shards)
+        if target is not None and run.shard_bank and shards.enabled:
+            raise SettingError("save_detector", run.save_detector, "a sharded bank is not written into one file; "
+                                                                   "save the detector from a one-process run")
+        if target is not None and shards.is_main:
             check_replaceable(target, detector, run.overwrite)
-        record = scored_record(detector, info, run, category, out_dir, listing)
+        record = scored_record(detector, info, run, category, out_dir, listing, shards)
+        if record is None:
+            return None
         if target is not None:
             record["files"]["detector"] = str(detector.save(target))
         record["bank"]["cached"] = cached
+        if shards.enabled:  # the numbers are one process's; only the time differs
+            record["torchrun"] = {"processes": shards.world_size, "split": "bank" if run.shard_bank else "images"}
         record["timings"].update(bank_s=round(bank_seconds, 3), total_s=round(time.perf_counter() - total_start, 3))
         record.update(memory=peak_memory(), **environment(config.seed, run.command), out_dir=str(out_dir),
                       identity=identity)
@@ -142,19 +162,57 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     return record
 
 
-def scored_record(detector, info: dict, run: ScoringRun, category: str, out_dir: Path, listing) -> dict:
+def shared_detector(config: ScoreConfig, network, info: dict, ckpt_path: Path, run: ScoringRun, category: str,
+                    device: torch.device, need_threshold: bool, train, shards: DistInfo):
+    """:func:`scoring.cache.cached_detector`; under torchrun rank 0 builds (and caches) it first
+    and the other ranks then read the cache (building their own copy only if it could not be
+    written). With ``run.shard_bank`` each rank builds its part (:mod:`scoring.sharding`)."""
+    if run.shard_bank and shards.enabled:
+        start = time.perf_counter()
+        detector = sharded_bank_detector(config, network, info, train, device, need_threshold, shards)
+        return detector, False, time.perf_counter() - start
+
+    def get(rank_zero: bool):
+        return cached_detector(config, network, info, ckpt_path, run.data_root, category, device,
+                               need_threshold=need_threshold, rebuild=run.rebuild_bank and rank_zero, train=train,
+                               write=rank_zero)
+
+    if shards.is_main:
+        built = get(True)
+    barrier(shards)
+    return built if shards.is_main else get(False)
+
+
+def scored_record(detector, info: dict, run: ScoringRun, category: str, out_dir: Path | None, listing,
+                  shards: DistInfo = ONE_PROCESS) -> dict | None:
     """Score the test set (``listing`` ``None``) or the listed new images, and the synthetic check;
-    write their files into ``out_dir``; the record of ``results.json`` so far (``info``: the checkpoint's)."""
+    write their files into ``out_dir``; the record of ``results.json`` so far (``info``: the
+    checkpoint's). Under torchrun only rank 0 gets the record (the others ``None``)."""
     config, network, device = detector.config, detector.model.network, detector.device
     banks = [bank.search.rows for bank in detector.model.scorer.banks]
     record = {
         "category": category, "fusion": config.fusion, "checkpoint": dict(info),
         "settings": settings_record(config, detector.model.scorer.backend),
-        "bank": {"patches": [int(b.shape[0]) for b in banks], "dim": [int(b.shape[1]) for b in banks],
+        "bank": {"patches": [bank.search.total for bank in detector.model.scorer.banks],
+                 "dim": [int(b.shape[1]) for b in banks],
                  "train_images": detector.provenance["train_images"]},
     }
-    record.update(test_set_record(detector, run, category, out_dir) if listing is None else
-                  folder_record(detector, run, out_dir, listing))
+    if run.shard_bank and shards.enabled:
+        # Every rank searches its part of the bank for every image, in step; rank 0 alone writes.
+        if not shards.is_main:
+            workers = resolve_workers(config.workers, device)
+            if listing is None:
+                evaluate_test_set(detector, TestSet(run.data_root, category, config.hw, config.antialias), workers,
+                                  category)
+            else:
+                score_image_folder(detector, Path(run.images), workers, listing)
+            return None
+        shards = ONE_PROCESS
+    scored = (test_set_record(detector, run, category, out_dir, shards) if listing is None else
+              folder_record(detector, run, out_dir, listing, shards))
+    if scored is None:
+        return None
+    record.update(scored)
     record["search"] = dict(detector.model.scorer.search_stats)  # coreset: certified images, re-searched patches
     if run.synthetic_check:
         check_start = time.perf_counter()
@@ -168,10 +226,13 @@ def scored_record(detector, info: dict, run: ScoringRun, category: str, out_dir:
 
 
 def score_categories(config: ScoreConfig, run: ScoringRun, categories: list[str],
-                     device: str | torch.device = "auto", echo: bool = True) -> list[dict]:
+                     device: str | torch.device = "auto", echo: bool = True,
+                     shards: DistInfo = ONE_PROCESS) -> list[dict]:
     """:func:`score_category` for each category (each into ``<out>/<category>`` when there are
     several), then a summary table with the mean over categories. ``echo`` prints a line per
-    category and the summary's path."""
+    category and the summary's path. Under torchrun pass ``shards`` (:func:`common.distributed.init_distributed`):
+    the images are split over the processes and rank 0 writes the results and returns the
+    records (the others an empty list)."""
     device = resolve_device(device)
     if run.images is not None and len(categories) != 1:
         raise UserError("scoring a folder of new images uses one category's bank: name one category")
@@ -180,7 +241,9 @@ def score_categories(config: ScoreConfig, run: ScoringRun, categories: list[str]
                                                                "or leave the path out (each goes to its run folder)")
     records = []
     for category in categories:
-        record = score_category(config, run, category, device, out_per_category=len(categories) > 1)
+        record = score_category(config, run, category, device, out_per_category=len(categories) > 1, shards=shards)
+        if record is None:
+            continue
         records.append(record)
         if echo:
             print(format_record(record), flush=True)

@@ -38,6 +38,7 @@ class ScoringRun:
     check_kinds: tuple[str, ...] = CHECK_AUGS  # the synthetic check's anomaly makers
     rebuild_bank: bool = False
     save_detector: str | None = None  # write the detector file here ('' = <run folder>/detector-<fusion>.pt)
+    shard_bank: bool = False  # under torchrun: each process holds 1/N of the bank (else 1/N of the images)
     command: str = ""  # the command line, for results.json
 
 

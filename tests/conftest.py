@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -116,3 +118,32 @@ def trained_once(one_epoch, tmp_path) -> Path:
     may resume, re-run or damage it."""
     _copy_run(one_epoch, "widget-wave18", tmp_path)
     return tmp_path
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _torchrun(argv: list[str]) -> None:
+    """``OMP_NUM_THREADS=1 python -m torch.distributed.run *argv`` run from the repository root, as
+    the target of a forked copy of this process (which has torch imported already)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.chdir(REPO)
+    from torch.distributed.run import main
+
+    main(argv)
+
+
+@pytest.fixture(scope="session")
+def torchrun_launch():
+    """``torchrun_launch(argv)``: ``torchrun *argv`` in a forked launcher process; its exit code.
+    The launcher is forked (an interpreter start less); its workers are fresh interpreters, as
+    under the torchrun command. Their output is the test's."""
+    def launch(argv: list[str]) -> int | None:
+        launcher = multiprocessing.get_context("fork").Process(target=_torchrun, args=(argv,))
+        launcher.start()
+        launcher.join(300)
+        if launcher.is_alive():
+            launcher.kill()
+        return launcher.exitcode
+
+    return launch

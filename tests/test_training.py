@@ -2,8 +2,6 @@
 
 import json
 import math
-import multiprocessing
-import os
 from pathlib import Path
 
 import pytest
@@ -139,17 +137,7 @@ def test_cli_help_shows_defaults():
         assert expected in text, expected
 
 
-def torchrun(argv: list[str]) -> None:
-    """``OMP_NUM_THREADS=1 python -m torch.distributed.run *argv`` run from the repository root, as
-    the target of a forked copy of this process (which has torch imported already)."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.chdir(REPO)
-    from torch.distributed.run import main
-
-    main(argv)
-
-
-def test_torchrun_two_processes_gloo(tiny_root, tmp_path):
+def test_torchrun_two_processes_gloo(tiny_root, tmp_path, torchrun_launch):
     argv = ["--standalone", "--nproc_per_node=2",
             # torchrun's own parser takes abbreviations, so --e/--m/--b/--c must be spelled out
             "main.py", "--category", "widget", "--data-root", str(tiny_root), "--arch", "wave18",
@@ -157,12 +145,7 @@ def test_torchrun_two_processes_gloo(tiny_root, tmp_path):
             "--ckpt-dir", str(tmp_path), "--no-tensorboard", "--precision", "fp32"]
     # The launcher is a forked process (an interpreter start less); its two workers are fresh
     # interpreters running main.py, as under the torchrun command. Their output is the test's.
-    launcher = multiprocessing.get_context("fork").Process(target=torchrun, args=(argv,))
-    launcher.start()
-    launcher.join(300)
-    if launcher.is_alive():
-        launcher.kill()
-    assert launcher.exitcode == 0, "torchrun failed: see the captured output"
+    assert torchrun_launch(argv) == 0, "torchrun failed: see the captured output"
     ckpt = read_checkpoint(tmp_path / "widget-wave18" / "model.pt")
     load_weights(models.create_model("wave18"), extract_state_dict(ckpt))
     assert len((tmp_path / "widget-wave18" / "log.jsonl").read_text().splitlines()) == 1

@@ -1,0 +1,79 @@
+"""Scoring split over two torchrun processes (gloo, CPU) gives the one-process files exactly.
+
+One torchrun start runs every job (tests/sharded_worker.py); the same jobs run here in one
+process are the reference: ``scores.csv`` byte for byte, ``results.json``'s metrics, scores and
+search report equal. A rank killed mid-run leaves no result and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from scoring import ScoreConfig, ScoringRun, score_categories
+
+torchrun = pytest.importorskip("torch.distributed.run")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_jobs(launch, jobs: list[dict], path: Path) -> int | None:
+    path.write_text(json.dumps(jobs))
+    return launch(["--nnodes=1", "--nproc_per_node=2", f"--master_port={free_port()}",
+                   "--rdzv_backend=static", "--master_addr=127.0.0.1", "--node_rank=0",
+                   str(Path(__file__).parent / "sharded_worker.py"), str(path)])
+
+
+def job(tiny_root, trained, out: Path, category="widget", images=None, shard_bank=False, **config) -> dict:
+    return {"category": category,
+            "config": {"batch_size": 2, **config},
+            "run": {"data_root": str(tiny_root), "ckpt_dir": str(trained), "checkpoint": f"{category}-wave18",
+                    "out": str(out), "images": images, "pictures": False, "shard_bank": shard_bank}}
+
+
+def run_here(spec: dict) -> None:
+    config = ScoreConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
+    score_categories(config, ScoringRun(**spec["run"]), [spec["category"]], "cpu", echo=False)
+
+
+COMPARED = ("metrics", "per_defect_image_auroc", "image_f1_threshold", "search", "bank", "threshold", "images")
+
+
+def test_two_processes_give_the_one_process_results(tiny_root, trained, tmp_path, torchrun_launch):
+    scratch = str(tiny_root / "widget" / "test" / "scratch")
+    # name -> the one-process run it must equal, and its settings (shard_bank: split the bank, not the images)
+    references = {
+        "concat-coreset-k2": {"fusion": "concatenation", "coreset": 0.5, "k": 2},
+        "mult-exact": {"fusion": "multiplication"},
+        "mult-coreset": {"fusion": "multiplication", "coreset": 0.5},
+        "images-coreset": {"fusion": "concatenation", "coreset": 0.5, "images": scratch},
+        "images-threshold": {"fusion": "multiplication", "coreset": 0.5, "k": 2, "images": scratch,
+                             "threshold": 1.0},
+    }
+    sharded = {name: (name, settings) for name, settings in references.items() if name != "images-threshold"}
+    sharded.update({f"bank-{name}": (name, {**references[name], "shard_bank": True})
+                    for name in ("concat-coreset-k2", "mult-exact", "mult-coreset", "images-threshold")})
+    jobs = [job(tiny_root, trained, tmp_path / "two" / name, **settings) for name, (_, settings) in sharded.items()]
+    # Last, a run whose rank 1 is killed (SIGKILL) before it hands over its scores.
+    jobs.append({**job(tiny_root, trained, tmp_path / "killed", fusion="concatenation"), "die_rank": 1})
+    assert run_jobs(torchrun_launch, jobs, tmp_path / "jobs.json") != 0  # the killed run fails the launch
+    assert not (tmp_path / "killed").exists() or not any((tmp_path / "killed").iterdir())  # and leaves nothing
+    for name, settings in references.items():
+        run_here(job(tiny_root, trained, tmp_path / "one" / name, **settings))
+    for name, (reference, settings) in sharded.items():
+        one, two = tmp_path / "one" / reference, tmp_path / "two" / name
+        assert (two / "results.json").is_file(), f"{name}: no results (see the captured output)"
+        a, b = json.loads((one / "results.json").read_text()), json.loads((two / "results.json").read_text())
+        assert b["torchrun"] == {"processes": 2, "split": "bank" if settings.get("shard_bank") else "images"}
+        a["bank"].pop("cached"), b["bank"].pop("cached")  # the second run reads the first one's bank cache
+        for key in COMPARED:
+            assert a.get(key) == b.get(key), (name, key)
+        table = "scores.csv" if "images" in settings else "results.csv"
+        assert (one / table).read_bytes() == (two / table).read_bytes(), name
