@@ -402,17 +402,20 @@ def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim:
     chosen[0] = first
     min_dist = torch.full((x.shape[0],), float("inf"), device=x.device)
     centre = chosen[0]
+    if shards is not None:  # the centre's projected row and squared norm, from the rank that holds it
+        c, c_sq = shared_centre(x, sq, first - offset, shards)
     for i in tqdm(range(1, keep), desc="coreset", unit="centre", leave=False, disable=not progress,
                   mininterval=1.0):
         if shards is None:
             # index_select with a 1-element tensor: indexing with a 0-d tensor would read it on the host.
             c, c_sq = x.index_select(0, centre.view(1))[0], sq.index_select(0, centre.view(1))
-        else:
-            c, c_sq = shared_centre(x, sq, int(centre) - offset, shards)
         # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one fused matrix-vector product per new centre
         dist = torch.addmv(sq, x, c, alpha=-2).add_(c_sq)
         torch.minimum(min_dist, dist, out=min_dist)
-        centre = torch.argmax(min_dist) if shards is None else farthest(min_dist, offset, shards)
+        if shards is None:
+            centre = torch.argmax(min_dist)
+        else:
+            centre, c, c_sq = farthest(x, sq, min_dist, offset, shards)
         chosen[i] = centre
     return chosen.cpu()
 
@@ -443,11 +446,16 @@ def shared_centre(x: torch.Tensor, sq: torch.Tensor, local: int, shards: DistInf
     return packed[:-1], packed[-1:]
 
 
-def farthest(min_dist: torch.Tensor, offset: int, shards: DistInfo) -> torch.Tensor:
-    """The whole bank's row farthest from the chosen centres (the lowest index on a tie): each
-    rank's own farthest, the maximum over ranks."""
-    local = int(torch.argmax(min_dist)) if min_dist.numel() else -1
-    value = float(min_dist[local]) if local >= 0 else float("-inf")
-    best = torch.stack(all_gather(torch.tensor([value, float(offset + local)], dtype=torch.float64), shards))
-    top = best[:, 0].max()
-    return best[best[:, 0] == top, 1].min().long()
+def farthest(x: torch.Tensor, sq: torch.Tensor, min_dist: torch.Tensor, offset: int,
+             shards: DistInfo) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """The whole bank's row farthest from the chosen centres (the lowest index on a tie, as
+    ``argmax``), with its projected row ``(d,)`` and squared norm ``(1,)``: each rank offers its own
+    farthest row, one all-gather per step."""
+    offer = torch.full((x.shape[1] + 3,), float("-inf"), dtype=torch.float64, device=x.device)
+    if min_dist.numel():
+        local = int(torch.argmax(min_dist))
+        offer[0], offer[1], offer[2], offer[3:] = min_dist[local], offset + local, sq[local], x[local]
+    offers = torch.stack(all_gather(offer, shards))
+    best = offers[offers[:, 0] == offers[:, 0].max()]
+    winner = best[best[:, 1].argmin()]  # float64 holds float32 values and row indices exactly
+    return int(winner[1]), winner[3:].to(x.dtype), winner[2:3].to(x.dtype)
