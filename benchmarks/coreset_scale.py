@@ -73,7 +73,8 @@ def worker(rank: int, world: int, port: int, rows: int, args: argparse.Namespace
     chosen = greedy_coreset(bank, args.fraction, seed=0, proj_dim=args.proj_dim, progress=rank == 0,
                             shards=shards)
     seconds = time.perf_counter() - start
-    queue.put((rank, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, chosen))
+    # As a NumPy array: a tensor would travel through shared memory, gone once this process ends.
+    queue.put((rank, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, chosen.numpy()))
     if shards is not None:
         torch.distributed.destroy_process_group()
 
@@ -95,7 +96,7 @@ def build(rows: int, processes: int, args: argparse.Namespace) -> tuple[float, f
         p.join()
     if any(p.exitcode for p in procs):
         sys.exit("a build process failed: see its output")
-    return max(r[1] for r in results), max(r[2] for r in results), results[0][3]
+    return max(r[1] for r in results), max(r[2] for r in results), torch.from_numpy(results[0][3])
 
 
 def main(args: argparse.Namespace) -> None:

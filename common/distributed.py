@@ -38,17 +38,17 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group when launched by torchrun; a no-op for a single process."""
+def init_distributed(device_type: str, backend: str | None = None) -> DistInfo:
+    """Join the process group when launched by torchrun (``backend``: nccl on CUDA, else gloo, unless
+    given; each process on the GPU of its local rank); a no-op for a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
     return info
 
 
@@ -118,18 +118,11 @@ def all_gather(tensor: torch.Tensor, info: DistInfo) -> list[torch.Tensor]:
     """Every rank's ``tensor`` (the same shape on every rank), in rank order, on every rank."""
     if not info.enabled:
         return [tensor]
-    out = [torch.empty_like(tensor) for _ in range(info.world_size)]
-    collective(lambda: dist.all_gather(out, tensor.contiguous()))
-    return out
-
-
-def broadcast_object(obj: T, info: DistInfo, src: int = 0) -> T:
-    """Rank ``src``'s ``obj`` on every rank."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    collective(lambda: dist.broadcast_object_list(box, src=src))
-    return box[0]
+    # Through the host: scoring's group is gloo on every device (its messages are small).
+    host = tensor.detach().cpu().contiguous()
+    out = [torch.empty_like(host) for _ in range(info.world_size)]
+    collective(lambda: dist.all_gather(out, host))
+    return [t.to(tensor.device) for t in out]
 
 
 def part_offset(count: int, info: DistInfo | None) -> tuple[int, int]:

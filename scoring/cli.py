@@ -177,7 +177,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.save_detector and len(categories) != 1:
         raise UserError("--save-detector PATH writes one category's detector: pass --c <category>, or give "
                         "--save-detector without a path (each goes to ckpt/<p>/detector-<fusion>.pt)")
-    shards = init_distributed(device.type)
+    shards = init_distributed(device.type, backend="gloo")  # small messages, objects and CPU tensors
     stop_on_sigterm(shards)
     try:
         return score_categories(config, run, categories, device, shards=shards)

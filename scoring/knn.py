@@ -439,10 +439,10 @@ def project(bank: torch.Tensor, proj_dim: int, gen: torch.Generator, device: tor
 def shared_centre(x: torch.Tensor, sq: torch.Tensor, local: int, shards: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
     """The centre's projected row ``(d,)`` and squared norm ``(1,)``, sent by the rank that holds
     row ``local`` of its part (the others add zeros: the sum is the row, exactly)."""
-    packed = torch.zeros(x.shape[1] + 1, device=x.device)
+    packed = torch.zeros(x.shape[1] + 1)  # on the host: scoring's process group is gloo
     if 0 <= local < x.shape[0]:
-        packed[:-1], packed[-1] = x[local], sq[local]
-    all_reduce_sum(packed, shards)
+        packed[:-1], packed[-1] = x[local].cpu(), sq[local].cpu()
+    packed = all_reduce_sum(packed, shards).to(x.device)
     return packed[:-1], packed[-1:]
 
 

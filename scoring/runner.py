@@ -9,6 +9,11 @@ For each category: load the checkpoint, get its detector from the bank cache
 (:mod:`scoring.evaluation`), optionally run the synthetic check, write the files
 (:mod:`scoring.writing`) and ``results.json``, and return that record. The inference scripts
 are this call behind their flags; ``main.py --eval`` and the benchmarks call it directly.
+
+Under torchrun (``shards``: :func:`common.distributed.init_distributed`) the processes split the
+images (each holds the whole bank, rank 0 builds and caches it first) or, with
+``ScoringRun.shard_bank``, the bank (:mod:`scoring.sharding`); rank 0 alone writes, the same
+files a single process writes.
 """
 
 from __future__ import annotations
@@ -132,7 +137,9 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
             raise SettingError("images", run.images, "no such folder")
         listing = folder_images(Path(run.images))
     target = detector_target(run, ckpt_path, config.fusion)
-    identity = run_identity(config, run, category, info["sha256"], train[1], listing and files_digest(listing[0]))
+    # Only rank 0 writes: the others need no identity (a digest of every --images file).
+    identity = run_identity(config, run, category, info["sha256"], train[1],
+                            listing and files_digest(listing[0])) if shards.is_main else None
     base, explicit = output_place(run, ckpt_path, config.fusion, category, out_per_category)
     # The folder is claimed before the bank is built: a refusal costs nothing, a failure leaves no version.
     claim = run_folder(base, identity, explicit, run.overwrite) if shards.is_main else contextlib.nullcontext()

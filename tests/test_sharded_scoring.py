@@ -77,3 +77,12 @@ def test_two_processes_give_the_one_process_results(tiny_root, trained, tmp_path
             assert a.get(key) == b.get(key), (name, key)
         table = "scores.csv" if "images" in settings else "results.csv"
         assert (one / table).read_bytes() == (two / table).read_bytes(), name
+
+
+@pytest.mark.parametrize("count, world, align", [(6, 2, 2), (7, 3, 2), (1, 2, 4), (100, 4, 16), (0, 2, 1)])
+def test_shares_are_whole_batches_in_order(count, world, align):
+    from common.distributed import DistInfo, block
+
+    shares = [block(count, DistInfo(rank, world), align) for rank in range(world)]
+    assert [i for share in shares for i in share] == list(range(count))  # every item once, in order
+    assert all(share.start % align == 0 for share in shares if len(share))  # batches are the one process's
