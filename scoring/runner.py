@@ -37,7 +37,7 @@ from .evaluation import ONE_PROCESS, evaluate_test_set, folder_images, score_ima
 from .output import run_folder, versioned_dir
 from .report import environment, write_json
 from .runs import ScoringRun, detector_target, output_place, resolve_checkpoint, run_identity, settings_record
-from .sharding import sharded_bank_detector
+from .sharding import check_shardable, sharded_bank_detector
 from .synthetic_check import synthetic_check
 from .writing import format_record, write_folder, write_run_table, write_summary, write_test_set
 
@@ -137,6 +137,9 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
             raise SettingError("images", run.images, "no such folder")
         listing = folder_images(Path(run.images))
     target = detector_target(run, ckpt_path, config.fusion)
+    need_threshold = (listing is not None or target is not None) and config.threshold is None
+    if run.shard_bank and shards.enabled:
+        check_shardable(config, need_threshold, target)
     # Only rank 0 writes: the others need no identity (a digest of every --images file).
     identity = run_identity(config, run, category, info["sha256"], train[1],
                             listing and files_digest(listing[0])) if shards.is_main else None
@@ -144,12 +147,8 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     # The folder is claimed before the bank is built: a refusal costs nothing, a failure leaves no version.
     claim = run_folder(base, identity, explicit, run.overwrite) if shards.is_main else contextlib.nullcontext()
     with claim as out_dir:
-        need_threshold = (listing is not None or target is not None) and config.threshold is None
         detector, cached, bank_seconds = shared_detector(config, network, info, ckpt_path, run, category, device,
                                                          need_threshold, train, shards)
-        if target is not None and run.shard_bank and shards.enabled:
-            raise SettingError("save_detector", run.save_detector, "a sharded bank is not written into one file; "
-                                                                   "save the detector from a one-process run")
         if target is not None and shards.is_main:
             check_replaceable(target, detector, run.overwrite)
         record = scored_record(detector, info, run, category, out_dir, listing, shards)
@@ -176,7 +175,7 @@ def shared_detector(config: ScoreConfig, network, info: dict, ckpt_path: Path, r
     written). With ``run.shard_bank`` each rank builds its part (:mod:`scoring.sharding`)."""
     if run.shard_bank and shards.enabled:
         start = time.perf_counter()
-        detector = sharded_bank_detector(config, network, info, train, device, need_threshold, shards)
+        detector = sharded_bank_detector(config, network, info, train, device, shards)
         return detector, False, time.perf_counter() - start
 
     def get(rank_zero: bool):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from common.distributed import DistInfo, block
-from common.errors import SettingError
+from common.errors import SettingError, UserError
 from common.runtime import resolve_workers
 
 from .calibration import Threshold
@@ -29,15 +29,24 @@ from .features import ImageFiles
 from .model import AnomalyModel, AnomalyScorer, bank_states
 
 
-def sharded_bank_detector(config: ScoreConfig, network: torch.nn.Module, info: dict, train: tuple[list[Path], str],
-                          device: torch.device, need_threshold: bool, shards: DistInfo) -> Detector:
-    """This rank's detector over its part of the bank (``train``: the training images and their digest)."""
+def check_shardable(config: ScoreConfig, need_threshold: bool, detector_file: Path | None) -> None:
+    """What a sharded bank cannot do, refused before anything is built or written."""
+    if detector_file is not None:
+        raise UserError("a sharded bank (--shard-bank, ScoringRun.shard_bank) is not written into one detector "
+                        "file; save the detector from a one-process run")
     if need_threshold:
-        raise SettingError("threshold", None, "a sharded bank cannot calibrate a threshold (set `threshold=` "
-                                              "to a value, e.g. one calibrated by a one-process run)")
+        raise UserError("a sharded bank (--shard-bank, ScoringRun.shard_bank) cannot calibrate a threshold: give "
+                        "one (--threshold T, ScoreConfig.threshold), e.g. the threshold in the results.json of a "
+                        "one-process run")
     if uses_head(config.map_source):
         raise SettingError("map_source", config.map_source, "needs a map normalisation calibrated on the whole "
                                                              "bank; use {setting}knn with a sharded bank")
+
+
+def sharded_bank_detector(config: ScoreConfig, network: torch.nn.Module, info: dict, train: tuple[list[Path], str],
+                          device: torch.device, shards: DistInfo) -> Detector:
+    """This rank's detector over its part of the bank (``train``: the training images and their
+    digest); :func:`check_shardable` first."""
     paths, digest = train
     share = block(len(paths), shards, align=config.batch_size)
     if not len(share):
