@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.transforms import functional as TF
 
 
 def _randint(low: int, high: int, rng: torch.Generator) -> int:
@@ -52,6 +51,8 @@ def cutpaste(image: torch.Tensor, source: torch.Tensor,
 
 def _color_jitter(patch: torch.Tensor, rng: torch.Generator, strength: float = 0.1) -> torch.Tensor:
     """Brightness, contrast, saturation and hue jitter (``strength`` as in torchvision's ColorJitter)."""
+    from torchvision.transforms import functional as TF  # here: torchvision takes 1.5 s to import
+
     patch = TF.adjust_brightness(patch, _uniform(1 - strength, 1 + strength, rng))
     patch = TF.adjust_contrast(patch, _uniform(1 - strength, 1 + strength, rng))
     patch = TF.adjust_saturation(patch, _uniform(1 - strength, 1 + strength, rng))

@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+# scikit-learn and SciPy are imported where they are used: together about 1 s of every start.
 
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz  # NumPy 2 renamed it
 
@@ -22,24 +22,32 @@ def _both_classes(labels: np.ndarray) -> bool:
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """``labels`` (N,) 0/1, ``scores`` (N,) -> ROC AUC (NaN when only one class is present)."""
+    from sklearn.metrics import roc_auc_score
+
     labels = np.asarray(labels).astype(np.int64)
     return float(roc_auc_score(labels, scores)) if _both_classes(labels) else float("nan")
 
 
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """``masks`` (N, H, W) bool, ``maps`` (N, H, W) float -> ROC AUC over all pixels."""
+    from sklearn.metrics import roc_auc_score
+
     flat = np.asarray(masks).reshape(-1).astype(np.uint8)
     return float(roc_auc_score(flat, np.asarray(maps).reshape(-1))) if _both_classes(flat) else float("nan")
 
 
 def pixel_ap(masks: np.ndarray, maps: np.ndarray) -> float:
     """``masks`` (N, H, W) bool, ``maps`` (N, H, W) -> average precision over all pixels."""
+    from sklearn.metrics import average_precision_score
+
     flat = np.asarray(masks).reshape(-1).astype(np.uint8)
     return float(average_precision_score(flat, np.asarray(maps).reshape(-1))) if flat.any() else float("nan")
 
 
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
     """``labels`` (N,), ``scores`` (N,) -> (best F1, the score threshold reaching it: score >= t)."""
+    from sklearn.metrics import precision_recall_curve
+
     labels = np.asarray(labels).astype(np.int64)
     if not labels.any():
         return float("nan"), float("nan")
@@ -51,6 +59,8 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, TPR) arrays of the ROC curve, for plotting."""
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(np.asarray(labels).astype(np.int64), scores)
     return fpr, tpr
 
@@ -66,6 +76,8 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
         ``fpr``: share of defect-free pixels at or above the threshold; ``pro``: mean over all
         ground-truth regions of the share of the region's pixels at or above it.
     """
+    from scipy import ndimage
+
     masks = np.asarray(masks, dtype=bool)
     maps = np.asarray(maps, dtype=np.float64)
     structure = np.ones((3, 3), dtype=bool)  # 8-connectivity

@@ -18,19 +18,30 @@ import functools
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from scipy import ndimage  # noqa: E402
-
-_JET = (plt.get_cmap("jet")(np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
+# matplotlib and SciPy are imported where they are used: about 1 s of every start otherwise.
 GREEN, RED = (0, 255, 0), (255, 0, 0)
 VERDICT_COLOURS = {"ANOMALOUS": (200, 0, 0), "NORMAL": (0, 120, 0)}
 MIN_PANEL_HEIGHT = 256  # smaller images are enlarged (nearest, integer factor) to at least this
 DIM = 0.4  # brightness kept outside the predicted region in the third tile
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@functools.cache
+def jet_colours() -> np.ndarray:
+    """``(256, 3)`` uint8: matplotlib's jet colour map."""
+    return (pyplot().get_cmap("jet")(np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 
 
 @functools.lru_cache(maxsize=8)
@@ -79,15 +90,17 @@ def fmt(value: float) -> str:
 
 def outline(mask: np.ndarray, width: int = 1, outer: bool = False) -> np.ndarray:
     """``(H, W)`` bool -> its ``width``-px border just inside (or, ``outer``, just outside), bool."""
+    from scipy.ndimage import binary_dilation, binary_erosion
+
     if outer:
-        return ndimage.binary_dilation(mask, iterations=width) & ~mask
-    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
+        return binary_dilation(mask, iterations=width) & ~mask
+    return mask & ~binary_erosion(mask, iterations=width, border_value=0)
 
 
 def colorize(heat: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     """``(H, W)`` float -> ``(H, W, 3)`` uint8 jet colours on the run's fixed scale."""
     scaled = np.clip((heat - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    return _JET[(scaled * 255).astype(np.uint8)]
+    return jet_colours()[(scaled * 255).astype(np.uint8)]
 
 
 def has_threshold(threshold: float | None) -> bool:
@@ -116,7 +129,7 @@ def panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, thresho
 
 def colour_bar(width: int, height: int) -> np.ndarray:
     """``(height, width, 3)`` uint8: the jet scale from left (vmin) to right (vmax)."""
-    return np.broadcast_to(_JET[np.linspace(0, 255, width).astype(np.intp)], (height, width, 3))
+    return np.broadcast_to(jet_colours()[np.linspace(0, 255, width).astype(np.intp)], (height, width, 3))
 
 
 def header_lines(threshold: float | None, score: float | None, verdict: str | None, title: str | None,
@@ -247,6 +260,7 @@ def save_panel(path: Path, image: np.ndarray, heat: np.ndarray, vmin: float, vma
 
 def save_roc(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: str) -> None:
     """``curves``: name -> (fpr, tpr, auc). Writes a PNG with one line per curve."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
     for name, (fpr, tpr, auc) in curves.items():
         ax.plot(fpr, tpr, label=f"{name} (AUROC {auc:.3f})")
