@@ -11,6 +11,7 @@ command line prints one line and what a run was writing is removed (see ``scorin
 
 from __future__ import annotations
 
+import datetime
 import os
 import signal
 from collections.abc import Callable
@@ -38,9 +39,16 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_type: str, backend: str | None = None) -> DistInfo:
+# Scoring's processes wait for rank 0 while it builds (and caches) a bank, and for a sharded
+# coreset: far longer than the 30-minute default (a 1M-row coreset takes 15 minutes on 2 cores).
+SCORING_TIMEOUT = datetime.timedelta(hours=12)
+
+
+def init_distributed(device_type: str, backend: str | None = None,
+                     timeout: datetime.timedelta | None = None) -> DistInfo:
     """Join the process group when launched by torchrun (``backend``: nccl on CUDA, else gloo, unless
-    given; each process on the GPU of its local rank); a no-op for a single process."""
+    given; scoring uses gloo on every device; each process on the GPU of its local rank); a no-op
+    for a single process. ``timeout``: how long a collective waits for the others."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -48,7 +56,8 @@ def init_distributed(device_type: str, backend: str | None = None) -> DistInfo:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"))
+        dist.init_process_group(backend=backend or ("nccl" if device_type == "cuda" else "gloo"),
+                                **({"timeout": timeout} if timeout else {}))
     return info
 
 
@@ -74,15 +83,23 @@ class RunStopped(UserError):
 
 STOPPED = ("another process of this torchrun run stopped (its own message says why); this one stops too "
            "and leaves no partial result")
+TERMINATED = ("stopped by SIGTERM (torchrun sends it when another process of the run failed; or a scheduler); "
+              "no partial result is left")
+# What gloo's errors say when a peer is gone (closed sockets, resets, timeouts).
+PEER_GONE = ("connection closed", "connection reset", "broken pipe", "read error", "write error", "timed out",
+             "timeout", "peer")
 T = TypeVar("T")
 
 
 def collective(call: Callable[[], T]) -> T:
-    """``call()`` (a collective), with a peer that is gone worded as :class:`RunStopped`."""
+    """``call()`` (a collective), with a peer that is gone worded as :class:`RunStopped`; other
+    errors (a wrong backend, a bad tensor) stay what they are."""
     try:
         return call()
-    except (RuntimeError, ConnectionError) as exc:  # gloo: "Connection closed by peer", "Read error" ...
-        raise RunStopped(f"{STOPPED} ({str(exc).splitlines()[0][:120]})") from exc
+    except (RuntimeError, ConnectionError) as exc:
+        if isinstance(exc, ConnectionError) or any(word in str(exc).lower() for word in PEER_GONE):
+            raise RunStopped(STOPPED) from exc
+        raise
 
 
 def stop_on_sigterm(info: DistInfo) -> None:
@@ -90,7 +107,7 @@ def stop_on_sigterm(info: DistInfo) -> None:
     ``finally`` / cleanup code runs; one process keeps the default."""
     if info.enabled:
         def stopped(signum, frame):
-            raise RunStopped(STOPPED)
+            raise RunStopped(TERMINATED)
 
         signal.signal(signal.SIGTERM, stopped)
 

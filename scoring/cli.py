@@ -13,7 +13,7 @@ import sys
 import models
 from augment import parse_augs
 from common import cli
-from common.distributed import cleanup, init_distributed, stop_on_sigterm
+from common.distributed import SCORING_TIMEOUT, cleanup, init_distributed, stop_on_sigterm
 from common.errors import UserError
 from common.recipes import RECIPES
 from common.runtime import PRECISIONS, resolve_device
@@ -177,7 +177,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     if args.save_detector and len(categories) != 1:
         raise UserError("--save-detector PATH writes one category's detector: pass --c <category>, or give "
                         "--save-detector without a path (each goes to ckpt/<p>/detector-<fusion>.pt)")
-    shards = init_distributed(device.type, backend="gloo")  # small messages, objects and CPU tensors
+    shards = init_distributed(device.type, backend="gloo", timeout=SCORING_TIMEOUT)
+    device = resolve_device(args.device, shards.local_rank)  # under torchrun: each process its own GPU
     stop_on_sigterm(shards)
     try:
         return score_categories(config, run, categories, device, shards=shards)

@@ -26,6 +26,7 @@ from data import IMAGE_SUFFIXES, TestSet
 from . import metrics
 from .detector import Detector, features_of
 from .features import ImageFiles
+from .model import search_report
 
 # Why a metric cannot be computed on a test set, by what its labels / masks lack.
 IMAGE_METRICS = ("image_auroc", "image_f1_max")
@@ -118,7 +119,7 @@ def evaluate_test_set(detector: Detector, dataset: TestSet, workers: int = 0, de
     same numbers as one process, whose batches they are."""
     start = time.perf_counter()
     share = block(len(dataset), shards, align=detector.config.batch_size)
-    part: dict = {"search": {}}
+    part: dict = {"search": None}
     if len(share):
         subset = dataset if len(share) == len(dataset) else Subset(dataset, share)
         feats, extras = features_of(detector.model.network, subset, detector.config, detector.device,
@@ -128,12 +129,12 @@ def evaluate_test_set(detector: Detector, dataset: TestSet, workers: int = 0, de
                 "labels": np.concatenate([np.asarray(e["label"]) for e in extras]),
                 "masks": torch.cat([e["mask"] for e in extras]).numpy(),
                 "paper_masks": torch.cat([e["paper_mask"] for e in extras]).numpy(),
-                "scores": scores.numpy(), "maps": maps.numpy(), "search": detector.model.scorer.search_stats}
+                "scores": scores.numpy(), "maps": maps.numpy(), "search": detector.model.scorer.search_counts}
     parts = gather_to_main(part, shards)
     if parts is None:
         return None
     parts = [p for p in parts if "scores" in p]
-    detector.model.scorer.search_stats = merged_search_reports([p["search"] for p in parts])
+    merge_search_counts(detector, [p["search"] for p in parts])
     joined = {key: [v for p in parts for v in p[key]] if key in ("paths", "defects") else
               np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "search"}
     return add_metrics(TestSetResult(**joined, seconds=time.perf_counter() - start))
@@ -166,7 +167,7 @@ def score_image_folder(detector: Detector, folder: Path, workers: int = 0,
     dataset = ImageFiles(paths, config.size, config.antialias, skip_bad=True)
     start = time.perf_counter()
     share = block(len(paths), shards, align=config.batch_size)
-    part = {"paths": [], "scores": np.zeros(0, np.float32), "maps": None, "skipped": [], "search": {}, "read": 0}
+    part = {"paths": [], "scores": np.zeros(0, np.float32), "maps": None, "skipped": [], "search": None}
     if len(share):
         subset = dataset if len(share) == len(dataset) else Subset(dataset, share)
         feats, extras = features_of(detector.model.network, subset, config, detector.device, "images: features",
@@ -180,14 +181,14 @@ def score_image_folder(detector: Detector, folder: Path, workers: int = 0,
         part["paths"] = [p for p, flag in zip(all_paths, ok.tolist()) if flag]
         if part["paths"]:
             scores, maps = detector.score_features([f[ok] for f in feats])
-            part.update(scores=scores.numpy(), maps=maps.numpy(), search=detector.model.scorer.search_stats)
+            part.update(scores=scores.numpy(), maps=maps.numpy(), search=detector.model.scorer.search_counts)
     parts = gather_to_main(part, shards)
     if parts is None:
         return None
     good_paths = [p for part in parts for p in part["paths"]]
     if not good_paths:
         raise SettingError("images", str(folder), f"none of the {len(paths)} files could be read")
-    detector.model.scorer.search_stats = merged_search_reports([p["search"] for p in parts if p["paths"]])
+    merge_search_counts(detector, [p["search"] for p in parts if p["paths"]])
     scored = [p for p in parts if p["paths"]]
     return FolderResult(good_paths, np.concatenate([p["scores"] for p in scored]),
                         np.concatenate([p["maps"] for p in scored]),
@@ -195,13 +196,9 @@ def score_image_folder(detector: Detector, folder: Path, workers: int = 0,
                         {str(p): i for i, p in enumerate(paths)}, time.perf_counter() - start)
 
 
-def merged_search_reports(reports: list[dict]) -> dict:
-    """One search report (:func:`scoring.model.search_report`) of several ranks' images."""
-    if len(reports) == 1:
-        return reports[0]
-    images = sum(r["images"] for r in reports)
-    return {"bank": reports[0]["bank"], "images": images,
-            "certified_images": sum(r["certified_images"] for r in reports),
-            "re_searched_per_image_mean": sum(r["re_searched_per_image_mean"] * r["images"] for r in reports)
-            / max(1, images),
-            "re_searched_per_image_max": max(r["re_searched_per_image_max"] for r in reports)}
+def merge_search_counts(detector: Detector, counts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """The detector's search report of several ranks' images, from their per-image counts (the
+    numbers one process reports)."""
+    scorer = detector.model.scorer
+    scorer.search_counts = (torch.cat([c[0] for c in counts]), torch.cat([c[1] for c in counts]))
+    scorer.search_stats = search_report(scorer, *scorer.search_counts)

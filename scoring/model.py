@@ -92,9 +92,12 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     out = F.pad(out, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
     k_h = kernel[radius - pad_h: radius + pad_h + 1] if pad_h < radius else kernel
     k_w = kernel[radius - pad_w: radius + pad_w + 1] if pad_w < radius else kernel
-    out = F.conv2d(out, k_h.view(1, 1, -1, 1))
-    out = F.conv2d(out, k_w.view(1, 1, 1, -1))
-    return out[:, 0]
+    if torch.jit.is_tracing():  # a graph keeps any batch size
+        return F.conv2d(F.conv2d(out, k_h.view(1, 1, -1, 1)), k_w.view(1, 1, 1, -1))[:, 0]
+    # One image at a time: the convolution's rounding depends on the batch it runs in (up to 4e-6),
+    # and an image's map must not depend on its neighbours (torchrun shares, passes of 64).
+    return torch.cat([F.conv2d(F.conv2d(one, k_h.view(1, 1, -1, 1)), k_w.view(1, 1, 1, -1))
+                      for one in out.split(1)])[:, 0]
 
 
 def fuse_maps(fusion: str, patch_maps: list[torch.Tensor], size: Frame) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +212,7 @@ class AnomalyScorer(nn.Module):
         self.refine, self.certify_scores = config.refine, config.certify
         self.coreset = any(bank.coreset < 1 for bank in banks)  # searched rows whose distances are bounds
         self.search_stats: dict = {}  # of the last :meth:`score` call (re-searched patches, certified images)
+        self.search_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # its per-image counts
 
     @classmethod
     def from_states(cls, config: ScoreConfig, states: list[dict], map_norm: dict | None = None,
@@ -392,7 +396,8 @@ class AnomalyScorer(nn.Module):
                 for store, part in zip((scores, maps, certified, searched), parts):
                     store.append(part.cpu())
                 bar.update(parts[0].shape[0])
-        self.search_stats = search_report(self, torch.cat(certified), torch.cat(searched))
+        self.search_counts = (torch.cat(certified), torch.cat(searched))  # per image: certified, re-searched
+        self.search_stats = search_report(self, *self.search_counts)
         return torch.cat(scores), torch.cat(maps)
 
 

@@ -236,10 +236,14 @@ def score_categories(config: ScoreConfig, run: ScoringRun, categories: list[str]
                      shards: DistInfo = ONE_PROCESS) -> list[dict]:
     """:func:`score_category` for each category (each into ``<out>/<category>`` when there are
     several), then a summary table with the mean over categories. ``echo`` prints a line per
-    category and the summary's path. Under torchrun pass ``shards`` (:func:`common.distributed.init_distributed`):
+    category and the summary's path. Under torchrun pass ``shards`` (from
+    ``init_distributed(device.type, backend="gloo")``: scoring sends objects and host tensors):
     the images are split over the processes and rank 0 writes the results and returns the
     records (the others an empty list)."""
-    device = resolve_device(device)
+    if shards.enabled and torch.distributed.get_backend() != "gloo":
+        raise SettingError("shards", shards, "scoring needs a gloo process group (it sends objects and host "
+                                             "tensors): init_distributed(device.type, backend='gloo')")
+    device = resolve_device(device, shards.local_rank)
     if run.images is not None and len(categories) != 1:
         raise UserError("scoring a folder of new images uses one category's bank: name one category")
     if run.save_detector and len(categories) != 1:
