@@ -245,10 +245,10 @@ def score_categories(config: ScoreConfig, run: ScoringRun, categories: list[str]
     if shards.enabled and torch.distributed.get_backend() != "gloo":
         raise SettingError("shards", shards, "scoring needs a gloo process group (it sends objects and host "
                                              "tensors): init_distributed(device.type, backend='gloo')")
-    if not shards.enabled and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        warnings.warn("score_categories runs under torchrun without shards: every process scores every image and "
-                      "writes the same files; pass shards=init_distributed(device.type, backend='gloo')",
-                      stacklevel=2)
+    if not shards.enabled and int(os.environ.get("RANK", "0")) > 0:  # (rank 0 alone scoring is fine)
+        warnings.warn("score_categories runs in a torchrun process other than rank 0 without shards: it scores "
+                      "every image and writes the same files as rank 0; pass "
+                      "shards=init_distributed(device.type, backend='gloo')", stacklevel=2)
     device = resolve_device(device, shards.local_rank)
     if run.images is not None and len(categories) != 1:
         raise UserError("scoring a folder of new images uses one category's bank: name one category")
