@@ -377,8 +377,8 @@ def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim:
 
     Under torchrun with a sharded bank (``shards``), ``bank`` is this rank's part, the parts in
     rank order make the bank, and every rank gets the same indices (into the whole bank) as one
-    process would: each step's farthest row is the maximum over the ranks (the lowest index on a
-    tie, as ``argmax``), and its owner sends the centre to the others.
+    process would: each step every rank offers its own farthest row (distance, index, projected
+    row) in one all-gather and all take the largest (the lowest index on a tie, as ``argmax``).
 
     Args:
         bank: ``(B, D)``.
