@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import checkpoint_parser, markdown_table, system_info, write_results
-from data import TestSet, train_images
+from data import train_images
 from scoring import ScoreConfig, metrics
 from scoring.detector import features_of, load_network, resolve_config
+from scoring.evaluation import test_set
 from scoring.features import ImageFiles
 from scoring.model import AnomalyScorer, bank_states
 
@@ -73,9 +74,9 @@ def main(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     network, info = load_network(args.checkpoint, device)
     base = resolve_config(ScoreConfig(batch_size=16), info)
-    train = ImageFiles(train_images(args.data_root, args.category), base.size, base.antialias)
+    train = ImageFiles(train_images(args.data_root, args.category), base.preprocessing)
     train_feats, _ = features_of(network, train, base, device, "train features")
-    test_feats, extras = features_of(network, TestSet(args.data_root, args.category, base.size, base.antialias), base,
+    test_feats, extras = features_of(network, test_set(args.data_root, args.category, base), base,
                                      device, "test features")
     labels = np.concatenate([np.asarray(e["label"]) for e in extras])
     masks = torch.cat([e["mask"] for e in extras]).numpy()

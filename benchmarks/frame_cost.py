@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from benchmarks.common import checkpoint_parser, markdown_table, system_info, write_results
-from data import TestSet, train_images
+from data import train_images
 from scoring import ScoreConfig, metrics
 from scoring.detector import features_of, load_network, resolve_config
+from scoring.evaluation import test_set
 from scoring.features import ImageFiles
 from scoring.model import AnomalyScorer
 
@@ -46,10 +47,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 def features(network, config: ScoreConfig, paths, data_root: str, category: str, device):
     """Training and test features at ``config``'s frame, the test labels and masks, and the
     milliseconds per test image of the test features."""
-    train_feats, _ = features_of(network, ImageFiles(paths, config.hw, config.antialias), config, device,
+    train_feats, _ = features_of(network, ImageFiles(paths, config.preprocessing), config, device,
                                  f"train features {config.frame}")
     start = time.perf_counter()
-    test_feats, extras = features_of(network, TestSet(data_root, category, config.hw, config.antialias), config,
+    test_feats, extras = features_of(network, test_set(data_root, category, config), config,
                                      device, f"test features {config.frame}")
     labels = np.concatenate([np.asarray(e["label"]) for e in extras])
     masks = torch.cat([e["mask"] for e in extras]).numpy()

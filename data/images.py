@@ -243,6 +243,15 @@ def load_image(path: Path, size: int | Frame, antialias: bool = False) -> torch.
     return resize_image(read_rgb(path, min(as_frame(size))), size, antialias)
 
 
+def network_input(values: torch.Tensor, frame: Frame, antialias: bool = False) -> torch.Tensor:
+    """``(N, C, H, W)`` 8-bit values (any dtype; ``C`` = 1 or 3) -> ``(N, 3, *frame)`` float in [0, 1]:
+    :func:`resize_rounded`, then divided by 255. The one step from an image to the network's input,
+    whatever it came as (file, PIL image, uint8 array, float tensor, an exported file's uint8 input);
+    traceable. Equal to ``to_float(resize_image(...))``, what training reads."""
+    values = values.expand(-1, 3, -1, -1)  # grayscale (C = 1) -> 3 channels; no-op for RGB
+    return resize_rounded(values, as_frame(frame), antialias) / 255.0
+
+
 def to_float(image: torch.Tensor) -> torch.Tensor:
     """uint8 ``(..., 3, S, S)`` -> float32 in [0, 1] (no mean/std normalisation, as the paper)."""
     return image.float().div_(255)

@@ -33,9 +33,9 @@ from .images import (
     is_mask_name,
     list_images,
     load_image,
+    network_input,
     read_mask,
     read_rgb,
-    resize_image,
     resize_mask,
     resize_mask_paper,
     to_float,
@@ -224,27 +224,28 @@ class TrainSet(Dataset):
 
 class TestSet(Dataset):
     """Labelled test images: ``dataset[i]`` is a dict with ``image`` (3, H, W) float, ``mask``
-    (H, W) bool, ``label`` int, ``path`` str, ``defect`` str; ``size`` is a square side or a frame
-    ``(H, W)`` (:mod:`data.frames`)."""
+    (H, W) bool, ``label`` int, ``path`` str, ``defect`` str; ``frame`` is what images are resized
+    to, ``(H, W)`` (:mod:`data.frames`; a square side ``S`` is ``(S, S)``), through the one way in
+    (:func:`data.images.network_input`)."""
 
     __test__ = False  # not a pytest class
 
-    def __init__(self, root: str | Path, category: str, size: int | Frame, antialias: bool = False):
+    def __init__(self, root: str | Path, category: str, frame: int | Frame, antialias: bool = False):
         self.samples = test_samples(root, category)
-        self.size, self.antialias = as_frame(size), antialias
+        self.frame, self.antialias = as_frame(frame), antialias
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        raw = read_rgb(sample.path, min(self.size))
+        raw = read_rgb(sample.path, min(self.frame))
         if sample.mask_path is not None:
             soft = read_mask(sample.mask_path)
             check_mask_fits(sample.path, tuple(raw.shape[-2:]), sample.mask_path, tuple(soft.shape))
-            mask, paper_mask = resize_mask(soft, self.size), resize_mask_paper(soft, self.size)
+            mask, paper_mask = resize_mask(soft, self.frame), resize_mask_paper(soft, self.frame)
         else:
-            mask = paper_mask = torch.zeros(self.size, dtype=torch.bool)
-        return {"image": to_float(resize_image(raw, self.size, self.antialias)), "mask": mask,
+            mask = paper_mask = torch.zeros(self.frame, dtype=torch.bool)
+        return {"image": network_input(raw[None], self.frame, self.antialias)[0], "mask": mask,
                 "paper_mask": paper_mask,
                 "label": sample.label, "path": str(sample.path), "defect": sample.defect}

@@ -90,7 +90,7 @@ def cached_detector(config: ScoreConfig, network: torch.nn.Module, info: dict, c
     known = calibrations.get(calibration_key(config), {})
     need_norm = dense.uses_head(config.map_source)
     if entry is None or (need_threshold and "threshold" not in known) or (need_norm and "map_norm" not in known):
-        train_feats, _ = features_of(network, ImageFiles(paths, config.hw, config.antialias), config, device,
+        train_feats, _ = features_of(network, ImageFiles(paths, config.preprocessing), config, device,
                                      f"{category}: train features", workers=resolve_workers(config.workers, device))
         if entry is None:
             entry = {"settings": settings, "banks": bank_states(config, train_feats, device),

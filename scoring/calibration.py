@@ -55,7 +55,7 @@ def cross_fitted_maps(config: ScoreConfig, train_feats: list[torch.Tensor], devi
     knn_config = config.replace(map_source="knn", smooth=config.smooth if keep_maps else 0.0)
     layers = len(config.layers)
     scores = torch.empty(count)
-    maps = torch.empty(count, *config.hw) if keep_maps else None
+    maps = torch.empty(count, *config.frame_hw) if keep_maps else None
     for fit, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
         scorer = AnomalyScorer.fit(knn_config, [f[fit] for f in train_feats[:layers]], device=device)
         held_scores, held_maps = scorer.score([f[held_out] for f in train_feats[:layers]], "calibration")
@@ -77,8 +77,8 @@ def cross_fitted_calibration(config: ScoreConfig, train_feats: list[torch.Tensor
         scores, knn_maps = cross_fitted_maps(config, train_feats, device, keep_maps=config.map_source == "fused")
     if dense.uses_head(config.map_source):
         head = train_feats[len(config.layers)]
-        norm = dense.map_norm(knn_maps, head_map(head, config.hw))
-        scores, _ = combine_head(config.map_source, knn_maps, head, norm, config.hw)
+        norm = dense.map_norm(knn_maps, head_map(head, config.frame_hw))
+        scores, _ = combine_head(config.map_source, knn_maps, head, norm, config.frame_hw)
     value = float(np.percentile(scores.numpy(), config.calib_percentile))
     return Threshold(value, f"cross-fitted training scores, {config.calib_percentile}th percentile",
                      float(scores.mean()), float(scores.max())), norm

@@ -19,6 +19,8 @@ from common.settings import Settings, is_number, is_whole, setting
 from data.frames import Frame, frame_problem, parse_frame
 from models import MAX_SIZE, MIN_SIZE
 
+from .inputs import Preprocessing
+
 FUSIONS = ("concatenation", "multiplication")
 BACKENDS = ("auto", "torch", "faiss")  # scoring.knn
 MAP_SOURCES = ("knn", "head", "fused")  # scoring.dense
@@ -33,7 +35,7 @@ class ScoreConfig(Settings):
     """
 
     fusion: str = setting("concatenation", "bank")
-    size: int | None = setting(None, "bank")  # None: the checkpoint's training size (else 256)
+    size: int | None = setting(None, "bank")  # the network's training side; None: the checkpoint's (else 256)
     frame: str | None = setting(None, "bank")  # data.frames: None = the checkpoint's; square, auto or HxW
     antialias: bool = setting(False, "bank")
     layers: tuple[int, ...] = setting((2, 3), "bank")
@@ -60,14 +62,20 @@ class ScoreConfig(Settings):
         self.check()
 
     @property
-    def hw(self) -> Frame:
-        """The ``(H, W)`` images are resized to: the resolved frame (``HxW``), else ``size x size``."""
+    def frame_hw(self) -> Frame:
+        """The ``(H, W)`` images are resized to: the resolved frame (``HxW``), else ``size x size``.
+        ``size`` is the network's training side; only this is what images become."""
         explicit = parse_frame(self.frame) if self.frame else None
         if explicit is not None:
             return explicit
         if self.frame in (None, "square") and self.size is not None:
             return self.size, self.size
         raise ValueError(f"config.frame={self.frame!r} must be resolved first (scoring.detector.resolve_config)")
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How images reach the network at these settings (the frame, the resize): every way in uses it."""
+        return Preprocessing(self.frame_hw, self.antialias)
 
     def problems(self) -> list[tuple[str, str]]:
         """``[(field, what is wrong)]`` of the values no scoring run can take (empty when all are fine)."""

@@ -40,7 +40,8 @@ from . import dense
 from .calibration import Threshold, cross_fitted_calibration
 from .config import ScoreConfig
 from .features import ImageFiles, extract
-from .inputs import ImageLike, as_image_list, prepare
+from .inputs import ImageLike, as_image_list
+from .metrics import above_threshold
 from .model import AnomalyModel, AnomalyScorer
 
 FORMAT = "wavecnet-anomaly-detector"
@@ -124,7 +125,7 @@ class Detector:
         network, info = load_network(checkpoint, device, arch, wavelet)
         paths = image_paths(train_images)
         config = resolve_config(config or ScoreConfig(), info, paths)
-        feats = features_of(network, ImageFiles(paths, config.hw, config.antialias), config, device,
+        feats = features_of(network, ImageFiles(paths, config.preprocessing), config, device,
                             "train features")[0]
         return cls.from_features(network, config, feats, provenance(info, paths), device, calibrate)
 
@@ -156,7 +157,7 @@ class Detector:
     @property
     def frame(self) -> Frame:
         """``(H, W)``: what every image is resized to before the network (:mod:`data.frames`)."""
-        return self.config.hw
+        return self.config.frame_hw
 
     @property
     def threshold(self) -> float | None:
@@ -164,8 +165,8 @@ class Detector:
         return None if self.calibration is None else float(self.calibration.value)
 
     def preprocess(self, image: ImageLike) -> tuple[torch.Tensor, tuple[int, int]]:
-        """One image -> ``(3, *frame)`` float in [0, 1] and its own ``(H, W)`` (:func:`scoring.inputs.prepare`)."""
-        return prepare(image, self.frame, self.config.antialias)
+        """One image -> ``(3, *frame)`` float in [0, 1] and its own ``(H, W)``."""
+        return self.config.preprocessing.prepare(image)
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``(N, 3, S, S)`` float -> per layer ``(N, C_l, h_l, w_l)`` float32 CPU features."""
@@ -192,7 +193,7 @@ class Detector:
         else:
             maps_out = maps.float().numpy().astype(np.float32)
         threshold = self.threshold
-        verdicts = None if threshold is None else scores_np > threshold
+        verdicts = None if threshold is None else above_threshold(scores_np, threshold)
         return Prediction(scores_np, maps_out, verdicts, threshold, dict(self.model.scorer.search_stats))
 
     __call__ = predict

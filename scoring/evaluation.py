@@ -24,6 +24,7 @@ from common.errors import SettingError
 from data import IMAGE_SUFFIXES, TestSet
 
 from . import metrics
+from .config import ScoreConfig
 from .detector import Detector, features_of
 from .features import ImageFiles
 from .model import search_report
@@ -112,6 +113,12 @@ def add_metrics(result: TestSetResult) -> TestSetResult:
     return result
 
 
+def test_set(data_root: str | Path, category: str, config: ScoreConfig) -> TestSet:
+    """The category's labelled test set at ``config``'s frame and resize (its :class:`Preprocessing`)."""
+    preprocessing = config.preprocessing
+    return TestSet(data_root, category, preprocessing.frame, preprocessing.antialias)
+
+
 def evaluate_test_set(detector: Detector, dataset: TestSet, workers: int = 0, desc: str = "test",
                       shards: DistInfo = ONE_PROCESS) -> TestSetResult | None:
     """Score every image of ``dataset`` and compute the metrics. Under torchrun (``shards``) each
@@ -164,7 +171,7 @@ def score_image_folder(detector: Detector, folder: Path, workers: int = 0,
     others ``None``)."""
     paths, skipped = listing if listing is not None else folder_images(folder)
     config = detector.config
-    dataset = ImageFiles(paths, config.size, config.antialias, skip_bad=True)
+    dataset = ImageFiles(paths, config.preprocessing, skip_bad=True)
     start = time.perf_counter()
     share = block(len(paths), shards, align=config.batch_size)
     part = {"paths": [], "scores": np.zeros(0, np.float32), "maps": None, "skipped": [], "search": None}

@@ -16,9 +16,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from common.errors import UserError
-from data import load_image, to_float
-from data.frames import Frame, as_frame
 from models import HEAD_STAGES
+
+from .inputs import Preprocessing
 
 # Frames with a side over TILE_SIDE px go through the network in tiles of at most TILE_SIDE x TILE_SIDE
 # with TILE_HALO px of context around each (its features dropped): the memory of one pass stays
@@ -29,15 +29,17 @@ TILE_STEP = 32  # the network's largest stride: tile edges on it keep every grid
 
 
 class ImageFiles(Dataset):
-    """Plain images for feature extraction: ``{"image", "path", "ok", "reason"}``.
+    """Image files for feature extraction: ``{"image", "path", "ok", "reason"}``.
 
-    ``image`` is ``(3, H, W)`` float (``size``: a square side or a frame ``(H, W)``); with ``skip_bad``
-    an unreadable file gives ``ok=False``
-    (and a zero image) instead of an error.
+    ``image`` is ``(3, *frame)`` float as ``preprocessing`` (:class:`scoring.inputs.Preprocessing`,
+    the one way in) makes it; with ``skip_bad`` an unreadable file gives ``ok=False`` (and a zero
+    image) instead of an error.
     """
 
-    def __init__(self, paths: list[Path], size: int | Frame, antialias: bool = False, skip_bad: bool = False):
-        self.paths, self.size, self.antialias, self.skip_bad = paths, as_frame(size), antialias, skip_bad
+    def __init__(self, paths: list[Path], preprocessing: Preprocessing, skip_bad: bool = False):
+        if not isinstance(preprocessing, Preprocessing):
+            raise TypeError(f"ImageFiles takes a Preprocessing (ScoreConfig.preprocessing), got {preprocessing!r}")
+        self.paths, self.preprocessing, self.skip_bad = paths, preprocessing, skip_bad
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -45,25 +47,28 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> dict:
         path = self.paths[index]
         try:
-            image, ok, reason = to_float(load_image(path, self.size, self.antialias)), True, ""
+            image, ok, reason = self.preprocessing.file(path), True, ""
         except UserError as exc:
             if not self.skip_bad:
                 raise
-            image, ok, reason = torch.zeros(3, *self.size), False, str(exc)
+            image, ok, reason = torch.zeros(3, *self.preprocessing.frame), False, str(exc)
         return {"image": image, "path": str(path), "ok": ok, "reason": reason}
 
 
 def pooled_features(model: torch.nn.Module, images: torch.Tensor, layers: list[int],
-                    head: bool = False, tile: int = TILE_SIDE, halo: int = TILE_HALO) -> list[torch.Tensor]:
+                    head: bool = False, tile: int | None = None, halo: int | None = None) -> list[torch.Tensor]:
     """``(N, 3, H, W)`` -> ``[(N, C_l, H / 2**(l+1), W / 2**(l+1)) for l in layers]`` (1-based stages),
     followed by the segmentation head's logits ``(N, 1, H/4, W/4)`` when ``head`` (dense networks).
 
-    A frame with a side over ``tile`` (both sides multiples of :data:`TILE_STEP`) goes through the
+    A frame with a side over ``tile`` (default :data:`TILE_SIDE`; both sides multiples of
+    :data:`TILE_STEP`) goes through the
     network in overlapping tiles: each tile's core of at most ``tile x tile`` px is run with
     ``halo`` px of the image around it, and only the core's features are kept and stitched, at
     full resolution. Memory then grows with the tile, not the frame; the positions depend on the
     frame alone, so a traced graph unrolls the same loop.
     """
+    # Read here, not bound as defaults: a test (or a user with little memory) may set the module's values.
+    tile, halo = TILE_SIDE if tile is None else tile, TILE_HALO if halo is None else halo
     height, width = images.shape[-2:]
     whole = max(height, width) <= tile or height % TILE_STEP or width % TILE_STEP
     if whole:

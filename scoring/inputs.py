@@ -1,7 +1,11 @@
-"""What ``Detector.predict`` accepts, checked, and turned into the network's input.
+"""How every image reaches the network: one :class:`Preprocessing` (the frame and the resize), and
+what ``Detector.predict`` accepts, checked.
 
-Accepted, one or a list (anything else is a :class:`errors.UserError` naming the shape, type or
-range, never a score):
+Every way in (``predict``, the test set, ``--images``, the training images of a bank, the
+calibration, the synthetic check, torchrun, the benchmarks, exported files) turns an image into
+8-bit values ``(3, H, W)`` and then through :func:`data.images.network_input`: the same bilinear
+resize to the frame, the same rounding to whole 8-bit values. Accepted, one or a list (anything
+else is a :class:`errors.UserError` naming the shape, type or range, never a score):
 
 - file paths (``str`` / ``Path``): decoded as the training pipeline decodes them (EXIF
   orientation, 16-bit scaling, box-reduction of huge images);
@@ -10,24 +14,23 @@ range, never a score):
   ``C`` = 1 (grey), 3 (RGB) or 4 (RGBA, alpha dropped). A 3-D array is always one image: a batch
   of grey images is ``(N, H, W, 1)`` or a list of ``(H, W)`` arrays;
 - float tensors in [0, 1] with no NaN or infinity: one image ``(C, H, W)`` or a batch
-  ``(N, C, H, W)``, ``C`` = 1 or 3.
+  ``(N, C, H, W)``, ``C`` = 1 or 3; taken as 8-bit values (``round(255 x)``), so ``u8 / 255``
+  scores exactly as the uint8 array ``u8``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.nn import functional as F
 
 from common.errors import UserError
-from data.frames import Frame, as_frame
-from data.images import load_image, to_float, upright_size, upright_uint8
-
-from .model import prepare_uint8
+from data.frames import Frame
+from data.images import network_input, read_rgb, upright_size, upright_uint8
 
 ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
 ARRAY_CHANNELS = (1, 3, 4)
@@ -41,7 +44,7 @@ def as_image_list(images) -> list:
     if isinstance(images, torch.Tensor) and images.ndim == 4:  # a float batch (N, C, H, W)
         return list(images.unbind(0))
     if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) or not isinstance(images, Sequence):
-        return [images]  # prepare() names what it cannot score
+        return [images]  # Preprocessing.prepare() names what it cannot score
     return list(images)
 
 
@@ -77,25 +80,49 @@ def check_tensor(image: torch.Tensor) -> torch.Tensor:
     return chw.expand(3, -1, -1)
 
 
-def prepare(image: ImageLike, size: int | Frame, antialias: bool) -> tuple[torch.Tensor, tuple[int, int]]:
-    """One image -> ``(3, *frame)`` float in [0, 1] as the training pipeline makes it (``size``: a square
-    side or the frame ``(H', W')``), and its own ``(H, W)``."""
+def eight_bit_values(image: ImageLike, target: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One image of any accepted kind -> ``(3, H, W)`` 8-bit values (uint8 or whole floats) and its own
+    ``(H, W)``; ``target``: the frame's short side (a huge file is box-reduced first, see
+    :func:`data.images.read_rgb`)."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
-            raise UserError(f"{path}: no such image file")
-        return to_float(load_image(path, size, antialias)), upright_size(path)
+            raise UserError(f"{path}: no such image file" + (" (a folder: pass its image files, e.g. "
+                                                             "sorted(Path(folder).glob('*.png')))"
+                                                             if path.is_dir() else ""))
+        return read_rgb(path, target), upright_size(path)
     if isinstance(image, Image.Image):
         image = upright_uint8(image)
     if isinstance(image, np.ndarray):
         array = check_array(image)
-        hwc = torch.from_numpy(np.array(array))  # a copy: inputs stay untouched
-        return prepare_uint8(hwc[None], size, antialias)[0], tuple(array.shape[:2])
+        chw = torch.from_numpy(np.array(array[..., :3])).permute(2, 0, 1)  # a copy: inputs stay untouched
+        return chw.expand(3, -1, -1), tuple(array.shape[:2])
     if isinstance(image, torch.Tensor):
-        chw = check_tensor(image)
-        if tuple(chw.shape[-2:]) != as_frame(size):
-            chw = F.interpolate(chw[None], size=as_frame(size), mode="bilinear", align_corners=False,
-                                antialias=antialias)[0]
-        return chw.clamp(0, 1), tuple(image.shape[-2:])
-    raise UserError(f"cannot score a {type(image).__name__}: pass file paths, PIL images, uint8 NumPy "
-                    "arrays or float tensors")
+        return check_tensor(image).mul(255).round(), tuple(image.shape[-2:])
+    kind = "bytes (decode them first, e.g. Image.open(io.BytesIO(data)))" if isinstance(image, (bytes, bytearray)) \
+        else f"a {type(image).__name__}"
+    raise UserError(f"cannot score {kind}: pass file paths, PIL images, uint8 NumPy arrays or float tensors")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images become the network's input: resized to ``frame`` ``(H, W)`` (never the network's
+    training side: see :mod:`data.frames`), bilinear (``antialias`` as trained), rounded to whole
+    8-bit values, divided by 255. ``ScoreConfig.preprocessing`` makes the one a detector uses."""
+
+    frame: Frame
+    antialias: bool = False
+
+    def __post_init__(self):
+        frame = self.frame
+        if not (isinstance(frame, tuple) and len(frame) == 2 and all(isinstance(v, int) and v > 0 for v in frame)):
+            raise ValueError(f"a frame is (H, W) in pixels, got {frame!r}")
+
+    def prepare(self, image: ImageLike) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One image -> ``(3, *frame)`` float in [0, 1] and its own ``(H, W)``."""
+        values, own = eight_bit_values(image, min(self.frame))
+        return network_input(values[None], self.frame, self.antialias)[0], own
+
+    def file(self, path: Path) -> torch.Tensor:
+        """An image file -> ``(3, *frame)`` float in [0, 1] (unreadable: a ``UserError`` naming it)."""
+        return network_input(read_rgb(path, min(self.frame))[None], self.frame, self.antialias)[0]

@@ -5,6 +5,10 @@
   (MVTec AD's protocol; regions are 8-connected components of each ground-truth mask);
 - ``f1_max``: best F1 over all thresholds of the image scores, with that threshold;
 - ``pixel_ap``: average precision over all pixels.
+
+The one threshold rule, everywhere (verdicts, counts, F1, panels, predicted regions, exported
+files): a score or a map value is anomalous when it is *above* the threshold,
+:func:`above_threshold` (``value > threshold``); a value equal to it is normal.
 """
 
 from __future__ import annotations
@@ -44,17 +48,33 @@ def pixel_ap(masks: np.ndarray, maps: np.ndarray) -> float:
     return float(average_precision_score(flat, np.asarray(maps).reshape(-1))) if flat.any() else float("nan")
 
 
+def above_threshold(values, threshold: float):
+    """The one threshold rule: ``values > threshold`` (scores or map values; NumPy or torch)."""
+    return values > threshold
+
+
 def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
-    """``labels`` (N,), ``scores`` (N,) -> (best F1, the score threshold reaching it: score >= t)."""
+    """``labels`` (N,), ``scores`` (N,) -> (best F1, a threshold ``t`` reaching it with the one rule,
+    ``score > t``): half-way between the lowest score called anomalous and the next lower score
+    (as float32, as scores are; the lower score itself where no float32 lies between them)."""
     from sklearn.metrics import precision_recall_curve
 
     labels = np.asarray(labels).astype(np.int64)
+    scores = np.asarray(scores, dtype=np.float32)
     if not labels.any():
         return float("nan"), float("nan")
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     best = int(np.argmax(f1[:-1])) if len(thresholds) else 0
-    return float(f1[best]), float(thresholds[best]) if len(thresholds) else float("nan")
+    if not len(thresholds):
+        return float(f1[best]), float("nan")
+    lowest_called = np.float32(thresholds[best])  # scikit-learn's rule: score >= it
+    below = scores[scores < lowest_called]
+    if not len(below):  # every image called anomalous
+        return float(f1[best]), float(np.nextafter(lowest_called, np.float32(-np.inf)))
+    lower = below.max()
+    middle = np.float32((float(lower) + float(lowest_called)) / 2)
+    return float(f1[best]), float(middle if lower < middle < lowest_called else lower)
 
 
 def roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from common.distributed import DistInfo, part_offset
 from common.errors import SettingError
 from data.frames import Frame, as_frame
-from data.images import resize_rounded
+from data.images import network_input
 from models import HEAD_STAGES
 
 from .config import ScoreConfig
@@ -207,7 +207,7 @@ class AnomalyScorer(nn.Module):
         if uses_head(config.map_source) and map_norm is None:
             raise ValueError("a head map source needs map_norm (scoring.calibration.cross_fitted_calibration)")
         self.banks = nn.ModuleList(banks)
-        self.fusion, self.size, self.k, self.smooth = config.fusion, config.hw, config.k, config.smooth
+        self.fusion, self.size, self.k, self.smooth = config.fusion, config.frame_hw, config.k, config.smooth
         self.map_source, self.layer_count, self.map_norm = config.map_source, len(config.layers), map_norm
         self.refine, self.certify_scores = config.refine, config.certify
         self.coreset = any(bank.coreset < 1 for bank in banks)  # searched rows whose distances are bounds
@@ -441,12 +441,10 @@ class AnomalyModel(nn.Module):
 
 
 # -- the exported form ----------------------------------------------------------------------
-def prepare_uint8(images: torch.Tensor, size: int | Frame, antialias: bool) -> torch.Tensor:
-    """uint8 ``(N, H, W, C)``, ``C`` = 1, 3 or 4 (alpha dropped) -> float ``(N, 3, *frame)`` in [0, 1],
-    resized and rounded as the training pipeline does (:func:`data.images.resize_rounded`)."""
-    x = images[..., :3].permute(0, 3, 1, 2)
-    x = x.expand(-1, 3, -1, -1)  # grayscale (C = 1) -> 3 channels; no-op for RGB
-    return resize_rounded(x, size, antialias) / 255.0
+def prepare_uint8(images: torch.Tensor, frame: Frame, antialias: bool) -> torch.Tensor:
+    """uint8 ``(N, H, W, C)``, ``C`` = 1, 3 or 4 (alpha dropped) -> float ``(N, 3, *frame)`` in [0, 1]
+    (:func:`data.images.network_input`, as every other way in)."""
+    return network_input(images[..., :3].permute(0, 3, 1, 2), frame, antialias)
 
 
 class ExportModel(nn.Module):
@@ -474,7 +472,7 @@ class ExportModel(nn.Module):
             if isinstance(module, BankSearch):
                 module.backend, module.precision = "torch", "fp32"
                 module.store_centred()
-        self.core, self.size, self.antialias = core, model.config.hw, model.config.antialias
+        self.core, self.size, self.antialias = core, model.config.frame_hw, model.config.antialias
         # A certified coreset adds a third output: which image scores are certified exact.
         self.reports_certified = bool(core.scorer.coreset and core.scorer.certify_scores)
 

@@ -4,7 +4,7 @@ A panel explains itself, so it can be read without this file:
 
 * a header: the title (file name, defect type) and ``score S / threshold T -> ANOMALOUS``;
 * three captioned tiles: the input ``image`` | the ``heatmap`` over the image | the image with
-  the ground-truth outline (green) and the predicted region (red outline: map >= threshold), the
+  the ground-truth outline (green) and the predicted region (red outline: map > threshold), the
   rest dimmed, or, when nothing is above the threshold, the dimmed image saying so;
 * under the heatmap, its colour bar from ``vmin`` to ``vmax`` with the threshold marked.
 
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .metrics import above_threshold
 
 # matplotlib and SciPy are imported where they are used: about 1 s of every start otherwise.
 GREEN, RED = (0, 255, 0), (255, 0, 0)
@@ -111,13 +113,13 @@ def panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, thresho
           mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The three tiles, each ``(H, W, 3)`` uint8, from ``image`` (H, W, 3) uint8 and ``heat`` (H, W).
 
-    The third tile keeps the predicted region (``heat >= threshold``, red outline) at full
+    The third tile keeps the predicted region (``heat > threshold``, red outline) at full
     brightness and dims the rest, so it never just repeats the image; the ground truth ``mask``
     (H, W) bool is outlined in green just outside it, so a prediction that matches it exactly
     shows both outlines side by side.
     """
     overlay = (0.5 * image + 0.5 * colorize(heat, vmin, vmax)).astype(np.uint8)
-    predicted = heat >= threshold if has_threshold(threshold) else np.zeros(heat.shape, bool)
+    predicted = above_threshold(heat, threshold) if has_threshold(threshold) else np.zeros(heat.shape, bool)
     marked = np.where(predicted[..., None], image, (DIM * image).astype(np.uint8))
     width = max(1, image.shape[0] // 300)  # 1 px up to 599 px, then thicker so it stays visible
     if mask is not None and mask.any():
@@ -137,7 +139,7 @@ def header_lines(threshold: float | None, score: float | None, verdict: str | No
     """The panel's header: what the picture is, then score / threshold -> verdict, with its colour."""
     thresholded = has_threshold(threshold)
     if verdict is None and score is not None and thresholded:
-        verdict = "anomalous" if score > threshold else "normal"
+        verdict = "anomalous" if above_threshold(score, threshold) else "normal"
     header: list[tuple[str, tuple[int, int, int]]] = []
     if title:
         header.append((shorten(title, width, face), (0, 0, 0)))
@@ -188,7 +190,7 @@ def draw_scale_labels(draw: ImageDraw.ImageDraw, vmin: float, vmax: float, thres
     pad = text_width("  ", face)
     clear = text_x >= left + text_width(low, face) + pad and text_x + size <= right - text_width(high, face) - pad
     draw.text((max(text_x, margin), below if clear else below + line), text, fill=(0, 0, 0), font=face)
-    draw.text((legend_left, below), "red: heat >= threshold", fill=(0, 0, 0), font=face)
+    draw.text((legend_left, below), "red: heat > threshold", fill=(0, 0, 0), font=face)
 
 
 def render_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, threshold: float | None,
@@ -231,7 +233,7 @@ def render_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, 
         for i, text in enumerate(lines):
             draw.text((left, y + gap + i * line), text, fill=(0, 0, 0), font=face)
     thresholded = has_threshold(threshold)
-    if not (thresholded and (heat >= threshold).any()):
+    if not (thresholded and above_threshold(heat, threshold).any()):
         draw_no_region_note(draw, thresholded, lefts[2], top_tiles, tile_w, tile_h, line, face)
     draw_scale_labels(draw, vmin, vmax, threshold, lefts[1], tile_w, bar_top, bar_h, pointer, line, margin,
                       lefts[2], face)

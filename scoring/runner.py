@@ -30,12 +30,12 @@ import torch
 from common.distributed import DistInfo, barrier
 from common.errors import SettingError, UserError
 from common.runtime import resolve_device, resolve_workers
-from data import TestSet
 
 from .cache import cached_detector, training_files
 from .config import ScoreConfig
 from .detector import detector_state, features_of, files_digest, load_network, resolve_config
-from .evaluation import ONE_PROCESS, evaluate_test_set, folder_images, score_image_folder
+from .evaluation import ONE_PROCESS, evaluate_test_set, folder_images, score_image_folder, test_set
+from .metrics import above_threshold
 from .output import run_folder, versioned_dir
 from .report import environment, write_json
 from .runs import ScoringRun, detector_target, output_place, resolve_checkpoint, run_identity, settings_record
@@ -74,7 +74,7 @@ def test_set_record(detector, run: ScoringRun, category: str, out_dir: Path | No
     """Score the category's labelled test set; write its files; its part of ``results.json``
     (under torchrun: rank 0's; the others score their share and return ``None``)."""
     config = detector.config
-    dataset = TestSet(run.data_root, category, config.hw, config.antialias)
+    dataset = test_set(run.data_root, category, config)
     result = evaluate_test_set(detector, dataset, resolve_workers(config.workers, detector.device), category, shards)
     if result is None:
         return None
@@ -113,7 +113,7 @@ def folder_record(detector, run: ScoringRun, out_dir: Path | None, listing: tupl
     count = len(result.paths)
     return {
         "images": {"folder": str(folder), "scored": count, "skipped": result.skipped,
-                   "anomalous": int((result.scores > threshold.value).sum())},
+                   "anomalous": int(above_threshold(result.scores, threshold.value).sum())},
         "threshold": threshold.to_dict(),
         "timings": {"test_s": round(result.seconds, 3), "s_per_test_image": round(result.seconds / count, 4)},
         "files": files,
@@ -210,7 +210,7 @@ def scored_record(detector, info: dict, run: ScoringRun, category: str, out_dir:
         if not shards.is_main:
             workers = resolve_workers(config.workers, device)
             if listing is None:
-                evaluate_test_set(detector, TestSet(run.data_root, category, config.hw, config.antialias), workers,
+                evaluate_test_set(detector, test_set(run.data_root, category, config), workers,
                                   category)
             else:
                 score_image_folder(detector, Path(run.images), workers, listing)

@@ -53,7 +53,7 @@ def sharded_bank_detector(config: ScoreConfig, network: torch.nn.Module, info: d
         raise SettingError("batch_size", config.batch_size, f"leaves process {shards.rank} no training images "
                                                             f"({len(paths)} images, {shards.world_size} processes); "
                                                             "use fewer processes or a smaller batch size")
-    feats, _ = features_of(network, ImageFiles([paths[i] for i in share], config.hw, config.antialias), config,
+    feats, _ = features_of(network, ImageFiles([paths[i] for i in share], config.preprocessing), config,
                            device, f"train features (part {shards.rank + 1}/{shards.world_size})",
                            workers=resolve_workers(config.workers, device))
     scorer = AnomalyScorer.from_states(config, bank_states(config, feats, device, shards), None, device, shards)

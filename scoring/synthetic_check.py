@@ -113,7 +113,7 @@ def synthetic_check(model: torch.nn.Module, config: ScoreConfig, data_root: str 
     ``smooth``; ``config.frame`` must be resolved. ``kinds``: names of
     ``augment.MAKERS``, one anomaly of each per held-out image.
     """
-    size = config.hw
+    size = config.frame_hw
     paths = train_images(data_root, category)
     images = load_cached(paths, size, config.antialias, f"{category}: synthetic check, caching train")
     if images is None:

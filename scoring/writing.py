@@ -48,7 +48,7 @@ def heatmap_name(path: str | Path) -> str:
 def verdict(score: float, threshold: float | None) -> str | None:
     if threshold is None or not np.isfinite(threshold):
         return None
-    return "anomalous" if score > threshold else "normal"
+    return "anomalous" if metrics.above_threshold(score, threshold) else "normal"
 
 
 def panel_text(path: str, score: float, threshold: float | None, label: str | None = None) -> dict:
@@ -83,7 +83,7 @@ def write_test_set(out_dir: Path, result: TestSetResult, dataset: TestSet, thres
                  labels=result.labels.astype(np.int64), scores=result.scores.astype(np.float32),
                  paths=np.array(result.paths), defects=np.array(result.defects))
     write_csv(out_dir / "image_scores.csv", ["path", "defect", "label", "score"],
-              [[path, defect, int(label), f"{score:.6f}"]
+              [[path, defect, int(label), f"{score:.9g}"]
                for path, defect, label, score in zip(result.paths, result.defects, result.labels, result.scores)])
     if pictures:
         save_test_pictures(out_dir, dataset, result, threshold, title)
@@ -100,7 +100,7 @@ def write_folder(out_dir: Path, result: FolderResult, folder: Path, threshold: f
     # Raw scores are distances whose scale differs from model to model; divided by the threshold,
     # 1.0 is the decision boundary on every model.
     write_csv(out_dir / "scores.csv", ["path", "score", "normalized_score", "verdict"],
-              [[path, f"{score:.6f}", f"{score / threshold:.6f}", verdict(score, threshold)]
+              [[path, f"{score:.9g}", f"{score / threshold:.6f}", verdict(score, threshold)]
                for path, score in zip(result.paths, scores)])
     if save_maps:
         save_npz(out_dir / "maps.npz", maps=result.maps.astype(np.float32), scores=result.scores,

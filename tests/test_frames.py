@@ -33,9 +33,9 @@ def test_frame_settings_are_checked_where_made():
         TrainConfig(size=128, frame="64x64")
     with pytest.raises(ValueError, match="frame=.100x100.: each side must be a multiple of 32"):
         ScoreConfig(frame="100x100")
-    assert ScoreConfig(frame="64x96").hw == (64, 96) and ScoreConfig(size=48).hw == (48, 48)
+    assert ScoreConfig(frame="64x96").frame_hw == (64, 96) and ScoreConfig(size=48).frame_hw == (48, 48)
     with pytest.raises(ValueError, match="must be resolved"):
-        _ = ScoreConfig(frame="auto").hw
+        _ = ScoreConfig(frame="auto").frame_hw
 
 
 def test_random_tiles_are_crops_drawn_from_the_generator():

@@ -1,17 +1,20 @@
 """Scoring split over two torchrun processes (gloo, CPU) gives the one-process files exactly.
 
 One torchrun start runs every job (tests/sharded_worker.py); the same jobs run here in one
-process are the reference: ``scores.csv`` byte for byte, ``results.json``'s metrics, scores and
+process, with the threads of one torchrun process and so the same batches and kernels, are the
+reference: ``scores.csv`` byte for byte, ``results.json``'s metrics, scores and
 search report equal. A rank killed mid-run leaves no result and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 from scoring import ScoreConfig, ScoringRun, score_categories
 
@@ -39,8 +42,16 @@ def job(tiny_root, trained, out: Path, category="widget", images=None, shard_ban
 
 
 def run_here(spec: dict) -> None:
+    """One process, with the threads torchrun gives each of its processes (OMP_NUM_THREADS=1): on
+    some CPUs (Intel with AMX) a convolution's rounding depends on its thread count (layer-3
+    features 7.6e-5 apart at 1 and 2 threads), as on its batch; with both the same, the numbers are."""
     config = ScoreConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["config"].items()})
-    score_categories(config, ScoringRun(**spec["run"]), [spec["category"]], "cpu", echo=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # what torchrun's workers get
+    try:
+        score_categories(config, ScoringRun(**spec["run"]), [spec["category"]], "cpu", echo=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 COMPARED = ("metrics", "per_defect_image_auroc", "image_f1_threshold", "search", "bank", "threshold", "images")
