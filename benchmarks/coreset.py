@@ -24,7 +24,7 @@ from benchmarks.common import checkpoint_parser, markdown_table, system_info, wr
 from data import train_images
 from scoring import ScoreConfig, metrics
 from scoring.detector import features_of, load_network, resolve_config
-from scoring.evaluation import test_set
+from scoring.evaluation import category_test_set
 from scoring.features import ImageFiles
 from scoring.model import AnomalyScorer, bank_states
 
@@ -76,7 +76,7 @@ def main(args: argparse.Namespace) -> None:
     base = resolve_config(ScoreConfig(batch_size=16), info)
     train = ImageFiles(train_images(args.data_root, args.category), base.preprocessing)
     train_feats, _ = features_of(network, train, base, device, "train features")
-    test_feats, extras = features_of(network, test_set(args.data_root, args.category, base), base,
+    test_feats, extras = features_of(network, category_test_set(args.data_root, args.category, base), base,
                                      device, "test features")
     labels = np.concatenate([np.asarray(e["label"]) for e in extras])
     masks = torch.cat([e["mask"] for e in extras]).numpy()

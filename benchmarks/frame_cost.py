@@ -29,7 +29,7 @@ from benchmarks.common import checkpoint_parser, markdown_table, system_info, wr
 from data import train_images
 from scoring import ScoreConfig, metrics
 from scoring.detector import features_of, load_network, resolve_config
-from scoring.evaluation import test_set
+from scoring.evaluation import category_test_set
 from scoring.features import ImageFiles
 from scoring.model import AnomalyScorer
 
@@ -50,7 +50,7 @@ def features(network, config: ScoreConfig, paths, data_root: str, category: str,
     train_feats, _ = features_of(network, ImageFiles(paths, config.preprocessing), config, device,
                                  f"train features {config.frame}")
     start = time.perf_counter()
-    test_feats, extras = features_of(network, test_set(data_root, category, config), config,
+    test_feats, extras = features_of(network, category_test_set(data_root, category, config), config,
                                      device, f"test features {config.frame}")
     labels = np.concatenate([np.asarray(e["label"]) for e in extras])
     masks = torch.cat([e["mask"] for e in extras]).numpy()

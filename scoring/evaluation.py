@@ -113,7 +113,7 @@ def add_metrics(result: TestSetResult) -> TestSetResult:
     return result
 
 
-def test_set(data_root: str | Path, category: str, config: ScoreConfig) -> TestSet:
+def category_test_set(data_root: str | Path, category: str, config: ScoreConfig) -> TestSet:
     """The category's labelled test set at ``config``'s frame and resize (its :class:`Preprocessing`)."""
     preprocessing = config.preprocessing
     return TestSet(data_root, category, preprocessing.frame, preprocessing.antialias)

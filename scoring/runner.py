@@ -34,7 +34,7 @@ from common.runtime import resolve_device, resolve_workers
 from .cache import cached_detector, training_files
 from .config import ScoreConfig
 from .detector import detector_state, features_of, files_digest, load_network, resolve_config
-from .evaluation import ONE_PROCESS, evaluate_test_set, folder_images, score_image_folder, test_set
+from .evaluation import ONE_PROCESS, category_test_set, evaluate_test_set, folder_images, score_image_folder
 from .metrics import above_threshold
 from .output import run_folder, versioned_dir
 from .report import environment, write_json
@@ -74,7 +74,7 @@ def test_set_record(detector, run: ScoringRun, category: str, out_dir: Path | No
     """Score the category's labelled test set; write its files; its part of ``results.json``
     (under torchrun: rank 0's; the others score their share and return ``None``)."""
     config = detector.config
-    dataset = test_set(run.data_root, category, config)
+    dataset = category_test_set(run.data_root, category, config)
     result = evaluate_test_set(detector, dataset, resolve_workers(config.workers, detector.device), category, shards)
     if result is None:
         return None
@@ -210,7 +210,7 @@ def scored_record(detector, info: dict, run: ScoringRun, category: str, out_dir:
         if not shards.is_main:
             workers = resolve_workers(config.workers, device)
             if listing is None:
-                evaluate_test_set(detector, test_set(run.data_root, category, config), workers,
+                evaluate_test_set(detector, category_test_set(run.data_root, category, config), workers,
                                   category)
             else:
                 score_image_folder(detector, Path(run.images), workers, listing)
