@@ -30,6 +30,10 @@ STATE_KEY = "netD_state_dict"
 HEAD_KEY = "seg_head_state_dict"
 HEAD_PREFIX = "seg_head."
 PREFIXES = ("module.", "_orig_mod.")
+# What torch.load raises for a file that is not a (whole) PyTorch file: a text file named .pt is a
+# KeyError of its first byte, a truncated one an EOFError or a zip error, a foreign pickle others.
+UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError, KeyError,
+              IndexError, TypeError, AttributeError, UnicodeDecodeError)
 
 
 def save_atomic(obj: object, path: str | os.PathLike) -> None:
@@ -68,8 +72,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise UserError(f"checkpoint {path} not found ({hint}); train first with main.py or pass --p")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError,
-            OSError) as exc:
+    except UNREADABLE as exc:
         raise UserError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}); "
             "it is truncated or not a PyTorch checkpoint: re-copy it or retrain"
@@ -154,6 +157,10 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
         hint = f"; pass --arch {looks_like}" if looks_like and looks_like != arch else ""
         raise UserError(f"{source} does not fit the network{asked}: {what}; keys "
                         f"{', '.join(details)}{hint}")
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{source} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[0]}): its training "
+                        "diverged; retrain with a lower --lr, or use an earlier checkpoint")
     model.load_state_dict(state_dict, strict=True)
 
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import pickle
-import zipfile
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +33,22 @@ from common.errors import UserError
 from common.runtime import resolve_device
 from data.frames import Frame, frame_for_images, frame_text
 from data.images import list_images
-from models.checkpoint import HEAD_PREFIX, build_from_checkpoint, load_weights, read_checkpoint, save_atomic
+from models.checkpoint import (
+    HEAD_PREFIX,
+    UNREADABLE,
+    build_from_checkpoint,
+    load_weights,
+    read_checkpoint,
+    save_atomic,
+)
 
 from . import dense
 from .calibration import Threshold, cross_fitted_calibration
 from .config import ScoreConfig
-from .features import ImageFiles, extract
+from .features import ImageFiles, extract, pooled_features
 from .inputs import ImageLike, as_image_list
 from .metrics import above_threshold
-from .model import AnomalyModel, AnomalyScorer
+from .model import AnomalyModel, AnomalyScorer, bank_grids
 
 FORMAT = "wavecnet-anomaly-detector"
 FORMAT_VERSION = 1
@@ -215,10 +221,23 @@ class Detector:
             "provenance": self.provenance,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """One file (written atomically) that :meth:`load` turns back into this detector."""
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """One file (written atomically) that :meth:`load` turns back into this detector.
+
+        Never replaces a file that is not a detector file (a training checkpoint, anything else),
+        and replaces a detector file only with ``overwrite``: a ``UserError`` says so instead."""
+        path = Path(path)
+        if path.is_dir():
+            raise UserError(f"{path} is a folder; save the detector to a file in it, e.g. {path / 'detector.pt'}")
+        if path.exists():
+            if detector_state(path) is None:
+                raise UserError(f"{path} exists and is not a detector file (a training checkpoint?); it is left as "
+                                "it is: choose another path")
+            if not overwrite:
+                raise UserError(f"{path} holds a detector already; pass overwrite=True to replace it, or choose "
+                                "another path")
         save_atomic(self.state_dict(), path)
-        return Path(path)
+        return path
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto") -> Detector:
@@ -231,6 +250,11 @@ class Detector:
                                       dense=any(k.startswith(HEAD_PREFIX) for k in net["state_dict"]))
         load_weights(network, net["state_dict"], str(path), net["arch"])
         network = network.to(device, memory_format=torch.channels_last).eval()
+        widths = bank_widths(network, config, device)
+        found = [int(bank["rows"].shape[1]) for bank in state["banks"]]
+        if found != widths:
+            raise UserError(f"detector file {path} is damaged or was edited: its memory banks have {found} features, "
+                            f"its network gives {widths}; save it again")
         scorer = AnomalyScorer.from_states(config, state["banks"], state.get("map_norm"), device)
         return cls(AnomalyModel(network, scorer, config), Threshold.from_dict(state["threshold"]),
                    state["provenance"], device)
@@ -249,16 +273,60 @@ def read_detector_file(path: Path) -> dict:
         raise UserError(f"detector file {path} not found; write one with --save-detector or Detector.save()")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except UNREADABLE as exc:
         raise UserError(f"detector file {path} cannot be read ({type(exc).__name__}); it is truncated or not a "
                         "detector file: save it again") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not a detector file (a training checkpoint? build a detector with "
                         "inference_*.py --save-detector or Detector.fit)")
-    if state.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"detector file {path} has format version {state.get('format_version')}, this version "
-                        f"reads {FORMAT_VERSION}; save it again with this version")
+    version = state.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise UserError(f"detector file {path} has format version {version!r} ({type(version).__name__}), this "
+                        f"version reads {FORMAT_VERSION!r} (int); save it again with this version")
+    problem = detector_state_problem(state)
+    if problem:
+        raise UserError(f"detector file {path} is damaged or was edited: {problem}; save it again")
     return state
+
+
+def detector_state_problem(state: dict) -> str | None:
+    """What makes a detector file's state unusable (edited by hand, damaged), or ``None``: its
+    entries' types, the banks' count for the fusion, finite banks and threshold."""
+    try:
+        config = ScoreConfig.from_dict(state["config"])
+    except Exception as exc:  # noqa: BLE001 - any malformed settings entry, named in one line
+        return f"its settings cannot be read ({type(exc).__name__}: {str(exc)[:120]})"
+    banks = state.get("banks")
+    wanted = 1 if config.fusion == "concatenation" else len(config.layers)
+    if not isinstance(banks, list) or len(banks) != wanted:
+        return f"{config.fusion} over layers {list(config.layers)} needs {wanted} memory bank(s), the file holds " \
+               f"{len(banks) if isinstance(banks, list) else type(banks).__name__}"
+    for i, bank in enumerate(banks):
+        rows = bank.get("rows") if isinstance(bank, dict) else None
+        if not isinstance(rows, torch.Tensor) or rows.ndim != 2 or rows.shape[0] == 0:
+            return f"memory bank {i} is not a (rows, features) tensor"
+        full = bank.get("full")
+        for name, tensor in (("rows", rows), ("whole bank", full)):
+            if isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
+                return f"memory bank {i}'s {name} hold NaN or infinite values"
+    threshold = state.get("threshold")
+    if threshold is not None:
+        value = threshold.get("value") if isinstance(threshold, dict) else None
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"its threshold is {value!r}, not a finite number"
+    network = state.get("network")
+    if not isinstance(network, dict) or not isinstance(network.get("state_dict"), dict):
+        return "it holds no network weights"
+    return None
+
+
+@torch.no_grad()
+def bank_widths(network: torch.nn.Module, config: ScoreConfig, device: torch.device) -> list[int]:
+    """The features per patch of each memory bank ``network`` gives at ``config`` (one small pass)."""
+    side = config.size or 64
+    probe = torch.zeros(1, 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
+    feats = pooled_features(network, probe, list(config.layers))
+    return [int(grid.shape[1]) for grid in bank_grids(config.fusion, feats)]
 
 
 def detector_state(path: Path) -> dict | None:

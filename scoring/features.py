@@ -69,7 +69,10 @@ def pooled_features(model: torch.nn.Module, images: torch.Tensor, layers: list[i
     """
     # Read here, not bound as defaults: a test (or a user with little memory) may set the module's values.
     tile, halo = TILE_SIDE if tile is None else tile, TILE_HALO if halo is None else halo
-    height, width = images.shape[-2:]
+    # Plain ints, also in a traced graph (the frame is fixed there: images are resized to it first):
+    # traced sizes would turn the ceilings below into integer divisions, which ONNX truncates
+    # towards zero (a 1088 px side got one tile instead of two, and an "invalid expand shape").
+    height, width = (int(side) for side in images.shape[-2:])
     whole = max(height, width) <= tile or height % TILE_STEP or width % TILE_STEP
     if whole:
         return _pooled(model, images, layers, head)

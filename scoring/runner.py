@@ -157,7 +157,7 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
         if record is None:
             return None
         if target is not None:
-            record["files"]["detector"] = str(detector.save(target))
+            record["files"]["detector"] = str(detector.save(target, overwrite=True))  # check_replaceable said so
         record["bank"]["cached"] = cached
         if shards.enabled:  # the numbers are one process's; only the time differs
             record["torchrun"] = {"processes": shards.world_size, "split": "bank" if run.shard_bank else "images"}

@@ -25,14 +25,14 @@ from scoring import Detector
 from scoring import cli as score_cli
 from scoring.export import export, run_exported
 
-# name -> the flags of the scoring run; all at a 64 x 32 frame of a network trained on 32 px
+# name -> fusion, frame and flags of the scoring run, for a network trained on 32 px
 VARIANTS = {
-    "concatenation": ("concatenation", []),
-    "multiplication": ("multiplication", []),
-    "certified-coreset": ("concatenation", ["--coreset", "0.5", "--refine", "2"]),
-    "tiled": ("multiplication", ["--coreset", "0.5"]),  # TILE_SIDE patched to 32: 2 tiles per frame
+    "concatenation": ("concatenation", "64x32", []),
+    "multiplication": ("multiplication", "64x32", []),
+    "certified-coreset": ("concatenation", "64x32", ["--coreset", "0.5", "--refine", "2"]),
+    # TILE_SIDE patched to 64: 2 tiles of a 96 px side (not a multiple of the tile: ceil(96 / 64))
+    "tiled": ("multiplication", "96x32", ["--coreset", "0.5"]),
 }
-FRAME = "64x32"
 RTOL = 1e-4
 
 
@@ -56,12 +56,12 @@ def assert_same(got, expected, what: str, rtol: float = RTOL) -> None:
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_way_in_gives_each_image_the_same_score(name, tiny_root, trained, tmp_path, monkeypatch, capsys):
-    fusion, flags = VARIANTS[name]
+    fusion, frame, flags = VARIANTS[name]
     if name == "tiled":
-        monkeypatch.setattr(features, "TILE_SIDE", 32)
-        monkeypatch.setattr(features, "TILE_HALO", 32)
+        monkeypatch.setattr(features, "TILE_SIDE", 64)
+        monkeypatch.setattr(features, "TILE_HALO", 0)  # no context: tiles differ from the whole frame
     checkpoint = trained / "widget-wave18" / "model.pt"
-    common = ["--c", "widget", "--data-root", str(tiny_root), "--checkpoint", str(checkpoint), "--frame", FRAME,
+    common = ["--c", "widget", "--data-root", str(tiny_root), "--checkpoint", str(checkpoint), "--frame", frame,
               "--batch-size", "4", *flags]
     detector_file = tmp_path / "widget.detector.pt"
     run_cli(fusion, [*common, "--out", str(tmp_path / "test"), "--no-pictures", "--save-detector",
@@ -80,11 +80,11 @@ def test_every_way_in_gives_each_image_the_same_score(name, tiny_root, trained, 
     assert_same([folder[p] for p in paths], expected, "--images against the test set")
 
     detector = Detector.load(detector_file, device="cpu")
-    assert detector.frame == (64, 32) and detector.size == 32
+    assert detector.frame == tuple(map(int, frame.split("x"))) and detector.size == 32
     arrays = [np.array(Image.open(p).convert("RGB")) for p in paths]
     tensors = [torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in arrays]
     by_path = detector.predict(paths)
-    assert by_path.maps.shape == (6, 64, 32)
+    assert by_path.maps.shape == (6, *detector.frame)
     assert_same(by_path.scores, expected, "predict(paths)")
     assert_same(detector.predict(arrays).scores, expected, "predict(uint8 arrays)")
     assert_same(detector.predict(np.stack(arrays)).scores, expected, "predict(a uint8 batch)")

@@ -255,13 +255,19 @@ def epoch_summary(stats: torch.Tensor, seconds: float, epoch: int, class_names: 
     return record, postfix
 
 
-def check_finite(record: dict, saver: CheckpointSaver, lr: float) -> None:
-    """A NaN or infinite epoch loss stops the run, naming the last good checkpoint."""
-    if math.isfinite(record["loss"]):
+def check_finite(record: dict, saver: CheckpointSaver, lr: float, network: torch.nn.Module) -> None:
+    """A NaN or infinite epoch loss, or weights that became so (the last step of an epoch can
+    diverge after its loss was taken), stop the run before anything is saved, naming the last good
+    checkpoint."""
+    loss_ok = math.isfinite(record["loss"])
+    bad = next((name for name, value in network.state_dict().items()
+                if value.is_floating_point() and not bool(torch.isfinite(value).all())), None) if loss_ok else None
+    if loss_ok and bad is None:
         return
     where = f"{saver.path} (epoch {saver.saved_epoch})" if saver.saved_epoch > 0 and saver.path.exists() \
-        else "no checkpoint was saved yet"
-    raise UserError(f"loss became {record['loss']} in epoch {record['epoch']}; training stopped, the last "
+        else "none: no checkpoint was saved yet"
+    what = f"loss became {record['loss']}" if not loss_ok else f"weights became NaN or infinite ({bad})"
+    raise UserError(f"{what} in epoch {record['epoch']}; training stopped without saving it, the last "
                     f"good checkpoint is {where}; lower --lr (now {lr})")
 
 
@@ -277,7 +283,7 @@ def run_epochs(trainer: Trainer, saver: CheckpointSaver, logger: EpochLogger, st
             stats, seconds = trainer.epoch(epoch, stop)
             record, postfix = epoch_summary(stats, seconds, epoch, trainer.class_names,
                                             trainer.optimizer.param_groups[0]["lr"])
-            check_finite(record, saver, config.lr)
+            check_finite(record, saver, config.lr, trainer.net)
             logger.log(record)
             bar.set_postfix(**postfix)
             saver.epoch_done(epoch + 1)
