@@ -110,8 +110,15 @@ def find_mask(root: Path, category: str, defect: str, image: Path) -> Path | Non
     return None
 
 
+def has_pixel_labels(root: str | Path, category: str) -> bool:
+    """Whether the category's test set is labelled per pixel (it has a ``ground_truth`` folder);
+    without one it is labelled per image only (``test/<defect>/``), as many real sets come."""
+    return (Path(root) / category / "ground_truth").is_dir()
+
+
 def test_samples(root: str | Path, category: str) -> list[TestSample]:
-    """All test images with labels; a defect image without a mask is a ``UserError``.
+    """All test images with labels; a defect image without a mask is a ``UserError`` where the
+    category has a ``ground_truth`` folder (without one, the labels are per image: no masks).
 
     Files named like masks (``<stem>_mask.*``) inside ``test/<type>`` are skipped with one
     warning line: they are ground truth put in the wrong folder, not test images.
@@ -122,6 +129,7 @@ def test_samples(root: str | Path, category: str) -> list[TestSample]:
     if not defects:
         raise UserError(f"{test_dir} has no sub-folders; expected test/good and test/<defect type>")
     samples, masks_found = [], []
+    pixel_labels = has_pixel_labels(root, category)
     for defect in defects:
         for path in list_images(test_dir / defect):
             if is_mask_name(path):
@@ -131,8 +139,8 @@ def test_samples(root: str | Path, category: str) -> list[TestSample]:
             if defect == "good":
                 samples.append(TestSample(path, 0, defect, None))
                 continue
-            mask = find_mask(root, category, defect, path)
-            if mask is None:
+            mask = find_mask(root, category, defect, path) if pixel_labels else None
+            if mask is None and pixel_labels:
                 raise UserError(f"defect image {path} has no mask: expected "
                                 f"{root / category / 'ground_truth' / defect / (path.stem + '_mask.png')}")
             samples.append(TestSample(path, 1, defect, mask))
@@ -232,6 +240,7 @@ class TestSet(Dataset):
 
     def __init__(self, root: str | Path, category: str, frame: int | Frame, antialias: bool = False):
         self.samples = test_samples(root, category)
+        self.pixel_labels = has_pixel_labels(root, category)  # False: image labels only, masks all empty
         self.frame, self.antialias = as_frame(frame), antialias
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ used for scoring stays whole.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -18,7 +19,7 @@ from common.errors import UserError
 
 from . import dense
 from .config import ScoreConfig
-from .model import AnomalyScorer, combine_head, head_map
+from .model import AnomalyScorer, bank_grids, combine_head, head_map
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,11 @@ def cross_fitted_maps(config: ScoreConfig, train_feats: list[torch.Tensor], devi
     layers = len(config.layers)
     scores = torch.empty(count)
     maps = torch.empty(count, *config.frame_hw) if keep_maps else None
+    per_image = math.prod(bank_grids(config.fusion, [f[:1] for f in train_feats[:layers]])[0].shape[-2:])
+    if knn_config.coreset < 1 and math.ceil(knn_config.coreset * per_image * len(halves[0])) < per_image:
+        # A half of few training images is too small for the coreset fraction (check_coreset_size):
+        # its whole bank then, the exact scores a certified coreset gives anyway.
+        knn_config = knn_config.replace(coreset=1.0)
     for fit, held_out in ((halves[0], halves[1]), (halves[1], halves[0])):
         scorer = AnomalyScorer.fit(knn_config, [f[fit] for f in train_feats[:layers]], device=device)
         held_scores, held_maps = scorer.score([f[held_out] for f in train_feats[:layers]], "calibration")

@@ -366,10 +366,17 @@ def resolve_config(config: ScoreConfig, info: dict, train_paths: list[Path] | No
     size = config.size or info["size"] or 256
     spec = config.frame
     if spec is None:
-        spec = frame_text(info["frame"]) if info.get("frame") and config.size in (None, info["size"]) else "square"
+        recorded = tuple(info["frame"]) if info.get("frame") else None
+        # A square frame is the paper's size x size, whatever the size (100 px is fine there; an
+        # explicit HxW frame needs sides that are multiples of 32).
+        same_size = config.size in (None, info["size"])
+        spec = frame_text(recorded) if recorded and same_size and recorded != (size, size) else "square"
     if spec == "auto" and train_paths is None:
         raise ValueError("the auto frame needs the training images (train_paths)")
-    return config.replace(size=size, frame=frame_text(frame_for_images(spec, size, train_paths or [])),
+    frame = frame_for_images(spec, size, train_paths or [])
+    # size x size stays "square": a side that is no multiple of 32 (a network trained at 100 px) is
+    # the paper's protocol, while an explicit HxW frame must be one.
+    return config.replace(size=size, frame="square" if frame == (size, size) else frame_text(frame),
                           map_source=dense.resolve_map_source(config.map_source, bool(info.get("dense"))))
 
 

@@ -55,6 +55,7 @@ class TestSetResult:
     per_defect_image_auroc: dict = field(default_factory=dict)
     f1_threshold: float | None = None
     seconds: float = 0.0
+    pixel_labels: bool = True  # False: the test set is labelled per image only (masks all empty)
 
 
 @dataclass
@@ -72,13 +73,17 @@ class FolderResult:
     seconds: float = 0.0
 
 
-def unavailable_metrics(labels: np.ndarray, masks: np.ndarray) -> dict[str, str]:
-    """``{metric: reason}`` for the metrics the test set cannot give (reported as n/a, not NaN)."""
+def unavailable_metrics(labels: np.ndarray, masks: np.ndarray, pixel_labels: bool = True) -> dict[str, str]:
+    """``{metric: reason}`` for the metrics the test set cannot give (reported as n/a, not NaN);
+    ``pixel_labels`` ``False``: the test set is labelled per image only (no ``ground_truth`` folder)."""
     reasons = {}
     if labels.min() == labels.max():
         why = "the test set has only good images" if labels.max() == 0 else "the test set has no good images"
         reasons.update(dict.fromkeys(IMAGE_METRICS, why))
-    if labels.max() == 0:
+    if not pixel_labels:
+        reasons.update(dict.fromkeys(PIXEL_METRICS, "the test set is labelled per image only (no ground_truth/ "
+                                                    "folder of masks)"))
+    elif labels.max() == 0:
         reasons.update(dict.fromkeys(PIXEL_METRICS, "the test set has only good images (no ground-truth masks)"))
     elif not masks.any():
         reasons.update(dict.fromkeys(PIXEL_METRICS, "no defective pixel in the ground-truth masks (masks are "
@@ -91,7 +96,7 @@ def unavailable_metrics(labels: np.ndarray, masks: np.ndarray) -> dict[str, str]
 def add_metrics(result: TestSetResult) -> TestSetResult:
     """Fill in ``result``'s metrics (``None`` with a reason where the labels or masks cannot give one)."""
     labels, masks, scores, maps = result.labels, result.masks, result.scores, result.maps
-    unavailable = unavailable_metrics(labels, masks)
+    unavailable = unavailable_metrics(labels, masks, result.pixel_labels)
     f1, f1_threshold = metrics.f1_max(labels, scores) if "image_f1_max" not in unavailable else (None, None)
     computed = {
         "image_auroc": lambda: metrics.image_auroc(labels, scores),
@@ -144,7 +149,8 @@ def evaluate_test_set(detector: Detector, dataset: TestSet, workers: int = 0, de
     merge_search_counts(detector, [p["search"] for p in parts])
     joined = {key: [v for p in parts for v in p[key]] if key in ("paths", "defects") else
               np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "search"}
-    return add_metrics(TestSetResult(**joined, seconds=time.perf_counter() - start))
+    return add_metrics(TestSetResult(**joined, seconds=time.perf_counter() - start,
+                                     pixel_labels=getattr(dataset, "pixel_labels", True)))
 
 
 def folder_images(folder: Path) -> tuple[list[Path], list[dict]]:
