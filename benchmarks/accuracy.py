@@ -52,7 +52,7 @@ from common.runtime import resolve_device
 from data.frames import parse_frame
 from scoring import ScoreConfig, score_categories
 from scoring import cli as score_cli
-from scoring.detector import file_sha256
+from scoring.building import file_sha256
 from scoring.report import markdown_table, write_csv, write_json, write_text_atomic
 from scoring.runs import settings_record
 from training import train_categories

@@ -28,7 +28,7 @@ import torch
 from benchmarks.common import checkpoint_parser, markdown_table, system_info, write_results
 from data import train_images
 from scoring import ScoreConfig, metrics
-from scoring.detector import features_of, load_network, resolve_config
+from scoring.building import features_of, load_network, resolve_config
 from scoring.evaluation import category_test_set
 from scoring.features import ImageFiles
 from scoring.model import AnomalyScorer

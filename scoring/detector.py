@@ -16,8 +16,6 @@ scripts score with the same module, so ``predict`` gives the scores of their
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,53 +24,29 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
-from torch.utils.data import DataLoader
 
 import models
 from common.errors import UserError
 from common.runtime import resolve_device
-from data.frames import Frame, frame_for_images, frame_text
-from data.images import list_images
+from data.frames import Frame
 from models.checkpoint import (
     HEAD_PREFIX,
     UNREADABLE,
-    build_from_checkpoint,
     load_weights,
-    read_checkpoint,
     save_atomic,
 )
 
-from . import dense
-from .calibration import Threshold, cross_fitted_calibration
+from .calibration import Threshold
 from .config import ScoreConfig
-from .features import ImageFiles, extract, pooled_features
+from .features import pooled_features
 from .inputs import ImageLike, as_image_list
 from .metrics import above_threshold
-from .model import AnomalyModel, AnomalyScorer, bank_grids
+from .model import AnomalyModel, bank_grids
 
 FORMAT = "wavecnet-anomaly-detector"
 FORMAT_VERSION = 1
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def image_paths(images: str | Path | Iterable[str | Path]) -> list[Path]:
-    """A folder (its image files, sorted) or an iterable of paths -> a list of paths."""
-    if isinstance(images, (str, Path)):
-        folder = Path(images)
-        if not folder.is_dir():
-            raise UserError(f"{folder}: not a folder of images")
-        paths = list_images(folder)
-        if not paths:
-            raise UserError(f"{folder} holds no images (png/jpg/bmp/tif)")
-        return paths
-    return [Path(p) for p in images]
 
 
 @dataclass
@@ -126,29 +100,18 @@ class Detector:
             arch: str | None = None, wavelet: str | None = None) -> Detector:
         """Load ``checkpoint``, build the banks from ``train_images`` (a folder or paths of normal
         images) and, unless ``config.threshold`` is given or ``calibrate`` is off, calibrate the
-        threshold on them (cross-fitted, no labels)."""
-        device = resolve_device(device)
-        network, info = load_network(checkpoint, device, arch, wavelet)
-        paths = image_paths(train_images)
-        config = resolve_config(config or ScoreConfig(), info, paths)
-        feats = features_of(network, ImageFiles(paths, config.preprocessing), config, device,
-                            "train features")[0]
-        return cls.from_features(network, config, feats, provenance(info, paths), device, calibrate)
+        threshold on them (cross-fitted, no labels): :func:`scoring.building.build_detector`."""
+        from . import building  # it builds Detectors: imported when one is built
 
-    @classmethod
-    def from_features(cls, network: torch.nn.Module, config: ScoreConfig, train_feats: list[torch.Tensor],
-                      provenance: dict, device: torch.device, calibrate: bool = True) -> Detector:
-        """Banks (and, unless given or ``calibrate`` is off, a calibrated threshold) from the training
-        images' features ``(N, C_l, h_l, w_l)`` per layer (then the head's logits for a head map source)."""
-        wants_threshold = config.threshold is None and calibrate
-        threshold, norm = None, None
-        if wants_threshold or dense.uses_head(config.map_source):
-            threshold, norm = cross_fitted_calibration(config, train_feats, device)
-            threshold = threshold if wants_threshold else None
-        if config.threshold is not None:
-            threshold = Threshold.given(config.threshold)
-        scorer = AnomalyScorer.fit(config, train_feats, norm, device)
-        return cls(AnomalyModel(network, scorer, config), threshold, provenance, device)
+        device = resolve_device(device)
+        if not isinstance(config, (ScoreConfig, type(None))):
+            raise UserError(f"Detector.fit's config must be a ScoreConfig, got {type(config).__name__} "
+                            "(e.g. ScoreConfig(k=1))")
+        network, info = building.load_network(checkpoint, device, arch, wavelet)
+        paths = building.image_paths(train_images)
+        config = building.resolve_config(config or ScoreConfig(), info, paths)
+        return building.build_detector(network, info, config, building.TrainingImages.of(paths), device,
+                                       calibrate=calibrate)[0]
 
     # -- scoring -----------------------------------------------------------------------------
     @property
@@ -242,6 +205,8 @@ class Detector:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "auto") -> Detector:
         """A detector saved by :meth:`save`; another format version or a damaged file is a ``UserError``."""
+        from . import building  # it builds Detectors: imported when one is built
+
         state = read_detector_file(Path(path))
         device = resolve_device(device)
         config = ScoreConfig.from_dict(state["config"])
@@ -255,9 +220,8 @@ class Detector:
         if found != widths:
             raise UserError(f"detector file {path} is damaged or was edited: its memory banks have {found} features, "
                             f"its network gives {widths}; save it again")
-        scorer = AnomalyScorer.from_states(config, state["banks"], state.get("map_norm"), device)
-        return cls(AnomalyModel(network, scorer, config), Threshold.from_dict(state["threshold"]),
-                   state["provenance"], device)
+        calibration = {"threshold": state["threshold"], "map_norm": state.get("map_norm")}
+        return building.assemble(network, config, state["banks"], calibration, state["provenance"], device)
 
     def __repr__(self) -> str:
         threshold = "none" if self.threshold is None else f"{self.threshold:.4g}"
@@ -339,59 +303,5 @@ def detector_state(path: Path) -> dict | None:
     return state if isinstance(state, dict) and state.get("format") == FORMAT else None
 
 
-def load_network(checkpoint: str | Path, device: torch.device, arch: str | None = None,
-                 wavelet: str | None = None) -> tuple[torch.nn.Module, dict]:
-    """The checkpoint's network in eval mode on ``device``, and what is known about it (+ path, sha256)."""
-    path = Path(checkpoint)
-    network, info = build_from_checkpoint(read_checkpoint(path), str(path), arch, wavelet)
-    # channels_last lets the wavelet layers take their fastest (convolution) form on CPU and GPU.
-    network = network.to(device, memory_format=torch.channels_last).eval()
-    return network, {**info, "path": str(path), "sha256": file_sha256(path)}
 
 
-def features_of(network: torch.nn.Module, dataset, config: ScoreConfig, device: torch.device, desc: str,
-                workers: int = 0) -> tuple[list[torch.Tensor], list[dict]]:
-    """:func:`extract` over ``dataset`` with the config's batch size, layers, precision and map source."""
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=device.type == "cuda")
-    return extract(network, loader, list(config.layers), device, config.precision == "bf16", desc,
-                   head=dense.uses_head(config.map_source))
-
-
-def resolve_config(config: ScoreConfig, info: dict, train_paths: list[Path] | None = None) -> ScoreConfig:
-    """The config with what depends on the network filled in: the size (the checkpoint's training
-    size, else 256), the frame as ``HxW`` (``None``: the checkpoint's, else square; ``auto``: from
-    ``train_paths``' image sizes) and the map source (checked: ``head`` and ``fused`` need a
-    segmentation head)."""
-    size = config.size or info["size"] or 256
-    spec = config.frame
-    if spec is None:
-        recorded = tuple(info["frame"]) if info.get("frame") else None
-        # A square frame is the paper's size x size, whatever the size (100 px is fine there; an
-        # explicit HxW frame needs sides that are multiples of 32).
-        same_size = config.size in (None, info["size"])
-        spec = frame_text(recorded) if recorded and same_size and recorded != (size, size) else "square"
-    if spec == "auto" and train_paths is None:
-        raise ValueError("the auto frame needs the training images (train_paths)")
-    frame = frame_for_images(spec, size, train_paths or [])
-    # size x size stays "square": a side that is no multiple of 32 (a network trained at 100 px) is
-    # the paper's protocol, while an explicit HxW frame must be one.
-    return config.replace(size=size, frame="square" if frame == (size, size) else frame_text(frame),
-                          map_source=dense.resolve_map_source(config.map_source, bool(info.get("dense"))))
-
-
-def files_digest(paths: list[Path]) -> str:
-    """One sha256 over the files' names and contents, in order: a replaced image with the same
-    size and time stamp still changes it; hashing costs far less than extracting features."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
-    return digest.hexdigest()
-
-
-def provenance(info: dict, train_paths: list[Path], train_digest: str | None = None) -> dict:
-    """Where a detector comes from: its checkpoint (path, sha256, arch, ...) and training images
-    (``train_digest``: their :func:`files_digest`, when the caller has it already)."""
-    return {**{k: v for k, v in info.items() if isinstance(v, (str, int, float, bool, list, type(None)))},
-            "train_images": len(train_paths), "train_files_sha256": train_digest or files_digest(train_paths),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

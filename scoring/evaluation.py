@@ -24,8 +24,9 @@ from common.errors import SettingError
 from data import IMAGE_SUFFIXES, TestSet
 
 from . import metrics
+from .building import features_of
 from .config import ScoreConfig
-from .detector import Detector, features_of
+from .detector import Detector
 from .features import ImageFiles
 from .model import search_report
 

@@ -30,16 +30,18 @@ import torch
 from common.distributed import DistInfo, barrier
 from common.errors import SettingError, UserError
 from common.runtime import resolve_device, resolve_workers
+from data import train_images
 
-from .cache import cached_detector, training_files
+from .building import TrainingImages, build_detector, features_of, files_digest, load_network, resolve_config
+from .cache import BankCache
 from .config import ScoreConfig
-from .detector import detector_state, features_of, files_digest, load_network, resolve_config
+from .detector import detector_state
 from .evaluation import ONE_PROCESS, category_test_set, evaluate_test_set, folder_images, score_image_folder
 from .metrics import above_threshold
 from .output import run_folder, versioned_dir
 from .report import environment, write_json
 from .runs import ScoringRun, detector_target, output_place, resolve_checkpoint, run_identity, settings_record
-from .sharding import check_shardable, sharded_bank_detector
+from .sharding import check_shardable
 from .synthetic_check import synthetic_check
 from .writing import format_record, write_folder, write_run_table, write_summary, write_test_set
 
@@ -131,8 +133,8 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     total_start = time.perf_counter()
     ckpt_path = resolve_checkpoint(run, category)
     network, info = load_network(ckpt_path, device, run.arch, run.wavelet)
-    train = training_files(run.data_root, category)
-    config = resolve_config(config, info, train[0])
+    train = TrainingImages.of(train_images(run.data_root, category))
+    config = resolve_config(config, info, train.paths)
     listing = None
     if run.images is not None:
         if not Path(run.images).is_dir():
@@ -143,7 +145,7 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     if run.shard_bank and shards.enabled:
         check_shardable(config, need_threshold, target)
     # Only rank 0 writes: the others need no identity (a digest of every --images file).
-    identity = run_identity(config, run, category, info["sha256"], train[1],
+    identity = run_identity(config, run, category, info["sha256"], train.digest,
                             listing and files_digest(listing[0])) if shards.is_main else None
     base, explicit = output_place(run, ckpt_path, config.fusion, category, out_per_category)
     # The folder is claimed before the bank is built: a refusal costs nothing, a failure leaves no version.
@@ -171,24 +173,29 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
 
 
 def shared_detector(config: ScoreConfig, network, info: dict, ckpt_path: Path, run: ScoringRun, category: str,
-                    device: torch.device, need_threshold: bool, train, shards: DistInfo):
-    """:func:`scoring.cache.cached_detector`; under torchrun rank 0 builds (and caches) it first
-    and the other ranks then read the cache (building their own copy only if it could not be
-    written). With ``run.shard_bank`` each rank builds its part (:mod:`scoring.sharding`)."""
+                    device: torch.device, need_threshold: bool, train: TrainingImages, shards: DistInfo):
+    """:func:`scoring.building.build_detector` with the bank cache; under torchrun rank 0 builds
+    (and caches) it first and the other ranks then read the cache (building their own copy only if
+    it could not be written). With ``run.shard_bank`` each rank builds its part, uncached
+    (:mod:`scoring.sharding`). Returns the detector, whether it came from the cache, the seconds."""
+    start = time.perf_counter()
+    workers = resolve_workers(config.workers, device)
     if run.shard_bank and shards.enabled:
-        start = time.perf_counter()
-        detector = sharded_bank_detector(config, network, info, train, device, shards)
+        detector, _ = build_detector(network, info, config, train, device, calibrate=False, shards=shards,
+                                     workers=workers, desc=category)
         return detector, False, time.perf_counter() - start
 
     def get(rank_zero: bool):
-        return cached_detector(config, network, info, ckpt_path, run.data_root, category, device,
-                               need_threshold=need_threshold, rebuild=run.rebuild_bank and rank_zero, train=train,
-                               write=rank_zero)
+        cache = BankCache(ckpt_path, config, info["sha256"], train.digest, rebuild=run.rebuild_bank and rank_zero,
+                          writable=rank_zero)
+        return build_detector(network, info, config, train, device, calibrate=need_threshold, cache=cache,
+                              workers=workers, desc=category)
 
     if shards.is_main:
         built = get(True)
     barrier(shards)
-    return built if shards.is_main else get(False)
+    detector, cached = built if shards.is_main else get(False)
+    return detector, cached, time.perf_counter() - start
 
 
 def scored_record(detector, info: dict, run: ScoringRun, category: str, out_dir: Path | None, listing,
