@@ -8,7 +8,7 @@ holds the network and the memory banks as buffers; ``forward`` reads top to bott
 2. ``AnomalyScorer.forward``: per memory bank the nearest-neighbour distance of every patch
    (:class:`PatchBank`: the exact search of :class:`scoring.knn.BankSearch`, and with a coreset
    the refinement of each image's highest patches in the whole bank), the fusion of the bank
-   maps (:func:`fuse_maps`: the paper's concatenation or multiplication), the Gaussian
+   maps (:class:`Fusion`: the paper's concatenation or multiplication), the Gaussian
    smoothing, and for a dense network the head's map (:func:`combine_head`).
 
 ``Detector.predict``, the inference scripts, the threshold calibration, the synthetic check and
@@ -27,6 +27,7 @@ The fusions (the paper's two ways of fusing multi-level patch features into one 
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 
@@ -66,16 +67,125 @@ def concat_layers(feats: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(resized, dim=1)
 
 
-def bank_grids(fusion: str, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per layer ``(N, C_l, h_l, w_l)`` -> what each bank holds: ``[(N, sum C_l, h_0, w_0)]`` for
-    concatenation, the layers themselves for multiplication."""
-    return [concat_layers(feats)] if fusion == "concatenation" else list(feats)
-
-
 def resize_map(maps: torch.Tensor, size: int | Frame) -> torch.Tensor:
     """``(N, h, w)`` -> ``(N, H, W)`` (``size``: a square side or the frame ``(H, W)``), bilinear
     (half-pixel centres, no antialiasing)."""
     return F.interpolate(maps[:, None], size=as_frame(size), mode="bilinear", align_corners=False)[:, 0]
+
+
+class Fusion(abc.ABC):
+    """How the paper fuses multi-level patch features: what each memory bank holds, and how the
+    banks' distance maps become one map and one image score. Defined once here; the map, the image
+    score and the coreset certification's bounds (:meth:`AnomalyScorer.certify`) all read it.
+
+    ``terms``: the ``(N, Q)`` values whose maximum is the image score, from per-bank distances
+    ``(N, P_b)``; monotone in every distance, so distances that are upper bounds give bounds.
+    """
+
+    name = ""
+
+    @abc.abstractmethod
+    def grids(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per layer ``(N, C_l, h_l, w_l)`` -> per bank ``(N, C_b, h_b, w_b)``: what each bank holds."""
+
+    @abc.abstractmethod
+    def terms(self, values: list[torch.Tensor], shapes: list[tuple[int, int]], frame: Frame) -> torch.Tensor:
+        """Per bank distances ``(N, P_b)`` on grids of ``shapes`` -> ``(N, Q)``: the image score is their maximum."""
+
+    @abc.abstractmethod
+    def open_terms(self, exact: list[torch.Tensor], shapes: list[tuple[int, int]], frame: Frame) -> torch.Tensor:
+        """``(N, Q)`` bool: the terms that read a distance not yet exact (per bank ``(N, P_b)`` ``exact``)."""
+
+    @abc.abstractmethod
+    def contributors(self, terms: torch.Tensor, shape: tuple[int, int], frame: Frame) -> torch.Tensor:
+        """``(N, c)`` term indices -> ``(N, c x m)`` cells of a bank's ``shape`` grid they read."""
+
+    @abc.abstractmethod
+    def fuse(self, patch_maps: list[torch.Tensor], frame: Frame) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per bank ``(N, h_b, w_b)`` distance maps -> image scores ``(N,)`` and maps ``(N, H, W)`` (``frame``)."""
+
+
+class Concatenation(Fusion):
+    """Every chosen layer upsampled (nearest) onto the finest layer's grid and concatenated on
+    channels: one bank; the image score is the maximum of its ``h x w`` map (the terms are its
+    cells), the map that grid resized bilinearly to the frame."""
+
+    name = "concatenation"
+
+    def grids(self, feats):
+        return [concat_layers(feats)]
+
+    def terms(self, values, shapes, frame):
+        return values[0]
+
+    def open_terms(self, exact, shapes, frame):
+        return ~exact[0]
+
+    def contributors(self, terms, shape, frame):
+        return terms
+
+    def fuse(self, patch_maps, frame):
+        n = patch_maps[0].shape[0]
+        scores = self.terms([patch_maps[0].reshape(n, -1)], [], frame).max(1).values
+        return scores, resize_map(patch_maps[0], frame)
+
+
+class Multiplication(Fusion):
+    """One bank per layer; each layer's map resized bilinearly to the frame, the maps multiplied:
+    the image score is the maximum of the product (the terms are its pixels)."""
+
+    name = "multiplication"
+
+    def grids(self, feats):
+        return list(feats)
+
+    def terms(self, values, shapes, frame):
+        n, product = values[0].shape[0], None
+        for value, (h, w) in zip(values, shapes):
+            resized = resize_map(value.view(n, h, w), frame)
+            product = resized if product is None else product * resized
+        return product.flatten(1)
+
+    def open_terms(self, exact, shapes, frame):
+        # A pixel reads a cell where that cell's resized indicator is not zero there.
+        return self.terms_sum([(~done).float() for done in exact], shapes, frame) > 0
+
+    @staticmethod
+    def terms_sum(values, shapes, frame):
+        n, total = values[0].shape[0], None
+        for value, (h, w) in zip(values, shapes):
+            resized = resize_map(value.view(n, h, w), frame)
+            total = resized if total is None else total + resized
+        return total.flatten(1)
+
+    def contributors(self, terms, shape, frame):
+        # The 3 x 3 cells around a pixel's bilinear source position: a superset of the 2 x 2 it
+        # reads, whatever the rounding of that position.
+        h, w = shape
+        out_h, out_w = frame
+        y = torch.div(terms, out_w, rounding_mode="floor")
+        x = terms - y * out_w
+
+        def near(coord: torch.Tensor, length: int, out: int) -> torch.Tensor:
+            source = ((coord.float() + 0.5) * (length / out) - 0.5).clamp(min=0).floor().long()
+            return torch.stack([source - 1, source, source + 1], -1).clamp(0, length - 1)
+
+        cells = near(y, h, out_h)[..., :, None] * w + near(x, w, out_w)[..., None, :]  # (N, c, 3, 3)
+        return cells.flatten(1)
+
+    def fuse(self, patch_maps, frame):
+        n = patch_maps[0].shape[0]
+        shapes = [tuple(m.shape[-2:]) for m in patch_maps]
+        maps = self.terms([m.reshape(n, -1) for m in patch_maps], shapes, frame).view(n, *as_frame(frame))
+        return maps.flatten(1).max(1).values, maps
+
+
+FUSION_RULES = {fusion.name: fusion for fusion in (Concatenation(), Multiplication())}
+
+
+def bank_grids(fusion: str, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer ``(N, C_l, h_l, w_l)`` -> what each bank of ``fusion`` holds (:meth:`Fusion.grids`)."""
+    return FUSION_RULES[fusion].grids(feats)
 
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -98,16 +208,6 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     # and an image's map must not depend on its neighbours (torchrun shares, passes of 64).
     return torch.cat([F.conv2d(F.conv2d(one, k_h.view(1, 1, -1, 1)), k_w.view(1, 1, 1, -1))
                       for one in out.split(1)])[:, 0]
-
-
-def fuse_maps(fusion: str, patch_maps: list[torch.Tensor], size: Frame) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per bank ``(N, h_b, w_b)`` distance maps -> image scores ``(N,)`` and maps ``(N, H, W)`` (``size``)."""
-    if fusion == "concatenation":
-        return patch_maps[0].flatten(1).max(1).values, resize_map(patch_maps[0], size)
-    maps = resize_map(patch_maps[0], size)
-    for layer_map in patch_maps[1:]:
-        maps = maps * resize_map(layer_map, size)
-    return maps.flatten(1).max(1).values, maps
 
 
 def head_map(head_logits: torch.Tensor, size: Frame) -> torch.Tensor:
@@ -208,6 +308,7 @@ class AnomalyScorer(nn.Module):
             raise ValueError("a head map source needs map_norm (scoring.calibration.cross_fitted_calibration)")
         self.banks = nn.ModuleList(banks)
         self.fusion, self.size, self.k, self.smooth = config.fusion, config.frame_hw, config.k, config.smooth
+        self.fusion_rule = FUSION_RULES[config.fusion]
         self.map_source, self.layer_count, self.map_norm = config.map_source, len(config.layers), map_norm
         self.refine, self.certify_scores = config.refine, config.certify
         self.coreset = any(bank.coreset < 1 for bank in banks)  # searched rows whose distances are bounds
@@ -247,7 +348,7 @@ class AnomalyScorer(nn.Module):
             searched = torch.zeros_like(scores, dtype=torch.long)
             return scores, maps, torch.ones_like(searched, dtype=torch.bool), searched
         patch_maps, certified, searched = self.knn_maps(feats)
-        scores, maps = fuse_maps(self.fusion, patch_maps, self.size)
+        scores, maps = self.fusion_rule.fuse(patch_maps, self.size)
         maps = gaussian_smooth(maps, self.smooth)
         if self.map_source == "fused":
             scores, maps = combine_head("fused", maps, feats[self.layer_count], self.map_norm, self.size)
@@ -263,7 +364,7 @@ class AnomalyScorer(nn.Module):
         be certified (:meth:`certify`); ``certify=False`` re-searches each bank's ``refine`` highest
         patches once instead (uncertified), ``refine=0`` none (pure coreset).
         """
-        grids = bank_grids(self.fusion, feats[:self.layer_count])
+        grids = self.fusion_rule.grids(feats[:self.layer_count])
         n = grids[0].shape[0]
         shapes = [(int(g.shape[-2]), int(g.shape[-1])) for g in grids]
         patches = [to_patches(g) for g in grids]
@@ -289,41 +390,11 @@ class AnomalyScorer(nn.Module):
 
     def image_bound(self, values: list[torch.Tensor], exact: list[torch.Tensor],
                     shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """What each image score is the maximum of, from the current distances: ``(N, Q)`` values and
-        which of them are still open (an upper bound: some distance it reads is not exact yet).
-
-        Concatenation: the grid cells themselves. Multiplication: the pixels of the product of the
-        resized maps (monotone in every distance, all non-negative, so a bound stays a bound); a
-        pixel is open where a resized map of the open cells is not zero there.
-        """
-        if self.fusion == "concatenation":
-            return values[0], ~exact[0]
-        n = values[0].shape[0]
-        product = open_weight = None
-        for value, done, (h, w) in zip(values, exact, shapes):
-            resized = resize_map(value.view(n, h, w), self.size)
-            pending = resize_map((~done).float().view(n, h, w), self.size)
-            product = resized if product is None else product * resized
-            open_weight = pending if open_weight is None else open_weight + pending
-        return product.flatten(1), open_weight.flatten(1) > 0
-
-    def contributors(self, candidates: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-        """``(N, c)`` candidates of :meth:`image_bound` -> ``(N, c x m)`` cells of a ``shape`` grid they
-        read: the cell itself (concatenation), or for a pixel the 3 x 3 cells around its bilinear
-        source position (a superset of the 2 x 2 it reads, whatever the rounding of that position)."""
-        if self.fusion == "concatenation":
-            return candidates
-        h, w = shape
-        out_h, out_w = self.size
-        y = torch.div(candidates, out_w, rounding_mode="floor")
-        x = candidates - y * out_w
-
-        def near(coord: torch.Tensor, length: int, out: int) -> torch.Tensor:
-            source = ((coord.float() + 0.5) * (length / out) - 0.5).clamp(min=0).floor().long()
-            return torch.stack([source - 1, source, source + 1], -1).clamp(0, length - 1)
-
-        cells = near(y, h, out_h)[..., :, None] * w + near(x, w, out_w)[..., None, :]  # (N, c, 3, 3)
-        return cells.flatten(1)
+        """What each image score is the maximum of, from the current distances: ``(N, Q)`` values
+        (:meth:`Fusion.terms`) and which of them are still open (:meth:`Fusion.open_terms`: an
+        upper bound, some distance it reads is not exact yet). A fusion's terms are monotone in
+        every distance, all non-negative, so a bound stays a bound."""
+        return self.fusion_rule.terms(values, shapes, self.size), self.fusion_rule.open_terms(exact, shapes, self.size)
 
     def certify(self, values: list[torch.Tensor], patches: list[torch.Tensor],
                 shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,7 +421,7 @@ class AnomalyScorer(nn.Module):
             if not tracing and not bool((pick.values > float("-inf")).any()):
                 return certified, searched  # nothing left to search (non-finite distances): not certified
             for layer, bank in enumerate(self.banks):
-                cells = self.contributors(pick.indices, shapes[layer])  # (n, count x m)
+                cells = self.fusion_rule.contributors(pick.indices, shapes[layer], self.size)  # (n, count x m)
                 per_pick = cells.shape[1] // count
                 valid = (pick.values > float("-inf")).unsqueeze(-1).expand(-1, -1, per_pick).reshape(n, -1)
                 wanted = valid & ~exact[layer].gather(1, cells)
