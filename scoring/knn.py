@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,7 +62,8 @@ CHUNK_ELEMENTS = CHUNK_ROWS * QUERY_ROWS
 GPU_CHUNK_FACTOR = 16  # on CUDA: blocks of up to 268 M products (1 GB of float32 scores)
 FAISS_ADD_ROWS = 65536
 
-__all__ = ["BACKENDS", "BankSearch", "faiss_available", "greedy_coreset", "resolve_backend"]
+__all__ = ["BACKENDS", "SHORTLISTS", "BankSearch", "FaissShortlist", "Shortlist", "TorchShortlist",
+           "GreedyCoresetSampler", "faiss_available", "greedy_coreset", "resolve_backend"]
 
 
 @contextlib.contextmanager
@@ -87,7 +89,10 @@ def faiss_available() -> bool:
 
 
 def resolve_backend(name: str) -> str:
-    """``auto`` -> ``faiss`` when installed, else ``torch``; ``faiss`` must be installed."""
+    """``auto`` -> ``faiss`` when installed, else ``torch``; ``faiss`` must be installed; a name
+    registered in :data:`SHORTLISTS` as it is."""
+    if name in SHORTLISTS and name not in BACKENDS:
+        return name
     if name not in BACKENDS:
         raise SettingError("knn", name, f"choose one of {', '.join(BACKENDS)}")
     if name == "auto":
@@ -97,18 +102,91 @@ def resolve_backend(name: str) -> str:
     return name
 
 
+class Shortlist:
+    """The first step of a search, a backend: each query's ``keep`` best candidate rows of a bank by
+    ``|b|^2 - 2 q.b`` on centred vectors, and the best such value outside them (the exact re-rank
+    and its certification are :class:`BankSearch`'s, the same for every backend). A new backend is
+    a subclass (register it in :data:`SHORTLISTS` to name it by a string) passed to
+    :class:`BankSearch` as ``backend``; one instance serves one bank and may keep an index of it.
+    This base is the torch products (chunked, float32 or bfloat16, running top-k; traceable)."""
+
+    name = "torch"
+
+    def rank(self, search: BankSearch, queries: torch.Tensor, keep: int, dtype: torch.dtype,
+             tracing: bool) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+        """``(m, D)`` queries -> ``(m, keep)`` row indices, ``(m,)`` the best value outside them, and the
+        dtype the values were ranked in (the rounding :meth:`BankSearch._shortlist_holds` bounds)."""
+        return (*search._shortlist(queries, keep, dtype, tracing), dtype)
+
+    def reset(self) -> None:
+        """Forget any index of the bank (its rows changed)."""
+
+
+class TorchShortlist(Shortlist):
+    """The torch products (:meth:`BankSearch._shortlist`), by name."""
+
+    name = "torch"
+
+
+class FaissShortlist(Shortlist):
+    """faiss's ``IndexFlatL2`` of the centred rows (float32, ranked with BLAS) for
+    :data:`FAISS_MIN_QUERIES` queries or more; fewer queries and traced graphs take the torch products."""
+
+    name = "faiss"
+
+    def __init__(self):
+        self.index = None
+        self._gpu_resources = None
+
+    def rank(self, search, queries, keep, dtype, tracing):
+        if tracing or queries.shape[0] < FAISS_MIN_QUERIES:
+            return super().rank(search, queries, keep, dtype, tracing)
+        import faiss
+
+        device = search.rows.device
+        if self.index is None:
+            index = faiss.IndexFlatL2(search.rows.shape[1])
+            if device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
+                self._gpu_resources = faiss.StandardGpuResources()
+                index = faiss.index_cpu_to_gpu(self._gpu_resources, device.index or 0, index)
+            for start in range(0, search.size, FAISS_ADD_ROWS):  # in blocks: no second whole copy of the bank
+                block = search.rows[start:start + FAISS_ADD_ROWS]
+                index.add(np.ascontiguousarray((block if search.stored_centred else block - search.mean).cpu().numpy()))
+            self.index = index
+        centred = np.ascontiguousarray((queries - search.mean).cpu().numpy())
+        ranked = keep + 1 if keep < search.size else keep  # one more: the best value outside the shortlist
+        with faiss_blas_threshold(FAISS_BLAS_QUERIES):
+            dist_sq, idx = self.index.search(centred, ranked)
+        idx, dist_sq = torch.from_numpy(idx).to(device), torch.from_numpy(dist_sq).to(device)
+        if ranked == keep:
+            return idx, torch.full_like(dist_sq[:, 0], float("inf")), torch.float32
+        # faiss ranks by |q|^2 + |b|^2 - 2 q.b: the same value as ours plus |q|^2.
+        return idx[:, :keep], dist_sq[:, keep] - torch.from_numpy(centred).to(device).pow(2).sum(1), torch.float32
+
+    def reset(self) -> None:
+        self.index, self._gpu_resources = None, None
+
+    def __getstate__(self) -> dict:  # deep copies and pickles leave the index behind
+        return {"index": None, "_gpu_resources": None}
+
+
+# Backends by name (ScoreConfig.knn, --knn); a class of your own may also be passed to BankSearch directly.
+SHORTLISTS: dict[str, type[Shortlist]] = {"torch": TorchShortlist, "faiss": FaissShortlist}
+
+
 class BankSearch(nn.Module):
     """Exact k-NN Euclidean distances from queries to one bank (see the module docstring).
 
     Args:
         rows: ``(B, D)`` float bank, ``B > 0``.
-        backend: of the shortlist step: ``torch``, ``faiss`` or ``auto``.
+        backend: of the shortlist step: ``torch``, ``faiss``, ``auto`` or a :class:`Shortlist` (a class
+            or an instance: a backend of your own).
         precision: of the torch shortlist's products: ``fp32``, ``bf16`` or ``auto`` (bf16 on CUDA
             and on CPUs with native bfloat16).
     """
 
-    def __init__(self, rows: torch.Tensor, backend: str = "auto", precision: str = "auto",
-                 shards: DistInfo | None = None):
+    def __init__(self, rows: torch.Tensor, backend: str | Shortlist | type[Shortlist] = "auto",
+                 precision: str = "auto", shards: DistInfo | None = None):
         super().__init__()
         # Under torchrun with a sharded bank, ``rows`` are this rank's part: a search returns the
         # k smallest over every rank's (all-gathered), so each rank gets the whole bank's answer.
@@ -124,12 +202,19 @@ class BankSearch(nn.Module):
         self.register_buffer("rows", rows)
         self.register_buffer("mean", mean)
         self.register_buffer("centred_sq", (centred * centred).sum(1))
-        self.backend, self.precision = resolve_backend(backend), precision
+        if isinstance(backend, type) and issubclass(backend, Shortlist):
+            backend = backend()
+        self.shortlist = backend if isinstance(backend, Shortlist) else SHORTLISTS[resolve_backend(backend)]()
+        self.precision = precision
         # False: ``rows`` are the bank as given (files keep them bit for bit); True after
         # :meth:`store_centred` (exported graphs): ``rows`` are centred and ``mean`` is the offset of queries.
         self.stored_centred = False
         self._centred: dict[torch.dtype, torch.Tensor] = {}  # eager-mode cache: centred rows per products' dtype
-        self._faiss = None
+
+    @property
+    def backend(self) -> str:
+        """The shortlist backend's name (``torch``, ``faiss``, or a :class:`Shortlist` of your own)."""
+        return self.shortlist.name
 
     @property
     def size(self) -> int:
@@ -155,11 +240,7 @@ class BankSearch(nn.Module):
     def _search(self, queries: torch.Tensor, k: int, tracing: bool) -> torch.Tensor:
         low = torch.float32 if tracing else self._dtype()
         keep = min(self.size, k + (SHORTLIST_BF16 if low == torch.bfloat16 else SHORTLIST))
-        if self.backend == "faiss" and not tracing and queries.shape[0] >= FAISS_MIN_QUERIES:
-            candidates, next_value = self._faiss_shortlist(queries, keep)
-            low = torch.float32  # faiss ranks in float32
-        else:
-            candidates, next_value = self._shortlist(queries, keep, low, tracing)
+        candidates, next_value, low = self.shortlist.rank(self, queries, keep, low, tracing)
         distances = self._rerank(queries, candidates, k)
         if tracing:  # a graph has no data-dependent branch: its float32 shortlist is taken as it is
             return distances
@@ -276,7 +357,8 @@ class BankSearch(nn.Module):
         second copy of the bank); distances are the same. For exported graphs; returns ``self``."""
         if not self.stored_centred:
             self.rows = self.rows - self.mean
-            self.stored_centred, self._centred, self._faiss = True, {}, None
+            self.stored_centred, self._centred = True, {}
+            self.shortlist.reset()
         return self
 
     def _query_frame(self, queries: torch.Tensor) -> torch.Tensor:
@@ -334,34 +416,27 @@ class BankSearch(nn.Module):
             return best_idx, torch.full_like(best_val[:, 0], float("inf"))
         return best_idx[:, :keep], best_val[:, keep]
 
-    def _faiss_shortlist(self, queries: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """As :meth:`_shortlist`, ranked by faiss (``IndexFlatL2`` of the centred rows, float32)."""
-        if self._faiss is None:
-            import faiss
-
-            index = faiss.IndexFlatL2(self.rows.shape[1])
-            if self.rows.device.type == "cuda" and hasattr(faiss, "StandardGpuResources"):
-                self._gpu_resources = faiss.StandardGpuResources()
-                index = faiss.index_cpu_to_gpu(self._gpu_resources, self.rows.device.index or 0, index)
-            for start in range(0, self.size, FAISS_ADD_ROWS):  # in blocks: no second whole copy of the bank
-                block = self.rows[start:start + FAISS_ADD_ROWS]
-                index.add(np.ascontiguousarray((block if self.stored_centred else block - self.mean).cpu().numpy()))
-            self._faiss = index
-        centred = np.ascontiguousarray((queries - self.mean).cpu().numpy())
-        ranked = keep + 1 if keep < self.size else keep  # one more: the best value outside the shortlist
-        with faiss_blas_threshold(FAISS_BLAS_QUERIES):
-            dist_sq, idx = self._faiss.search(centred, ranked)
-        idx, dist_sq = torch.from_numpy(idx).to(self.rows.device), torch.from_numpy(dist_sq).to(self.rows.device)
-        if ranked == keep:
-            return idx, torch.full_like(dist_sq[:, 0], float("inf"))
-        # faiss ranks by |q|^2 + |b|^2 - 2 q.b: the same value as ours plus |q|^2.
-        return idx[:, :keep], dist_sq[:, keep] - torch.from_numpy(centred).to(self.rows.device).pow(2).sum(1)
-
     def __getstate__(self) -> dict:  # deep copies and pickles leave the caches behind
         state = dict(self.__dict__)
-        state["_centred"], state["_faiss"] = {}, None
-        state.pop("_gpu_resources", None)
+        state["_centred"] = {}
         return state
+
+
+@dataclass(frozen=True)
+class GreedyCoresetSampler:
+    """The bank sampler: PatchCore's greedy k-center coreset of ``fraction`` of the rows
+    (:func:`greedy_coreset`). A sampler of your own has the same :meth:`select` and is passed to
+    :func:`scoring.model.bank_states` (as patchcore-inspection passes its sampler)."""
+
+    fraction: float
+    proj_dim: int = 32
+    seed: int = 0
+
+    def select(self, rows: torch.Tensor, device: torch.device | str = "cpu",
+               shards: DistInfo | None = None) -> torch.Tensor:
+        """``(B, D)`` rows (this rank's part under ``shards``) -> indices into the whole bank, in selection order."""
+        return greedy_coreset(rows, self.fraction, seed=self.seed, proj_dim=self.proj_dim, device=device,
+                              shards=shards)
 
 
 def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim: int = 32,

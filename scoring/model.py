@@ -45,7 +45,7 @@ from models import HEAD_STAGES
 from .config import ScoreConfig
 from .dense import uses_head
 from .features import batched_features, pooled_features
-from .knn import BankSearch, greedy_coreset
+from .knn import BankSearch, GreedyCoresetSampler, TorchShortlist
 
 # Images scored per pass of the eager loop (bounds the memory of one pass's patch queries).
 IMAGES_PER_PASS = 64
@@ -228,13 +228,15 @@ def combine_head(map_source: str, knn_maps: torch.Tensor | None, head_logits: to
 
 # -- memory banks ---------------------------------------------------------------------------
 def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device | str = "cpu",
-                shards: DistInfo | None = None) -> list[dict]:
+                shards: DistInfo | None = None, sampler: GreedyCoresetSampler | None = None) -> list[dict]:
     """The banks of the config's fusion from normal images' per-layer features ``(N, C_l, h_l, w_l)``
-    (entries past ``config.layers``, a head's logits, are not banked): per bank ``rows`` (its greedy
-    coreset with ``config.coreset < 1``), ``full`` (the whole bank beside a coreset, else ``None``)
-    and the coreset's settings. Plain tensors and values: the bank cache and detector files hold these.
+    (entries past ``config.layers``, a head's logits, are not banked): per bank ``rows`` (with
+    ``config.coreset < 1`` the rows ``sampler`` keeps: the config's :class:`GreedyCoresetSampler`
+    unless another is given), ``full`` (the whole bank beside a coreset, else ``None``) and the
+    coreset's settings. Plain tensors and values: the bank cache and detector files hold these.
     With ``shards`` (torchrun, a sharded bank) ``train_feats`` are this rank's block of images and
     the states its part of each bank: its rows of the coreset one process would choose."""
+    sampler = sampler or GreedyCoresetSampler(config.coreset, config.coreset_dim, config.seed)
     states = []
     for grid in bank_grids(config.fusion, train_feats[:len(config.layers)]):
         patches = to_patches(grid).detach().float().cpu().contiguous()
@@ -242,8 +244,7 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
         if config.coreset < 1:
             offset, total = part_offset(patches.shape[0], shards)
             check_coreset_size(config.coreset, total, grid.shape[-2] * grid.shape[-1])
-            keep = greedy_coreset(patches, config.coreset, seed=config.seed, proj_dim=config.coreset_dim,
-                                  device=device, shards=shards) - offset
+            keep = sampler.select(patches, device, shards) - offset
             keep = keep[(keep >= 0) & (keep < patches.shape[0])]  # this rank's rows of the whole bank's coreset
             rows, full = patches[keep].contiguous(), patches
         states.append({"rows": rows, "full": full, "coreset": config.coreset, "coreset_dim": config.coreset_dim,
@@ -541,7 +542,7 @@ class ExportModel(nn.Module):
             core.network.seg_head = None
         for module in core.modules():
             if isinstance(module, BankSearch):
-                module.backend, module.precision = "torch", "fp32"
+                module.shortlist, module.precision = TorchShortlist(), "fp32"
                 module.store_centred()
         self.core, self.size, self.antialias = core, model.config.frame_hw, model.config.antialias
         # A certified coreset adds a third output: which image scores are certified exact.

@@ -427,3 +427,41 @@ def test_tiny_coresets_are_refused_and_fused_maps_are_not_certified():
     assert cli.setting_message(info.value, flags) == (
         "--map fused: certified coreset scores cover the knn and head maps, not the fused one; add --uncertified "
         "(uncertified) or keep the whole bank (--coreset 1)")
+
+
+def test_a_new_search_backend_is_a_new_class():
+    """A Shortlist of one's own (here brute force with cdist) is passed in; the exact re-rank after
+    it is BankSearch's, so it returns the distances of the built-in backends."""
+    from scoring.knn import Shortlist
+
+    class BruteForce(Shortlist):
+        name = "brute-force"
+
+        def rank(self, search, queries, keep, dtype, tracing):
+            q = queries - search.mean
+            values = torch.cdist(q, search.rows - search.mean).pow(2) - q.pow(2).sum(1, keepdim=True)
+            ranked = values.topk(min(keep + 1, search.size), dim=1, largest=False)
+            beyond = ranked.values[:, keep] if keep < search.size else torch.full((len(q),), float("inf"))
+            return ranked.indices[:, :keep], beyond, torch.float32
+
+    gen = torch.Generator().manual_seed(4)
+    bank, queries = torch.rand(300, 24, generator=gen), torch.rand(40, 24, generator=gen)
+    mine = BankSearch(bank, BruteForce)
+    assert mine.backend == "brute-force"
+    torch.testing.assert_close(mine(queries, 3), BankSearch(bank, "torch", "fp32")(queries, 3), rtol=0, atol=0)
+    brute = torch.cdist(queries.double(), bank.double()).topk(3, dim=1, largest=False).values.float()
+    torch.testing.assert_close(mine(queries, 3), brute, rtol=1e-5, atol=1e-6)
+
+
+def test_a_bank_sampler_is_passed_in():
+    """bank_states keeps the rows a sampler of one's own selects (here every other one)."""
+    from scoring.model import bank_states
+
+    class EveryOther:
+        def select(self, rows, device="cpu", shards=None):
+            return torch.arange(0, rows.shape[0], 2)
+
+    feats = [torch.rand(4, 8, 4, 4, generator=torch.Generator().manual_seed(2))]
+    config = ScoreConfig(size=32, layers=(2,), coreset=0.5)
+    (state,) = bank_states(config, feats, sampler=EveryOther())
+    assert torch.equal(state["rows"], state["full"][::2]) and state["full"].shape == (64, 8)
