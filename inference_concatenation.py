@@ -7,7 +7,7 @@
 All flags and outputs are shared with the other inference script (see scoring/cli.py).
 """
 
-from scoring.cli import run
+from scoring.pipeline.cli import run
 
 if __name__ == "__main__":
     run("concatenation")

@@ -208,9 +208,9 @@ def main(args: argparse.Namespace) -> list:
 def evaluate(args: argparse.Namespace, categories: list[str]) -> list[dict]:
     """Score every trained category with both fusions (the paper's two inference scripts), in Python."""
     from scoring import ScoreConfig, ScoringRun, score_categories
-    from scoring.output import versioned_dir
-    from scoring.report import write_table
-    from scoring.writing import format_metric
+    from scoring.outputs.folders import versioned_dir
+    from scoring.outputs.report import write_table
+    from scoring.outputs.writing import format_metric
 
     run = ScoringRun(data_root=str(args.data_root), ckpt_dir=str(args.ckpt_dir), checkpoint=f"{{category}}-{args.arch}",
                      command=" ".join(sys.argv))

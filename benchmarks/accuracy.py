@@ -51,10 +51,10 @@ from common.recipes import RECIPES
 from common.runtime import resolve_device
 from data.frames import parse_frame
 from scoring import ScoreConfig, score_categories
-from scoring import cli as score_cli
 from scoring.building import file_sha256
-from scoring.report import markdown_table, write_csv, write_json, write_text_atomic
-from scoring.runs import settings_record
+from scoring.outputs.report import markdown_table, write_csv, write_json, write_text_atomic
+from scoring.pipeline import cli as score_cli
+from scoring.pipeline.runs import settings_record
 from training import train_categories
 
 FUSIONS = ("concatenation", "multiplication")
@@ -190,7 +190,7 @@ def train_variant(argv: list[str]) -> None:
 
 
 def result_settings(score_args: argparse.Namespace, train_size: int) -> dict:
-    """The scoring settings ``results.json`` records for ``score_args`` (as ``scoring.runner`` writes them:
+    """The scoring settings ``results.json`` records for ``score_args`` (as ``scoring.pipeline.runner`` writes them:
     the size resolved to the checkpoint's, no refinement without a coreset), speed settings left out."""
     config = score_cli.config_from_args(score_args)
     config = config.replace(size=config.size or train_size)

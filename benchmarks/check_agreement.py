@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import cli
 from common.errors import UserError
-from scoring.report import write_json, write_table
+from scoring.outputs.report import write_json, write_table
 
 METRICS = ("image_auroc", "pixel_auroc")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from scoring.report import markdown_table  # noqa: F401  (re-exported for the benchmark scripts)
+from scoring.outputs.report import markdown_table  # noqa: F401  (re-exported for the benchmark scripts)
 
 
 def checkpoint_parser(doc: str) -> argparse.ArgumentParser:

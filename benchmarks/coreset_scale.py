@@ -3,7 +3,7 @@ a bank sharded over several (gloo, as under ``torchrun ... --shard-bank``).
 
 Each measurement runs in fresh processes (peak RSS is theirs alone) on synthetic patch features
 (clustered, non-negative, like pooled ReLU features; generated in blocks seeded by their index, so
-a rank makes only its own part). The build is :func:`scoring.knn.greedy_coreset` with the scoring
+a rank makes only its own part). The build is :func:`scoring.engine.knn.greedy_coreset` with the scoring
 defaults (random projection to ``--proj-dim``, fraction ``--fraction``). With ``--processes N``
 the bank is split over N processes and the chosen rows are checked against a one-process build of
 the same bank when ``--check`` is given (the same indices, in the same order).
@@ -60,7 +60,7 @@ def synthetic_rows(start: int, stop: int, dim: int) -> torch.Tensor:
 def worker(rank: int, world: int, port: int, rows: int, args: argparse.Namespace, queue) -> None:
     """Build this rank's part of the coreset; put (rank, seconds, peak RSS MB, indices) on ``queue``."""
     from common.distributed import DistInfo, block
-    from scoring.knn import greedy_coreset
+    from scoring.engine.knn import greedy_coreset
 
     shards = None
     if world > 1:

@@ -29,9 +29,9 @@ from benchmarks.common import checkpoint_parser, markdown_table, system_info, wr
 from data import train_images
 from scoring import ScoreConfig, metrics
 from scoring.building import features_of, load_network, resolve_config
-from scoring.evaluation import category_test_set
-from scoring.features import ImageFiles
-from scoring.model import AnomalyScorer
+from scoring.engine.features import ImageFiles
+from scoring.engine.model import AnomalyScorer
+from scoring.pipeline.evaluation import category_test_set
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import markdown_table
-from scoring.knn import faiss_available
+from scoring.engine.knn import faiss_available
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_EPOCHS = 1600

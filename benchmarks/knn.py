@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from benchmarks.common import markdown_table, median_seconds, system_info, write_results
-from scoring.knn import BankSearch, faiss_available, greedy_coreset
+from scoring.engine.knn import BankSearch, faiss_available, greedy_coreset
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def paper_style(bank: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
 def main(args: argparse.Namespace) -> None:
     if args.bank:
         entry = torch.load(args.bank, map_location="cpu", weights_only=True)
-        first = entry["banks"][0]  # a bank state (scoring.model.bank_states)
+        first = entry["banks"][0]  # a bank state (scoring.engine.model.bank_states)
         bank = first["full"] if first.get("full") is not None else first["rows"]  # the whole bank, also of coresets
     else:
         bank = torch.randn(args.rows, args.dim, generator=torch.Generator().manual_seed(0)).abs()

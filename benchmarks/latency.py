@@ -28,10 +28,10 @@ import models
 from benchmarks.common import markdown_table, system_info, write_results
 from benchmarks.latency_child import synthetic_images
 from scoring import Detector, ScoreConfig
-from scoring.calibration import Threshold
+from scoring.engine.calibration import Threshold
+from scoring.engine.features import batched_features
+from scoring.engine.model import AnomalyModel, AnomalyScorer, bank_states
 from scoring.export import export
-from scoring.features import batched_features
-from scoring.model import AnomalyModel, AnomalyScorer, bank_states
 
 FORMS = ("predict", "torchscript", "onnx")
 # Times one form in a process of its own (python -m benchmarks.latency_child, from the repository

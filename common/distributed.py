@@ -6,7 +6,7 @@ the few collectives training and scoring use (each a no-op in one process).
 
 A process of the run that stops (killed, out of memory) makes the others' collectives fail, or
 torchrun stops them with SIGTERM: both end as :class:`RunStopped`, a :class:`UserError`, so the
-command line prints one line and what a run was writing is removed (see ``scoring.output.run_folder``).
+command line prints one line and what a run was writing is removed (see ``scoring.outputs.folders.run_folder``).
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """The one way a detector is built: a checkpoint's network, its training images, the settings.
 
 :func:`build_detector` serves every caller: ``Detector.fit`` (no cache), the inference scripts
-(the bank cache beside the checkpoint, :mod:`scoring.cache`), torchrun's ranks (whole batches
-of the training images per rank for a sharded bank, :mod:`scoring.sharding`); ``Detector.load``
+(the bank cache beside the checkpoint, :mod:`scoring.pipeline.cache`), torchrun's ranks (whole batches
+of the training images per rank for a sharded bank, :mod:`scoring.pipeline.sharding`); ``Detector.load``
 ends in the same :func:`assemble` with the banks of a file. Steps, in order:
 
 1. the banks (and calibrations) from the cache, when it holds them for these settings;
 2. else the training images' features (the one way in: ``config.preprocessing``), the banks
-   (:func:`scoring.model.bank_states`) and, where wanted, the cross-fitted calibration
-   (:mod:`scoring.calibration`), written back to the cache;
+   (:func:`scoring.engine.model.bank_states`) and, where wanted, the cross-fitted calibration
+   (:mod:`scoring.engine.calibration`), written back to the cache;
 3. :func:`assemble`: the scorer, the threshold by the one precedence (:func:`decide_threshold`),
    the provenance.
 
@@ -33,13 +33,13 @@ from data.frames import frame_for_images, frame_text
 from data.images import list_images
 from models.checkpoint import build_from_checkpoint, read_checkpoint
 
-from . import dense
-from .cache import BankCache
-from .calibration import Threshold, cross_fitted_calibration
 from .config import ScoreConfig
 from .detector import Detector
-from .features import ImageFiles, extract
-from .model import AnomalyModel, AnomalyScorer, bank_states
+from .engine import dense
+from .engine.calibration import Threshold, cross_fitted_calibration
+from .engine.features import ImageFiles, extract
+from .engine.model import AnomalyModel, AnomalyScorer, bank_states
+from .pipeline.cache import BankCache
 
 
 def file_sha256(path: Path) -> str:
@@ -123,7 +123,7 @@ def provenance(info: dict, train: TrainingImages) -> dict:
 
 def features_of(network: torch.nn.Module, dataset, config: ScoreConfig, device: torch.device, desc: str,
                 workers: int = 0) -> tuple[list[torch.Tensor], list[dict]]:
-    """:func:`scoring.features.extract` over ``dataset`` with the config's batch size, layers,
+    """:func:`scoring.engine.features.extract` over ``dataset`` with the config's batch size, layers,
     precision and map source."""
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
@@ -139,7 +139,7 @@ def decide_threshold(config: ScoreConfig, calibrated: Threshold | None) -> Thres
 
 def assemble(network: torch.nn.Module, config: ScoreConfig, banks: list[dict], calibration: dict,
              provenance: dict, device: torch.device, shards: DistInfo | None = None) -> Detector:
-    """A detector from its parts: the network, the bank states (:func:`scoring.model.bank_states`),
+    """A detector from its parts: the network, the bank states (:func:`scoring.engine.model.bank_states`),
     ``calibration`` (``threshold``: a :class:`Threshold` dict, ``map_norm``; either may be absent)."""
     scorer = AnomalyScorer.from_states(config, banks, calibration.get("map_norm"), device, shards)
     threshold = decide_threshold(config, Threshold.from_dict(calibration.get("threshold")))
@@ -153,7 +153,7 @@ def build_detector(network: torch.nn.Module, info: dict, config: ScoreConfig, tr
     resolved ``config`` (see the module docstring). ``calibrate``: calibrate a threshold when none
     is given or known; ``cache``: read and write the banks there; ``shards``: a sharded bank, each
     rank building its part from its block of whole batches (no calibration: refused before, see
-    :func:`scoring.sharding.check_shardable`). Returns the detector and whether the banks came
+    :func:`scoring.pipeline.sharding.check_shardable`). Returns the detector and whether the banks came
     from the cache."""
     sharded = shards is not None and shards.enabled
     entry = cache.read() if cache is not None else None
@@ -177,7 +177,7 @@ def build_detector(network: torch.nn.Module, info: dict, config: ScoreConfig, tr
                      "train_images": len(train.paths)}
         if need_threshold or need_norm:
             if sharded:
-                raise UserError("a sharded bank cannot calibrate: give a threshold (see scoring.sharding)")
+                raise UserError("a sharded bank cannot calibrate: give a threshold (see scoring.pipeline.sharding)")
             # Once the maps are cross-fitted for the normalisation, the threshold costs nothing more: kept too.
             threshold, norm = cross_fitted_calibration(config, feats, device)
             calibration = {**calibration, "threshold": threshold.to_dict(), **({"map_norm": norm} if norm else {})}

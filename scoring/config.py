@@ -22,8 +22,8 @@ from models import MAX_SIZE, MIN_SIZE
 from .inputs import Preprocessing
 
 FUSIONS = ("concatenation", "multiplication")
-BACKENDS = ("auto", "torch", "faiss")  # scoring.knn
-MAP_SOURCES = ("knn", "head", "fused")  # scoring.dense
+BACKENDS = ("auto", "torch", "faiss")  # scoring.engine.knn
+MAP_SOURCES = ("knn", "head", "fused")  # scoring.engine.dense
 
 
 @dataclass(frozen=True)

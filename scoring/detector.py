@@ -7,7 +7,7 @@
 >>> detector.save("pill.detector.pt")               # one file: weights, banks, threshold, settings
 >>> Detector.load("pill.detector.pt").predict(["photo.png"])
 
-The scoring itself is :class:`scoring.model.AnomalyModel` (one ``nn.Module``: network, banks,
+The scoring itself is :class:`scoring.engine.model.AnomalyModel` (one ``nn.Module``: network, banks,
 search, fusion); a detector adds what a user needs around it: reading images
 (:mod:`scoring.inputs`), the threshold, provenance and the one-file format. The inference
 scripts score with the same module, so ``predict`` gives the scores of their
@@ -36,12 +36,12 @@ from models.checkpoint import (
     save_atomic,
 )
 
-from .calibration import Threshold
 from .config import ScoreConfig
-from .features import pooled_features
+from .engine.calibration import Threshold
+from .engine.features import pooled_features
+from .engine.model import AnomalyModel, bank_grids
 from .inputs import ImageLike, as_image_list
 from .metrics import above_threshold
-from .model import AnomalyModel, bank_grids
 
 FORMAT = "wavecnet-anomaly-detector"
 FORMAT_VERSION = 1
@@ -57,7 +57,7 @@ class Prediction:
     (a list of ``(H_i, W_i)`` maps with ``original_size=True``); ``verdicts`` ``(N,)`` bool,
     ``score > threshold`` (``None`` without a threshold); ``normalized_scores`` = score /
     threshold, so 1.0 is the decision boundary on every model. ``search``: what the memory-bank
-    search did (:func:`scoring.model.search_report`: with a coreset, how many image scores are
+    search did (:func:`scoring.engine.model.search_report`: with a coreset, how many image scores are
     certified equal to the exact bank's and how many patches were re-searched per image).
     """
 

@@ -1,7 +1,7 @@
 """Export a :class:`scoring.Detector` as one self-contained file: TorchScript or ONNX.
 
-The file *is* the detector's scoring module: :class:`scoring.model.ExportModel` (the
-:class:`scoring.model.AnomalyModel` that ``Detector.predict`` runs, with the uint8 preprocessing
+The file *is* the detector's scoring module: :class:`scoring.engine.model.ExportModel` (the
+:class:`scoring.engine.model.AnomalyModel` that ``Detector.predict`` runs, with the uint8 preprocessing
 in front), traced. It takes the raw uint8 image batch ``(N, H, W, C)`` (``C`` = 1, 3 or 4;
 TorchScript also ``(N, H, W)``) and returns ``scores`` ``(N,)`` and ``maps`` ``(N, H, W)`` float32 at the
 detector's frame.
@@ -26,7 +26,7 @@ import torch
 from common.errors import UserError
 
 from .detector import Detector
-from .model import AnyRank, AnyRankCertified, ExportModel
+from .engine.model import AnyRank, AnyRankCertified, ExportModel
 
 FORMATS = ("torchscript", "onnx")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import scoring.evaluation as evaluation  # noqa: E402
+import scoring.pipeline.evaluation as evaluation  # noqa: E402
 from common.distributed import cleanup, init_distributed, stop_on_sigterm  # noqa: E402
 from common.errors import UserError  # noqa: E402
 from scoring import ScoreConfig, ScoringRun, score_categories  # noqa: E402

@@ -38,7 +38,7 @@ from common.distributed import DistInfo, all_gather, all_reduce_sum, part_offset
 from common.errors import SettingError
 from common.runtime import PRECISIONS, bf16_matmul_pays
 
-from .config import BACKENDS
+from ..config import BACKENDS
 
 # Candidates beyond k whose exact distances decide, for float32 and for bfloat16 products.
 SHORTLIST = 8
@@ -426,7 +426,7 @@ class BankSearch(nn.Module):
 class GreedyCoresetSampler:
     """The bank sampler: PatchCore's greedy k-center coreset of ``fraction`` of the rows
     (:func:`greedy_coreset`). A sampler of your own has the same :meth:`select` and is passed to
-    :func:`scoring.model.bank_states` (as patchcore-inspection passes its sampler)."""
+    :func:`scoring.engine.model.bank_states` (as patchcore-inspection passes its sampler)."""
 
     fraction: float
     proj_dim: int = 32

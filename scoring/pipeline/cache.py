@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from models.checkpoint import save_atomic
 
-from .config import ScoreConfig
+from ..config import ScoreConfig
 
 # 3: training files keyed by content; 4: banks stored as MemoryBank state dicts; 5: thresholds (and map
 # normalisations) kept per scoring settings ("calibrations"), not one per bank. The bank states of
-# scoring.model.bank_states are the same dicts as format 4's and 5's.
+# scoring.engine.model.bank_states are the same dicts as format 4's and 5's.
 BANK_FORMAT = 5
 
 

@@ -3,7 +3,7 @@
 No test image and no label: each half of the training images is scored against a bank of the
 other half (cross-fitted, so no image is scored against itself); the threshold is the
 ``calib_percentile`` percentile of those scores. For the ``head`` and ``fused`` map sources the
-same cross-fitted maps give each map's normalisation (:func:`scoring.dense.map_norm`). The bank
+same cross-fitted maps give each map's normalisation (:func:`scoring.engine.dense.map_norm`). The bank
 used for scoring stays whole.
 """
 
@@ -17,8 +17,8 @@ import torch
 
 from common.errors import UserError
 
+from ..config import ScoreConfig
 from . import dense
-from .config import ScoreConfig
 from .model import AnomalyScorer, bank_grids, combine_head, head_map
 
 
@@ -76,7 +76,7 @@ def cross_fitted_calibration(config: ScoreConfig, train_feats: list[torch.Tensor
     """The calibrated threshold and, for a head map source, the maps' normalisation (else ``None``).
 
     ``train_feats``: the training images' per-layer features, then the head's logits for a head
-    map source (:func:`scoring.features.pooled_features`).
+    map source (:func:`scoring.engine.features.pooled_features`).
     """
     norm, knn_maps = None, None
     if config.map_source != "head":  # the head's map alone needs no k-NN map

@@ -5,14 +5,14 @@
                                ScoringRun(data_root="demo_data", checkpoint="{category}-wave18"), ["pill"])
 
 For each category: load the checkpoint, get its detector from the bank cache
-(:mod:`scoring.cache`), score the labelled test set or a folder of new images
-(:mod:`scoring.evaluation`), optionally run the synthetic check, write the files
-(:mod:`scoring.writing`) and ``results.json``, and return that record. The inference scripts
+(:mod:`scoring.pipeline.cache`), score the labelled test set or a folder of new images
+(:mod:`scoring.pipeline.evaluation`), optionally run the synthetic check, write the files
+(:mod:`scoring.outputs.writing`) and ``results.json``, and return that record. The inference scripts
 are this call behind their flags; ``main.py --eval`` and the benchmarks call it directly.
 
 Under torchrun (``shards``: :func:`common.distributed.init_distributed`) the processes split the
 images (each holds the whole bank, rank 0 builds and caches it first) or, with
-``ScoringRun.shard_bank``, the bank (:mod:`scoring.sharding`); rank 0 alone writes, the same
+``ScoringRun.shard_bank``, the bank (:mod:`scoring.pipeline.sharding`); rank 0 alone writes, the same
 files a single process writes.
 """
 
@@ -32,18 +32,18 @@ from common.errors import SettingError, UserError
 from common.runtime import resolve_device, resolve_workers
 from data import train_images
 
-from .building import TrainingImages, build_detector, features_of, files_digest, load_network, resolve_config
+from ..building import TrainingImages, build_detector, features_of, files_digest, load_network, resolve_config
+from ..config import ScoreConfig
+from ..detector import detector_state
+from ..metrics import above_threshold
+from ..outputs.folders import run_folder, versioned_dir
+from ..outputs.report import environment, write_json
+from ..outputs.writing import format_record, write_folder, write_run_table, write_summary, write_test_set
 from .cache import BankCache
-from .config import ScoreConfig
-from .detector import detector_state
 from .evaluation import ONE_PROCESS, category_test_set, evaluate_test_set, folder_images, score_image_folder
-from .metrics import above_threshold
-from .output import run_folder, versioned_dir
-from .report import environment, write_json
 from .runs import ScoringRun, detector_target, output_place, resolve_checkpoint, run_identity, settings_record
 from .sharding import check_shardable
 from .synthetic_check import synthetic_check
-from .writing import format_record, write_folder, write_run_table, write_summary, write_test_set
 
 
 def peak_memory() -> dict:
@@ -103,7 +103,7 @@ def test_set_record(detector, run: ScoringRun, category: str, out_dir: Path | No
 
 def folder_record(detector, run: ScoringRun, out_dir: Path | None, listing: tuple[list[Path], list[dict]],
                   shards: DistInfo = ONE_PROCESS) -> dict | None:
-    """Score the unlabeled images of ``run.images`` (``listing``: :func:`scoring.evaluation.folder_images`);
+    """Score the unlabeled images of ``run.images`` (``listing``: :func:`scoring.pipeline.evaluation.folder_images`);
     write ``scores.csv``; its part of ``results.json`` (under torchrun: rank 0's, see :func:`test_set_record`)."""
     folder = Path(run.images)
     result = score_image_folder(detector, folder, resolve_workers(detector.config.workers, detector.device), listing,
@@ -127,7 +127,7 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     """Score one category; writes the run's files under its output folder and returns the record
     (what ``results.json`` holds). ``out_per_category``: ``run.out`` names a parent folder and each
     category writes to ``<out>/<category>``. A run that fails leaves no new version (see
-    :func:`scoring.output.run_folder`). Under torchrun (``shards``) the images are split over the
+    :func:`scoring.outputs.folders.run_folder`). Under torchrun (``shards``) the images are split over the
     ranks (each holds the whole bank); rank 0 writes every file and returns the record, the
     others return ``None``."""
     total_start = time.perf_counter()
@@ -177,7 +177,7 @@ def shared_detector(config: ScoreConfig, network, info: dict, ckpt_path: Path, r
     """:func:`scoring.building.build_detector` with the bank cache; under torchrun rank 0 builds
     (and caches) it first and the other ranks then read the cache (building their own copy only if
     it could not be written). With ``run.shard_bank`` each rank builds its part, uncached
-    (:mod:`scoring.sharding`). Returns the detector, whether it came from the cache, the seconds."""
+    (:mod:`scoring.pipeline.sharding`). Returns the detector, whether it came from the cache, the seconds."""
     start = time.perf_counter()
     workers = resolve_workers(config.workers, device)
     if run.shard_bank and shards.enabled:

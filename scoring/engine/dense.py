@@ -13,7 +13,7 @@ half, so no image is scored against itself), then:
 - ``fused``: the sum of both normalised maps.
 
 The image score of ``head`` and ``fused`` is the maximum of the map, as for multiplication
-(:func:`scoring.model.combine_head`).
+(:func:`scoring.engine.model.combine_head`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from common.errors import SettingError
 
-from .config import MAP_SOURCES
+from ..config import MAP_SOURCES
 
 __all__ = ["MAP_SOURCES", "map_norm", "resolve_map_source", "uses_head"]
 

@@ -2,8 +2,8 @@
 
 :func:`evaluate_test_set` returns a :class:`TestSetResult` (scores, maps, labels, masks and the
 metrics); :func:`score_image_folder` a :class:`FolderResult` (scores and maps of the readable
-images, and what was skipped, why). Both run the detector's :class:`scoring.model.AnomalyModel`
-(features through a data loader, then its scorer); writing them is :mod:`scoring.writing`.
+images, and what was skipped, why). Both run the detector's :class:`scoring.engine.model.AnomalyModel`
+(features through a data loader, then its scorer); writing them is :mod:`scoring.outputs.writing`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from common.distributed import DistInfo, block, gather_to_main
 from common.errors import SettingError
 from data import IMAGE_SUFFIXES, TestSet
 
-from . import metrics
-from .building import features_of
-from .config import ScoreConfig
-from .detector import Detector
-from .features import ImageFiles
-from .model import search_report
+from .. import metrics
+from ..building import features_of
+from ..config import ScoreConfig
+from ..detector import Detector
+from ..engine.features import ImageFiles
+from ..engine.model import search_report
 
 # Why a metric cannot be computed on a test set, by what its labels / masks lack.
 IMAGE_METRICS = ("image_auroc", "image_f1_max")

@@ -1,7 +1,7 @@
 """Writing what a scoring run found: CSV / NPZ / PNG files, tables, and the console line.
 
-Inputs are the result objects of :mod:`scoring.evaluation`; every file is written atomically
-(:mod:`scoring.report`) into the run's output folder (:mod:`scoring.output`).
+Inputs are the result objects of :mod:`scoring.pipeline.evaluation`; every file is written atomically
+(:mod:`scoring.outputs.report`) into the run's output folder (:mod:`scoring.outputs.folders`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from tqdm import tqdm
 from common import fileio
 from data import TestSet
 
-from . import metrics
-from .evaluation import FolderResult, TestSetResult
+from .. import metrics
+from ..pipeline.evaluation import FolderResult, TestSetResult
 from .pictures import save_panel, save_roc
 from .report import write_csv, write_json, write_table
 

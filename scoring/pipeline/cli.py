@@ -2,7 +2,7 @@
 
 Both scripts are this parser and :func:`main` with a different ``fusion``; nothing else differs.
 The flags map one to one onto :class:`ScoreConfig` and :class:`ScoringRun` fields (their
-defaults are the dataclasses'); the work is :func:`scoring.runner.score_categories`.
+defaults are the dataclasses'); the work is :func:`scoring.pipeline.runner.score_categories`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from common.recipes import RECIPES
 from common.runtime import PRECISIONS, resolve_device
 from data import resolve_categories
 
-from .config import BACKENDS, FUSIONS, MAP_SOURCES, ScoreConfig
+from ..config import BACKENDS, FUSIONS, MAP_SOURCES, ScoreConfig
 from .runner import score_categories
 from .runs import ScoringRun
 from .synthetic_check import CHECK_AUGS, HELD_OUT_KINDS

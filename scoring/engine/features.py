@@ -18,7 +18,7 @@ from tqdm import tqdm
 from common.errors import UserError
 from models import HEAD_STAGES
 
-from .inputs import Preprocessing
+from ..inputs import Preprocessing
 
 # Frames with a side over TILE_SIDE px go through the network in tiles of at most TILE_SIDE x TILE_SIDE
 # with TILE_HALO px of context around each (its features dropped): the memory of one pass stays

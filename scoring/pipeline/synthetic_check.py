@@ -24,10 +24,11 @@ from data import to_float, train_images
 from data.frames import random_tiles
 from data.mvtec import load_cached
 
-from . import dense, metrics
-from .calibration import cross_fitted_calibration
-from .config import ScoreConfig
-from .model import AnomalyScorer
+from .. import metrics
+from ..config import ScoreConfig
+from ..engine import dense
+from ..engine.calibration import cross_fitted_calibration
+from ..engine.model import AnomalyScorer
 
 CHECK_AUGS = ("cutpaste", "perlin", "scar")
 # Makers no recipe trains on: a check with these does not reward having learnt its anomalies.

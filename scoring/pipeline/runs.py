@@ -1,7 +1,7 @@
 """What a scoring run reads and writes: its checkpoint, its identity, its output folder.
 
 Everything here is about files and folders, not about scores: which checkpoint ``checkpoint``
-names, what a run's results depend on (its *identity*, see :mod:`scoring.output`), the
+names, what a run's results depend on (its *identity*, see :mod:`scoring.outputs.folders`), the
 settings ``results.json`` records, and where the run writes.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import models
 from common.errors import SettingError
 
-from .config import ScoreConfig
+from ..config import ScoreConfig
 from .synthetic_check import CHECK_AUGS
 
 CHECKPOINT_NAMES = ("model.pt", "e1600_model.pt")
@@ -111,7 +111,7 @@ def settings_record(config: ScoreConfig, backend: str) -> dict:
 
 def run_identity(config: ScoreConfig, run: ScoringRun, category: str, ckpt_sha: str, train_digest: str,
                  images_digest: str | None = None) -> dict:
-    """What a run's results depend on (see :mod:`scoring.output`): speed settings left out; the
+    """What a run's results depend on (see :mod:`scoring.outputs.folders`): speed settings left out; the
     training images by content (``train_digest``: they make the bank); an ``--images`` folder by its
     path and its files (``images_digest``: their names and contents), so scoring tomorrow's images
     in the same folder makes a new version instead of replacing today's."""
@@ -124,7 +124,7 @@ def run_identity(config: ScoreConfig, run: ScoringRun, category: str, ckpt_sha: 
 
 def output_place(run: ScoringRun, ckpt_path: Path, fusion: str, category: str,
                  out_per_category: bool) -> tuple[Path, bool]:
-    """Where the run writes, for :func:`scoring.output.run_folder`: ``run.out`` (or ``<out>/<category>``)
+    """Where the run writes, for :func:`scoring.outputs.folders.run_folder`: ``run.out`` (or ``<out>/<category>``)
     as given (``True``: explicit), else the versioned ``results/<run>/<fusion>[-images]``."""
     if run.out:
         return (Path(run.out) / category if out_per_category else Path(run.out)), True

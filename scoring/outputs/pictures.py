@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .metrics import above_threshold
+from ..metrics import above_threshold
 
 # matplotlib and SciPy are imported where they are used: about 1 s of every start otherwise.
 GREEN, RED = (0, 255, 0), (255, 0, 0)

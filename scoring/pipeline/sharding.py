@@ -2,8 +2,8 @@
 
 Each rank extracts the features of its block of training images (whole batches: the one
 process's batches), builds its part of the bank and its rows of the coreset one process would
-choose (:func:`scoring.knn.greedy_coreset` with ``shards``), and every search returns the whole
-bank's k nearest (:class:`scoring.knn.BankSearch` with ``shards``: the k smallest over the ranks'
+choose (:func:`scoring.engine.knn.greedy_coreset` with ``shards``), and every search returns the whole
+bank's k nearest (:class:`scoring.engine.knn.BankSearch` with ``shards``: the k smallest over the ranks'
 k smallest). Every rank then scores every test image with the same numbers; rank 0 writes.
 
 The parts are built by :func:`scoring.building.build_detector` with ``shards``. Not cached
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from common.errors import SettingError, UserError
 
-from .config import ScoreConfig
-from .dense import uses_head
+from ..config import ScoreConfig
+from ..engine.dense import uses_head
 
 
 def check_shardable(config: ScoreConfig, need_threshold: bool, detector_file: Path | None) -> None:

@@ -4,9 +4,9 @@
 holds the network and the memory banks as buffers; ``forward`` reads top to bottom:
 
 1. ``features``: the chosen stages of the network, each through a 3x3 average pool (and the
-   segmentation head's logits of a dense network; :mod:`scoring.features`);
+   segmentation head's logits of a dense network; :mod:`scoring.engine.features`);
 2. ``AnomalyScorer.forward``: per memory bank the nearest-neighbour distance of every patch
-   (:class:`PatchBank`: the exact search of :class:`scoring.knn.BankSearch`, and with a coreset
+   (:class:`PatchBank`: the exact search of :class:`scoring.engine.knn.BankSearch`, and with a coreset
    the refinement of each image's highest patches in the whole bank), the fusion of the bank
    maps (:class:`Fusion`: the paper's concatenation or multiplication), the Gaussian
    smoothing, and for a dense network the head's map (:func:`combine_head`).
@@ -42,7 +42,7 @@ from data.frames import Frame, as_frame
 from data.images import network_input
 from models import HEAD_STAGES
 
-from .config import ScoreConfig
+from ..config import ScoreConfig
 from .dense import uses_head
 from .features import batched_features, pooled_features
 from .knn import BankSearch, GreedyCoresetSampler, TorchShortlist
@@ -219,7 +219,7 @@ def combine_head(map_source: str, knn_maps: torch.Tensor | None, head_logits: to
                  size: Frame) -> tuple[torch.Tensor, torch.Tensor]:
     """k-NN maps ``(N, S, S)`` (``None`` for ``head``) and head logits ``(N, 1, h, w)`` -> image scores
     ``(N,)`` and maps ``(N, S, S)`` of ``map_source`` (``head`` or ``fused``), each map normalised by
-    ``norm`` (:func:`scoring.dense.map_norm`); the image score is the map's maximum."""
+    ``norm`` (:func:`scoring.engine.dense.map_norm`); the image score is the map's maximum."""
     maps = (head_map(head_logits, size) - norm["head_mean"]) / norm["head_std"]
     if map_source == "fused":
         maps = maps + (knn_maps - norm["knn_mean"]) / norm["knn_std"]
@@ -296,7 +296,7 @@ class AnomalyScorer(nn.Module):
 
     Build one with :meth:`fit` (from normal images' features) or :meth:`from_states` (banks of
     :func:`bank_states`, e.g. from the bank cache or a detector file). ``map_norm`` (the maps'
-    normalisation on training images, :func:`scoring.calibration.cross_fitted_calibration`) is needed by the
+    normalisation on training images, :func:`scoring.engine.calibration.cross_fitted_calibration`) is needed by the
     ``head`` and ``fused`` map sources only.
     """
 
@@ -306,7 +306,7 @@ class AnomalyScorer(nn.Module):
             raise ValueError("config.size must be resolved (the network's input size)")
         # The output frame (H, W): resize_map and the certification's pixel coordinates read it.
         if uses_head(config.map_source) and map_norm is None:
-            raise ValueError("a head map source needs map_norm (scoring.calibration.cross_fitted_calibration)")
+            raise ValueError("a head map source needs map_norm (scoring.engine.calibration.cross_fitted_calibration)")
         self.banks = nn.ModuleList(banks)
         self.fusion, self.size, self.k, self.smooth = config.fusion, config.frame_hw, config.k, config.smooth
         self.fusion_rule = FUSION_RULES[config.fusion]
@@ -495,7 +495,7 @@ class AnomalyModel(nn.Module):
 
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``(N, 3, S, S)`` -> per layer ``(N, C_l, h_l, w_l)`` (then the head's logits; see
-        :func:`scoring.features.pooled_features`)."""
+        :func:`scoring.engine.features.pooled_features`)."""
         return pooled_features(self.network, images, self.layers, self.head)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
