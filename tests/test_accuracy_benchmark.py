@@ -13,7 +13,7 @@ from common import cli
 from common.errors import UserError
 from common.recipes import RECIPES
 from scoring import ScoreConfig
-from scoring import cli as score_cli
+from scoring.pipeline import cli as score_cli
 from training import WEIGHT_SETTINGS
 
 

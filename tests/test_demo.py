@@ -1,6 +1,7 @@
 """The built-in demo data and the newcomer's first command, end to end as subprocesses."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -67,8 +68,11 @@ def test_demo_command_and_both_inference_scripts(demo_run):
     for category in demo.DEFECTS:
         for fusion in ("concatenation", "multiplication"):
             row = [cells for cells in printed if cells[:2] == [category, fusion]]
-            assert len(row) == 1 and 0 <= float(row[0][2]) <= 1  # image AUROC printed
-            heatmaps = tmp_path / "results" / f"{category}-wave18" / fusion / "latest" / "heatmaps"
+            run_dir = tmp_path / "results" / f"{category}-wave18" / fusion / "latest"
+            record = json.loads((run_dir / "results.json").read_text())
+            # The table prints that run's image AUROC (3 decimals).
+            assert len(row) == 1 and float(row[0][2]) == pytest.approx(record["metrics"]["image_auroc"], abs=5e-4)
+            heatmaps = run_dir / "heatmaps"
             assert len(list(heatmaps.rglob("*.png"))) == demo.TEST_GOOD + 3 * demo.TEST_PER_DEFECT
     table = (tmp_path / "results" / "eval-wave18" / "latest" / "eval.md").read_text()
     assert table.count("| concatenation |") == 2 and table.count("| multiplication |") == 2

@@ -12,9 +12,9 @@ from PIL import Image
 from common import cli
 from common.errors import UserError
 from scoring import Detector, ScoreConfig, metrics
-from scoring import cli as score_cli
 from scoring.detector import FORMAT_VERSION
-from scoring.evaluation import category_test_set
+from scoring.pipeline import cli as score_cli
+from scoring.pipeline.evaluation import category_test_set
 
 # Settings the CLI's metrics are checked at: both fusions, and a coreset bank searched alone with k = 2.
 CLI_VARIANTS = [("concatenation", ()), ("multiplication", ()),

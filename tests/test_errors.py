@@ -18,7 +18,7 @@ import main as train_main
 from common import cli
 from common.errors import UserError
 from models.checkpoint import read_checkpoint
-from scoring import cli as score_cli
+from scoring.pipeline import cli as score_cli
 from training.interrupt import StopRequest
 
 REPO = Path(__file__).resolve().parent.parent

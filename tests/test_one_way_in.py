@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-import scoring.features as features
+import scoring.engine.features as features
 from common import cli
 from scoring import Detector
-from scoring import cli as score_cli
 from scoring.export import export, run_exported
+from scoring.pipeline import cli as score_cli
 
 # name -> fusion, frame and flags of the scoring run, for a network trained on 32 px
 VARIANTS = {

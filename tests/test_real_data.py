@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import main as train_main
-from scoring import cli as score_cli
+from scoring.pipeline import cli as score_cli
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
 

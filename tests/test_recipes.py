@@ -9,7 +9,7 @@ import main as train_main
 from common.recipes import RECIPES, check_recipe, recipe_flags, train_overrides
 from data import TrainSet
 from scoring import ScoreConfig
-from scoring import cli as score_cli
+from scoring.pipeline import cli as score_cli
 from training import TrainConfig
 from training.loop import lr_at
 

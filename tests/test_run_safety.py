@@ -20,7 +20,7 @@ import main as train_main
 from common import cli, fileio
 from data import demo
 from models.checkpoint import read_checkpoint, save_atomic
-from scoring.report import write_json
+from scoring.outputs.report import write_json
 from training.rundir import LOCK_NAME, RunLock
 
 TRAIN = ["--arch", "wave18", "--size", "32", "--b", "4", "--no-tensorboard", "--precision", "fp32"]

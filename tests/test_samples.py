@@ -60,7 +60,7 @@ def test_device_batches_keep_their_stream(tiny_root):
 
 
 def test_synthetic_check_images_keep_their_stream():
-    from scoring.synthetic_check import SEED_OFFSET, split_train, synthetic_images
+    from scoring.pipeline.synthetic_check import SEED_OFFSET, split_train, synthetic_images
 
     images = torch.randint(0, 256, (12, 3, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     fit, held = split_train(12, seed=5)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from common import cli
-from scoring import cli as score_cli
-from scoring import metrics
+from scoring import ScoreConfig, metrics
+from scoring.pipeline import cli as score_cli
+from scoring.pipeline.evaluation import category_test_set
 
 
 def infer(script, tiny_root, ckpt_dir, out, *extra):
@@ -49,7 +50,13 @@ def test_scripts_write_results_and_recomputable_maps(script, tiny_root, trained,
     assert metrics.image_auroc(saved["labels"], saved["scores"]) == pytest.approx(m["image_auroc"], abs=1e-4)
     assert metrics.pixel_auroc(saved["masks"].astype(bool), saved["maps"]) == pytest.approx(m["pixel_auroc"], abs=1e-4)
     assert metrics.aupro(saved["masks"].astype(bool), saved["maps"]) == pytest.approx(m["aupro"], abs=0.01)
-    assert 0 <= m["pixel_auroc_paper_masks"] <= 1 and m["pixel_auroc_paper_masks"] != m["pixel_auroc"]
+    # The same maps against the paper code's masks (bilinear resize, any non-zero value), recomputed here.
+    dataset = category_test_set(tiny_root, "widget", ScoreConfig(size=32))
+    paper_masks = np.stack([dataset[i]["paper_mask"].numpy() for i in range(len(dataset))])
+    order = [dataset.samples[i].path.name for i in range(len(dataset))]
+    assert [Path(p).name for p in saved["paths"]] == order
+    assert m["pixel_auroc_paper_masks"] == pytest.approx(metrics.pixel_auroc(paper_masks, saved["maps"]), abs=1e-6)
+    assert m["pixel_auroc_paper_masks"] != m["pixel_auroc"]
     heatmaps = sorted(p.relative_to(tmp_path / "heatmaps") for p in (tmp_path / "heatmaps").rglob("*.png"))
     assert len(heatmaps) == 6 and {p.parts[0] for p in heatmaps} == {"good", "scratch"}
     assert (tmp_path / "roc.png").stat().st_size > 0

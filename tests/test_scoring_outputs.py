@@ -16,8 +16,8 @@ from PIL import Image
 
 from common import cli
 from common.errors import SettingError
-from scoring import cli as score_cli
-from scoring.output import IDENTITY_FILE, explicit_dir, run_folder, versioned_dir
+from scoring.outputs.folders import IDENTITY_FILE, explicit_dir, run_folder, versioned_dir
+from scoring.pipeline import cli as score_cli
 
 FAST = ["--batch-size", "4", "--no-pictures"]
 
@@ -174,7 +174,7 @@ def test_images_csv_names_extensions_and_normalised_scores(tiny_root, trained, w
     threshold = results_of(out)["threshold"]["value"]
     for row in rows:
         assert float(row["normalized_score"]) == pytest.approx(float(row["score"]) / threshold, rel=1e-4)
-        assert row["verdict"] == ("anomalous" if float(row["normalized_score"]) >= 1 else "normal")
+        assert row["verdict"] == ("anomalous" if float(row["score"]) > threshold else "normal")  # the one rule
     assert sorted(p.name for p in (out / "heatmaps").glob("*.png")) == ["a.jpg.png", "a.png.png",
                                                                        "part 7, left.png.png"]
     # Tomorrow's images in the same folder (one gone, a broken link added) are another run: a new

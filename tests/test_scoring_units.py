@@ -7,10 +7,18 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import scoring.knn as knn_module
+import scoring.engine.knn as knn_module
 from scoring import ScoreConfig, metrics
-from scoring.knn import BankSearch, faiss_available, greedy_coreset
-from scoring.model import AnomalyScorer, PatchBank, bank_states, concat_layers, gaussian_smooth, resize_map, to_patches
+from scoring.engine.knn import BankSearch, faiss_available, greedy_coreset
+from scoring.engine.model import (
+    AnomalyScorer,
+    PatchBank,
+    bank_states,
+    concat_layers,
+    gaussian_smooth,
+    resize_map,
+    to_patches,
+)
 
 
 def fit(fusion: str, train: list[torch.Tensor], size: int = 32, **settings) -> AnomalyScorer:
@@ -66,7 +74,7 @@ def test_to_patches_order():
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_chunked_knn_equals_brute_force(k, precision, monkeypatch):
-    import scoring.knn as knn
+    import scoring.engine.knn as knn
 
     monkeypatch.setattr(knn, "CHUNK_ROWS", 37)  # many bank chunks, uneven last chunk
     monkeypatch.setattr(knn, "CHUNK_ELEMENTS", 37 * 64)
@@ -192,7 +200,9 @@ def test_certification_stops_on_non_finite_features():
     test = [t.clone() for t in test]
     test[0][0] = float("nan")
     scorer.score(test)  # returns (it used to loop for ever)
-    assert scorer.search_stats["certified_images"] < 12
+    certified, searched = scorer.search_counts
+    assert not certified[0]  # its distances are NaN: nothing can certify it
+    assert certified[1:].all() and scorer.search_stats["certified_images"] == len(certified) - 1
 
 
 def test_k_larger_than_the_bank_names_the_setting():
@@ -270,10 +280,15 @@ def test_image_metrics():
     scores = np.array([0.1, 0.4, 0.35, 0.8, 0.9])
     assert metrics.image_auroc(labels, scores) == pytest.approx(roc_auc_score(labels, scores))
     f1, threshold = metrics.f1_max(labels, scores)
-    assert f1 == pytest.approx(2 * 1.0 * (2 / 3) / (1 + 2 / 3)) or f1 == pytest.approx(6 / 7)
-    pred = scores >= threshold
+    # Calling 0.35 and up anomalous (tp 3, fp 1) beats calling only 0.8 and 0.9 (F1 0.8).
+    assert f1 == pytest.approx(6 / 7)
+    assert 0.1 < threshold < 0.35  # between the scores, by the one rule: score > threshold
+    pred = metrics.above_threshold(scores, threshold)
     tp = (pred & (labels == 1)).sum()
     assert f1 == pytest.approx(2 * tp / (pred.sum() + labels.sum()))
+    # Every image anomalous is best: the threshold lies below the lowest score.
+    best, t = metrics.f1_max(np.array([1, 1]), np.array([0.2, 0.3]))
+    assert best == 1.0 and t < 0.2 and metrics.above_threshold(np.array([0.2, 0.3], np.float32), t).all()
 
 
 def test_gaussian_smooth_matches_scipy():
@@ -309,7 +324,7 @@ def test_coreset_refine_restores_exact_image_scores(fusion):
 
 @pytest.mark.parametrize("kinds", ["default", "held-out"])
 def test_synthetic_check_split_and_images_are_seeded_and_disjoint(kinds):
-    from scoring.synthetic_check import CHECK_AUGS, HELD_OUT_KINDS, split_train, synthetic_images
+    from scoring.pipeline.synthetic_check import CHECK_AUGS, HELD_OUT_KINDS, split_train, synthetic_images
 
     augs = CHECK_AUGS if kinds == "default" else HELD_OUT_KINDS
     count = 4 * (1 + len(augs))
@@ -432,7 +447,7 @@ def test_tiny_coresets_are_refused_and_fused_maps_are_not_certified():
 def test_a_new_search_backend_is_a_new_class():
     """A Shortlist of one's own (here brute force with cdist) is passed in; the exact re-rank after
     it is BankSearch's, so it returns the distances of the built-in backends."""
-    from scoring.knn import Shortlist
+    from scoring.engine.knn import Shortlist
 
     class BruteForce(Shortlist):
         name = "brute-force"
@@ -455,7 +470,7 @@ def test_a_new_search_backend_is_a_new_class():
 
 def test_a_bank_sampler_is_passed_in():
     """bank_states keeps the rows a sampler of one's own selects (here every other one)."""
-    from scoring.model import bank_states
+    from scoring.engine.model import bank_states
 
     class EveryOther:
         def select(self, rows, device="cpu", shards=None):

@@ -8,7 +8,7 @@ import main as train_main
 from common import cli
 from common.errors import SettingError, UserError
 from scoring import Detector, ScoreConfig
-from scoring import cli as score_cli
+from scoring.pipeline import cli as score_cli
 from training import TrainConfig
 
 

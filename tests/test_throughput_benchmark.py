@@ -11,7 +11,7 @@ import main as train_main
 from benchmarks import paper_style_train, throughput
 from benchmarks.paper_style_dwt import PaperStyleDownsample
 from models.dwt import WaveletDownsample
-from scoring import cli as score_cli
+from scoring.pipeline import cli as score_cli
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 torchrun = pytest.importorskip("torch.distributed.run")
 
 import main as train_main  # noqa: E402
-from scoring import cli as score_cli  # noqa: E402
+from scoring.pipeline import cli as score_cli  # noqa: E402
 
 
 def reaches_the_script(option: str, script: str) -> bool:
