@@ -32,7 +32,7 @@ SUFFIXES = {"torchscript": "ts", "onnx": "onnx"}
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(description="Export a detector file (--save-detector) to TorchScript or ONNX.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.DefaultsHelpFormatter)
     parser.add_argument("--detector", required=True, help="detector file written by --save-detector / Detector.save")
     parser.add_argument("--format", required=True, choices=FORMATS, help="torchscript (needs only torch) or onnx "
                                                                         "(needs only onnxruntime and NumPy)")

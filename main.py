@@ -35,7 +35,7 @@ DEFAULT = TrainConfig.default  # every training default comes from the dataclass
 def get_args_parser() -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(
         description="Train a WaveCNet to tell normal images from synthetic anomalies (stage 1).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.DefaultsHelpFormatter)
     data = parser.add_argument_group("Data")
     data.add_argument("--c", "--category", dest="category", default="all",
                       help="category folder under --data-root, a comma list, or 'all'")

@@ -11,13 +11,13 @@ workers, precision) is :mod:`runtime`. Library code
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from collections.abc import Callable
 
 import torch
 
+from common import fileio
 from common.errors import SettingError, UserError
 
 
@@ -35,6 +35,16 @@ class ArgumentParser(argparse.ArgumentParser):
         parsed, rest = super().parse_known_args(args, namespace)
         parsed.flag_names = flag_names(self)
         return parsed, rest
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, except for switches: a switch's stored default says
+    nothing a user can read (``--uncertified (default: True)`` meant "certified unless given")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
@@ -56,8 +66,7 @@ def setting_message(exc: SettingError, names: dict[str, str]) -> str:
 
 
 # Write failures a user can fix by freeing space or choosing another folder.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
-                errno.EISDIR}
+WRITE_ERRNOS = fileio.WRITE_ERRNOS
 
 
 def add_common_flags(parser: argparse.ArgumentParser) -> None:

@@ -29,6 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+# Write failures a user can fix by freeing space or choosing another folder.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                errno.EISDIR}
+
 # Unnamed temporaries (``tempfile.mkstemp`` of earlier versions) carry no pid: removed once
 # older than this, when no save can still be writing them.
 UNNAMED_TEMP_MAX_AGE_S = 24 * 3600
@@ -141,3 +145,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def no_space(path: str | os.PathLike, detail: str) -> OSError:
     """The ``OSError`` a failed write becomes when the writer hid the cause (``torch.save`` does)."""
     return OSError(errno.ENOSPC, f"write failed, the disk is probably full: {detail}", str(path))
+
+
+def aside_path(run_dir: Path) -> Path:
+    """``<name>.old-<date>-<time>`` next to ``run_dir`` (``-2``, ``-3`` ... when taken): where a run's
+    files are moved aside instead of being deleted (training and scoring ``--overwrite``)."""
+    base = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    candidate, n = base, 1
+    while candidate.exists() or candidate.is_symlink():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate

@@ -66,7 +66,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         folder = path.parent
-        found = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.pt")) if folder.is_dir() else []
+        # Two levels at most (a run folder's model.pt, a ckpt folder's runs): never a walk of a whole disk.
+        found = sorted(str(p.relative_to(folder)) for pattern in ("*.pt", "*/*.pt")
+                       for p in folder.glob(pattern)) if folder.is_dir() else []
         hint = f"checkpoints in {folder}/: {', '.join(found[:20])}" if found else \
             f"no .pt files in {folder}/" if folder.is_dir() else f"{folder}/ does not exist"
         raise UserError(f"checkpoint {path} not found ({hint}); train first with main.py or pass --p")

@@ -24,6 +24,7 @@ from .inputs import Preprocessing
 FUSIONS = ("concatenation", "multiplication")
 BACKENDS = ("auto", "torch", "faiss")  # scoring.engine.knn
 MAP_SOURCES = ("knn", "head", "fused")  # scoring.engine.dense
+MAX_SMOOTH = 100  # px: a Gaussian sigma; its kernel is 8 sigma wide, wider than any frame side it could matter on
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ class ScoreConfig(Settings):
                                 and self.map_source == "fused"),
              "certified coreset scores cover the knn and head maps, not the fused one; add `certify=False` "
              "(uncertified) or keep the whole bank (`coreset=1`)"),
-            ("smooth", is_number(self.smooth) and self.smooth >= 0, "must be a number, 0 or more"),
+            ("smooth", is_number(self.smooth) and 0 <= self.smooth <= MAX_SMOOTH,
+             f"must be a number from 0 to {MAX_SMOOTH} px (a Gaussian sigma; PatchCore uses 4)"),
             ("threshold", self.threshold is None or (is_number(self.threshold) and self.threshold > 0),
              "must be a positive number (scores are distances); leave it out to calibrate one on the training images"),
             ("calib_percentile", is_number(self.calib_percentile) and 0 < self.calib_percentile <= 100,

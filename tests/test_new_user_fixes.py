@@ -22,8 +22,9 @@ from test_errors import TRAIN, one_line, run_score, run_train
 import export as export_cli
 from common import cli
 from common.errors import UserError
-from scoring import Detector, ScoreConfig
+from scoring import Detector, ScoreConfig, ScoringRun, score_categories
 from scoring.detector import FORMAT_VERSION
+from training import TrainConfig, TrainRun, train_categories
 
 
 @pytest.fixture()
@@ -166,3 +167,86 @@ def test_onnx_of_a_tiled_frame_scores_as_predict(trained, tiny_root, tmp_path, c
     code, err = run_export(["--detector", str(path), "--format", "onnx", "--out", str(tmp_path / "tall.onnx")], capsys)
     assert code == 0, err  # export.py checks the file's scores against predict's before it keeps it
     assert (tmp_path / "tall.onnx").is_file()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: ScoreConfig(seed="a"), "seed='a': must be a whole number"),
+    (lambda: ScoreConfig(seed=float("nan")), "seed=nan: must be a whole number"),
+    (lambda: ScoreConfig(seed=2 ** 70), "must be a whole number from 0 to 2\\*\\*63 - 1"),
+    (lambda: ScoreConfig(certify="no"), "certify='no': must be True or False"),
+    (lambda: ScoreConfig(antialias="yes"), "antialias='yes': must be True or False"),
+    (lambda: ScoreConfig(smooth=1e9), "smooth=1000000000.0: must be a number from 0 to 100 px"),
+    (lambda: TrainConfig(seed=-1), "seed=-1: must be a whole number"),
+    (lambda: train_categories(TrainConfig(), TrainRun(), "tex"), "categories='tex': must be a list"),
+    (lambda: score_categories(None, ScoringRun(), ["x"]), "config=None: must be a ScoreConfig"),
+    (lambda: ScoringRun(data_root=None), "data_root=None: must be a path"),
+    (lambda: TrainRun(save_every="5"), "save_every='5': must be a whole number"),
+])
+def test_settings_objects_name_a_wrong_value_where_made(make, message):
+    with pytest.raises(UserError, match=message):
+        make()
+
+
+def test_detector_fit_names_a_dict_config_and_a_missing_checkpoint_fast(trained, tiny_root):
+    with pytest.raises(UserError, match="must be a ScoreConfig, got dict"):
+        Detector.fit(trained / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good", {"k": 1})
+    with pytest.raises(UserError, match="not found"):  # lists two levels of the folder, never walks a disk
+        Detector.fit(trained / "nowhere" / "model.pt", tiny_root / "widget" / "train" / "good")
+
+
+def test_wrong_flags_are_one_line(trained, tiny_root, tmp_path, capsys):
+    checkpoint = trained / "widget-wave18" / "model.pt"
+    image = next((tiny_root / "widget" / "test" / "good").glob("*.png"))
+    for flags, message in [(["--images", str(image)], "is a file; give a folder of images"),
+                           (["--shard-bank"], "splits the bank over torchrun processes"),
+                           (["--smooth", "1e9"], "--smooth 1000000000.0: must be a number from 0 to 100")]:
+        code, err = run_score(score_args(tiny_root, checkpoint, tmp_path / "out", *flags), capsys)
+        assert code == 2 and message in one_line(err)
+    code, err = run_score(score_args(tiny_root, checkpoint, "/proc/no-such/out"), capsys)
+    assert code == 2 and "--out /proc/no-such/out: cannot be made" in one_line(err)
+    from scoring.pipeline import cli as score_cli
+
+    assert "(default: True)" not in score_cli.get_args_parser("concatenation").format_help()
+
+
+def test_resume_from_another_file_into_a_run_folder_says_what_to_do(trained, tiny_root, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    shutil.copy(trained / "widget-wave18" / "model.pt", other)
+    code, err = run_train(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), *TRAIN,
+                           "--e", "3", "--resume", str(other)], capsys)
+    assert code == 2 and "is not that run's checkpoint" in one_line(err) and "--overwrite" in err
+
+
+def test_a_changed_test_set_is_another_version_and_a_killed_one_starts_clean(trained, tiny_root, tmp_path, capsys,
+                                                                            monkeypatch):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root / "widget", root / "widget")
+    monkeypatch.chdir(tmp_path)
+    args = ["--c", "widget", "--data-root", str(root), "--ckpt-dir", str(trained), "--p", "widget-wave18",
+            "--no-pictures"]
+    assert run_score(args, capsys)[0] == 0
+    base = tmp_path / "results" / "widget-wave18" / "concatenation"
+    (root / "widget" / "test" / "good" / "000.png").unlink()  # one image fewer: other results
+    assert run_score(args, capsys)[0] == 0
+    first, second = (json.loads((base / v / "results.json").read_text()) for v in ("v0", "v1"))
+    assert first["data"]["test_images"] == 6 and second["data"]["test_images"] == 5
+    # A run of v1's identity killed before results.json left a partial file: the next run starts v1 clean.
+    (base / "v1" / "results.json").unlink()
+    (base / "v1" / "heatmaps").mkdir()
+    (base / "v1" / "heatmaps" / "stale.png").write_bytes(b"partial")
+    assert run_score(args, capsys)[0] == 0
+    assert (base / "v1" / "results.json").is_file() and not (base / "v1" / "heatmaps").exists()
+    assert not (base / "v2").exists()
+
+
+def test_out_overwrite_moves_the_earlier_results_aside(trained, tiny_root, tmp_path, capsys):
+    checkpoint = trained / "widget-wave18" / "model.pt"
+    out = tmp_path / "out"
+    assert run_score(score_args(tiny_root, checkpoint, out), capsys)[0] == 0
+    before = (out / "results.json").read_bytes()
+    (out / "notes.txt").write_text("mine")
+    code, err = run_score(score_args(tiny_root, checkpoint, out, "--k", "2", "--overwrite"), capsys)
+    assert code == 0, err
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
+    assert len(aside) == 1 and (aside[0] / "results.json").read_bytes() == before
+    assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "results.json").read_text())

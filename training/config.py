@@ -28,7 +28,7 @@ from pathlib import Path
 from augment import parse_augs
 from common.errors import SettingError
 from common.runtime import PRECISIONS
-from common.settings import Settings, is_number, is_whole, setting
+from common.settings import Settings, check_run_fields, is_number, is_whole, setting
 from data.frames import frame_problem, parse_frame
 from models import MAX_SIZE, MIN_SIZE, list_models
 
@@ -135,6 +135,9 @@ class TrainRun:
     overwrite: bool = False  # move a run folder that holds a run aside (main.py's RunClaim)
     save_every: int = 50  # also save every N epochs (0 = at the end only)
     tensorboard: bool = True
+
+    def __post_init__(self):
+        check_run_fields(self)
 
     def run_dir(self, category: str, arch: str) -> Path:
         return Path(self.ckpt_dir) / f"{category}-{arch}"

@@ -45,16 +45,6 @@ def run_files(run_dir: Path) -> list[str]:
                   if (p.suffix == ".pt" or p.name == LOG_NAME) and not p.name.startswith("."))
 
 
-def aside_path(run_dir: Path) -> Path:
-    """``<run>.old-<date>-<time>`` next to ``run_dir`` (``-2``, ``-3`` ... when taken)."""
-    base = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    candidate, n = base, 1
-    while candidate.exists() or candidate.is_symlink():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
-
-
 def lock_holder(run_dir: Path) -> str:
     """What the lock file says about its holder ("pid 123 on host since ..."), or "unknown"."""
     try:
@@ -146,7 +136,7 @@ class RunLock:
 
         One ``rename`` of the whole folder, so the old run is never split between two folders.
         """
-        aside = aside_path(self.run_dir)
+        aside = fileio.aside_path(self.run_dir)
         try:
             os.rename(self.run_dir, aside)
         except OSError as exc:
@@ -221,6 +211,11 @@ class RunClaim:
             else:
                 where = f"{', '.join(str(d) for d in refused)} already hold runs ({files})"
                 moved = "<run>.old-<date>-<time>"
+            if self.resume and self.resume != "auto":  # --resume FILE names another run's checkpoint
+                raise UserError(f"{where}; --resume {self.resume} is not that run's checkpoint (it continues "
+                                f"training from another file): give --resume without a file (or "
+                                f"{refused[0] / CHECKPOINT_NAME}) to continue this run, --overwrite to move it aside "
+                                f"to {moved} and start from {self.resume}, or choose another --ckpt-dir")
             raise UserError(f"{where}; add --resume to continue, --overwrite to start over (the old run is moved "
                             f"to {moved}, nothing is deleted), or choose another --ckpt-dir")
         if self.epochs is not None:

@@ -19,6 +19,7 @@ import torch
 
 from common.distributed import DistInfo, all_reduce_sum, cleanup
 from common.runtime import resolve_device
+from common.settings import category_list, check_stage_arguments
 
 from .config import TrainConfig, TrainRun
 from .loop import train_category
@@ -34,6 +35,8 @@ def train_categories(config: TrainConfig, run: TrainRun, categories: list[str],
     command line passes its flag); ``banner`` (what is about to be trained) is printed once the
     run folders are claimed, so a refusal is one line.
     """
+    check_stage_arguments(config, TrainConfig, run, TrainRun)
+    categories = category_list(categories)
     dist_info = dist_info or DistInfo()
     device = resolve_device(device, dist_info.local_rank)
     done = []

@@ -11,11 +11,14 @@ output folder before anything else, so even a run that was killed half-way can b
   run with pictures, are kept: they are the same run's); any other identity gets the next
   version, so results of another checkpoint, other settings or other images are never replaced.
 - ``--out DIR``: exactly that folder, the same way; results of another run there are only
-  replaced (cleared first) with ``--overwrite``.
+  replaced with ``--overwrite``, which moves them to ``DIR.old-<date>-<time>`` first (as
+  training's ``--overwrite`` does): nothing is deleted.
+- A folder whose run was killed before ``results.json`` (``.identity.json`` and no results) is
+  unfinished: the next run of that identity clears it first, so no partial file stays beside it.
 - :func:`run_folder` publishes a run only when it succeeds: ``latest`` moves then, and a run that
   fails leaves no new version behind (and ``latest`` where it was).
 
-Clearing removes only the files a scoring run writes (:data:`RUN_FILES`), never anything else.
+Clearing and moving aside touch only the files a scoring run writes (:data:`RUN_FILES`), never anything else.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from common import fileio
 from common.errors import SettingError, UserError
 
 from .report import write_json
@@ -67,7 +72,14 @@ def _claim(folder: Path, identity: dict) -> Path:
     """Write this run's identity into ``folder`` first (made if need be)."""
     if folder.exists() and not folder.is_dir():
         raise SettingError("out", str(folder), "is a file, not a folder; give a folder for the results")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in fileio.WRITE_ERRNOS:  # a full disk, no permission: the command line's "cannot write"
+            raise
+        # e.g. under /proc: no such place can hold files
+        raise SettingError("out", str(folder), f"cannot be made ({exc.strerror}); choose a folder you can "
+                                               "write") from None
     write_json(folder / IDENTITY_FILE, identity)
     return folder
 
@@ -108,13 +120,35 @@ def versioned_dir(base: Path, identity: dict) -> Path:
     return chosen
 
 
+def move_run_files_aside(folder: Path) -> Path:
+    """Move what a scoring run wrote into ``folder`` (and only that) to ``<folder>.old-<date>-<time>``,
+    as training's ``--overwrite`` does with a run folder: nothing is deleted."""
+    aside = fileio.aside_path(folder)
+    aside.mkdir()
+    for name in RUN_FILES:
+        target = folder / name
+        if target.exists() or target.is_symlink():
+            os.replace(target, aside / name)
+    return aside
+
+
+def unfinished(folder: Path) -> bool:
+    """A folder a run claimed and never finished (killed before ``results.json``): its files are
+    partial, whatever they are."""
+    return (folder / IDENTITY_FILE).exists() and not (folder / "results.json").exists()
+
+
 def explicit_dir(folder: Path, identity: dict, overwrite: bool, flag: str = "--out") -> Path:
-    """``--out DIR``: reused by a re-run of the same identity; another run's results need ``--overwrite``
-    (and are cleared first)."""
+    """``--out DIR``: reused by a re-run of the same identity (an unfinished one's files cleared first);
+    another run's results need ``--overwrite``, and are then moved to ``DIR.old-<date>-<time>``."""
     if holds_results(folder) and _read_identity(folder) != identity:
         if not overwrite:
             raise UserError(f"{flag} {folder} holds results of another checkpoint or other settings; pass "
-                            f"--overwrite to replace them, or choose another {flag}")
+                            f"--overwrite to move them aside (to {folder.name}.old-<date>-<time>), or choose "
+                            f"another {flag}")
+        aside = move_run_files_aside(folder)
+        print(f"{flag} {folder}: the earlier results moved to {aside}", file=sys.stderr)
+    elif unfinished(folder):
         clear_run_files(folder)
     return _claim(folder, identity)
 
@@ -126,6 +160,8 @@ def run_folder(base: Path, identity: dict, explicit: bool, overwrite: bool) -> I
     points to it. If the run fails, a folder it made is removed again (in a folder that held no
     results, what it wrote), so no empty or half-written version is left, and ``latest`` stays."""
     target = base if explicit else chosen_version(base, identity)
+    if not explicit and unfinished(target):  # a run of this identity killed half-way: start it clean
+        clear_run_files(target)
     made, held = not target.exists(), holds_results(target)
     folder = explicit_dir(base, identity, overwrite) if explicit else _claim(target, identity)
     try:

@@ -40,7 +40,7 @@ def parse_layers(text: str) -> list[int]:
 def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     parser = cli.ArgumentParser(
         description=f"Score test images with the {fusion} fusion of multi-level features (stage 2).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=cli.DefaultsHelpFormatter)
     data = parser.add_argument_group("Data")
     data.add_argument("--c", "--category", dest="category", default="all",
                       help="category under --data-root, a comma list, or 'all'")

@@ -19,6 +19,7 @@ files a single process writes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import resource
 import time
@@ -30,9 +31,19 @@ import torch
 from common.distributed import DistInfo, barrier
 from common.errors import SettingError, UserError
 from common.runtime import resolve_device, resolve_workers
+from common.settings import category_list, check_stage_arguments
 from data import train_images
+from data.mvtec import test_samples
 
-from ..building import TrainingImages, build_detector, features_of, files_digest, load_network, resolve_config
+from ..building import (
+    TrainingImages,
+    build_detector,
+    features_of,
+    file_sha256,
+    files_digest,
+    load_network,
+    resolve_config,
+)
 from ..config import ScoreConfig
 from ..detector import detector_state
 from ..metrics import above_threshold
@@ -122,6 +133,20 @@ def folder_record(detector, run: ScoringRun, out_dir: Path | None, listing: tupl
     }
 
 
+def data_digest(run: ScoringRun, category: str, listing: tuple[list[Path], list[dict]] | None) -> str:
+    """The files a run scores, by name and content: the ``--images`` folder's images, or the test
+    set's images and masks."""
+    if listing is not None:
+        return files_digest(listing[0])
+    root = Path(run.data_root) / category
+    samples = test_samples(run.data_root, category)
+    files = [s.path for s in samples] + [s.mask_path for s in samples if s.mask_path is not None]
+    digest = hashlib.sha256()
+    for path in files:  # by path below the category (good/001.png and crack/001.png differ by their label)
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + file_sha256(path).encode())
+    return digest.hexdigest()
+
+
 def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: torch.device,
                    out_per_category: bool = False, shards: DistInfo = ONE_PROCESS) -> dict | None:
     """Score one category; writes the run's files under its output folder and returns the record
@@ -137,16 +162,22 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
     config = resolve_config(config, info, train.paths)
     listing = None
     if run.images is not None:
+        if Path(run.images).is_file():
+            raise SettingError("images", run.images, "is a file; give a folder of images (put the file in a "
+                                                     "folder, or use Detector.predict for single files)")
         if not Path(run.images).is_dir():
             raise SettingError("images", run.images, "no such folder")
         listing = folder_images(Path(run.images))
     target = detector_target(run, ckpt_path, config.fusion)
     need_threshold = (listing is not None or target is not None) and config.threshold is None
-    if run.shard_bank and shards.enabled:
+    if run.shard_bank and not shards.enabled:
+        raise UserError("--shard-bank (ScoringRun.shard_bank) splits the bank over torchrun processes: run the "
+                        "script under torchrun --nproc_per_node=N, or leave it out")
+    if run.shard_bank:
         check_shardable(config, need_threshold, target)
-    # Only rank 0 writes: the others need no identity (a digest of every --images file).
+    # Only rank 0 writes: the others need no identity (a digest of every file scored).
     identity = run_identity(config, run, category, info["sha256"], train.digest,
-                            listing and files_digest(listing[0])) if shards.is_main else None
+                            data_digest(run, category, listing)) if shards.is_main else None
     base, explicit = output_place(run, ckpt_path, config.fusion, category, out_per_category)
     # The folder is claimed before the bank is built: a refusal costs nothing, a failure leaves no version.
     claim = run_folder(base, identity, explicit, run.overwrite) if shards.is_main else contextlib.nullcontext()
@@ -249,6 +280,8 @@ def score_categories(config: ScoreConfig, run: ScoringRun, categories: list[str]
     ``init_distributed(device.type, backend="gloo")``: scoring sends objects and host tensors):
     the images are split over the processes and rank 0 writes the results and returns the
     records (the others an empty list)."""
+    check_stage_arguments(config, ScoreConfig, run, ScoringRun)
+    categories = category_list(categories)
     if shards.enabled and torch.distributed.get_backend() != "gloo":
         raise SettingError("shards", shards, "scoring needs a gloo process group (it sends objects and host "
                                              "tensors): init_distributed(device.type, backend='gloo')")

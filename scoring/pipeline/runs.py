@@ -13,6 +13,7 @@ from pathlib import Path
 
 import models
 from common.errors import SettingError
+from common.settings import check_run_fields
 
 from ..config import ScoreConfig
 from .synthetic_check import CHECK_AUGS
@@ -40,6 +41,9 @@ class ScoringRun:
     save_detector: str | None = None  # write the detector file here ('' = <run folder>/detector-<fusion>.pt)
     shard_bank: bool = False  # under torchrun: each process holds 1/N of the bank (else 1/N of the images)
     command: str = ""  # the command line, for results.json
+
+    def __post_init__(self):
+        check_run_fields(self)
 
 
 def default_run(ckpt_dir: str | Path, category: str, arch: str | None) -> str:
@@ -110,13 +114,14 @@ def settings_record(config: ScoreConfig, backend: str) -> dict:
 
 
 def run_identity(config: ScoreConfig, run: ScoringRun, category: str, ckpt_sha: str, train_digest: str,
-                 images_digest: str | None = None) -> dict:
+                 data_digest: str | None = None) -> dict:
     """What a run's results depend on (see :mod:`scoring.outputs.folders`): speed settings left out; the
-    training images by content (``train_digest``: they make the bank); an ``--images`` folder by its
-    path and its files (``images_digest``: their names and contents), so scoring tomorrow's images
-    in the same folder makes a new version instead of replacing today's."""
-    source = {"images": os.path.abspath(run.images), "images_sha256": images_digest} if run.images is not None \
-        else {"data_root": os.path.abspath(run.data_root)}
+    training images by content (``train_digest``: they make the bank); the data scored by its files
+    (``data_digest``: names and contents of an ``--images`` folder's files, or of the test set's
+    images and masks), so scoring tomorrow's images in the same folder, or a test set with images
+    removed, makes a new version instead of mixing with the earlier one."""
+    source = {"images": os.path.abspath(run.images), "images_sha256": data_digest} if run.images is not None \
+        else {"data_root": os.path.abspath(run.data_root), "test_sha256": data_digest}
     settings = {k: v for k, v in settings_record(config, "").items() if k not in ScoreConfig.names("speed")}
     return {"checkpoint_sha256": ckpt_sha, "category": category, "fusion": config.fusion, **source,
             "train_files_sha256": train_digest, "settings": settings}
