@@ -67,9 +67,24 @@ def test_normal_image_third_tile_says_no_region():
     (y, x_image), = find(out, big_image)  # the image appears once: the third tile is not it again
     (_, x_heat), = find(out, big_overlay)
     third = out[y:y + 256, 2 * x_heat - x_image:][:, :256]
-    assert (third == 255).all(axis=2).sum() > 20  # white words "no region above threshold" on black
-    assert (third == 0).all(axis=2).sum() > 1000
+    # The dimmed image, with nothing drawn over it (the caption above says nothing is predicted).
+    assert np.array_equal(third, enlarge(tiles[2], 4))
+    caption = out[y - 40:y, 2 * x_heat - x_image:][:, :256]
+    assert (caption < 128).all(axis=2).sum() > 50  # dark words above the tile
     assert not (third == (255, 0, 0)).all(axis=2).any()  # no red outline: nothing predicted
+
+
+def test_a_narrow_frame_panel_keeps_its_words_inside():
+    """416 x 160 (KolektorSDD's frame): the tiles are widened (integer factor) so the title, the
+    captions and the legend fit; nothing is drawn past the panel's edge."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (416, 160, 3), dtype=np.uint8)
+    heat = np.zeros((416, 160))
+    heat[200:220, 70:90] = 1.0
+    mask = heat > 0.5
+    out = render_panel(image, heat, 0.0, 1.0, 0.5, mask, score=1.0, title="kos10_part5.png (crack)", label="crack")
+    assert out.shape[1] >= 3 * 192  # each tile at least MIN_TILE_WIDTH wide
+    assert (out[:, -4:] == 255).all() and (out[-4:] == 255).all()  # a white margin: no word cut at the edge
 
 
 def test_outlines_ground_truth_and_prediction():

@@ -70,6 +70,8 @@ def test_two_processes_give_the_one_process_results(tiny_root, trained, tmp_path
         "mult-exact": {"fusion": "multiplication", "smooth": 4.0},
         "mult-coreset": {"fusion": "multiplication", "coreset": 0.5},
         "images-coreset": {"fusion": "concatenation", "coreset": 0.5, "images": scratch},
+        # the recipe's settings: a non-square frame larger than the training side, a certified coreset
+        "frame-coreset": {"fusion": "multiplication", "coreset": 0.5, "frame": "64x32"},
         "images-threshold": {"fusion": "multiplication", "coreset": 0.5, "k": 2, "images": scratch,
                              "threshold": 1.0},
     }

@@ -17,7 +17,7 @@ from training import TrainConfig
     ({"threshold": -1.0}, "threshold=-1.0: must be a positive number"),
     ({"threshold": float("nan")}, "threshold=nan: must be a positive number"),
     ({"coreset": 2.0}, r"coreset=2.0: must be in \(0, 1\]"),
-    ({"smooth": -1.0}, "smooth=-1.0: must be a number, 0 or more"),
+    ({"smooth": -1.0}, "smooth=-1.0: must be a number from 0 to 100 px"),
     ({"calib_percentile": 150.0}, r"calib_percentile=150.0: must be in \(0, 100\]"),
     ({"size": 0}, "size=0: the network needs 32 to 4096 px"),
     ({"size": 100000}, "size=100000: the network needs 32 to 4096 px"),

@@ -5,7 +5,7 @@ A panel explains itself, so it can be read without this file:
 * a header: the title (file name, defect type) and ``score S / threshold T -> ANOMALOUS``;
 * three captioned tiles: the input ``image`` | the ``heatmap`` over the image | the image with
   the ground-truth outline (green) and the predicted region (red outline: map > threshold), the
-  rest dimmed, or, when nothing is above the threshold, the dimmed image saying so;
+  rest dimmed (when nothing is above the threshold, its caption says so);
 * under the heatmap, its colour bar from ``vmin`` to ``vmax`` with the threshold marked.
 
 One colour scale for the whole run (``vmin``, ``vmax``), so panels compare with each other.
@@ -27,6 +27,7 @@ from ..metrics import above_threshold
 GREEN, RED = (0, 255, 0), (255, 0, 0)
 VERDICT_COLOURS = {"ANOMALOUS": (200, 0, 0), "NORMAL": (0, 120, 0)}
 MIN_PANEL_HEIGHT = 256  # smaller images are enlarged (nearest, integer factor) to at least this
+MIN_TILE_WIDTH = 192  # and narrow ones (a 416 x 160 frame) to at least this wide: the words must fit
 DIM = 0.4  # brightness kept outside the predicted region in the third tile
 
 
@@ -154,19 +155,6 @@ def header_lines(threshold: float | None, score: float | None, verdict: str | No
     return header
 
 
-def draw_no_region_note(draw: ImageDraw.ImageDraw, thresholded: bool, left: int, top: int, tile_w: int, tile_h: int,
-                        line: int, face) -> None:
-    """The third tile shows the dimmed image: say why, across its middle."""
-    message = "no region above threshold" if thresholded else "no threshold set"
-    lines = wrap(message, tile_w - 8, face)
-    box_h = len(lines) * line + 6
-    box_top = top + (tile_h - box_h) // 2
-    draw.rectangle((left, box_top, left + tile_w - 1, box_top + box_h), fill=(0, 0, 0))
-    for i, text in enumerate(lines):
-        draw.text((left + (tile_w - text_width(text, face)) // 2, box_top + 3 + i * line), text,
-                  fill=(255, 255, 255), font=face)
-
-
 def draw_scale_labels(draw: ImageDraw.ImageDraw, vmin: float, vmax: float, threshold: float | None, left: int,
                       tile_w: int, bar_top: int, bar_h: int, pointer: int, line: int, margin: int,
                       legend_left: int, face) -> None:
@@ -200,16 +188,20 @@ def render_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, 
 
     See :func:`save_panel` for the arguments.
     """
-    scale = max(1, MIN_PANEL_HEIGHT // image.shape[0])
+    scale = max(1, MIN_PANEL_HEIGHT // image.shape[0], -(-MIN_TILE_WIDTH // image.shape[1]))
     tiles = [t.repeat(scale, axis=0).repeat(scale, axis=1) if scale > 1 else t
              for t in panel(image, heat, vmin, vmax, threshold, mask)]
     tile_h, tile_w = tiles[0].shape[:2]
-    face = font(font_size(tile_h))
+    face = font(font_size(min(tile_h, 2 * tile_w)))  # a tall, narrow tile: text sized by its width
     line = face.getbbox("Ag")[3] + 4  # one text line's height
     gap, margin = max(4, line // 3), max(6, line // 2)
     width = 3 * tile_w + 2 * gap + 2 * margin
     header = header_lines(threshold, score, verdict, title, label, width - 2 * margin, face)
     third = "ground truth (green) and prediction (red)" if mask is not None else "prediction (red)"
+    thresholded = has_threshold(threshold)
+    if not (thresholded and above_threshold(heat, threshold).any()):
+        # Said above the tile, never over it: a box across the middle hid the defect it should show.
+        third += ": none above the threshold" if thresholded else ": no threshold set"
     captions = [wrap(c, tile_w, face) for c in ("image", f"heatmap ({fmt(vmin)} .. {fmt(vmax)})", third)]
     caption_h = max(len(c) for c in captions) * line
     bar_h, pointer = max(8, line // 2), max(5, line // 3)
@@ -232,9 +224,6 @@ def render_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, 
     for left, lines in zip(lefts, captions):
         for i, text in enumerate(lines):
             draw.text((left, y + gap + i * line), text, fill=(0, 0, 0), font=face)
-    thresholded = has_threshold(threshold)
-    if not (thresholded and above_threshold(heat, threshold).any()):
-        draw_no_region_note(draw, thresholded, lefts[2], top_tiles, tile_w, tile_h, line, face)
     draw_scale_labels(draw, vmin, vmax, threshold, lefts[1], tile_w, bar_top, bar_h, pointer, line, margin,
                       lefts[2], face)
     return np.asarray(picture)
