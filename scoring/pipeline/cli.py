@@ -46,7 +46,8 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
                       help="category under --data-root, a comma list, or 'all'")
     data.add_argument("--data-root", default=ScoringRun.data_root, help="MVTec-layout data root")
     data.add_argument("--size", type=int, default=DEFAULT("size"),
-                      help="image size (default: the checkpoint's, else 256)")
+                      help="the network's training side (default: the checkpoint's, else 256); images are "
+                           "resized to the frame (--frame), which is size x size only for a square frame")
     data.add_argument("--frame", default=DEFAULT("frame"),
                       help="what images are resized to: square (size x size), auto (the training images' "
                            "aspect ratio and size, up to 4x the area) or HxW (default: the checkpoint's)")
