@@ -150,6 +150,7 @@ def no_space(path: str | os.PathLike, detail: str) -> OSError:
 def aside_path(run_dir: Path) -> Path:
     """``<name>.old-<date>-<time>`` next to ``run_dir`` (``-2``, ``-3`` ... when taken): where a run's
     files are moved aside instead of being deleted (training and scoring ``--overwrite``)."""
+    run_dir = Path(run_dir).resolve()  # "." and "/" have no name to extend
     base = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     candidate, n = base, 1
     while candidate.exists() or candidate.is_symlink():

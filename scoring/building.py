@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from common.distributed import DistInfo, block
 from common.errors import SettingError, UserError
-from data.frames import frame_for_images, frame_text
+from data.frames import frame_for_images, frame_problem, frame_text
 from data.images import list_images
 from models.checkpoint import build_from_checkpoint, read_checkpoint
 
@@ -109,8 +109,10 @@ def resolve_config(config: ScoreConfig, info: dict, train_paths: list[Path] | No
         spec = frame_text(recorded) if recorded and same_size and recorded != (size, size) else "square"
     if spec == "auto" and train_paths is None:
         raise ValueError("the auto frame needs the training images (train_paths)")
-    frame = frame_for_images(spec, size, train_paths or [])
-    return config.replace(size=size, frame="square" if frame == (size, size) else frame_text(frame),
+    frame = frame_text(frame_for_images(spec, size, train_paths or []))
+    # Resolved frames are stored as HxW (bank cache keys, identities and detector files read them so);
+    # "square" only where HxW cannot say it: a side no multiple of 32 (a network trained at 100 px).
+    return config.replace(size=size, frame=frame if frame_problem(frame) is None else "square",
                           map_source=dense.resolve_map_source(config.map_source, bool(info.get("dense"))))
 
 
@@ -183,8 +185,9 @@ def build_detector(network: torch.nn.Module, info: dict, config: ScoreConfig, tr
             calibration = {**calibration, "threshold": threshold.to_dict(), **({"map_norm": norm} if norm else {})}
         if cache is not None:
             cache.write(entry, config, calibration)
-    if not calibrate and not cached:
-        calibration = {k: v for k, v in calibration.items() if k != "threshold"}  # made for the norm only
+    # calibrate=False: no threshold, whether this call made one for the norm or the cache held one.
+    if not calibrate:
+        calibration = {k: v for k, v in calibration.items() if k != "threshold"}
     detector = assemble(network, config, entry["banks"], calibration, provenance(info, train), device,
                         shards if sharded else None)
     return detector, cached

@@ -71,7 +71,7 @@ class ScoreConfig(Settings):
             return explicit
         if self.frame in (None, "square") and self.size is not None:
             return self.size, self.size
-        raise ValueError(f"config.frame={self.frame!r} must be resolved first (scoring.detector.resolve_config)")
+        raise ValueError(f"config.frame={self.frame!r} must be resolved first (scoring.building.resolve_config)")
 
     @property
     def preprocessing(self) -> Preprocessing:

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 import models
 from common.errors import UserError
 from common.runtime import resolve_device
+from common.settings import is_number
 from data.frames import Frame
 from models.checkpoint import (
     HEAD_PREFIX,
@@ -37,6 +38,7 @@ from models.checkpoint import (
 )
 
 from .config import ScoreConfig
+from .engine import dense
 from .engine.calibration import Threshold
 from .engine.features import pooled_features
 from .engine.model import AnomalyModel, bank_grids
@@ -273,14 +275,28 @@ def detector_state_problem(state: dict) -> str | None:
         for name, tensor in (("rows", rows), ("whole bank", full)):
             if isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
                 return f"memory bank {i}'s {name} hold NaN or infinite values"
-    threshold = state.get("threshold")
+    if "threshold" not in state:
+        return "it has no threshold entry (None when it has no threshold)"
+    threshold = state["threshold"]
     if threshold is not None:
         value = threshold.get("value") if isinstance(threshold, dict) else None
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"its threshold is {value!r}, not a finite number"
+        if not isinstance(threshold.get("source"), str):
+            return "its threshold does not say where it comes from (source)"
+    norm = state.get("map_norm")
+    if dense.uses_head(config.map_source) and not (
+            isinstance(norm, dict) and all(is_number(norm.get(key)) for key in dense.norm_keys(config.map_source))):
+        return f"the {config.map_source} map source needs the maps' normalisation (map_norm), it holds {norm!r}"
+    if not isinstance(state.get("provenance"), dict):
+        return "it has no provenance entry"
     network = state.get("network")
     if not isinstance(network, dict) or not isinstance(network.get("state_dict"), dict):
         return "it holds no network weights"
+    if network.get("arch") not in models.list_models() or not isinstance(network.get("num_classes"), int) \
+            or not isinstance(network.get("wavelet"), str):
+        return (f"its network entry names arch {network.get('arch')!r}, wavelet {network.get('wavelet')!r}, "
+                f"{network.get('num_classes')!r} classes")
     return None
 
 

@@ -43,7 +43,8 @@ def as_image_list(images) -> list:
         return list(images)
     if isinstance(images, torch.Tensor) and images.ndim == 4:  # a float batch (N, C, H, W)
         return list(images.unbind(0))
-    if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor)) or not isinstance(images, Sequence):
+    if isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor, bytes, bytearray)) or \
+            not isinstance(images, Sequence):
         return [images]  # Preprocessing.prepare() names what it cannot score
     return list(images)
 

@@ -8,6 +8,7 @@ ONNX export of a tiled frame.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import re
@@ -156,6 +157,20 @@ def test_a_network_trained_at_100_px_can_be_scored(checkpoint, tiny_root, tmp_pa
     code, err = run_score(score_args(tiny_root, checkpoint, tmp_path / "out", "--save-maps"), capsys)
     assert code == 0, err
     assert np.load(tmp_path / "out" / "maps.npz")["maps"].shape == (6, 100, 100)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["settings"]["frame"] == "square"
+
+
+def test_a_resolved_square_frame_keeps_its_hxw_form():
+    """Bank cache keys, run identities and detector files hold the resolved frame as HxW (as they
+    always did: caches written before stay readable); "square" only where HxW cannot say it."""
+    from scoring.building import resolve_config
+    from scoring.pipeline.cache import bank_settings
+
+    info = {"size": 32, "frame": [32, 32], "dense": False}
+    config = resolve_config(ScoreConfig(), info)
+    assert config.frame == "32x32" and config.frame_hw == (32, 32)
+    assert bank_settings(config, "sha", "digest")["frame"] == "32x32"
+    assert resolve_config(ScoreConfig(), {**info, "size": 100, "frame": [100, 100]}).frame == "square"
 
 
 def test_onnx_of_a_tiled_frame_scores_as_predict(trained, tiny_root, tmp_path, capsys):
@@ -235,6 +250,12 @@ def test_a_changed_test_set_is_another_version_and_a_killed_one_starts_clean(tra
     (base / "v1" / "results.json").unlink()
     (base / "v1" / "heatmaps").mkdir()
     (base / "v1" / "heatmaps" / "stale.png").write_bytes(b"partial")
+    # ... but not while that run is still alive (it holds the folder's lock): then one line, nothing touched.
+    with (base / "v1" / ".scoring.lock").open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, err = run_score(args, capsys)
+        assert code == 2 and "is being written by another scoring run" in one_line(err)
+        assert (base / "v1" / "heatmaps" / "stale.png").exists()
     assert run_score(args, capsys)[0] == 0
     assert (base / "v1" / "results.json").is_file() and not (base / "v1" / "heatmaps").exists()
     assert not (base / "v2").exists()
@@ -251,3 +272,20 @@ def test_out_overwrite_moves_the_earlier_results_aside(trained, tiny_root, tmp_p
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("out.old-")]
     assert len(aside) == 1 and (aside[0] / "results.json").read_bytes() == before
     assert (out / "notes.txt").read_text() == "mine" and json.loads((out / "results.json").read_text())
+
+
+def test_out_dot_overwrite_moves_aside_next_to_it(trained, tiny_root, tmp_path, capsys, monkeypatch):
+    """``--out . --overwrite``: "." has no name to extend until it is made absolute."""
+    checkpoint = trained / "widget-wave18" / "model.pt"
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert run_score(score_args(tiny_root, checkpoint, "."), capsys)[0] == 0
+    code, err = run_score(score_args(tiny_root, checkpoint, ".", "--k", "2", "--overwrite"), capsys)
+    assert code == 0, err
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("here.old-")]) == 1
+
+
+def test_predict_names_bytes():
+    from scoring.inputs import as_image_list
+
+    assert as_image_list(b"\x89PNG...") == [b"\x89PNG..."]  # one (undecoded) image, not a list of ints

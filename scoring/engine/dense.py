@@ -40,6 +40,11 @@ def uses_head(map_source: str) -> bool:
     return map_source in ("head", "fused")
 
 
+def norm_keys(map_source: str) -> tuple[str, ...]:
+    """The entries :func:`map_norm` gives for ``map_source`` (``head``: the head's alone; ``fused``: both)."""
+    return ("head_mean", "head_std") + (("knn_mean", "knn_std") if map_source == "fused" else ())
+
+
 def map_norm(knn_maps: torch.Tensor | None, head_maps: torch.Tensor) -> dict[str, float]:
     """Mean and standard deviation of each kind of map ``(N, S, S)`` over normal training images
     (the head's alone when ``knn_maps`` is ``None``: the ``head`` map source)."""

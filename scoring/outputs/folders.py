@@ -24,6 +24,7 @@ Clearing and moving aside touch only the files a scoring run writes (:data:`RUN_
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
@@ -38,6 +39,7 @@ from common.errors import SettingError, UserError
 from .report import write_json
 
 IDENTITY_FILE = ".identity.json"
+LOCK_FILE = ".scoring.lock"  # held while a run writes (not a result: never cleared or moved)
 LATEST = "latest"
 # Everything a scoring run may write into its folder (files and folders).
 RUN_FILES = ("results.json", "results.md", "results.csv", "image_scores.csv", "scores.csv", "maps.npz",
@@ -68,10 +70,8 @@ def clear_run_files(folder: Path) -> None:
             target.unlink()
 
 
-def _claim(folder: Path, identity: dict) -> Path:
-    """Write this run's identity into ``folder`` first (made if need be)."""
-    if folder.exists() and not folder.is_dir():
-        raise SettingError("out", str(folder), "is a file, not a folder; give a folder for the results")
+def _make(folder: Path) -> None:
+    """``folder`` and its parents; a place that can hold no folder is a :class:`SettingError`."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -80,6 +80,13 @@ def _claim(folder: Path, identity: dict) -> Path:
         # e.g. under /proc: no such place can hold files
         raise SettingError("out", str(folder), f"cannot be made ({exc.strerror}); choose a folder you can "
                                                "write") from None
+
+
+def _claim(folder: Path, identity: dict) -> Path:
+    """Write this run's identity into ``folder`` first (made if need be)."""
+    if folder.exists() and not folder.is_dir():
+        raise SettingError("out", str(folder), "is a file, not a folder; give a folder for the results")
+    _make(folder)
     write_json(folder / IDENTITY_FILE, identity)
     return folder
 
@@ -160,17 +167,40 @@ def run_folder(base: Path, identity: dict, explicit: bool, overwrite: bool) -> I
     points to it. If the run fails, a folder it made is removed again (in a folder that held no
     results, what it wrote), so no empty or half-written version is left, and ``latest`` stays."""
     target = base if explicit else chosen_version(base, identity)
-    if not explicit and unfinished(target):  # a run of this identity killed half-way: start it clean
-        clear_run_files(target)
-    made, held = not target.exists(), holds_results(target)
-    folder = explicit_dir(base, identity, overwrite) if explicit else _claim(target, identity)
-    try:
-        yield folder
-    except BaseException:
-        if made:
-            shutil.rmtree(folder, ignore_errors=True)
-        elif not held:  # a folder of the user's own files: only what this run wrote goes
-            clear_run_files(folder)
-        raise
+    made = not target.exists()
+    with writing_lock(target):
+        if not explicit and unfinished(target):  # a run of this identity killed half-way: start it clean
+            clear_run_files(target)
+        held = holds_results(target)
+        folder = explicit_dir(base, identity, overwrite) if explicit else _claim(target, identity)
+        try:
+            yield folder
+        except BaseException:
+            if made:
+                shutil.rmtree(folder, ignore_errors=True)
+            elif not held:  # a folder of the user's own files: only what this run wrote goes
+                clear_run_files(folder)
+            raise
     if not explicit:
         point_latest(base, folder)
+
+
+@contextlib.contextmanager
+def writing_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder/.scoring.lock`` (made with the folder if need be) while a run writes there: a
+    second run of the same identity is refused instead of clearing a live run's files as unfinished.
+    The lock goes with its process, so a killed run's folder is free for the next one."""
+    if folder.exists() and not folder.is_dir():
+        raise SettingError("out", str(folder), "is a file, not a folder; give a folder for the results")
+    _make(folder)
+    handle = (folder / LOCK_FILE).open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"{folder} is being written by another scoring run of the same checkpoint and settings "
+                        "right now; wait for it to finish (its results will be there)") from None
+    try:
+        yield
+    finally:
+        handle.close()  # closing releases the lock
