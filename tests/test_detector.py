@@ -1,6 +1,5 @@
 """The trained detector as one object: Python API, one-file save/load, and parity with the CLI."""
 
-import csv
 import json
 import re
 
@@ -39,13 +38,21 @@ def test_cli_metrics_are_the_metrics_of_predicts_maps(fusion, extra, tiny_root, 
     target = tmp_path / "widget.detector.pt"
     score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), "--out", str(tmp_path / "r"),
            "--batch-size", "4", "--no-pictures", "--save-detector", str(target), *extra], fusion)
-    m = json.loads((tmp_path / "r" / "results.json").read_text())["metrics"]
+    record = json.loads((tmp_path / "r" / "results.json").read_text())
+    m = record["metrics"]
+    assert record["files"]["detector"] == str(target)
+    state = torch.load(target, weights_only=True)  # plain tensors and values only
+    assert state["format_version"] == FORMAT_VERSION and state["config"]["fusion"] == fusion
     detector = Detector.load(target, device="cpu")
+    assert detector.config.fusion == fusion and detector.size == 32 and detector.threshold > 0
+    assert detector.provenance["sha256"] == record["checkpoint"]["sha256"]  # the checkpoint, by content
     dataset = category_test_set(tiny_root, "widget", detector.config)
     items = [dataset[i] for i in range(len(dataset))]
     labels = np.array([item["label"] for item in items])
     masks = np.stack([item["mask"].numpy() for item in items])
     prediction = detector.predict([item["path"] for item in items])
+    assert prediction.maps.shape == (6, 32, 32) and prediction.maps.dtype == np.float32
+    np.testing.assert_allclose(prediction.normalized_scores, prediction.scores / detector.threshold, rtol=1e-6)
     ours = {"image_auroc": metrics.image_auroc(labels, prediction.scores),
             "pixel_auroc": metrics.pixel_auroc(masks, prediction.maps), "aupro": metrics.aupro(masks, prediction.maps),
             "pixel_ap": metrics.pixel_ap(masks, prediction.maps),
@@ -55,28 +62,6 @@ def test_cli_metrics_are_the_metrics_of_predicts_maps(fusion, extra, tiny_root, 
     for name, value in ours.items():
         assert m[name] == pytest.approx(value, abs=1e-4), name
     assert 0.6 < m["pixel_auroc"] < 1.0 and 0.1 < m["aupro"] < 1.0  # a map that finds the scratches, not all pixels
-
-
-@pytest.mark.parametrize("fusion", ["concatenation", "multiplication"])
-def test_saved_detector_scores_as_the_cli_did(fusion, tiny_root, trained, tmp_path):
-    target = tmp_path / "widget.detector.pt"
-    score(["--c", "widget", "--data-root", str(tiny_root), "--ckpt-dir", str(trained), "--out", str(tmp_path / "r"),
-           "--batch-size", "4", "--no-pictures", "--save-detector", str(target)], fusion)
-    with (tmp_path / "r" / "image_scores.csv").open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    record = json.loads((tmp_path / "r" / "results.json").read_text())
-    assert record["files"]["detector"] == str(target)
-    state = torch.load(target, weights_only=True)  # plain tensors and values only
-    assert state["format_version"] == FORMAT_VERSION and state["config"]["fusion"] == fusion
-    loaded = Detector.load(target, device="cpu")
-    assert loaded.config.fusion == fusion and loaded.size == 32 and loaded.threshold > 0
-    result = loaded.predict([row["path"] for row in rows])
-    np.testing.assert_allclose(result.scores, [float(row["score"]) for row in rows], rtol=1e-5, atol=2e-6)
-    assert result.maps.shape == (6, 32, 32) and result.maps.dtype == np.float32
-    assert np.array_equal(result.verdicts, result.scores > loaded.threshold)
-    np.testing.assert_allclose(result.normalized_scores, result.scores / loaded.threshold, rtol=1e-6)
-    # The provenance names the checkpoint by content.
-    assert loaded.provenance["sha256"] == record["checkpoint"]["sha256"]
 
 
 def test_predict_accepts_every_kind_of_image(detector, tiny_root):

@@ -51,8 +51,7 @@ STANDALONE = textwrap.dedent("""
                  certified=certified, outputs=len(outputs))
 """)
 VARIANTS = {"concatenation": {}, "multiplication": {"fusion": "multiplication"},
-            "coreset": {"coreset": 0.3, "refine": 4, "k": 2},
-            "frame": {"frame": "64x32"}}  # a frame larger than the training size, not square
+            "coreset": {"coreset": 0.3, "refine": 4, "k": 2}}  # frames: test_one_way_in
 
 
 def assert_scores_close(got: np.ndarray, expected: np.ndarray, threshold: float) -> None:

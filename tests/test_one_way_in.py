@@ -22,7 +22,7 @@ from PIL import Image
 import scoring.engine.features as features
 from common import cli
 from scoring import Detector
-from scoring.export import export, run_exported
+from scoring.export import export, read_metadata, run_exported
 from scoring.pipeline import cli as score_cli
 
 # name -> fusion, frame and flags of the scoring run, for a network trained on 32 px; both fusions,
@@ -106,6 +106,7 @@ def test_every_way_in_gives_each_image_the_same_score(name, tiny_root, trained, 
             if fmt == "onnx":
                 pytest.importorskip("onnxruntime")
             out = export(detector, fmt, tmp_path / f"widget.{fmt}")
+            assert read_metadata(out, fmt)["frame"] == list(detector.frame)
             scores = run_exported(out, fmt, np.stack(arrays))[0]
             # 1e-4 relative; a score below the threshold within 1e-4 of the threshold (test_export explains)
             assert np.all(np.abs(scores - expected) <= RTOL * np.maximum(np.abs(expected), detector.threshold)), fmt
