@@ -8,6 +8,7 @@ ONNX export of a tiled frame.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import json
 import math
@@ -40,6 +41,12 @@ def checkpoint(trained, tmp_path):
 def detector(trained, tiny_root):
     return Detector.fit(trained / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
                         ScoreConfig(batch_size=4), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def detector_state(detector, tmp_path_factory):
+    """What ``detector.save`` writes, as read back (``torch.load``): each edit test changes a copy."""
+    return torch.load(detector.save(tmp_path_factory.mktemp("state") / "d.pt"), weights_only=True)
 
 
 def score_args(tiny_root, checkpoint, out, *flags):
@@ -94,9 +101,9 @@ def run_export(argv, capsys):
     (lambda s: s["threshold"].update(value=float("nan")), "threshold is nan"),
     (lambda s: s["banks"][0]["rows"].__setitem__((0, 0), float("nan")), "NaN or infinite values"),
 ])
-def test_edited_detector_files_are_one_line(edit, message, detector, tmp_path):
-    path = detector.save(tmp_path / "d.pt")
-    state = torch.load(path, weights_only=True)
+def test_edited_detector_files_are_one_line(edit, message, detector_state, tmp_path):
+    path = tmp_path / "d.pt"
+    state = copy.deepcopy(detector_state)
     edit(state)
     torch.save(state, path)
     with pytest.raises(UserError, match=message):

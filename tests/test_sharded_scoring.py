@@ -76,8 +76,10 @@ def test_two_processes_give_the_one_process_results(tiny_root, trained, tmp_path
                              "threshold": 1.0},
     }
     sharded = {name: (name, settings) for name, settings in references.items() if name != "images-threshold"}
+    # (the bank split of mult-coreset is its two neighbours': a coreset chosen across processes, a
+    # multiplication's banks searched in parts)
     sharded.update({f"bank-{name}": (name, {**references[name], "shard_bank": True})
-                    for name in ("concat-coreset-k2", "mult-exact", "mult-coreset", "images-threshold")})
+                    for name in ("concat-coreset-k2", "mult-exact", "images-threshold")})
     jobs = [job(tiny_root, trained, tmp_path / "two" / name, **settings) for name, (_, settings) in sharded.items()]
     # Last, a run whose rank 1 is killed (SIGKILL) before it hands over its scores.
     jobs.append({**job(tiny_root, trained, tmp_path / "killed", fusion="concatenation"), "die_rank": 1})
