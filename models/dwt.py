@@ -103,6 +103,12 @@ class WaveletDownsample(nn.Module):
         )
         self._cache: dict[tuple, object] = {}
 
+    def reset_buffers(self) -> None:
+        """The filter again from the wavelet's name (on the filter's device): after ``to_empty``, which
+        leaves a non-persistent buffer uninitialised."""
+        self.filt = torch.tensor(lowpass_filter(self.wavelet), dtype=torch.float64, device=self.filt.device)
+        self._cache = {}
+
     def extra_repr(self) -> str:
         return f"wavelet={self.wavelet!r}, impl={self.impl!r}"
 

@@ -38,6 +38,8 @@ class SegHead(nn.Module):
             for c in in_channels[:HEAD_STAGES])
         self.fuse = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
                                   nn.ReLU(inplace=True), nn.Conv2d(width, 1, 1))
+        if self.fuse[-1].weight.is_meta:  # built to be loaded (models.checkpoint.empty_network)
+            return
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

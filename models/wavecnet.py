@@ -152,6 +152,8 @@ class WaveCNet(nn.Module):
         return nn.Sequential(*blocks), out_ch
 
     def _init_weights(self) -> None:
+        if self.conv1.weight.is_meta:  # built to be loaded (models.checkpoint.empty_network): nothing to draw
+            return
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

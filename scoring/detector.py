@@ -33,6 +33,7 @@ from data.frames import Frame
 from models.checkpoint import (
     HEAD_PREFIX,
     UNREADABLE,
+    empty_network,
     load_weights,
     save_atomic,
 )
@@ -213,9 +214,9 @@ class Detector:
         device = resolve_device(device)
         config = ScoreConfig.from_dict(state["config"])
         net = state["network"]
-        network = models.create_model(net["arch"], wavelet=net["wavelet"], num_classes=net["num_classes"],
-                                      dense=any(k.startswith(HEAD_PREFIX) for k in net["state_dict"]))
-        load_weights(network, net["state_dict"], str(path), net["arch"])
+        network = empty_network(net["arch"], net["wavelet"], net["num_classes"],
+                                any(k.startswith(HEAD_PREFIX) for k in net["state_dict"]))
+        load_weights(network, net["state_dict"], str(path), net["arch"])  # strict: every weight is set
         network = network.to(device, memory_format=torch.channels_last).eval()
         widths = bank_widths(network, config, device)
         found = [int(bank["rows"].shape[1]) for bank in state["banks"]]

@@ -122,3 +122,22 @@ def test_bad_files_are_user_errors(tmp_path):
         read_checkpoint(truncated)
     with pytest.raises(UserError, match="no network weights"):
         extract_state_dict({"epoch": 3})
+
+
+@pytest.mark.parametrize("arch, dense", [("wave18", False), ("wave50", True)])
+def test_a_network_built_to_be_loaded_scores_as_one_built_and_initialised(arch, dense):
+    """models.checkpoint.empty_network draws no weights (they are loaded at once); with the same
+    weights loaded it is the same network: wavelet filters rebuilt, every tensor on the CPU."""
+    from models.checkpoint import empty_network, load_weights
+
+    torch.manual_seed(0)
+    reference = models.create_model(arch, dense=dense).eval()
+    empty = empty_network(arch, "bior2.2", 3, dense)
+    assert not any(t.is_meta for t in [*empty.parameters(), *empty.buffers()])
+    load_weights(empty, reference.state_dict())
+    empty.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(reference.forward_features(x), empty.forward_features(x)):
+            assert torch.equal(a, b)
+    assert [p.requires_grad for p in empty.parameters()] == [p.requires_grad for p in reference.parameters()]
