@@ -180,6 +180,7 @@ def test_a_resolved_square_frame_keeps_its_hxw_form():
     assert resolve_config(ScoreConfig(), {**info, "size": 100, "frame": [100, 100]}).frame == "square"
 
 
+@pytest.mark.slow  # the default suite checks the same tile layout in ONNX small (test_one_way_in, tiled)
 def test_onnx_of_a_tiled_frame_scores_as_predict(trained, tiny_root, tmp_path, capsys):
     """1088 x 64: a side over 1024 px goes through the network in two tiles (not a multiple of the tile)."""
     pytest.importorskip("onnxruntime")
