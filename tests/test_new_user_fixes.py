@@ -297,3 +297,24 @@ def test_predict_names_bytes():
     from scoring.inputs import as_image_list
 
     assert as_image_list(b"\x89PNG...") == [b"\x89PNG..."]  # one (undecoded) image, not a list of ints
+
+
+def test_a_too_small_coreset_names_the_fraction_that_works():
+    from scoring.engine.model import check_coreset_size
+
+    with pytest.raises(UserError, match=r"with these 6 training images use coreset=0.17 or more \(1 keeps"):
+        check_coreset_size(0.1, 288, 48)  # 6 images of 48 patches: 29 rows kept, one image needs 48
+    check_coreset_size(0.17, 288, 48)  # 49 rows: enough
+
+
+def test_an_out_folder_inside_the_images_folder_is_not_scored(trained, tiny_root, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_root / "widget" / "test" / "scratch", folder)
+    args = score_args(tiny_root, trained / "widget-wave18" / "model.pt", folder / "results", "--images", str(folder))
+    args.remove("--no-pictures")  # heatmaps (PNG files) inside the folder scored
+    assert run_score(args, capsys)[0] == 0
+    before = (folder / "results" / "scores.csv").read_text()
+    code, err = run_score(args, capsys)  # the same run again: the same identity, the same 3 images
+    assert code == 0, err
+    assert (folder / "results" / "scores.csv").read_text() == before
+    assert json.loads((folder / "results" / "results.json").read_text())["images"]["scored"] == 3

@@ -93,6 +93,10 @@ def test_every_way_in_gives_each_image_the_same_score(name, tiny_root, trained, 
     assert_same(detector.predict(arrays).scores, expected, "predict(uint8 arrays)")
     assert_same(detector.predict(np.stack(arrays)).scores, expected, "predict(a uint8 batch)")
     assert_same(detector.predict(tensors).scores, expected, "predict(float tensors)")
+    # One image at a time: an image's score does not depend on the images beside it (on the CPU the
+    # network runs one image per pass; the CLI ran batches of 4 in another order).
+    alone = np.array([detector.predict(array).scores[0] for array in arrays])
+    np.testing.assert_array_equal(alone, by_path.scores)
     # Float tensors are the uint8 values / 255: the same resize and rounding, so the same input.
     assert torch.equal(detector.preprocess(tensors[0])[0], detector.preprocess(arrays[0])[0])
     # The verdicts follow the one rule (score > threshold) in the file and in predict.

@@ -256,9 +256,11 @@ def check_coreset_size(fraction: float, rows: int, per_image: int) -> None:
     """A coreset of fewer rows than one image has patches says nothing about normal images: refused."""
     keep = math.ceil(fraction * rows)
     if keep < per_image:
+        least = math.ceil(100 * per_image / rows) / 100  # the smallest fraction in hundredths that keeps one image
         raise SettingError("coreset", fraction, f"keeps {keep} of the bank's {rows} patches, fewer than one image's "
-                                                f"{per_image}: far too small to describe normal images; use 0.01 "
-                                                "or more (0.1 is usual)")
+                                                f"{per_image}: far too small to describe normal images; with these "
+                                                f"{rows // per_image} training images use {{setting}}{least:g} or "
+                                                "more (1 keeps the whole bank), or add training images")
 
 
 class PatchBank(nn.Module):

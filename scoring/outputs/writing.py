@@ -163,4 +163,5 @@ def format_record(record: dict) -> str:
                  f"{search['re_searched_per_image_max']})")
     timing = (f"bank {record['timings']['bank_s']:.1f}s{' (cached)' if record['bank']['cached'] else ''}, "
               f"{record['timings']['s_per_test_image'] * 1000:.0f} ms/image")
-    return f"{head} {body} | {timing} -> {record['out_dir']}"
+    detector = record.get("files", {}).get("detector")
+    return f"{head} {body} | {timing} -> {record['out_dir']}" + (f" | detector -> {detector}" if detector else "")

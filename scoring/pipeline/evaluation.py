@@ -29,6 +29,7 @@ from ..config import ScoreConfig
 from ..detector import Detector
 from ..engine.features import ImageFiles
 from ..engine.model import search_report
+from ..outputs.folders import IDENTITY_FILE
 
 # Why a metric cannot be computed on a test set, by what its labels / masks lack.
 IMAGE_METRICS = ("image_auroc", "image_f1_max")
@@ -157,7 +158,11 @@ def evaluate_test_set(detector: Detector, dataset: TestSet, workers: int = 0, de
 def folder_images(folder: Path) -> tuple[list[Path], list[dict]]:
     """The image files under ``folder`` (by extension, sorted) and the other files, as skipped
     entries (broken links among them)."""
-    entries = sorted(p for p in folder.rglob("*") if not p.name.startswith(".") and (p.is_file() or p.is_symlink()))
+    # A scoring run's own folder (it holds .identity.json: results, heatmaps) is output, not input,
+    # also when --out lies inside the folder scored.
+    runs = [marker.parent for marker in folder.rglob(IDENTITY_FILE)]
+    entries = sorted(p for p in folder.rglob("*") if not p.name.startswith(".") and (p.is_file() or p.is_symlink())
+                     and not any(run in p.parents for run in runs))
     broken = [p for p in entries if not p.exists()]  # a link whose target is gone
     candidates = [p for p in entries if p.is_file()]
     paths = [p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES]
