@@ -168,18 +168,18 @@ def run_folder(base: Path, identity: dict, explicit: bool, overwrite: bool) -> I
     results, what it wrote), so no empty or half-written version is left, and ``latest`` stays."""
     target = base if explicit else chosen_version(base, identity)
     made = not target.exists()
-    with writing_lock(target):
+    with writing_lock(target):  # made here when new: a refusal or a failure below removes it again
         if not explicit and unfinished(target):  # a run of this identity killed half-way: start it clean
             clear_run_files(target)
         held = holds_results(target)
-        folder = explicit_dir(base, identity, overwrite) if explicit else _claim(target, identity)
         try:
+            folder = explicit_dir(base, identity, overwrite) if explicit else _claim(target, identity)
             yield folder
         except BaseException:
             if made:
-                shutil.rmtree(folder, ignore_errors=True)
+                shutil.rmtree(target, ignore_errors=True)
             elif not held:  # a folder of the user's own files: only what this run wrote goes
-                clear_run_files(folder)
+                clear_run_files(target)
             raise
     if not explicit:
         point_latest(base, folder)
