@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from pathlib import Path
 
@@ -46,10 +47,16 @@ def project_files() -> list[Path]:
     return sorted(p for p in REPO.rglob("*.py") if not skip & set(p.relative_to(REPO).parts))
 
 
+@functools.cache
+def parsed(path: Path) -> ast.Module:
+    """``path``'s syntax tree, read once for every check of this module."""
+    return ast.parse(path.read_text(), str(path))
+
+
 def imported_modules(path: Path) -> set[str]:
     """Absolute module names ``path`` imports (anywhere in the file, lazy imports included)."""
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parsed(path)):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -87,7 +94,7 @@ def absolute_imports(path: Path) -> set[str]:
     """:func:`imported_modules`, with relative imports resolved against ``path``'s package."""
     package = path.relative_to(REPO).with_suffix("").parts[:-1]
     names = set(imported_modules(path))
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parsed(path)):
         if isinstance(node, ast.ImportFrom) and node.level > 0:
             base = ".".join(package[:len(package) - node.level + 1] + ((node.module,) if node.module else ()))
             names.add(base)
@@ -113,7 +120,7 @@ def test_shared_modules_sit_below_both_stages():
 def long_functions() -> dict[str, int]:
     found = {}
     for path in project_files():
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(parsed(path)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 length = node.end_lineno - node.lineno + 1
                 if length > MAX_LINES:
