@@ -50,12 +50,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def files_digest(paths: list[Path]) -> str:
-    """One sha256 over the files' names and contents, in order: a replaced image with the same
-    size and time stamp still changes it; hashing costs far less than extracting features."""
+def files_digest(paths: list[Path], root: Path | None = None) -> str:
+    """One sha256 over the files' names (their paths below ``root`` when given) and contents, in
+    order: a replaced image with the same size and time stamp still changes it; hashing costs far
+    less than extracting features."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode())
+        name = path.name if root is None else path.relative_to(root).as_posix()
+        digest.update(name.encode() + b"\0" + file_sha256(path).encode())
     return digest.hexdigest()
 
 
@@ -158,6 +160,7 @@ def build_detector(network: torch.nn.Module, info: dict, config: ScoreConfig, tr
     :func:`scoring.pipeline.sharding.check_shardable`). Returns the detector and whether the banks came
     from the cache."""
     sharded = shards is not None and shards.enabled
+    part = shards if sharded else None  # this rank's part of a sharded bank
     entry = cache.read() if cache is not None else None
     cached = entry is not None
     calibration = cache.calibration(entry, config) if entry is not None else {}
@@ -175,7 +178,7 @@ def build_detector(network: torch.nn.Module, info: dict, config: ScoreConfig, tr
         feats, _ = features_of(network, ImageFiles(paths, config.preprocessing), config, device,
                                f"{desc} features", workers=workers)
         if entry is None:
-            entry = {"banks": bank_states(config, feats, device, shards if sharded else None),
+            entry = {"banks": bank_states(config, feats, device, part),
                      "train_images": len(train.paths)}
         if need_threshold or need_norm:
             if sharded:
@@ -188,6 +191,5 @@ def build_detector(network: torch.nn.Module, info: dict, config: ScoreConfig, tr
     # calibrate=False: no threshold, whether this call made one for the norm or the cache held one.
     if not calibrate:
         calibration = {k: v for k, v in calibration.items() if k != "threshold"}
-    detector = assemble(network, config, entry["banks"], calibration, provenance(info, train), device,
-                        shards if sharded else None)
+    detector = assemble(network, config, entry["banks"], calibration, provenance(info, train), device, part)
     return detector, cached

@@ -140,22 +140,20 @@ class Multiplication(Fusion):
         return list(feats)
 
     def terms(self, values, shapes, frame):
-        n, product = values[0].shape[0], None
-        for value, (h, w) in zip(values, shapes):
-            resized = resize_map(value.view(n, h, w), frame)
-            product = resized if product is None else product * resized
-        return product.flatten(1)
+        return self.resized_combined(values, shapes, frame, torch.mul)
 
     def open_terms(self, exact, shapes, frame):
         # A pixel reads a cell where that cell's resized indicator is not zero there.
-        return self.terms_sum([(~done).float() for done in exact], shapes, frame) > 0
+        return self.resized_combined([(~done).float() for done in exact], shapes, frame, torch.add) > 0
 
     @staticmethod
-    def terms_sum(values, shapes, frame):
+    def resized_combined(values, shapes, frame, combine):
+        """Per bank ``(N, P_b)`` on grids of ``shapes`` -> ``(N, H W)``: each resized to ``frame``, then
+        ``combine``d in bank order (``torch.mul``: the product map; ``torch.add``: a sum)."""
         n, total = values[0].shape[0], None
         for value, (h, w) in zip(values, shapes):
             resized = resize_map(value.view(n, h, w), frame)
-            total = resized if total is None else total + resized
+            total = resized if total is None else combine(total, resized)
         return total.flatten(1)
 
     def contributors(self, terms, shape, frame):

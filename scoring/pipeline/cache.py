@@ -66,28 +66,26 @@ class BankCache:
         self.settings = bank_settings(config, ckpt_sha, train_digest)
         self.path = bank_cache_path(Path(ckpt_path), self.settings)
         self.rebuild, self.writable = rebuild, writable
-        self._calibrations: dict = {}
 
     def read(self) -> dict | None:
         """The entry (``banks``, ``train_images``, ``calibrations``), or ``None``: absent, damaged, other settings."""
-        entry = None if self.rebuild else read_entry(self.path, self.settings)
-        self._calibrations = dict(entry.get("calibrations", {})) if entry is not None else {}
-        return entry
+        return None if self.rebuild else read_entry(self.path, self.settings)
 
     def calibration(self, entry: dict, config: ScoreConfig) -> dict:
         """What ``entry`` knows for ``config``'s scoring settings: ``threshold`` and ``map_norm``, either absent."""
         return dict(entry.get("calibrations", {}).get(calibration_key(config), {}))
 
     def write(self, entry: dict, config: ScoreConfig, calibration: dict) -> None:
-        """``entry`` with ``calibration`` kept for ``config``'s scoring settings, written atomically; a
-        cache that cannot be written (a read-only folder, a full disk) only costs the cache."""
-        if calibration:
-            self._calibrations[calibration_key(config)] = calibration
-        entry = {**entry, "settings": self.settings, "calibrations": self._calibrations}
+        """``entry`` (with the calibrations it holds for other settings) and ``calibration`` kept for
+        ``config``'s scoring settings, written atomically; a cache that cannot be written (a read-only
+        folder, a full disk) only costs the cache."""
         if not self.writable:
             return
+        calibrations = dict(entry.get("calibrations", {}))
+        if calibration:
+            calibrations[calibration_key(config)] = calibration
         try:
-            save_atomic(entry, self.path)
+            save_atomic({**entry, "settings": self.settings, "calibrations": calibrations}, self.path)
         except OSError as exc:
             tqdm.write(f"warning: cannot cache the memory bank at {self.path} ({exc.strerror}); continuing",
                        file=sys.stderr)

@@ -19,7 +19,6 @@ files a single process writes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import resource
 import time
@@ -39,7 +38,6 @@ from ..building import (
     TrainingImages,
     build_detector,
     features_of,
-    file_sha256,
     files_digest,
     load_network,
     resolve_config,
@@ -138,13 +136,10 @@ def data_digest(run: ScoringRun, category: str, listing: tuple[list[Path], list[
     set's images and masks."""
     if listing is not None:
         return files_digest(listing[0])
-    root = Path(run.data_root) / category
     samples = test_samples(run.data_root, category)
     files = [s.path for s in samples] + [s.mask_path for s in samples if s.mask_path is not None]
-    digest = hashlib.sha256()
-    for path in files:  # by path below the category (good/001.png and crack/001.png differ by their label)
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + file_sha256(path).encode())
-    return digest.hexdigest()
+    # by path below the category: good/001.png and crack/001.png differ by their label
+    return files_digest(files, root=Path(run.data_root) / category)
 
 
 def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: torch.device,
