@@ -1,5 +1,6 @@
 """The built-in demo data and the newcomer's first command, end to end as subprocesses."""
 
+import csv
 import hashlib
 import json
 import os
@@ -7,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import browser
 import numpy as np
 import pytest
 from PIL import Image
+from test_results_page import check_clean, open_page
 
 import export as export_cli
 from data import demo
@@ -74,6 +77,8 @@ def test_demo_command_and_both_inference_scripts(demo_run):
             assert len(row) == 1 and float(row[0][2]) == pytest.approx(record["metrics"]["image_auroc"], abs=5e-4)
             heatmaps = run_dir / "heatmaps"
             assert len(list(heatmaps.rglob("*.png"))) == demo.TEST_GOOD + 3 * demo.TEST_PER_DEFECT
+            page = tmp_path / record["files"]["page"]  # relative to where the command ran
+            assert page.is_file() and page.samefile(run_dir / "index.html")
     table = (tmp_path / "results" / "eval-wave18" / "latest" / "eval.md").read_text()
     assert table.count("| concatenation |") == 2 and table.count("| multiplication |") == 2
     # Both scripts at once: most of each one's time is its interpreter start (importing torch).
@@ -89,6 +94,7 @@ def test_demo_command_and_both_inference_scripts(demo_run):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-2000:]
         assert (tmp_path / f"again-{script}" / "results.json").is_file()
+        assert not (tmp_path / f"again-{script}" / "index.html").exists()  # --no-pictures: no page either
     out, err = module.communicate(timeout=600)
     assert module.returncode == 0 and "--variants" in out, err[-2000:]
 
@@ -128,3 +134,20 @@ def test_readme_api_and_export_snippets_run_as_written(demo_run, monkeypatch, ca
                              text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.split()[0] in ("True", "False")
+
+
+@pytest.mark.skipif(browser.unavailable() is not None, reason=f"browser test: {browser.unavailable()}")
+def test_the_demo_pages_open_in_a_browser_and_count_what_the_csv_says(demo_run):
+    folder, _ = demo_run
+    for category in demo.DEFECTS:
+        run_dir = folder / "results" / f"{category}-wave18" / "concatenation" / "latest"
+        with (run_dir / "image_scores.csv").open(newline="") as handle:
+            scores = np.array([float(row["score"]) for row in csv.DictReader(handle)])
+        with browser.chromium() as page:
+            seen = open_page(page, run_dir / "index.html")
+            assert page.locator("#images tbody tr").count() == len(scores)
+            for value in (float(np.median(scores)), float(scores.min())):
+                page.fill("#threshold-value", repr(value))
+                assert int(page.inner_text("#count-above")) == (scores > value).sum()
+            page.wait_for_function("document.getElementById('viewer-img').naturalWidth > 0")
+        check_clean(seen, run_dir)

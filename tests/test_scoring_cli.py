@@ -102,7 +102,7 @@ def test_unlabeled_images(tiny_root, trained, tmp_path):
                 "--images", str(folder))
     assert run.returncode == 0, run.stderr[-2000:]
     rows = (out / "scores.csv").read_text().splitlines()
-    assert rows[0] == "path,score,normalized_score,verdict" and len(rows) == 1 + 6
+    assert rows[0] == "path,score,normalized_score,verdict,heatmap" and len(rows) == 1 + 6
     assert all(r.split(",")[3] in ("normal", "anomalous") for r in rows[1:])
     record = json.loads((out / "results.json").read_text())
     assert "cross-fitted" in record["threshold"]["source"]

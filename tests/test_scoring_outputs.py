@@ -175,8 +175,10 @@ def test_images_csv_names_extensions_and_normalised_scores(tiny_root, trained, w
     for row in rows:
         assert float(row["normalized_score"]) == pytest.approx(float(row["score"]) / threshold, rel=1e-4)
         assert row["verdict"] == ("anomalous" if float(row["score"]) > threshold else "normal")  # the one rule
-    assert sorted(p.name for p in (out / "heatmaps").glob("*.png")) == ["a.jpg.png", "a.png.png",
-                                                                       "part 7, left.png.png"]
+    # One extension; a.png and a.jpg share a stem, so each keeps its extension in the name.
+    assert sorted(p.name for p in (out / "heatmaps").glob("*.png")) == ["a_jpg.png", "a_png.png", "part 7, left.png"]
+    assert {Path(r["path"]).name: r["heatmap"] for r in rows} == {
+        "a.jpg": "heatmaps/a_jpg.png", "a.png": "heatmaps/a_png.png", "part 7, left.png": "heatmaps/part 7, left.png"}
     # Tomorrow's images in the same folder (one gone, a broken link added) are another run: a new
     # version; today's scores.csv and pictures stay as they were.
     before = (out / "scores.csv").read_text()
@@ -184,7 +186,7 @@ def test_images_csv_names_extensions_and_normalised_scores(tiny_root, trained, w
     (folder / "gone.png").symlink_to(folder / "nowhere.png")
     assert score(argv, capsys)[0] == 0
     tomorrow = out.parent / "v1"
-    assert sorted(p.name for p in (tomorrow / "heatmaps").glob("*.png")) == ["a.png.png", "part 7, left.png.png"]
+    assert sorted(p.name for p in (tomorrow / "heatmaps").glob("*.png")) == ["a.png", "part 7, left.png"]
     assert (out / "scores.csv").read_text() == before and len(list((out / "heatmaps").glob("*.png"))) == 3
     skipped = results_of(tomorrow)["images"]["skipped"]
     assert [Path(s["path"]).name for s in skipped] == ["gone.png"] and "broken link" in skipped[0]["reason"]

@@ -43,8 +43,8 @@ LOCK_FILE = ".scoring.lock"  # held while a run writes (not a result: never clea
 LATEST = "latest"
 # Everything a scoring run may write into its folder (files and folders).
 RUN_FILES = ("results.json", "results.md", "results.csv", "image_scores.csv", "scores.csv", "maps.npz",
-             "roc.png", "heatmaps", "summary.md", "summary.csv", "summary.json", "eval.md", "eval.csv",
-             IDENTITY_FILE)
+             "roc.png", "heatmaps", "index.html", "summary.md", "summary.csv", "summary.json", "summary.html",
+             "eval.md", "eval.csv", IDENTITY_FILE)
 _VERSION = re.compile(r"^v(\d+)$")
 
 

@@ -8,7 +8,10 @@ A panel explains itself, so it can be read without this file:
   rest dimmed (when nothing is above the threshold, its caption says so);
 * under the heatmap, its colour bar from ``vmin`` to ``vmax`` with the threshold marked.
 
-One colour scale for the whole run (``vmin``, ``vmax``), so panels compare with each other.
+One colour scale for the whole run, so panels compare with each other: 0 .. 2 x threshold
+(:func:`heat_scale`), so the threshold is the middle of the bar and a heatmap is blue where the
+map is well below it and red where well above, whatever the run's range (a single outlier no
+longer turns every other heatmap blue).
 Panels are drawn with PIL (not matplotlib): a run writes hundreds of them, at ~10 ms each.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +114,37 @@ def has_threshold(threshold: float | None) -> bool:
     return threshold is not None and math.isfinite(threshold)
 
 
+@dataclass(frozen=True)
+class HeatScale:
+    """A run's heatmap colour scale: map values ``low`` .. ``high`` (clipped beyond), and how it was chosen."""
+
+    low: float
+    high: float
+    rule: str  # "0 .. 2 x threshold" or "the run's range"
+
+    @property
+    def caption(self) -> str:
+        """The heatmap tile's caption."""
+        if self.rule == THRESHOLD_SCALE:
+            return f"heatmap (0 .. {fmt(self.high)} = 2 x threshold, clipped)"
+        return f"heatmap ({fmt(self.low)} .. {fmt(self.high)}, the run's range)"
+
+    def to_dict(self) -> dict:
+        return {"heat_scale": asdict(self)}
+
+
+THRESHOLD_SCALE = "0 .. 2 x threshold"
+
+
+def heat_scale(maps: np.ndarray, threshold: float | None) -> HeatScale:
+    """The colour scale of a run's ``maps`` ``(N, H, W)``: 0 .. 2 x ``threshold`` (the same for
+    every image; the threshold in the middle), or the maps' range where there is no positive threshold."""
+    if has_threshold(threshold) and threshold > 0:
+        return HeatScale(0.0, 2.0 * float(threshold), THRESHOLD_SCALE)
+    low, high = (float(maps.min()), float(maps.max())) if maps.size else (0.0, 1.0)
+    return HeatScale(low, high, "the run's range")
+
+
 def panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, threshold: float | None,
           mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The three tiles, each ``(H, W, 3)`` uint8, from ``image`` (H, W, 3) uint8 and ``heat`` (H, W).
@@ -183,7 +218,7 @@ def draw_scale_labels(draw: ImageDraw.ImageDraw, vmin: float, vmax: float, thres
 
 def render_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, threshold: float | None,
                  mask: np.ndarray | None = None, *, score: float | None = None, verdict: str | None = None,
-                 title: str | None = None, label: str | None = None) -> np.ndarray:
+                 title: str | None = None, label: str | None = None, scale_caption: str | None = None) -> np.ndarray:
     """The annotated panel ``(H', W', 3)`` uint8 for ``image`` (H, W, 3) uint8 and ``heat`` (H, W).
 
     See :func:`save_panel` for the arguments.
@@ -202,7 +237,8 @@ def render_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, 
     if not (thresholded and above_threshold(heat, threshold).any()):
         # Said above the tile, never over it: a box across the middle hid the defect it should show.
         third += ": none above the threshold" if thresholded else ": no threshold set"
-    captions = [wrap(c, tile_w, face) for c in ("image", f"heatmap ({fmt(vmin)} .. {fmt(vmax)})", third)]
+    heat_caption = scale_caption or f"heatmap ({fmt(vmin)} .. {fmt(vmax)})"
+    captions = [wrap(c, tile_w, face) for c in ("image", heat_caption, third)]
     caption_h = max(len(c) for c in captions) * line
     bar_h, pointer = max(8, line // 2), max(5, line // 3)
     footer_h = bar_h + pointer + 2 * line  # colour bar, threshold pointer, the min/max line, one spare
@@ -231,7 +267,8 @@ def render_panel(image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, 
 
 def save_panel(path: Path, image: np.ndarray, heat: np.ndarray, vmin: float, vmax: float,
                threshold: float | None, mask: np.ndarray | None = None, *, score: float | None = None,
-               verdict: str | None = None, title: str | None = None, label: str | None = None) -> None:
+               verdict: str | None = None, title: str | None = None, label: str | None = None,
+               scale_caption: str | None = None) -> None:
     """Write the annotated panel of one image to ``path`` (PNG).
 
     ``image`` (H, W, 3) uint8, ``heat`` (H, W) its anomaly map, ``vmin``/``vmax`` the run's colour
@@ -239,11 +276,11 @@ def save_panel(path: Path, image: np.ndarray, heat: np.ndarray, vmin: float, vma
     ``mask`` (H, W) bool the ground truth (``None``: unlabelled). Keyword-only: ``score`` (the
     image score), ``verdict`` (e.g. ``"anomalous"``; derived from ``score > threshold`` when
     omitted), ``title`` (e.g. the file name and defect type), ``label`` (the true class, e.g.
-    ``"good"`` or ``"scratch"``). Small images are enlarged by an integer factor (nearest) to stay
-    legible.
+    ``"good"`` or ``"scratch"``), ``scale_caption`` (the heatmap's caption, e.g. :attr:`HeatScale.caption`).
+    Small images are enlarged by an integer factor (nearest) to stay legible.
     """
     out = render_panel(image, heat, vmin, vmax, threshold, mask, score=score, verdict=verdict, title=title,
-                       label=label)
+                       label=label, scale_caption=scale_caption)
     path.parent.mkdir(parents=True, exist_ok=True)
     # compress_level 1: 4x faster than the default 6 (18 vs 80 ms at 256 px) for 5% larger files.
     Image.fromarray(out).save(path, compress_level=1)

@@ -15,18 +15,18 @@ from pathlib import Path
 from common import fileio
 from common.provenance import PACKAGES, environment, git_commit, versions
 
-__all__ = ["PACKAGES", "environment", "git_commit", "markdown_table", "versions", "write_csv", "write_json",
-           "write_table", "write_text_atomic"]
+__all__ = ["PACKAGES", "environment", "git_commit", "json_ready", "markdown_table", "versions", "write_csv",
+           "write_json", "write_table", "write_text_atomic"]
 
 
-def _clean(value):
-    """NaN/inf -> None so the JSON stays standard."""
+def json_ready(value):
+    """``value`` with NaN/inf replaced by None (in dicts and lists), so the JSON stays standard."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_ready(v) for v in value]
     return value
 
 
@@ -37,7 +37,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, record: dict) -> None:
-    write_text_atomic(path, json.dumps(_clean(record), indent=2) + "\n")
+    write_text_atomic(path, json.dumps(json_ready(record), indent=2) + "\n")
 
 
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:

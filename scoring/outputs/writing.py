@@ -7,7 +7,8 @@ Inputs are the result objects of :mod:`scoring.pipeline.evaluation`; every file 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from collections import Counter, defaultdict
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from data import TestSet
 
 from .. import metrics
 from ..pipeline.evaluation import FolderResult, TestSetResult
-from .pictures import save_panel, save_roc
+from .pictures import heat_scale, save_panel, save_roc
 from .report import write_csv, write_json, write_table
 
 METRIC_COLUMNS = [("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("aupro", "AUPRO"),
@@ -40,9 +41,28 @@ def image_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def heatmap_name(path: str | Path) -> str:
-    """``a.jpg`` -> ``a.jpg.png``: the image's own extension is kept, so ``a.png`` and ``a.jpg`` differ."""
-    return Path(path).name + ".png"
+def panel_files(images: list[str]) -> list[str]:
+    """The panel file of each image, from its path relative to ``heatmaps/`` (``scratch/a.jpg`` ->
+    ``scratch/a.png``): one extension. Images of one folder that share a stem (``a.png``,
+    ``a.jpg``) keep theirs in the name (``a_png.png``, ``a_jpg.png``), whatever the order."""
+    paths = [PurePosixPath(Path(image).as_posix()) for image in images]
+    stems = Counter((p.parent, p.stem) for p in paths)
+    names = [p.parent / (p.stem + ".png" if stems[p.parent, p.stem] == 1 else f"{p.stem}_{p.suffix[1:]}.png")
+             for p in paths]
+    taken, holders = set(names), defaultdict(list)
+    for i, name in enumerate(names):
+        holders[name].append(i)
+    for name, indices in sorted(holders.items()):
+        # ``a_png.jpg`` beside ``a.png`` + ``a.jpg``: a number settles what the rule above cannot,
+        # given in the order of the images' paths (so it too does not depend on the listing's order).
+        clash = sorted(indices, key=lambda i: paths[i].as_posix())
+        number = 2
+        for i in clash[1:]:
+            while name.with_name(f"{name.stem}-{number}.png") in taken:
+                number += 1
+            names[i] = name.with_name(f"{name.stem}-{number}.png")
+            taken.add(names[i])
+    return [name.as_posix() for name in names]
 
 
 def verdict(score: float, threshold: float | None) -> str | None:
@@ -57,15 +77,15 @@ def panel_text(path: str, score: float, threshold: float | None, label: str | No
 
 
 def save_test_pictures(out_dir: Path, dataset: TestSet, result: TestSetResult, threshold: float | None,
-                       title: str) -> None:
-    """A panel per test image (one colour scale for the run) and the ROC curves."""
+                       title: str, panels: list[str]) -> dict:
+    """A panel per test image (``panels``: their paths below ``heatmaps/``) on the run's colour scale
+    and the ROC curves; returns the scale (``pictures`` of ``results.json``)."""
     maps = result.maps
-    vmin, vmax = float(maps.min()), float(maps.max())
-    for i, (path, defect) in enumerate(tqdm(list(zip(result.paths, result.defects)), desc=f"{title}: pictures",
-                                            unit="img", leave=False)):
-        save_panel(out_dir / "heatmaps" / defect / heatmap_name(path), image_uint8(dataset[i]["image"]), maps[i],
-                   vmin, vmax, threshold, result.masks[i],
-                   **panel_text(path, float(result.scores[i]), threshold, label=defect))
+    scale = heat_scale(maps, threshold)
+    for i, path in enumerate(tqdm(result.paths, desc=f"{title}: pictures", unit="img", leave=False)):
+        save_panel(out_dir / "heatmaps" / panels[i], image_uint8(dataset[i]["image"]), maps[i], scale.low,
+                   scale.high, threshold, result.masks[i], scale_caption=scale.caption,
+                   **panel_text(path, float(result.scores[i]), threshold, label=result.defects[i]))
     curves = {}
     if result.metrics["image_auroc"] is not None:
         curves["image"] = (*metrics.roc_points(result.labels, result.scores), result.metrics["image_auroc"])
@@ -73,46 +93,54 @@ def save_test_pictures(out_dir: Path, dataset: TestSet, result: TestSetResult, t
         curves["pixel"] = (*metrics.roc_points(result.masks.reshape(-1), maps.reshape(-1)),
                            result.metrics["pixel_auroc"])
     save_roc(out_dir / "roc.png", curves, title)
+    return scale.to_dict()
 
 
 def write_test_set(out_dir: Path, result: TestSetResult, dataset: TestSet, threshold: float | None, title: str,
                    save_maps: bool, pictures: bool) -> dict:
-    """``image_scores.csv`` (and ``maps.npz``, the heatmaps and ``roc.png``); returns ``{kind: path}``."""
+    """``image_scores.csv`` (and ``maps.npz``, the heatmaps and ``roc.png``); returns ``{kind: path}``
+    (and the pictures' colour scale under ``pictures``)."""
     if save_maps:
         save_npz(out_dir / "maps.npz", maps=result.maps.astype(np.float32), masks=result.masks.astype(np.uint8),
                  labels=result.labels.astype(np.int64), scores=result.scores.astype(np.float32),
                  paths=np.array(result.paths), defects=np.array(result.defects))
-    write_csv(out_dir / "image_scores.csv", ["path", "defect", "label", "score"],
-              [[path, defect, int(label), f"{score:.9g}"]
-               for path, defect, label, score in zip(result.paths, result.defects, result.labels, result.scores)])
+    panels = panel_files([f"{defect}/{Path(path).name}" for path, defect in zip(result.paths, result.defects)])
+    write_csv(out_dir / "image_scores.csv", ["path", "defect", "label", "score", "heatmap"],
+              [[path, defect, int(label), f"{score:.9g}", f"heatmaps/{panel}" if pictures else ""]
+               for path, defect, label, score, panel in zip(result.paths, result.defects, result.labels,
+                                                            result.scores, panels)])
+    files = {"heatmaps": str(out_dir / "heatmaps") if pictures else None,
+             "roc": str(out_dir / "roc.png") if pictures else None,
+             "maps": str(out_dir / "maps.npz") if save_maps else None,
+             "image_scores": str(out_dir / "image_scores.csv")}
     if pictures:
-        save_test_pictures(out_dir, dataset, result, threshold, title)
-    return {"heatmaps": str(out_dir / "heatmaps") if pictures else None,
-            "roc": str(out_dir / "roc.png") if pictures else None,
-            "maps": str(out_dir / "maps.npz") if save_maps else None,
-            "image_scores": str(out_dir / "image_scores.csv")}
+        files["pictures"] = save_test_pictures(out_dir, dataset, result, threshold, title, panels)
+    return files
 
 
 def write_folder(out_dir: Path, result: FolderResult, folder: Path, threshold: float,
                  save_maps: bool, pictures: bool) -> dict:
-    """``scores.csv`` with verdicts (and ``maps.npz``, the heatmaps); returns ``{kind: path}``."""
+    """``scores.csv`` with verdicts (and ``maps.npz``, the heatmaps); returns ``{kind: path}`` (and
+    the pictures' colour scale under ``pictures``)."""
     scores = result.scores.tolist()
+    panels = panel_files([Path(path).relative_to(folder).as_posix() for path in result.paths])
     # Raw scores are distances whose scale differs from model to model; divided by the threshold,
     # 1.0 is the decision boundary on every model.
-    write_csv(out_dir / "scores.csv", ["path", "score", "normalized_score", "verdict"],
-              [[path, f"{score:.9g}", f"{score / threshold:.6f}", verdict(score, threshold)]
-               for path, score in zip(result.paths, scores)])
+    write_csv(out_dir / "scores.csv", ["path", "score", "normalized_score", "verdict", "heatmap"],
+              [[path, f"{score:.9g}", f"{score / threshold:.6f}", verdict(score, threshold),
+                f"heatmaps/{panel}" if pictures else ""] for path, score, panel in zip(result.paths, scores, panels)])
     if save_maps:
         save_npz(out_dir / "maps.npz", maps=result.maps.astype(np.float32), scores=result.scores,
                  paths=np.array(result.paths))
+    files = {"scores": str(out_dir / "scores.csv"), "heatmaps": str(out_dir / "heatmaps") if pictures else None}
     if pictures:
-        vmin, vmax = float(result.maps.min()), float(result.maps.max())
+        scale = heat_scale(result.maps, threshold)
         for i, path in enumerate(tqdm(result.paths, desc="images: pictures", unit="img", leave=False)):
             image = image_uint8(result.dataset[result.index[path]]["image"])
-            rel = Path(path).relative_to(folder)
-            save_panel(out_dir / "heatmaps" / rel.parent / heatmap_name(rel), image, result.maps[i], vmin, vmax,
-                       threshold, **panel_text(path, float(scores[i]), threshold))
-    return {"scores": str(out_dir / "scores.csv"), "heatmaps": str(out_dir / "heatmaps") if pictures else None}
+            save_panel(out_dir / "heatmaps" / panels[i], image, result.maps[i], scale.low, scale.high, threshold,
+                       scale_caption=scale.caption, **panel_text(path, float(scores[i]), threshold))
+        files["pictures"] = scale.to_dict()
+    return files
 
 
 def write_run_table(out_dir: Path, record: dict) -> None:

@@ -46,6 +46,7 @@ from ..config import ScoreConfig
 from ..detector import detector_state
 from ..metrics import above_threshold
 from ..outputs.folders import run_folder, versioned_dir
+from ..outputs.page import write_page, write_summary_page
 from ..outputs.report import environment, write_json
 from ..outputs.writing import format_record, write_folder, write_run_table, write_summary, write_test_set
 from .cache import BankCache
@@ -99,6 +100,7 @@ def test_set_record(detector, run: ScoringRun, category: str, out_dir: Path | No
                            run.pictures)
     labels, count = result.labels, len(result.paths)
     return {
+        **pictures_record(files),
         "metrics": result.metrics, "unavailable_metrics": result.unavailable,
         "per_defect_image_auroc": result.per_defect_image_auroc, "image_f1_threshold": result.f1_threshold,
         "threshold": {"value": threshold, "source": source},
@@ -123,12 +125,20 @@ def folder_record(detector, run: ScoringRun, out_dir: Path | None, listing: tupl
     files = write_folder(out_dir, result, folder, threshold.value, run.save_maps, run.pictures)
     count = len(result.paths)
     return {
+        **pictures_record(files),
+        "data": {"root": str(run.data_root)},  # the training images the bank holds are below it
         "images": {"folder": str(folder), "scored": count, "skipped": result.skipped,
                    "anomalous": int(above_threshold(result.scores, threshold.value).sum())},
         "threshold": threshold.to_dict(),
         "timings": {"test_s": round(result.seconds, 3), "s_per_test_image": round(result.seconds / count, 4)},
         "files": files,
     }
+
+
+def pictures_record(files: dict) -> dict:
+    """The pictures' colour scale, moved from the writer's ``files`` (paths only) to a key of its own."""
+    scale = files.pop("pictures", None)
+    return {"pictures": scale} if scale else {}
 
 
 def data_digest(run: ScoringRun, category: str, listing: tuple[list[Path], list[dict]] | None) -> str:
@@ -192,6 +202,8 @@ def score_category(config: ScoreConfig, run: ScoringRun, category: str, device: 
         record["timings"].update(bank_s=round(bank_seconds, 3), total_s=round(time.perf_counter() - total_start, 3))
         record.update(memory=peak_memory(), **environment(config.seed, run.command), out_dir=str(out_dir),
                       identity=identity)
+        if run.pictures:
+            record["files"]["page"] = str(write_page(out_dir, record))
         write_json(out_dir / "results.json", record)
         if listing is None:
             write_run_table(out_dir, record)
@@ -305,6 +317,8 @@ def score_categories(config: ScoreConfig, run: ScoringRun, categories: list[str]
             identity = {"fusion": config.fusion, "runs": [r["identity"] for r in records]}
             base = versioned_dir(Path("results") / f"summary-{config.fusion}", identity) / "summary"
         path = write_summary(base, records, config.fusion)
+        if run.pictures:
+            path = write_summary_page(base.with_suffix(".html"), records, config.fusion)
         if echo:
             print(f"summary: {path}")
     return records
