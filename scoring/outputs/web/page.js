@@ -10,8 +10,9 @@ const LABELLED = ROWS.some((row) => row.label !== null && row.label !== undefine
 const BOTH_CLASSES = LABELLED && ROWS.some((r) => r.label === 1) && ROWS.some((r) => r.label === 0);
 const RUN_THRESHOLD = typeof DATA.threshold === "number" && isFinite(DATA.threshold) ? DATA.threshold : null;
 const SCORES = ROWS.map((r) => r.score);
-const LOW = Math.min(...SCORES, RUN_THRESHOLD === null ? Infinity : RUN_THRESHOLD);
-const HIGH = Math.max(...SCORES, RUN_THRESHOLD === null ? -Infinity : RUN_THRESHOLD);
+// (a loop, not Math.min(...SCORES): spreading 100,000 arguments overflows the stack)
+const LOW = SCORES.reduce((a, b) => Math.min(a, b), RUN_THRESHOLD === null ? Infinity : RUN_THRESHOLD);
+const HIGH = SCORES.reduce((a, b) => Math.max(a, b), RUN_THRESHOLD === null ? -Infinity : RUN_THRESHOLD);
 
 const state = {
   threshold: RUN_THRESHOLD === null ? HIGH : RUN_THRESHOLD,
@@ -313,7 +314,9 @@ function setup() {
   $("prev").addEventListener("click", () => step(-1));
   $("next").addEventListener("click", () => step(1));
   document.addEventListener("keydown", (e) => {
-    if (e.target.closest("input, select, textarea") || e.altKey || e.ctrlKey || e.metaKey) return;
+    // Typing goes to the text and number boxes; the arrows to the control that has them (the slider).
+    if (e.target.matches("input[type=number], input[type=search], textarea") || e.altKey || e.ctrlKey || e.metaKey) return;
+    if ((e.key === "ArrowDown" || e.key === "ArrowUp") && e.target.matches("input, select")) return;
     if (e.key === "ArrowDown" || e.key === "j") { step(1); e.preventDefault(); }
     if (e.key === "ArrowUp" || e.key === "k") { step(-1); e.preventDefault(); }
   });
