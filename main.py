@@ -14,6 +14,7 @@ writing (its ``.lock``) is refused as well (``training/rundir.py``).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -213,7 +214,7 @@ def evaluate(args: argparse.Namespace, categories: list[str]) -> list[dict]:
     from scoring.outputs.writing import format_metric
 
     run = ScoringRun(data_root=str(args.data_root), ckpt_dir=str(args.ckpt_dir), checkpoint=f"{{category}}-{args.arch}",
-                     command=" ".join(sys.argv))
+                     command=shlex.join(sys.argv))
     device = runtime.resolve_device(args.device)
     records = []
     for fusion in ("concatenation", "multiplication"):

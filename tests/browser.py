@@ -63,7 +63,7 @@ def screenshot(page_file: Path, out: Path, select: int | None = None) -> None:
         page.wait_for_load_state("load")
         if select is not None:
             page.click(f'#images tbody tr[data-index="{select}"]')
-        page.wait_for_function("document.getElementById('viewer-img').complete")
+        page.wait_for_function("() => document.getElementById('viewer-img').complete")
         page.screenshot(path=str(out))
 
 

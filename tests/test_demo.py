@@ -149,5 +149,5 @@ def test_the_demo_pages_open_in_a_browser_and_count_what_the_csv_says(demo_run):
             for value in (float(np.median(scores)), float(scores.min())):
                 page.fill("#threshold-value", repr(value))
                 assert int(page.inner_text("#count-above")) == (scores > value).sum()
-            page.wait_for_function("document.getElementById('viewer-img').naturalWidth > 0")
+            page.wait_for_function("() => document.getElementById('viewer-img').naturalWidth > 0")
         check_clean(seen, run_dir)

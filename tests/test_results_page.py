@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 from browser import chromium, unavailable
 from test_scoring_cli import infer
 
+from scoring.outputs.page import rerun_command
 from scoring.outputs.pictures import THRESHOLD_SCALE, colorize, heat_scale, jet_colours
 from scoring.outputs.writing import panel_files
 
@@ -75,6 +77,12 @@ def test_the_page_of_a_test_set_counts_what_image_scores_csv_says(test_set_run):
     with chromium() as page:
         seen = open_page(page, test_set_run / "index.html")
         assert page.locator("#images tbody tr").count() == len(rows) == 6
+        shown = page.eval_on_selector_all("#images tbody tr",
+                                          "rows => rows.map(r => [r.dataset.index, r.cells[3].textContent])")
+        for index, text in shown:  # 4 significant digits of the CSV's score (2569.98 -> 2570, not 257)
+            assert float(text) == pytest.approx(scores[int(index) - 1], rel=6e-4)
+        assert page.evaluate("() => [fmt(2569.98), fmt(1000), fmt(0.25), fmt(1.5e-7)]") == ["2570", "1000", "0.25",
+                                                                                             "1.5e-7"]
         # Starts at the run's threshold; a tie sits on the normal side (score > t).
         assert float(page.input_value("#threshold-value")) == pytest.approx(record["threshold"]["value"])
         for value in [record["threshold"]["value"], float(np.median(scores)), float(scores[3]), float(scores.min()) - 1,
@@ -92,6 +100,17 @@ def test_the_page_of_a_test_set_counts_what_image_scores_csv_says(test_set_run):
             page.check("#filter-wrong")
             assert page.locator("#images tbody tr").count() == (above != (labels == 1)).sum()
             page.uncheck("#filter-wrong")
+        # The slider steps through the scores by rank: each position one more score at or below it.
+        distinct = np.unique(scores)
+        for position in range(len(distinct) + 1):
+            page.eval_on_selector("#threshold-range",
+                                  "(el, p) => { el.value = p; el.dispatchEvent(new Event('input')); }", position)
+            value = float(page.input_value("#threshold-value"))
+            assert count(page, "count-above") == (scores > value).sum() == len(distinct) - position
+        # A filter that leaves no image leaves no picture either.
+        page.fill("#filter-text", "no such name")
+        assert page.locator("#images tbody tr").count() == 0 and page.get_attribute("#viewer-img", "src") is None
+        assert "no image" in page.inner_text("#viewer-title")
         check_clean(seen, test_set_run)
 
 
@@ -106,7 +125,7 @@ def test_stepping_through_the_table_changes_the_large_picture(test_set_run):
         shown = []
         for _ in order:
             shown.append(page.get_attribute("#viewer-img", "src"))
-            page.wait_for_function("document.getElementById('viewer-img').naturalWidth > 0")
+            page.wait_for_function("() => document.getElementById('viewer-img').naturalWidth > 0")
             page.keyboard.press("j")
         assert shown == [rows[i - 1]["heatmap"] for i in order] and len(set(shown)) == len(order)
         page.keyboard.press("ArrowUp")
@@ -126,8 +145,9 @@ def test_stepping_through_the_table_changes_the_large_picture(test_set_run):
 def test_the_page_of_new_images_counts_what_scores_csv_says(tiny_root, trained, tmp_path):
     folder = tmp_path / "new"
     folder.mkdir()
-    for p in sorted((tiny_root / "widget" / "test").rglob("*.png")):
-        (folder / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    for p, name in zip(sorted((tiny_root / "widget" / "test").rglob("*.png")),
+                       ["a.png", "s #2.png", "p%41.png", "q?.png", "<b>&.png", "part 7, left.png"]):
+        (folder / name).write_bytes(p.read_bytes())  # names a URL or HTML would misread
     out = tmp_path / "out"
     run = infer("inference_multiplication.py", tiny_root, trained, out, "--c", "widget", "--p", "widget-wave18",
                 "--images", str(folder))
@@ -142,6 +162,11 @@ def test_the_page_of_new_images_counts_what_scores_csv_says(tiny_root, trained, 
             set_threshold(page, value)
             assert count(page, "count-above") == (scores > value).sum()
         assert page.locator("#filter-wrong").is_hidden()
+        for _ in rows:  # every picture loads, whatever its name
+            page.wait_for_function("() => document.getElementById('viewer-img').naturalWidth > 0")
+            page.keyboard.press("j")
+        files = page.eval_on_selector_all("#images td.file", "cells => cells.map(c => c.textContent)")
+        assert sorted(files) == sorted(Path(r["path"]).name for r in rows)  # as text, "<b>&.png" among them
         check_clean(seen, out)
 
 
@@ -156,6 +181,11 @@ def test_a_run_without_pictures_writes_no_page_and_all_categories_get_a_summary_
     summary = (tmp_path / "all" / "summary-concatenation.html").read_text()
     for category in ("widget", "gizmo"):
         assert f'href="{category}/index.html"' in summary and (tmp_path / "all" / category / "index.html").is_file()
+        # Each page's command scores its own category again, into a new folder (not --c all, not --out).
+        command = rerun_command(json.loads((tmp_path / "all" / category / "results.json").read_text()))
+        words = shlex.split(command)
+        assert words[words.index("--c") + 1] == category and "--out" not in words and "all" not in words
+    assert "<th>mean</th>" in summary
 
 
 def test_heat_is_scaled_around_the_threshold_the_same_for_every_image(test_set_run):

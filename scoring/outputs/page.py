@@ -18,13 +18,20 @@ import csv
 import html
 import json
 import os
+import shlex
 from pathlib import Path
+from urllib.parse import quote
 
 from .report import json_ready, write_text_atomic
 from .writing import METRIC_COLUMNS, format_metric
 
 WEB = Path(__file__).with_name("web")
 PAGE_FILE = "index.html"
+SCRIPTS = ("inference_concatenation.py", "inference_multiplication.py")
+# Flags of the recorded command that a re-run at another threshold leaves out: its own output
+# folder (that one holds this run) and threshold; --save-detector takes an optional path.
+DROPPED = {"--out": True, "--overwrite": False, "--threshold": True, "--save-detector": None}
+CATEGORY_FLAGS = ("--c", "--category")  # replaced by the page's own category (one of --c all's)
 
 
 def asset(name: str) -> str:
@@ -57,6 +64,40 @@ def image_rows(out_dir: Path, record: dict) -> list[dict]:
     return out
 
 
+def rerun_command(record: dict) -> str:
+    """The scoring command that gives this run's verdicts at another threshold, without the
+    ``--threshold`` the page appends: the run's own inference command (this category only, a new
+    output folder), or one made from the record (``main.py --eval`` takes no ``--threshold``)."""
+    try:
+        words = shlex.split(record.get("command") or "")
+    except ValueError:  # a command recorded before it was quoted
+        words = []
+    if words and Path(words[0]).name in SCRIPTS:
+        out, i = ["python", words[0]], 1
+        while i < len(words):
+            flag, has_value, _ = words[i].partition("=")
+            i += 1
+            if flag not in DROPPED and flag not in CATEGORY_FLAGS:
+                out.append(words[i - 1])
+                continue
+            takes = DROPPED.get(flag, True)  # True: a value, False: none, None: an optional one
+            if not has_value and takes is not False and i < len(words) and (takes or not words[i].startswith("-")):
+                i += 1
+            if flag in CATEGORY_FLAGS:
+                out += ["--c", record["category"]]
+        return shlex.join(out)
+    settings = record.get("settings", {})
+    out = ["python", f"inference_{record['fusion']}.py", "--p", record.get("checkpoint", {}).get("path", "CHECKPOINT")]
+    if record.get("data", {}).get("root"):
+        out += ["--data-root", record["data"]["root"]]
+    out += ["--c", record["category"]]
+    if settings.get("recipe", "paper") != "paper":
+        out += ["--recipe", settings["recipe"]]
+    if "images" in record:
+        out += ["--images", record["images"]["folder"]]
+    return shlex.join(out)
+
+
 def page_title(record: dict) -> str:
     what = "new images" if "images" in record else "test set"
     return f"{record['category']} ({record['fusion']}, {what})"
@@ -66,7 +107,7 @@ def write_page(out_dir: Path, record: dict) -> Path:
     """Write ``out_dir/index.html`` for the run whose ``results.json`` record is ``record``
     (after its CSV and panels are written); returns its path."""
     data = {"record": record, "rows": image_rows(out_dir, record),
-            "threshold": (record.get("threshold") or {}).get("value")}
+            "threshold": (record.get("threshold") or {}).get("value"), "rerun": rerun_command(record)}
     text = (asset("page.html")
             .replace("/*STYLE*/", asset("page.css"))
             .replace("/*SCRIPT*/", asset("page.js"))
@@ -81,7 +122,7 @@ def summary_row(record: dict, base: Path) -> str:
     page = record.get("files", {}).get("page")
     name = html.escape(record["category"])
     if page:
-        link = html.escape(Path(os.path.relpath(page, base.parent)).as_posix(), quote=True)
+        link = html.escape(quote(Path(os.path.relpath(page, base.parent)).as_posix()), quote=True)
         name = f'<a href="{link}">{name}</a>'
     cells = [format_metric(record["metrics"].get(key)) for key, _ in METRIC_COLUMNS]
     cells.append(f"{record['timings']['s_per_test_image'] * 1000:.0f}")
@@ -93,6 +134,12 @@ def write_summary_page(path: Path, records: list[dict], fusion: str) -> Path:
     header = "".join(f"<th>{html.escape(name)}</th>" for name in
                      ["category", *(name for _, name in METRIC_COLUMNS), "ms / test image"])
     rows = "\n".join(summary_row(record, path) for record in records)
+    means = []
+    for key, _ in METRIC_COLUMNS:
+        values = [r["metrics"][key] for r in records if r["metrics"].get(key) is not None]
+        means.append(format_metric(sum(values) / len(values) if values else None))
+    means.append(f"{sum(r['timings']['s_per_test_image'] for r in records) / len(records) * 1000:.0f}")
+    rows += "\n<tr><th>mean</th>" + "".join(f'<th class="num">{m}</th>' for m in means) + "</tr>"
     body = (f"<h1>Scoring summary ({html.escape(fusion)})</h1>\n"
             f"<p>{len(records)} categories; each name opens its run's page.</p>\n"
             f'<table class="summary"><thead><tr>{header}</tr></thead><tbody>\n{rows}\n</tbody></table>')

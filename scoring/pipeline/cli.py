@@ -8,6 +8,7 @@ defaults are the dataclasses'); the work is :func:`scoring.pipeline.runner.score
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 import models
@@ -165,7 +166,7 @@ def run_from_args(args: argparse.Namespace) -> ScoringRun:
                       synthetic_check=args.synthetic_check or args.check_kinds is not None,
                       check_kinds=check_kinds_from_args(args),
                       rebuild_bank=args.rebuild_bank, save_detector=args.save_detector, shard_bank=args.shard_bank,
-                      command=" ".join(sys.argv))
+                      command=shlex.join(sys.argv))
 
 
 def main(args: argparse.Namespace) -> list[dict]:

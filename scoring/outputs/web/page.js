@@ -10,9 +10,11 @@ const LABELLED = ROWS.some((row) => row.label !== null && row.label !== undefine
 const BOTH_CLASSES = LABELLED && ROWS.some((r) => r.label === 1) && ROWS.some((r) => r.label === 0);
 const RUN_THRESHOLD = typeof DATA.threshold === "number" && isFinite(DATA.threshold) ? DATA.threshold : null;
 const SCORES = ROWS.map((r) => r.score);
-// (a loop, not Math.min(...SCORES): spreading 100,000 arguments overflows the stack)
-const LOW = SCORES.reduce((a, b) => Math.min(a, b), RUN_THRESHOLD === null ? Infinity : RUN_THRESHOLD);
-const HIGH = SCORES.reduce((a, b) => Math.max(a, b), RUN_THRESHOLD === null ? -Infinity : RUN_THRESHOLD);
+// The slider moves through the scores by rank, not linearly (one outlier would make it coarse):
+// position p puts the threshold between the p-th and (p+1)-th distinct score, so every step
+// changes at least one verdict; position 0 is below every score, the last at the highest.
+const DISTINCT = [...new Set(SCORES.filter((v) => isFinite(v)))].sort((a, b) => a - b);
+const HIGH = DISTINCT.length ? DISTINCT[DISTINCT.length - 1] : 1;
 
 const state = {
   threshold: RUN_THRESHOLD === null ? HIGH : RUN_THRESHOLD,
@@ -20,7 +22,25 @@ const state = {
 };
 
 const $ = (id) => document.getElementById(id);
-const fmt = (v) => (v === null || v === undefined || !isFinite(v)) ? "n/a" : Number(v).toPrecision(4).replace(/\.?0+(e|$)/, "$1");
+
+function thresholdAt(position) {
+  if (!DISTINCT.length) return 0;
+  if (position <= 0) return DISTINCT[0] - Math.max(1e-9, Math.abs(DISTINCT[0]) * 1e-6);
+  if (position >= DISTINCT.length) return DISTINCT[DISTINCT.length - 1];
+  return (DISTINCT[position - 1] + DISTINCT[position]) / 2;
+}
+
+// How many distinct scores are at or below ``value`` (the slider's position for it).
+function positionOf(value) {
+  let low = 0, high = DISTINCT.length;
+  while (low < high) { const mid = (low + high) >> 1; if (DISTINCT[mid] <= value) low = mid + 1; else high = mid; }
+  return low;
+}
+
+// A heatmap's path as a URL: each part encoded, so "#", "?" and "%" in a file name stay its name.
+const url = (path) => path.split("/").map(encodeURIComponent).join("/");
+// 4 significant digits, no trailing zeros after the point (2569.98 -> 2570, 0.25000 -> 0.25)
+const fmt = (v) => (v === null || v === undefined || !isFinite(v)) ? "n/a" : String(parseFloat(Number(v).toPrecision(4)));
 const metric = (v) => (v === null || v === undefined || !isFinite(v)) ? "n/a" : Number(v).toFixed(4);
 const esc = (text) => String(text).replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\"": "&quot;", "'": "&#39;"})[c]);
 
@@ -60,28 +80,9 @@ function renderCounts() {
   $("counts").innerHTML = parts.join("");
 }
 
-// The scoring command that gives this run's verdicts at the threshold now set: the run's own
-// command where it was an inference script (its --threshold replaced), else one made from the
-// record (main.py --eval takes no --threshold).
+// The scoring command that gives this run's verdicts at the threshold now set (made in page.py).
 function snippet() {
-  const value = String(state.threshold);
-  const command = RECORD.command || "";
-  const quote = (text) => /^[\w@%+=:,./-]+$/.test(text) ? text : `'${String(text).replace(/'/g, "'\\''")}'`;
-  let text;
-  if (/^(\S*\/)?inference_\w+\.py\b/.test(command)) {
-    text = /--threshold[ =]\S+/.test(command) ? command.replace(/--threshold[ =]\S+/, `--threshold ${value}`)
-                                              : `${command} --threshold ${value}`;
-    text = `python ${text}`;
-  } else {
-    const s = RECORD.settings || {};
-    const parts = [`python inference_${RECORD.fusion}.py`, "--p", quote((RECORD.checkpoint || {}).path || "CHECKPOINT")];
-    if (RECORD.data && RECORD.data.root) parts.push("--data-root", quote(RECORD.data.root));
-    parts.push("--c", quote(RECORD.category));
-    if (s.recipe && s.recipe !== "paper") parts.push("--recipe", s.recipe);
-    if (RECORD.images) parts.push("--images", quote(RECORD.images.folder));
-    text = `${parts.join(" ")} --threshold ${value}`;
-  }
-  $("threshold-snippet").textContent = text;
+  $("threshold-snippet").textContent = `${DATA.rerun} --threshold ${state.threshold}`;
 }
 
 function sortValue(row, key) {
@@ -145,7 +146,7 @@ function step(delta) {
 }
 
 function renderViewer() {
-  const row = ROWS.find((r) => r.index === state.selected);
+  const row = state.order.includes(state.selected) ? ROWS[state.selected - 1] : null;
   const img = $("viewer-img");
   if (!row) {
     $("viewer-title").textContent = "no image in the current filter";
@@ -163,7 +164,7 @@ function renderViewer() {
   $("viewer-note").textContent = RUN_THRESHOLD === null ? "This run has no threshold: the slider starts above every score."
     : state.threshold !== RUN_THRESHOLD ? `The picture's red region and colour scale are the run's threshold's (${fmt(RUN_THRESHOLD)}).` : "";
   if (row.heatmap) {
-    if (img.getAttribute("src") !== row.heatmap) img.setAttribute("src", row.heatmap);
+    if (img.getAttribute("src") !== url(row.heatmap)) img.setAttribute("src", url(row.heatmap));
     img.alt = `panel of ${row.file}: image, heatmap, ${LABELLED ? "ground truth and " : ""}prediction`;
   } else {
     img.removeAttribute("src"); img.alt = "no picture";
@@ -174,7 +175,7 @@ function renderViewer() {
 function setThreshold(value, from = null) {
   if (!isFinite(value)) return;
   state.threshold = value;
-  if (from !== "range") $("threshold-range").value = String(value);
+  if (from !== "range") $("threshold-range").value = String(positionOf(value));
   if (from !== "number") $("threshold-value").value = String(value);
   renderCounts(); snippet(); renderTable(); renderRocPoint();
 }
@@ -197,7 +198,8 @@ function rocPoints() {
 
 function renderRoc() {
   if (!BOTH_CLASSES) {
-    $("roc").innerHTML = `<p class="hint">${LABELLED ? "needs good and defective images" : "no labels: new images"}</p>`;
+    if (LABELLED) $("roc").innerHTML = `<p class="hint">needs good and defective images</p>`;
+    else $("roc-card").hidden = true;  // new images: no labels, no curve
     return;
   }
   const path = rocPoints().map(([f, t], i) => `${i ? "L" : "M"}${rocX(f).toFixed(1)},${rocY(t).toFixed(1)}`).join("");
@@ -279,11 +281,13 @@ function headline() {
 // ---- wiring ---------------------------------------------------------------------------------
 function setup() {
   const range = $("threshold-range");
-  range.min = String(LOW); range.max = String(HIGH);
-  range.step = HIGH > LOW ? String((HIGH - LOW) / 1000) : "any";
-  range.addEventListener("input", () => setThreshold(Number(range.value), "range"));
-  // An empty or half-typed number ("1e") is not a threshold: the last one stays until it is.
-  $("threshold-value").addEventListener("input", (e) => e.target.value !== "" && setThreshold(Number(e.target.value), "number"));
+  range.min = "0"; range.max = String(DISTINCT.length); range.step = "1";
+  range.addEventListener("input", () => setThreshold(thresholdAt(Number(range.value)), "range"));
+  // An empty, half-typed ("1e") or infinite number is not a threshold: the last one stays, and
+  // the box shows it again when left.
+  const box = $("threshold-value");
+  box.addEventListener("input", () => box.value !== "" && isFinite(Number(box.value)) && setThreshold(Number(box.value), "number"));
+  box.addEventListener("change", () => { if (Number(box.value) !== state.threshold || box.value === "") box.value = String(state.threshold); });
   $("threshold-reset").addEventListener("click", () => setThreshold(RUN_THRESHOLD === null ? HIGH : RUN_THRESHOLD));
   $("threshold-reset").disabled = RUN_THRESHOLD === null;
   $("copy-snippet").addEventListener("click", () => {
@@ -316,7 +320,7 @@ function setup() {
   document.addEventListener("keydown", (e) => {
     // Typing goes to the text and number boxes; the arrows to the control that has them (the slider).
     if (e.target.matches("input[type=number], input[type=search], textarea") || e.altKey || e.ctrlKey || e.metaKey) return;
-    if ((e.key === "ArrowDown" || e.key === "ArrowUp") && e.target.matches("input, select")) return;
+    if ((e.key === "ArrowDown" || e.key === "ArrowUp") && e.target.matches("input[type=range], select")) return;
     if (e.key === "ArrowDown" || e.key === "j") { step(1); e.preventDefault(); }
     if (e.key === "ArrowUp" || e.key === "k") { step(-1); e.preventDefault(); }
   });
