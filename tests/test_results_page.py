@@ -18,7 +18,7 @@ import pytest
 from browser import chromium, unavailable
 from test_scoring_cli import infer
 
-from scoring.outputs.page import rerun_command
+from scoring.outputs.page import rerun_command, write_page
 from scoring.outputs.pictures import THRESHOLD_SCALE, colorize, heat_scale, jet_colours
 from scoring.outputs.writing import panel_files
 
@@ -90,6 +90,10 @@ def test_the_page_of_a_test_set_counts_what_image_scores_csv_says(test_set_run):
             set_threshold(page, value)
             above = scores > value
             assert count(page, "count-above") == above.sum() and count(page, "count-below") == (~above).sum()
+            verdicts = page.eval_on_selector_all("#images tbody tr", "rows => rows.map(r => [r.dataset.index, "
+                                                 "r.cells[r.cells.length - 1].textContent])")
+            assert {int(i): v.split()[0] for i, v in verdicts} == {
+                i + 1: "anomalous" if is_above else "normal" for i, is_above in enumerate(above)}
             assert count(page, "tp") == (above & (labels == 1)).sum()
             assert count(page, "fp") == (above & (labels == 0)).sum()
             assert count(page, "fn") == (~above & (labels == 1)).sum()
@@ -206,3 +210,33 @@ def test_panel_files_have_one_extension_and_never_collide():
     names = panel_files(images)
     assert names == ["good/a_png.png", "good/a_jpg.png", "good/b.png", "crack/a.png", "good/a_png-2.png", "c.png"]
     assert panel_files(images[::-1])[::-1] == names  # the names do not depend on the listing's order
+
+
+@needs_browser
+def test_a_large_run_draws_rows_in_pages_and_counts_them_all(test_set_run, tmp_path):
+    """1,200 images (the run's record, a made-up CSV): 500 rows drawn at a time, counts over all."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random(1200) < 0.3).astype(int)
+    scores = rng.normal(5 + 3 * labels, 2).astype(np.float32)
+    with (tmp_path / "image_scores.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "defect", "label", "score", "heatmap"])
+        for i, (label, score) in enumerate(zip(labels, scores)):
+            defect = "scratch" if label else "good"
+            writer.writerow([f"/data/{defect}/{i}.png", defect, label, f"{score:.9g}", ""])
+    write_page(tmp_path, json.loads((test_set_run / "results.json").read_text()))
+    csv_scores = np.array([float(r["score"]) for r in csv_rows(tmp_path / "image_scores.csv")])
+    with chromium() as page:
+        open_page(page, tmp_path / "index.html")
+        assert page.locator("#images tbody tr[data-index]").count() == 500
+        set_threshold(page, 6.0)
+        assert count(page, "count-above") == (csv_scores > 6.0).sum()
+        assert count(page, "tp") == ((csv_scores > 6.0) & (labels == 1)).sum()
+        page.click("#more")
+        assert page.locator("#images tbody tr[data-index]").count() == 1000
+        page.click('#images th[data-key="index"]')  # back to one page, in file order
+        page.click("#images tbody tr[data-index='1']")
+        for _ in range(700):  # stepping past the drawn rows draws them
+            page.keyboard.press("j")
+        assert page.inner_text("#viewer-pos").startswith("701 /")
+        assert page.locator("#images tbody tr.selected").get_attribute("data-index") == "701"

@@ -18,7 +18,7 @@ const HIGH = DISTINCT.length ? DISTINCT[DISTINCT.length - 1] : 1;
 
 const state = {
   threshold: RUN_THRESHOLD === null ? HIGH : RUN_THRESHOLD,
-  sortKey: "score", sortDir: -1, order: [], selected: null,
+  sortKey: "score", sortDir: -1, order: [], selected: null, elements: new Map(), limit: 0,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -86,7 +86,7 @@ function snippet() {
 }
 
 function sortValue(row, key) {
-  if (key === "normalised") return row.score;  // the same order as the score's
+  if (key === "normalised") return row.score;  // the same order as the score's (one run threshold)
   if (key === "verdict") return isAnomalous(row) ? 1 : 0;
   return row[key] === null || row[key] === undefined ? "" : row[key];
 }
@@ -104,20 +104,32 @@ function visibleRows() {
   return rows;
 }
 
-function renderTable() {
+const verdictText = (row) => verdictOf(row) + (isWrong(row) ? " (wrong)" : "");
+// Rows drawn at a time: a table of tens of thousands lays out slowly, and no one reads past the
+// first few hundred in an order; the rest come with "show more" or when stepped to.
+const PAGE = 500;
+
+function renderTable(keepLimit = false) {
   const rows = visibleRows();
   state.order = rows.map((row) => row.index);
-  const html = rows.map((row) => {
-    const verdict = verdictOf(row);
+  if (!keepLimit) state.limit = PAGE;
+  const at = state.order.indexOf(state.selected);
+  if (at >= state.limit) state.limit = (Math.floor(at / PAGE) + 1) * PAGE;  // the selected row stays drawn
+  const html = rows.slice(0, state.limit).map((row) => {
     const classes = [isWrong(row) ? "wrong" : "", row.index === state.selected ? "selected" : ""].join(" ").trim();
     return `<tr data-index="${row.index}" class="${classes}"><td class="num">${row.index}</td>` +
       `<td class="file" title="${esc(row.file)}">${esc(row.file)}</td>` +
       (LABELLED ? `<td>${esc(row.defect)}</td>` : "") +
       `<td class="num">${fmt(row.score)}</td>` +
-      `<td class="num">${state.threshold > 0 ? (row.score / state.threshold).toFixed(3) : "n/a"}</td>` +
-      `<td class="verdict-${verdict}">${verdict}${isWrong(row) ? " (wrong)" : ""}</td></tr>`;
+      // As scores.csv's normalized_score: the run's threshold is 1.0, whatever the slider says.
+      `<td class="num">${RUN_THRESHOLD > 0 ? (row.score / RUN_THRESHOLD).toFixed(3) : "n/a"}</td>` +
+      `<td class="verdict-${verdictOf(row)}">${verdictText(row)}</td></tr>`;
   }).join("");
-  document.querySelector("#images tbody").innerHTML = html;
+  const body = document.querySelector("#images tbody");
+  const more = rows.length - state.limit;
+  body.innerHTML = html + (more > 0 ? `<tr class="more"><td colspan="6"><button id="more" type="button">show ` +
+    `${Math.min(more, PAGE)} more (${more} not drawn)</button></td></tr>` : "");
+  state.elements = new Map([...body.querySelectorAll("tr[data-index]")].map((tr) => [Number(tr.dataset.index), tr]));
   $("shown").textContent = `${rows.length} of ${ROWS.length} images`;
   document.querySelectorAll("#images th").forEach((th) => {
     th.classList.toggle("sorted-asc", th.dataset.key === state.sortKey && state.sortDir === 1);
@@ -129,6 +141,7 @@ function renderTable() {
 
 function select(index, scroll = true) {
   state.selected = index;
+  if (!state.elements.has(index) && state.order.includes(index)) renderTable(true);  // stepped past the drawn rows
   document.querySelectorAll("#images tbody tr.selected").forEach((tr) => tr.classList.remove("selected"));
   const tr = document.querySelector(`#images tbody tr[data-index="${index}"]`);
   if (tr) {
@@ -174,10 +187,28 @@ function renderViewer() {
 // ``from``: the control the value came from, which is left as the user set it.
 function setThreshold(value, from = null) {
   if (!isFinite(value)) return;
+  const previous = state.threshold;
   state.threshold = value;
   if (from !== "range") $("threshold-range").value = String(positionOf(value));
   if (from !== "number") $("threshold-value").value = String(value);
-  renderCounts(); snippet(); renderTable(); renderRocPoint();
+  renderCounts(); snippet(); verdictsChanged(previous); renderRocPoint();
+}
+
+// The table after a threshold move: rebuilt where its rows or order depend on the verdicts, else
+// only the rows whose score lies between the two thresholds (their verdict flipped) are touched,
+// so the slider stays smooth on a test set of thousands.
+function verdictsChanged(previous) {
+  if ($("filter-verdict").value || $("filter-wrong").checked || state.sortKey === "verdict") return renderTable();
+  const low = Math.min(previous, state.threshold), high = Math.max(previous, state.threshold);
+  for (const row of ROWS) {
+    const tr = row.score > low && row.score <= high ? state.elements.get(row.index) : null;
+    if (!tr) continue;
+    const cell = tr.cells[tr.cells.length - 1];
+    cell.className = `verdict-${verdictOf(row)}`;
+    cell.textContent = verdictText(row);
+    tr.classList.toggle("wrong", isWrong(row));
+  }
+  renderViewer();
 }
 
 // ---- the image ROC curve (test sets with both classes) --------------------------------------
@@ -303,7 +334,7 @@ function setup() {
     $("filter-defect-label").hidden = true; $("filter-wrong-label").hidden = true;  // (their values: all, off)
   }
   for (const id of ["filter-verdict", "filter-defect", "filter-wrong", "filter-text"]) {
-    $(id).addEventListener(id === "filter-text" ? "input" : "change", renderTable);
+    $(id).addEventListener(id === "filter-text" ? "input" : "change", () => renderTable());
   }
   document.querySelectorAll("#images th").forEach((th) => th.addEventListener("click", () => {
     const key = th.dataset.key;
@@ -312,7 +343,8 @@ function setup() {
     renderTable();
   }));
   document.querySelector("#images tbody").addEventListener("click", (e) => {
-    const tr = e.target.closest("tr");
+    if (e.target.id === "more") { state.limit += PAGE; renderTable(true); return; }
+    const tr = e.target.closest("tr[data-index]");
     if (tr) select(Number(tr.dataset.index), false);
   });
   $("prev").addEventListener("click", () => step(-1));
@@ -324,7 +356,7 @@ function setup() {
     if (e.key === "ArrowDown" || e.key === "j") { step(1); e.preventDefault(); }
     if (e.key === "ArrowUp" || e.key === "k") { step(-1); e.preventDefault(); }
   });
-  headline(); renderDetails(); renderRoc();
+  headline(); renderDetails(); renderRoc(); renderTable();
   setThreshold(state.threshold);
 }
 
