@@ -18,12 +18,13 @@ import csv
 import html
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 from urllib.parse import quote
 
 from .report import json_ready, write_text_atomic
-from .writing import METRIC_COLUMNS, format_metric
+from .writing import METRIC_COLUMNS, format_metric, metric_means
 
 WEB = Path(__file__).with_name("web")
 PAGE_FILE = "index.html"
@@ -34,8 +35,22 @@ DROPPED = {"--out": True, "--overwrite": False, "--threshold": True, "--save-det
 CATEGORY_FLAGS = ("--c", "--category")  # replaced by the page's own category (one of --c all's)
 
 
+# Content-Security-Policy of the two pages: nothing from outside the page's folder; the summary
+# page has no pictures and no script.
+PAGE_POLICY = "default-src 'none'; img-src 'self' file: data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+SUMMARY_POLICY = "default-src 'none'; style-src 'unsafe-inline'"
+
+
 def asset(name: str) -> str:
     return (WEB / name).read_text(encoding="utf-8")
+
+
+def html_page(title: str, policy: str, body: str) -> str:
+    """The page shell (``web/shell.html``) around ``body``, with the shared style. One pass over the
+    shell: what is put in (the script, the data) is never searched for placeholders itself."""
+    values = {"__TITLE__": html.escape(title), "__POLICY__": html.escape(policy, quote=True),
+              "__STYLE__": asset("page.css"), "__BODY__": body}
+    return re.sub("|".join(values), lambda match: values[match.group(0)], asset("shell.html"))
 
 
 def script_json(value) -> str:
@@ -108,11 +123,11 @@ def write_page(out_dir: Path, record: dict) -> Path:
     (after its CSV and panels are written); returns its path."""
     data = {"record": record, "rows": image_rows(out_dir, record),
             "threshold": (record.get("threshold") or {}).get("value"), "rerun": rerun_command(record)}
-    text = (asset("page.html")
-            .replace("/*STYLE*/", asset("page.css"))
-            .replace("/*SCRIPT*/", asset("page.js"))
-            .replace("__TITLE__", html.escape(page_title(record)))
-            .replace("__DATA__", script_json(data)))
+    title = page_title(record)
+    body = asset("page.html").replace("__HEADING__", html.escape(title), 1)
+    body += f'<script id="run-data" type="application/json">{script_json(data)}</script>\n'
+    body += f"<script>\n{asset('page.js')}</script>\n"
+    text = html_page(title, PAGE_POLICY, body)
     path = out_dir / PAGE_FILE
     write_text_atomic(path, text)
     return path
@@ -134,16 +149,12 @@ def write_summary_page(path: Path, records: list[dict], fusion: str) -> Path:
     header = "".join(f"<th>{html.escape(name)}</th>" for name in
                      ["category", *(name for _, name in METRIC_COLUMNS), "ms / test image"])
     rows = "\n".join(summary_row(record, path) for record in records)
-    means = []
-    for key, _ in METRIC_COLUMNS:
-        values = [r["metrics"][key] for r in records if r["metrics"].get(key) is not None]
-        means.append(format_metric(sum(values) / len(values) if values else None))
+    means = [format_metric(value) for value in metric_means(records).values()]
     means.append(f"{sum(r['timings']['s_per_test_image'] for r in records) / len(records) * 1000:.0f}")
     rows += "\n<tr><th>mean</th>" + "".join(f'<th class="num">{m}</th>' for m in means) + "</tr>"
     body = (f"<h1>Scoring summary ({html.escape(fusion)})</h1>\n"
             f"<p>{len(records)} categories; each name opens its run's page.</p>\n"
             f'<table class="summary"><thead><tr>{header}</tr></thead><tbody>\n{rows}\n</tbody></table>')
-    text = (asset("summary.html").replace("/*STYLE*/", asset("page.css"))
-            .replace("__TITLE__", html.escape(f"Scoring summary ({fusion})")).replace("__BODY__", body))
+    text = html_page(f"Scoring summary ({fusion})", SUMMARY_POLICY, body)
     write_text_atomic(path, text)
     return path

@@ -148,6 +148,15 @@ def write_run_table(out_dir: Path, record: dict) -> None:
     write_table(out_dir / "results", ["category", "fusion"] + [name for _, name in METRIC_COLUMNS], [row])
 
 
+def metric_means(records: list[dict]) -> dict[str, float | None]:
+    """Each metric's mean over the categories where it exists (``None`` where none has it)."""
+    means = {}
+    for key, _ in METRIC_COLUMNS:
+        values = [r["metrics"][key] for r in records if r["metrics"].get(key) is not None]
+        means[key] = float(np.mean(values)) if values else None
+    return means
+
+
 def write_summary(base: Path, records: list[dict], fusion: str) -> Path:
     """Per-category table with the mean row (over the categories where a metric exists), as
     ``base.md``, ``base.csv`` and ``base.json``."""
@@ -156,10 +165,7 @@ def write_summary(base: Path, records: list[dict], fusion: str) -> Path:
     for r in records:
         rows.append([r["category"]] + [format_metric(r["metrics"][k]) for k, _ in METRIC_COLUMNS]
                     + [f"{r['timings']['s_per_test_image']:.3f}"])
-    means = {}
-    for key, _ in METRIC_COLUMNS:
-        values = [r["metrics"][key] for r in records if r["metrics"][key] is not None]
-        means[key] = float(np.mean(values)) if values else None
+    means = metric_means(records)
     rows.append(["**mean**"] + [format_metric(means[k]) for k, _ in METRIC_COLUMNS]
                 + [f"{np.mean([r['timings']['s_per_test_image'] for r in records]):.3f}"])
     write_table(base, header, rows)
