@@ -104,11 +104,19 @@ def test_the_page_of_a_test_set_counts_what_image_scores_csv_says(test_set_run):
             page.check("#filter-wrong")
             assert page.locator("#images tbody tr").count() == (above != (labels == 1)).sum()
             page.uncheck("#filter-wrong")
-        # The slider steps through the scores by rank: each position one more score at or below it.
-        distinct = np.unique(scores)
-        for position in range(len(distinct) + 1):
+        # The slider's value is the threshold; its arrow keys step from one verdict change to the next.
+        for value in (float(np.median(scores)), float(scores.max()) - 1e-3):
             page.eval_on_selector("#threshold-range",
-                                  "(el, p) => { el.value = p; el.dispatchEvent(new Event('input')); }", position)
+                                  "(el, v) => { el.value = v; el.dispatchEvent(new Event('input')); }", value)
+            assert float(page.input_value("#threshold-value")) == pytest.approx(value, rel=1e-12)
+            assert count(page, "count-above") == (scores > value).sum()
+        distinct = np.unique(scores)
+        page.focus("#threshold-range")
+        for _ in range(len(distinct) + 1):
+            page.keyboard.press("ArrowLeft")
+        assert count(page, "count-above") == len(scores)
+        for position in range(1, len(distinct) + 1):
+            page.keyboard.press("ArrowRight")
             value = float(page.input_value("#threshold-value"))
             assert count(page, "count-above") == (scores > value).sum() == len(distinct) - position
         # A filter that leaves no image leaves no picture either.

@@ -10,9 +10,10 @@ const LABELLED = ROWS.some((row) => row.label !== null && row.label !== undefine
 const BOTH_CLASSES = LABELLED && ROWS.some((r) => r.label === 1) && ROWS.some((r) => r.label === 0);
 const RUN_THRESHOLD = typeof DATA.threshold === "number" && isFinite(DATA.threshold) ? DATA.threshold : null;
 const SCORES = ROWS.map((r) => r.score);
-// The slider moves through the scores by rank, not linearly (one outlier would make it coarse):
-// position p puts the threshold between the p-th and (p+1)-th distinct score, so every step
-// changes at least one verdict; position 0 is below every score, the last at the highest.
+// The slider's value is the threshold (score units, from just below the lowest score to the
+// highest); dragged it is linear, and its arrow keys step from one verdict change to the next:
+// "position" p puts the threshold between the p-th and (p+1)-th distinct score, p = 0 below
+// every score, the last at the highest (one outlier would otherwise make each step coarse).
 const DISTINCT = [...new Set(SCORES.filter((v) => isFinite(v)))].sort((a, b) => a - b);
 const HIGH = DISTINCT.length ? DISTINCT[DISTINCT.length - 1] : 1;
 
@@ -189,7 +190,7 @@ function setThreshold(value, from = null) {
   if (!isFinite(value)) return;
   const previous = state.threshold;
   state.threshold = value;
-  if (from !== "range") $("threshold-range").value = String(positionOf(value));
+  if (from !== "range") $("threshold-range").value = String(value);
   if (from !== "number") $("threshold-value").value = String(value);
   renderCounts(); snippet(); verdictsChanged(previous); renderRocPoint();
 }
@@ -312,8 +313,16 @@ function headline() {
 // ---- wiring ---------------------------------------------------------------------------------
 function setup() {
   const range = $("threshold-range");
-  range.min = "0"; range.max = String(DISTINCT.length); range.step = "1";
-  range.addEventListener("input", () => setThreshold(thresholdAt(Number(range.value)), "range"));
+  const low = Math.min(thresholdAt(0), RUN_THRESHOLD === null ? Infinity : RUN_THRESHOLD);
+  range.min = String(low); range.max = String(Math.max(HIGH, RUN_THRESHOLD === null ? -Infinity : RUN_THRESHOLD));
+  range.step = "any";
+  range.addEventListener("input", () => setThreshold(Number(range.value), "range"));
+  range.addEventListener("keydown", (e) => {
+    const delta = {ArrowRight: 1, ArrowUp: 1, ArrowLeft: -1, ArrowDown: -1}[e.key];
+    if (!delta) return;
+    e.preventDefault();
+    setThreshold(thresholdAt(Math.min(Math.max(positionOf(state.threshold) + delta, 0), DISTINCT.length)));
+  });
   // An empty, half-typed ("1e") or infinite number is not a threshold: the last one stays, and
   // the box shows it again when left.
   const box = $("threshold-value");
