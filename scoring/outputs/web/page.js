@@ -141,10 +141,11 @@ function renderTable(keepLimit = false) {
 }
 
 function select(index, scroll = true) {
+  const previous = state.elements.get(state.selected);
+  if (previous) previous.classList.remove("selected");
   state.selected = index;
   if (!state.elements.has(index) && state.order.includes(index)) renderTable(true);  // stepped past the drawn rows
-  document.querySelectorAll("#images tbody tr.selected").forEach((tr) => tr.classList.remove("selected"));
-  const tr = document.querySelector(`#images tbody tr[data-index="${index}"]`);
+  const tr = state.elements.get(index);
   if (tr) {
     tr.classList.add("selected");
     if (scroll) tr.scrollIntoView({block: "nearest"});
