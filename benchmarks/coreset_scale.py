@@ -3,12 +3,16 @@ a bank sharded over several (gloo, as under ``torchrun ... --shard-bank``).
 
 Each measurement runs in fresh processes (peak RSS is theirs alone) on synthetic patch features
 (clustered, non-negative, like pooled ReLU features; generated in blocks seeded by their index, so
-a rank makes only its own part). The build is :func:`scoring.engine.knn.greedy_coreset` with the scoring
+a rank makes only its own part). The build is :func:`scoring.engine.coreset.greedy_coreset` with the scoring
 defaults (random projection to ``--proj-dim``, fraction ``--fraction``). With ``--processes N``
 the bank is split over N processes and the chosen rows are checked against a one-process build of
-the same bank when ``--check`` is given (the same indices, in the same order).
+the same bank when ``--check`` is given (the same indices, in the same order). With ``--compare``
+the direct loop (:func:`scoring.engine.coreset.greedy_coreset_direct`, one pass over every row per
+centre: the sampler before 2026-12-05, what a GPU runs) builds the same coreset too, and the table
+gives its time and how many rows the two share, in the same place and in all.
 
     python -m benchmarks.coreset_scale --rows 50000,200000,1000000
+    python -m benchmarks.coreset_scale --rows 200000 --compare
     python -m benchmarks.coreset_scale --rows 200000 --processes 2 --check
 """
 
@@ -39,6 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--proj-dim", type=int, default=32)
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--check", action="store_true", help="compare the indices with a one-process build")
+    parser.add_argument("--compare", action="store_true",
+                        help="also build with the direct loop (one pass over the bank per centre) and compare")
     parser.add_argument("--out", default="results/benchmarks")
     return parser
 
@@ -60,7 +66,7 @@ def synthetic_rows(start: int, stop: int, dim: int) -> torch.Tensor:
 def worker(rank: int, world: int, port: int, rows: int, args: argparse.Namespace, queue) -> None:
     """Build this rank's part of the coreset; put (rank, seconds, peak RSS MB, indices) on ``queue``."""
     from common.distributed import DistInfo, block
-    from scoring.engine.knn import greedy_coreset
+    from scoring.engine.coreset import greedy_coreset, greedy_coreset_direct
 
     shards = None
     if world > 1:
@@ -70,8 +76,8 @@ def worker(rank: int, world: int, port: int, rows: int, args: argparse.Namespace
     share = block(rows, shards or DistInfo())
     bank = synthetic_rows(share.start, share.stop, args.dim)
     start = time.perf_counter()
-    chosen = greedy_coreset(bank, args.fraction, seed=0, proj_dim=args.proj_dim, progress=rank == 0,
-                            shards=shards)
+    build_fn = greedy_coreset_direct if args.direct else greedy_coreset
+    chosen = build_fn(bank, args.fraction, seed=0, proj_dim=args.proj_dim, progress=rank == 0, shards=shards)
     seconds = time.perf_counter() - start
     # As a NumPy array: a tensor would travel through shared memory, gone once this process ends.
     queue.put((rank, seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, chosen.numpy()))
@@ -79,8 +85,11 @@ def worker(rank: int, world: int, port: int, rows: int, args: argparse.Namespace
         torch.distributed.destroy_process_group()
 
 
-def build(rows: int, processes: int, args: argparse.Namespace) -> tuple[float, float, torch.Tensor]:
-    """Seconds (the slowest rank), peak RSS per process (MB, the largest) and the chosen indices."""
+def build(rows: int, processes: int, args: argparse.Namespace,
+          direct: bool = False) -> tuple[float, float, torch.Tensor]:
+    """Seconds (the slowest rank), peak RSS per process (MB, the largest) and the chosen indices
+    (``direct``: by the direct loop)."""
+    args = argparse.Namespace(**{**vars(args), "direct": direct})
     context = mp.get_context("spawn")
     queue = context.Queue()
     with socket.socket() as s:
@@ -101,15 +110,22 @@ def build(rows: int, processes: int, args: argparse.Namespace) -> tuple[float, f
 
 def main(args: argparse.Namespace) -> None:
     header = ["bank rows", "dim", "centres", "processes", "build s", "centres / s", "peak RSS MB / process",
-              "bank MB", "same indices as one process"]
+              "bank MB", "same indices as one process", "direct loop s",
+              "same rows as the direct loop: in place / in all"]
     table = []
     for rows in [int(r) for r in args.rows.split(",")]:
         seconds, rss, chosen = build(rows, args.processes, args)
         same = "-"
         if args.check and args.processes > 1:
             same = "yes" if torch.equal(build(rows, 1, args)[2], chosen) else "NO"
+        direct_s, shared = "-", "-"
+        if args.compare:
+            direct_s, _, reference = build(rows, 1, args, direct=True)
+            direct_s = f"{direct_s:.1f}"
+            shared = (f"{int((reference == chosen).sum())} / "
+                      f"{len(set(reference.tolist()) & set(chosen.tolist()))} of {len(chosen)}")
         table.append([rows, args.dim, len(chosen), args.processes, f"{seconds:.1f}", f"{len(chosen) / seconds:.0f}",
-                      f"{rss:.0f}", f"{rows * args.dim * 4 / 2**20:.0f}", same])
+                      f"{rss:.0f}", f"{rows * args.dim * 4 / 2**20:.0f}", same, direct_s, shared])
         print(markdown_table(header, table[-1:]), flush=True)
     print(markdown_table(header, table))
     info = {**system_info(torch.device("cpu")), "fraction": args.fraction, "proj_dim": args.proj_dim,

@@ -14,7 +14,8 @@ import argparse
 import torch
 
 from benchmarks.common import markdown_table, median_seconds, system_info, write_results
-from scoring.engine.knn import BankSearch, faiss_available, greedy_coreset
+from scoring.engine.coreset import greedy_coreset
+from scoring.engine.knn import BankSearch, faiss_available
 
 
 def get_args_parser() -> argparse.ArgumentParser:

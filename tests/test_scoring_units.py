@@ -9,7 +9,8 @@ from sklearn.metrics import roc_auc_score
 
 import scoring.engine.knn as knn_module
 from scoring import ScoreConfig, metrics
-from scoring.engine.knn import BankSearch, faiss_available, greedy_coreset
+from scoring.engine.coreset import greedy_coreset
+from scoring.engine.knn import BankSearch, faiss_available
 from scoring.engine.model import (
     AnomalyScorer,
     PatchBank,
@@ -233,6 +234,57 @@ def test_coreset_with_projection_is_seeded():
     a = greedy_coreset(bank, 0.1, seed=1, proj_dim=16, progress=False)
     b = greedy_coreset(bank, 0.1, seed=1, proj_dim=16, progress=False)
     assert torch.equal(a, b) and len(set(a.tolist())) == 50
+
+
+@pytest.mark.parametrize("rows, dim, fraction", [(300, 2, 0.3), (3000, 3, 0.05), (12000, 6, 0.02), (40000, 4, 0.01)])
+def test_farthest_first_takes_the_direct_loops_rows(rows, dim, fraction):
+    """On rows of small integers every distance is exact in float32 whatever kernel sums it, and
+    ties are many: the lazy traversal (a pool, catch-ups in matrix products) must take exactly the
+    direct loop's rows in its order, the lowest index on every tie."""
+    from scoring.engine import coreset
+
+    bank = torch.randint(-12, 13, (rows, dim), generator=torch.Generator().manual_seed(rows)).float()
+    direct = coreset.greedy_coreset_direct(bank, fraction, seed=5, proj_dim=0, progress=False)
+    states = []
+    real_state = coreset.FarthestFirst
+
+    class Recorded(real_state):
+        def __init__(self, *args):
+            super().__init__(*args)
+            states.append(self)
+
+    coreset.FarthestFirst = Recorded
+    try:
+        lazy = coreset.greedy_coreset(bank, fraction, seed=5, proj_dim=0, progress=False)
+    finally:
+        coreset.FarthestFirst = real_state
+    assert torch.equal(lazy, direct)
+    state = states[0]
+    assert state.pool_size < rows and state.catch_ups > 1  # the pool and the catch-ups were exercised
+    if rows >= 12000:
+        assert state.rows_caught_up < rows * state.catch_ups  # catch-ups reached only part of the rows
+    # Every bound is an upper bound of the true distance to the centres, exact once caught up.
+    truth = torch.cdist(bank, bank[direct[:-1]]).pow(2).min(1).values
+    assert bool((state.bound >= truth - 1e-3).all())
+    state.catch_up(every=True)
+    assert torch.allclose(state.bound, truth, atol=1e-3)
+
+
+def test_coreset_of_trained_like_features_keeps_the_direct_loops_rows():
+    """Float features (projected, summed by different kernels): the direct loop's rows, but where two
+    rows' distances agree within float32 rounding (then the order, rarely the rows, may differ:
+    on this CPU the rows are the same; the bound holds on any)."""
+    from scoring.engine import coreset
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(16, 96, generator=gen).abs() * 3
+    bank = (centres[torch.randint(0, 16, (6000,), generator=gen)] + torch.randn(6000, 96, generator=gen)).relu()
+    lazy = coreset.greedy_coreset(bank, 0.05, seed=1, progress=False)
+    direct = coreset.greedy_coreset_direct(bank, 0.05, seed=1, progress=False)
+    assert int(lazy[0]) == int(direct[0]) and len(set(lazy.tolist())) == len(lazy) == len(direct)
+    assert len(set(lazy.tolist()) & set(direct.tolist())) >= 0.9 * len(lazy)
+    radius = [float(torch.cdist(bank, bank[chosen]).min(1).values.max()) for chosen in (lazy, direct)]
+    assert radius[0] <= 1.05 * radius[1]
 
 
 def brute_force_aupro(masks, maps, limit=0.3):

@@ -1,4 +1,4 @@
-"""Memory bank search: exact k-nearest-neighbour distances, and greedy k-center coresets.
+"""Memory bank search: exact k-nearest-neighbour distances (the coreset sampler is :mod:`.coreset`).
 
 :class:`BankSearch` is an ``nn.Module`` holding one bank as buffers; it finds each query's ``k``
 nearest rows in two steps:
@@ -25,16 +25,13 @@ torch shortlist in float32 is used.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from common.distributed import DistInfo, all_gather, all_reduce_sum, part_offset
+from common.distributed import DistInfo, all_gather, all_reduce_sum
 from common.errors import SettingError
 from common.runtime import PRECISIONS, bf16_matmul_pays
 
@@ -63,7 +60,7 @@ GPU_CHUNK_FACTOR = 16  # on CUDA: blocks of up to 268 M products (1 GB of float3
 FAISS_ADD_ROWS = 65536
 
 __all__ = ["BACKENDS", "SHORTLISTS", "BankSearch", "FaissShortlist", "Shortlist", "TorchShortlist",
-           "GreedyCoresetSampler", "faiss_available", "greedy_coreset", "resolve_backend"]
+           "faiss_available", "resolve_backend"]
 
 
 @contextlib.contextmanager
@@ -420,117 +417,3 @@ class BankSearch(nn.Module):
         state = dict(self.__dict__)
         state["_centred"] = {}
         return state
-
-
-@dataclass(frozen=True)
-class GreedyCoresetSampler:
-    """The bank sampler: PatchCore's greedy k-center coreset of ``fraction`` of the rows
-    (:func:`greedy_coreset`). A sampler of your own has the same :meth:`select` and is passed to
-    :func:`scoring.engine.model.bank_states` (as patchcore-inspection passes its sampler)."""
-
-    fraction: float
-    proj_dim: int = 32
-    seed: int = 0
-
-    def select(self, rows: torch.Tensor, device: torch.device | str = "cpu",
-               shards: DistInfo | None = None) -> torch.Tensor:
-        """``(B, D)`` rows (this rank's part under ``shards``) -> indices into the whole bank, in selection order."""
-        return greedy_coreset(rows, self.fraction, seed=self.seed, proj_dim=self.proj_dim, device=device,
-                              shards=shards)
-
-
-def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim: int = 32,
-                   device: torch.device | str = "cpu", progress: bool = True,
-                   shards: DistInfo | None = None) -> torch.Tensor:
-    """Greedy k-center subset of ``bank`` rows (PatchCore's coreset), as indices.
-
-    The bank is first projected to ``proj_dim`` dimensions by a seeded Gaussian random
-    projection (distances roughly kept, the loop much cheaper); the first centre is a seeded
-    random row and is always included; each next centre is the row farthest from all chosen.
-    Memory: the projected rows and one distance per row (the projection made in blocks of
-    :data:`PROJECT_ROWS`, so a million rows need no second copy of the bank).
-
-    Under torchrun with a sharded bank (``shards``), ``bank`` is this rank's part, the parts in
-    rank order make the bank, and every rank gets the same indices (into the whole bank) as one
-    process would: each step every rank offers its own farthest row (distance, index, projected
-    row) in one all-gather and all take the largest (the lowest index on a tie, as ``argmax``).
-
-    Args:
-        bank: ``(B, D)``.
-        fraction: share of rows kept, in (0, 1].
-    Returns:
-        ``(ceil(fraction * B_total),)`` long tensor of row indices, in selection order.
-    """
-    if not 0 < fraction <= 1:
-        raise SettingError("coreset", fraction, "must be in (0, 1]; 1 keeps the whole bank")
-    shards = shards if shards is not None and shards.enabled else None
-    offset, count = part_offset(bank.shape[0], shards)
-    keep = max(1, math.ceil(fraction * count))
-    if keep >= count:
-        return torch.arange(count)
-    gen = torch.Generator().manual_seed(seed)
-    x = project(bank, proj_dim, gen, device)
-    sq = (x * x).sum(1)
-    first = int(torch.randint(0, count, (1,), generator=gen))
-    # Kept on the device: reading each new centre back to the host would stall a GPU every step.
-    chosen = torch.empty(keep, dtype=torch.long, device=x.device)
-    chosen[0] = first
-    min_dist = torch.full((x.shape[0],), float("inf"), device=x.device)
-    centre = chosen[0]
-    if shards is not None:  # the centre's projected row and squared norm, from the rank that holds it
-        c, c_sq = shared_centre(x, sq, first - offset, shards)
-    for i in tqdm(range(1, keep), desc="coreset", unit="centre", leave=False, disable=not progress,
-                  mininterval=1.0):
-        if shards is None:
-            # index_select with a 1-element tensor: indexing with a 0-d tensor would read it on the host.
-            c, c_sq = x.index_select(0, centre.view(1))[0], sq.index_select(0, centre.view(1))
-        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one fused matrix-vector product per new centre
-        dist = torch.addmv(sq, x, c, alpha=-2).add_(c_sq)
-        torch.minimum(min_dist, dist, out=min_dist)
-        if shards is None:
-            centre = torch.argmax(min_dist)
-        else:
-            centre, c, c_sq = farthest(x, sq, min_dist, offset, shards)
-        chosen[i] = centre
-    return chosen.cpu()
-
-
-# Rows projected per product while selecting a coreset: bounds the temporary copies.
-PROJECT_ROWS = 65536
-
-
-def project(bank: torch.Tensor, proj_dim: int, gen: torch.Generator, device: torch.device | str) -> torch.Tensor:
-    """``(B, D)`` -> ``(B, proj_dim)`` float32 on ``device``: a seeded Gaussian random projection, made
-    in blocks of :data:`PROJECT_ROWS` rows (the rows as they are when ``proj_dim`` is 0 or >= D)."""
-    if not proj_dim or proj_dim >= bank.shape[1]:
-        return bank.detach().to(device, torch.float32)
-    proj = (torch.randn(bank.shape[1], proj_dim, generator=gen) / math.sqrt(proj_dim)).to(device)
-    out = torch.empty(bank.shape[0], proj_dim, device=device)
-    for start in range(0, bank.shape[0], PROJECT_ROWS):
-        out[start:start + PROJECT_ROWS] = bank[start:start + PROJECT_ROWS].detach().to(device, torch.float32) @ proj
-    return out
-
-
-def shared_centre(x: torch.Tensor, sq: torch.Tensor, local: int, shards: DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """The centre's projected row ``(d,)`` and squared norm ``(1,)``, sent by the rank that holds
-    row ``local`` of its part (the others add zeros: the sum is the row, exactly)."""
-    packed = torch.zeros(x.shape[1] + 1)  # on the host: scoring's process group is gloo
-    if 0 <= local < x.shape[0]:
-        packed[:-1], packed[-1] = x[local].cpu(), sq[local].cpu()
-    packed = all_reduce_sum(packed, shards).to(x.device)
-    return packed[:-1], packed[-1:]
-
-
-def farthest(x: torch.Tensor, sq: torch.Tensor, min_dist: torch.Tensor, offset: int,
-             shards: DistInfo) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """The whole bank's row farthest from the chosen centres (the lowest index on a tie, as
-    ``argmax``), with its projected row ``(d,)`` and squared norm ``(1,)``: each rank offers its own
-    farthest row, one all-gather per step."""
-    offer = torch.full((x.shape[1] + 3,), float("-inf"), dtype=torch.float64, device=x.device)
-    if min_dist.numel():
-        local = int(torch.argmax(min_dist))
-        offer[0], offer[1], offer[2], offer[3:] = min_dist[local], offset + local, sq[local], x[local]
-    offers = torch.stack(all_gather(offer, shards))
-    best = offers[offers[:, 0] == offers[:, 0].max()]
-    winner = best[best[:, 1].argmin()]  # float64 holds float32 values and row indices exactly
-    return int(winner[1]), winner[3:].to(x.dtype), winner[2:3].to(x.dtype)

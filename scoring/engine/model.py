@@ -43,9 +43,10 @@ from data.images import network_input
 from models import HEAD_STAGES
 
 from ..config import ScoreConfig
+from .coreset import GreedyCoresetSampler
 from .dense import uses_head
 from .features import batched_features, pooled_features
-from .knn import BankSearch, GreedyCoresetSampler, TorchShortlist
+from .knn import BankSearch, TorchShortlist
 
 # Images scored per pass of the eager loop (bounds the memory of one pass's patch queries).
 IMAGES_PER_PASS = 64

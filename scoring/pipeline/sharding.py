@@ -2,7 +2,7 @@
 
 Each rank extracts the features of its block of training images (whole batches: the one
 process's batches), builds its part of the bank and its rows of the coreset one process would
-choose (:func:`scoring.engine.knn.greedy_coreset` with ``shards``), and every search returns the whole
+choose (:func:`scoring.engine.coreset.greedy_coreset` with ``shards``), and every search returns the whole
 bank's k nearest (:class:`scoring.engine.knn.BankSearch` with ``shards``: the k smallest over the ranks'
 k smallest). Every rank then scores every test image with the same numbers; rank 0 writes.
 
