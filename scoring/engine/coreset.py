@@ -17,12 +17,15 @@ million on 2 cores). :class:`FarthestFirst` chooses the same rows with far less 
   pool's threshold). On trained features and on the benchmark's synthetic ones a few percent of
   the rows are reached per catch-up: most rows are covered early and never touched again.
 
-Ties go to the lowest row index, as ``argmax`` over the whole bank. The distances are the same
-float32 expression as the direct loop's, but summed by other kernels (a matrix product instead of a
-matrix-vector one), so two rows whose distances agree within float32 rounding may be taken in the
-other order; on exactly representable data (``tests``) the indices are the direct loop's.
-On a GPU the direct loop runs (one kernel a step, no host round trip); under torchrun each rank
-keeps its own pool and the ranks agree on the farthest row of the whole bank each step.
+Ties go to the lowest row index, as ``argmax`` over the whole bank. Every squared distance is
+computed in float64 (float32 rows: the products are exact) and rounded to float32: the kernels
+that sum it (a matrix-vector product for the pool, matrix products for the catch-ups, the direct
+loop's pass, another rank's part) differ only far below that rounding, so each path sees the same
+float32 distances and takes the same rows in the same order, whatever the pool, the blocks, the
+ranks or the CPU. (Summed in float32 as before 2026-12-05, the kernels' rounding alone swapped near
+ties: 706 of 20,000 places on the benchmark, and a sharded build differed from one process.)
+On a GPU the direct loop runs in float32 (one kernel a step, no host round trip); under torchrun
+each rank keeps its own pool and the ranks agree on the farthest row of the whole bank each step.
 """
 
 from __future__ import annotations
@@ -40,10 +43,10 @@ __all__ = ["FarthestFirst", "GreedyCoresetSampler", "greedy_coreset", "greedy_co
 
 # Rows projected per product while selecting a coreset: bounds the temporary copies.
 PROJECT_ROWS = 65536
-# A catch-up multiplies blocks of this many rows by this many centres: the (rows x centres) block
-# of distances stays in the cache (2 MB) and the product stays compute-bound.
+# A catch-up multiplies blocks of this many rows by this many centres: few enough blocks that the
+# per-block overhead is small, the product compute-bound (float64, K = 32: ~50 GFLOP/s on 2 cores).
 CATCH_UP_ROWS = 2048
-CATCH_UP_CENTRES = 256
+CATCH_UP_CENTRES = 1024
 # The pool: this share of the rows (within the bounds), exact at every step.
 POOL_SHARE = 0.01
 POOL_MIN, POOL_MAX = 256, 16384
@@ -73,19 +76,18 @@ class FarthestFirst:
 
     Args:
         x: ``(B, d)`` float32 rows (a rank's part under torchrun), on the CPU.
-        sq: ``(B,)`` their squared norms.
         capacity: the most centres that will be added.
     """
 
-    def __init__(self, x: torch.Tensor, sq: torch.Tensor, capacity: int):
-        self.x, self.sq = x, sq
+    def __init__(self, x: torch.Tensor, capacity: int):
+        self.x, self.sq = x, squared_norms(x)
         count = x.shape[0]
         # An upper bound of each row's squared distance to the centres, exact for the centres
         # self.centres[:synced[row]] it has met (a distance to a centre only lowers it).
         self.bound = torch.full((count,), float("inf"))
         self.synced = torch.zeros(count, dtype=torch.long)
-        self.centres = torch.empty(capacity, x.shape[1])
-        self.centre_sq = torch.empty(capacity)
+        self.centres = torch.empty(capacity, x.shape[1], dtype=torch.float64)
+        self.centre_sq = torch.empty(capacity, dtype=torch.float64)
         self.added = 0
         self.pool_size = min(count, max(POOL_MIN, min(POOL_MAX, int(POOL_SHARE * count))))
         self.pool: torch.Tensor | None = None  # row indices, ascending (argmax then takes the lowest on ties)
@@ -94,13 +96,14 @@ class FarthestFirst:
         self.catch_ups = 0
         self.rows_caught_up = 0
 
-    def add(self, centre: torch.Tensor, centre_sq: torch.Tensor) -> None:
-        """A new centre ``(d,)`` with its squared norm ``(1,)``: the pool's distances are updated now."""
-        self.centres[self.added] = centre
-        self.centre_sq[self.added] = centre_sq.reshape(())
+    def add(self, centre: torch.Tensor) -> None:
+        """A new centre ``(d,)`` (a float32 row): the pool's distances are updated now."""
+        centre = centre.double()
+        centre_sq = squared_norms(centre[None])
+        self.centres[self.added], self.centre_sq[self.added] = centre, centre_sq[0]
         self.added += 1
         if self.pool is not None:
-            dist = torch.addmv(self.pool_sq, self.pool_x, centre, alpha=-2).add_(centre_sq)
+            dist = torch.addmv(self.pool_sq, self.pool_x, centre, alpha=-2).add_(centre_sq).float()
             torch.minimum(self.pool_bound, dist, out=self.pool_bound)
 
     def farthest(self) -> tuple[float, int]:
@@ -154,7 +157,7 @@ class FarthestFirst:
             # On a tie with a bound not reached, the pool may hold a row not yet up to date.
             self.meet_centres(self.pool[self.synced[self.pool] < self.added])
             self.ceiling = max(float(top.values[-1]), outside)
-        self.pool_x, self.pool_sq = self.x[self.pool], self.sq[self.pool]
+        self.pool_x, self.pool_sq = self.x[self.pool].double(), self.sq[self.pool]
         self.pool_bound = self.bound[self.pool].clone()
 
     def meet_centres(self, rows: torch.Tensor) -> None:
@@ -165,16 +168,19 @@ class FarthestFirst:
         since = self.synced[rows]
         for first in torch.unique(since).tolist():  # rows last updated at the same step share their centres
             group = rows[since == first]
-            x, sq, bound = self.x[group], self.sq[group], self.bound[group]
-            for c0 in range(first, self.added, CATCH_UP_CENTRES):
-                c1 = min(self.added, c0 + CATCH_UP_CENTRES)
-                centres, centre_sq = self.centres[c0:c1].t(), self.centre_sq[c0:c1]
-                for r0 in range(0, group.numel(), CATCH_UP_ROWS):
-                    part = slice(r0, r0 + CATCH_UP_ROWS)
-                    dist = torch.addmm(sq[part, None], x[part], centres, alpha=-2).add_(centre_sq)
-                    torch.minimum(bound[part], dist.amin(1), out=bound[part])
-            self.bound[group] = bound
+            for r0 in range(0, group.numel(), CATCH_UP_ROWS):
+                part = group[r0:r0 + CATCH_UP_ROWS]
+                self.bound[part] = self.nearest(part, first, self.bound[part])
         self.synced[rows] = self.added
+
+    def nearest(self, rows: torch.Tensor, first: int, bound: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` rows' bounds lowered by the centres ``first:`` added (float64 products, rounded)."""
+        x, sq = self.x[rows].double(), self.sq[rows]
+        for c0 in range(first, self.added, CATCH_UP_CENTRES):
+            c1 = min(self.added, c0 + CATCH_UP_CENTRES)
+            dist = torch.addmm(sq[:, None], x, self.centres[c0:c1].t(), alpha=-2).add_(self.centre_sq[c0:c1])
+            bound = torch.minimum(bound, dist.amin(1).float())
+        return bound
 
 
 def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim: int = 32,
@@ -203,21 +209,21 @@ def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim:
     plan = coreset_plan(bank, fraction, seed, proj_dim, device, shards)
     if plan is None:
         return torch.arange(bank.shape[0])
-    x, sq, first, keep, offset, shards = plan
+    x, first, keep, offset, shards = plan
     if x.device.type != "cpu":
-        return direct_loop(x, sq, first, keep, offset, shards, progress)
-    state = FarthestFirst(x, sq, keep)
+        return direct_loop(x, first, keep, offset, shards, progress)
+    state = FarthestFirst(x, keep)
     chosen = torch.empty(keep, dtype=torch.long)
     chosen[0] = first
-    centre, centre_sq = shared_centre(x, sq, first - offset, shards)
+    centre = shared_centre(x, first - offset, shards)
     for i in tqdm(range(1, keep), desc="coreset", unit="centre", leave=False, disable=not progress,
                   mininterval=1.0):
-        state.add(centre, centre_sq)
+        state.add(centre)
         value, local = state.farthest()
         if shards is None:
-            chosen[i], centre, centre_sq = local, x[local], sq[local:local + 1]
+            chosen[i], centre = local, x[local]
         else:
-            chosen[i], centre, centre_sq = offered_farthest(x, sq, value, local, offset, shards)
+            chosen[i], centre = offered_farthest(x, value, local, offset, shards)
     return chosen
 
 
@@ -234,7 +240,7 @@ def greedy_coreset_direct(bank: torch.Tensor, fraction: float, seed: int = 0, pr
 
 def coreset_plan(bank: torch.Tensor, fraction: float, seed: int, proj_dim: int, device: torch.device | str,
                  shards: DistInfo | None):
-    """What both loops start from: ``(x, sq, first, keep, offset, shards)``, or ``None`` when every row is kept."""
+    """What both loops start from: ``(x, first, keep, offset, shards)``, or ``None`` when every row is kept."""
     if not 0 < fraction <= 1:
         raise SettingError("coreset", fraction, "must be in (0, 1]; 1 keeps the whole bank")
     shards = shards if shards is not None and shards.enabled else None
@@ -244,35 +250,39 @@ def coreset_plan(bank: torch.Tensor, fraction: float, seed: int, proj_dim: int, 
         return None
     gen = torch.Generator().manual_seed(seed)
     x = project(bank, proj_dim, gen, device)
-    sq = (x * x).sum(1)
     first = int(torch.randint(0, count, (1,), generator=gen))
-    return x, sq, first, keep, offset, shards
+    return x, first, keep, offset, shards
 
 
-def direct_loop(x: torch.Tensor, sq: torch.Tensor, first: int, keep: int, offset: int,
-                shards: DistInfo | None, progress: bool) -> torch.Tensor:
-    """The farthest-first traversal, one pass over every row per centre (see :func:`greedy_coreset`)."""
+def direct_loop(x: torch.Tensor, first: int, keep: int, offset: int, shards: DistInfo | None,
+                progress: bool) -> torch.Tensor:
+    """The farthest-first traversal, one pass over every row per centre (see :func:`greedy_coreset`):
+    on the CPU the distances in float64 rounded to float32, as :class:`FarthestFirst`'s; on a GPU in float32."""
+    if x.device.type == "cpu":
+        x = x.double()
+    sq = squared_norms(x)
     # Kept on the device: reading each new centre back to the host would stall a GPU every step.
     chosen = torch.empty(keep, dtype=torch.long, device=x.device)
     chosen[0] = first
     min_dist = torch.full((x.shape[0],), float("inf"), device=x.device)
     centre = chosen[0]
-    if shards is not None:  # the centre's projected row and squared norm, from the rank that holds it
-        c, c_sq = shared_centre(x, sq, first - offset, shards)
+    if shards is not None:  # the centre's projected row, from the rank that holds it
+        c = shared_centre(x, first - offset, shards).to(x.dtype)
     for i in tqdm(range(1, keep), desc="coreset", unit="centre", leave=False, disable=not progress,
                   mininterval=1.0):
         if shards is None:
             # index_select with a 1-element tensor: indexing with a 0-d tensor would read it on the host.
-            c, c_sq = x.index_select(0, centre.view(1))[0], sq.index_select(0, centre.view(1))
+            c = x.index_select(0, centre.view(1))[0]
         # |x - c|^2 = |x|^2 - 2 x.c + |c|^2, one fused matrix-vector product per new centre
-        dist = torch.addmv(sq, x, c, alpha=-2).add_(c_sq)
+        dist = torch.addmv(sq, x, c, alpha=-2).add_(squared_norms(c[None])).float()
         torch.minimum(min_dist, dist, out=min_dist)
         if shards is None:
             centre = torch.argmax(min_dist)
         else:
             local = int(torch.argmax(min_dist)) if min_dist.numel() else -1
             value = float(min_dist[local]) if local >= 0 else float("-inf")
-            centre, c, c_sq = offered_farthest(x, sq, value, local, offset, shards)
+            centre, c = offered_farthest(x, value, local, offset, shards)
+            c = c.to(x.dtype)
         chosen[i] = centre
     return chosen.cpu()
 
@@ -289,28 +299,32 @@ def project(bank: torch.Tensor, proj_dim: int, gen: torch.Generator, device: tor
     return out
 
 
-def shared_centre(x: torch.Tensor, sq: torch.Tensor, local: int,
-                  shards: DistInfo | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The centre's projected row ``(d,)`` and squared norm ``(1,)``; under torchrun sent by the rank
-    that holds row ``local`` of its part (the others add zeros: the sum is the row, exactly)."""
+def squared_norms(x: torch.Tensor) -> torch.Tensor:
+    """``(n, d)`` -> ``(n,)`` squared norms, in float64 (on a GPU in ``x``'s dtype)."""
+    x = x.double() if x.device.type == "cpu" else x
+    return (x * x).sum(1)
+
+
+def shared_centre(x: torch.Tensor, local: int, shards: DistInfo | None) -> torch.Tensor:
+    """The centre's projected row ``(d,)``; under torchrun sent by the rank that holds row ``local``
+    of its part (the others add zeros: the sum is the row, exactly)."""
     if shards is None:
-        return x[local], sq[local:local + 1]
-    packed = torch.zeros(x.shape[1] + 1)  # on the host: scoring's process group is gloo
+        return x[local]
+    packed = torch.zeros(x.shape[1], dtype=torch.float64)  # on the host: scoring's process group is gloo
     if 0 <= local < x.shape[0]:
-        packed[:-1], packed[-1] = x[local].cpu(), sq[local].cpu()
-    packed = all_reduce_sum(packed, shards).to(x.device)
-    return packed[:-1], packed[-1:]
+        packed[:] = x[local].cpu().double()
+    return all_reduce_sum(packed, shards).to(x.device, torch.float32)
 
 
-def offered_farthest(x: torch.Tensor, sq: torch.Tensor, value: float, local: int, offset: int,
-                     shards: DistInfo) -> tuple[int, torch.Tensor, torch.Tensor]:
+def offered_farthest(x: torch.Tensor, value: float, local: int, offset: int,
+                     shards: DistInfo) -> tuple[int, torch.Tensor]:
     """The whole bank's farthest row from every rank's own (``value`` at its row ``local``, -1 when
     its part is empty): the largest, the lowest index on a tie (as ``argmax``), with its projected
-    row ``(d,)`` and squared norm ``(1,)``; one all-gather per step."""
-    offer = torch.full((x.shape[1] + 3,), float("-inf"), dtype=torch.float64)
+    row ``(d,)`` (float32); one all-gather per step."""
+    offer = torch.full((x.shape[1] + 2,), float("-inf"), dtype=torch.float64)
     if local >= 0:
-        offer[0], offer[1], offer[2], offer[3:] = value, offset + local, sq[local], x[local]
+        offer[0], offer[1], offer[2:] = value, offset + local, x[local].double()
     offers = torch.stack(all_gather(offer, shards))
     best = offers[offers[:, 0] == offers[:, 0].max()]
-    winner = best[best[:, 1].argmin()]  # float64 holds float32 values and row indices exactly
-    return int(winner[1]), winner[3:].to(x.device, x.dtype), winner[2:3].to(x.device, x.dtype)
+    winner = best[best[:, 1].argmin()]  # float64 holds float32 values, rows and row indices exactly
+    return int(winner[1]), winner[2:].to(x.device, torch.float32)
