@@ -206,6 +206,27 @@ def test_certification_stops_on_non_finite_features():
     assert certified[1:].all() and scorer.search_stats["certified_images"] == len(certified) - 1
 
 
+def test_few_queries_search_in_float32_without_a_second_copy_of_the_bank():
+    """Under precision "auto" fewer than FEW_QUERIES queries take float32 products (bfloat16 only
+    where it pays, and only for more), centring the rows block by block: exact distances, and no
+    centred float32 copy of the bank kept; many queries keep the cached copy, as before."""
+    import scoring.engine.knn as knn
+    from common.runtime import bf16_matmul_pays
+
+    gen = torch.Generator().manual_seed(0)
+    centres = 5 + 3 * torch.rand(12, 48, generator=gen)  # a large shared mean, as ReLU features have
+    bank = centres[torch.randint(0, 12, (20000,), generator=gen)] + torch.randn(20000, 48, generator=gen)
+    search = BankSearch(bank, backend="torch", precision="auto")
+    assert search._dtype(knn.FEW_QUERIES - 1) == torch.float32
+    assert search._dtype(knn.FEW_QUERIES) == (torch.bfloat16 if bf16_matmul_pays("cpu") else torch.float32)
+    for count in (5, knn.FEW_QUERIES + 36):
+        queries = bank[:count] + 0.5 * torch.randn(count, 48, generator=gen)
+        truth = torch.cdist(queries.double(), bank.double()).topk(3, dim=1, largest=False).values
+        torch.testing.assert_close(search(queries, 3).double(), truth, rtol=1e-5, atol=1e-5)
+        if count < knn.FEW_QUERIES:
+            assert torch.float32 not in search._centred  # centred block by block, nothing kept
+
+
 def test_k_larger_than_the_bank_names_the_setting():
     from common.errors import SettingError
 

@@ -49,6 +49,10 @@ FAISS_MIN_QUERIES = 32
 # form's (|q|^2 + |b|^2 - 2 q.b), the worse of the two.
 FAISS_BLAS_QUERIES = 20
 BAND_ROWS = 4096  # an unsure query with more rows than this within rounding of its k-th goes finer
+FEW_QUERIES = 64  # fewer queries than this take float32 products under precision "auto" (see BankSearch._dtype)
+# A float32 pass for few queries centres the rows of each block of this many as it goes (no cached
+# float32 copy of the bank beside the rows: blocks of 12 MB at 384 dimensions).
+FRESH_CENTRING_ROWS = 8192
 # Bank rows compared with the queries in one product, and queries per product in eager mode:
 # bounds memory (rows x queries x 4 bytes = 64 MB); a traced graph takes all its queries at once
 # against chunks of CHUNK_ROWS. In eager mode few queries take longer chunks (up to CHUNK_ELEMENTS
@@ -118,6 +122,10 @@ class Shortlist:
     def reset(self) -> None:
         """Forget any index of the bank (its rows changed)."""
 
+    def ranks_in(self, count: int, dtype: torch.dtype, tracing: bool) -> torch.dtype:
+        """The dtype :meth:`rank` will rank ``count`` queries in when asked for ``dtype`` (it sizes the shortlist)."""
+        return dtype
+
 
 class TorchShortlist(Shortlist):
     """The torch products (:meth:`BankSearch._shortlist`), by name."""
@@ -159,6 +167,9 @@ class FaissShortlist(Shortlist):
             return idx, torch.full_like(dist_sq[:, 0], float("inf")), torch.float32
         # faiss ranks by |q|^2 + |b|^2 - 2 q.b: the same value as ours plus |q|^2.
         return idx[:, :keep], dist_sq[:, keep] - torch.from_numpy(centred).to(device).pow(2).sum(1), torch.float32
+
+    def ranks_in(self, count, dtype, tracing):
+        return dtype if tracing or count < FAISS_MIN_QUERIES else torch.float32
 
     def reset(self) -> None:
         self.index, self._gpu_resources = None, None
@@ -235,8 +246,9 @@ class BankSearch(nn.Module):
         return torch.cat(all_gather(found, self.shards), 1).topk(k, dim=1, largest=False).values
 
     def _search(self, queries: torch.Tensor, k: int, tracing: bool) -> torch.Tensor:
-        low = torch.float32 if tracing else self._dtype()
-        keep = min(self.size, k + (SHORTLIST_BF16 if low == torch.bfloat16 else SHORTLIST))
+        low = torch.float32 if tracing else self._dtype(queries.shape[0])
+        keep = min(self.size, k + (SHORTLIST_BF16 if self.shortlist.ranks_in(queries.shape[0], low, tracing)
+                                   == torch.bfloat16 else SHORTLIST))
         candidates, next_value, low = self.shortlist.rank(self, queries, keep, low, tracing)
         distances = self._rerank(queries, candidates, k)
         if tracing:  # a graph has no data-dependent branch: its float32 shortlist is taken as it is
@@ -280,9 +292,11 @@ class BankSearch(nn.Module):
         limit, q_norm = (kth.double().pow(2) - q_sq)[:, None], q_sq.sqrt()[:, None]
         q = (queries - self.mean).to(dtype)
         step = max(CHUNK_ROWS, CHUNK_ELEMENTS // max(1, count))
+        fresh = self._fresh_centring(count, dtype, False)
+        step = FRESH_CENTRING_ROWS if fresh else step
         hits_q, hits_r = [], []
         for start in range(0, self.size, step):
-            block = self._centred_rows(start, start + step, dtype, False)
+            block = self._centred_rows(start, start + step, dtype, fresh)
             b_sq = self.centred_sq[start:start + step]
             approx = b_sq[None, :] - 2.0 * (q @ block.t()).float()
             # Each row's own bound (its own |b|), far tighter than the bank's largest row.
@@ -305,8 +319,8 @@ class BankSearch(nn.Module):
 
     def _rerank(self, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
         """``(m, D)`` queries and ``(m, c)`` candidate rows -> ``(m, k)`` exact distances of the ``k`` nearest."""
-        chosen = self.rows[candidates.reshape(-1)].view(candidates.shape[0], candidates.shape[1], -1)
-        exact = (chosen - self._query_frame(queries)[:, None, :]).pow(2).sum(-1)
+        chosen = self.rows[candidates.reshape(-1)].view(candidates.shape[0], candidates.shape[1], self.rows.shape[1])
+        exact = chosen.sub_(self._query_frame(queries)[:, None, :]).square_().sum(-1)  # the gathered copy, in place
         return exact.topk(k, dim=1, largest=False).values.clamp_min(0).sqrt()
 
     def _shortlist_holds(self, queries: torch.Tensor, kth: torch.Tensor, next_value: torch.Tensor,
@@ -343,10 +357,15 @@ class BankSearch(nn.Module):
         b_sq = float(self.centred_sq.max())
         return cross * q_sq.sqrt() * b_sq ** 0.5 + square * (b_sq + q_sq), q_sq
 
-    def _dtype(self) -> torch.dtype:
+    def _dtype(self, queries: int) -> torch.dtype:
+        """The products' dtype for ``queries`` queries: ``precision``; ``auto`` is bfloat16 where it
+        pays, but float32 for fewer than :data:`FEW_QUERIES` queries on the CPU (a pass over the
+        bank is then bound by reading it, and a float32 shortlist nearly always holds, where a
+        bfloat16 one often needs the rounding band: 80 ms against 37 for 16 queries x 214,000 rows)."""
         precision = self.precision
         if precision == "auto":
-            precision = "bf16" if bf16_matmul_pays(self.rows.device.type) else "fp32"
+            few = queries < FEW_QUERIES and not self.rows.is_cuda
+            precision = "bf16" if bf16_matmul_pays(self.rows.device.type) and not few else "fp32"
         return torch.bfloat16 if precision == "bf16" else torch.float32
 
     def store_centred(self) -> BankSearch:
@@ -361,6 +380,12 @@ class BankSearch(nn.Module):
     def _query_frame(self, queries: torch.Tensor) -> torch.Tensor:
         """Queries in the frame of ``rows``: as given, or shifted by the mean when the rows are stored centred."""
         return queries - self.mean if self.stored_centred else queries
+
+    def _fresh_centring(self, queries: int, dtype: torch.dtype, tracing: bool) -> bool:
+        """Whether a float32 pass for ``queries`` queries centres each block as it goes instead of
+        caching a centred float32 copy of the bank: for few queries, while no such copy exists."""
+        return (not tracing and dtype == torch.float32 and not self.stored_centred and queries < FEW_QUERIES
+                and torch.float32 not in self._centred)
 
     def _centred_rows(self, start: int, stop: int, dtype: torch.dtype, tracing: bool) -> torch.Tensor:
         """Rows ``start:stop`` centred (stored so, computed in a traced graph, cached in eager mode)."""
@@ -392,8 +417,10 @@ class BankSearch(nn.Module):
         # A GPU takes far larger blocks: per-block Python overhead, not arithmetic, bounds it otherwise.
         elements = CHUNK_ELEMENTS * (GPU_CHUNK_FACTOR if q.is_cuda else 1)
         step = CHUNK_ROWS if tracing else max(CHUNK_ROWS, elements // max(1, queries.shape[0]))
+        fresh = self._fresh_centring(queries.shape[0], dtype, tracing)
+        step = FRESH_CENTRING_ROWS if fresh else step
         for start in range(0, self.size, step):
-            block = self._centred_rows(start, start + step, dtype, tracing)
+            block = self._centred_rows(start, start + step, dtype, tracing or fresh)
             # |q|^2 is the same for every row of a query: left out of the ranking.
             products = q @ block.t()
             norms = self.centred_sq[start:start + step]

@@ -437,11 +437,13 @@ class AnomalyScorer(nn.Module):
     def search_cells(self, bank: PatchBank, patches: torch.Tensor, values: torch.Tensor, exact: torch.Tensor,
                      cells: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Traceable: ``values`` / ``exact`` ``(N, P)`` with the ``wanted`` of ``cells`` ``(N, c)`` searched in
-        the whole bank. Every cell is searched (fixed shapes); only wanted ones change, so the result
-        is the eager :meth:`search_cells_`'s (a cell picked twice gets the same exact value twice)."""
-        fresh = self.researched(bank, patches, values, cells)
+        the whole bank, each once: the eager :meth:`search_cells_`'s work and result. The cells are
+        chosen with ``nonzero`` (a length known only when the graph runs), so a round searches only
+        the open cells of images not yet certified, and a round after all are certified searches none."""
         chosen = torch.zeros_like(values).scatter_add(1, cells, wanted.float()) > 0
-        return torch.where(chosen, fresh, values), exact | chosen
+        flat = chosen.flatten().nonzero()[:, 0]
+        fresh = bank.exact(patches[flat.to(patches.device)], self.k).to(values.device)
+        return values.flatten().scatter(0, flat, fresh).view_as(values), exact | chosen
 
     def search_cells_(self, bank: PatchBank, patches: torch.Tensor, values: torch.Tensor, exact: torch.Tensor,
                       cells: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
