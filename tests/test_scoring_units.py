@@ -227,6 +227,24 @@ def test_few_queries_search_in_float32_without_a_second_copy_of_the_bank():
             assert torch.float32 not in search._centred  # centred block by block, nothing kept
 
 
+def test_products_with_the_rows_as_stored_stay_within_their_rounding_bound():
+    """Few float32 queries take (q - m).b - (q - m).m against the rows as stored: every ranking value
+    is within the bound the certification uses (wider than the centred products'), on rows with a
+    large shared mean."""
+    gen = torch.Generator().manual_seed(1)
+    bank = 40 + 5 * torch.rand(3000, 96, generator=gen)
+    queries = bank[:7] + torch.randn(7, 96, generator=gen)
+    search = BankSearch(bank, backend="torch", precision="fp32")
+    q = queries - search.mean
+    q_mean = (q.double() @ search.mean.double()).float()[:, None]
+    approx = search.centred_sq[None, :] - 2.0 * (q @ bank.t() - q_mean)
+    centred = bank.double() - search.mean.double()
+    truth = centred.pow(2).sum(1)[None, :] - 2.0 * q.double() @ centred.t()
+    wide, _ = search._value_error(queries, torch.float32, uncentred=True)
+    narrow, _ = search._value_error(queries, torch.float32)
+    assert bool(((approx.double() - truth).abs() <= wide[:, None]).all()) and bool((wide > narrow).all())
+
+
 def test_k_larger_than_the_bank_names_the_setting():
     from common.errors import SettingError
 

@@ -49,9 +49,11 @@ FAISS_MIN_QUERIES = 32
 # form's (|q|^2 + |b|^2 - 2 q.b), the worse of the two.
 FAISS_BLAS_QUERIES = 20
 BAND_ROWS = 4096  # an unsure query with more rows than this within rounding of its k-th goes finer
-FEW_QUERIES = 64  # fewer queries than this take float32 products under precision "auto" (see BankSearch._dtype)
-# A float32 pass for few queries centres the rows of each block of this many as it goes (no cached
-# float32 copy of the bank beside the rows: blocks of 12 MB at 384 dimensions).
+# Fewer queries than this take float32 products under precision "auto" (see BankSearch._dtype); at
+# most FAISS_MIN_QUERIES, so these are always ranked by the torch shortlist.
+FEW_QUERIES = FAISS_MIN_QUERIES
+# A float32 pass for few queries multiplies the rows as stored, in blocks of this many (no centred
+# float32 copy of the bank beside the rows; see BankSearch._fresh_centring).
 FRESH_CENTRING_ROWS = 8192
 # Bank rows compared with the queries in one product, and queries per product in eager mode:
 # bounds memory (rows x queries x 4 bytes = 64 MB); a traced graph takes all its queries at once
@@ -218,6 +220,7 @@ class BankSearch(nn.Module):
         # :meth:`store_centred` (exported graphs): ``rows`` are centred and ``mean`` is the offset of queries.
         self.stored_centred = False
         self._centred: dict[torch.dtype, torch.Tensor] = {}  # eager-mode cache: centred rows per products' dtype
+        self._row_norm: float | None = None  # the largest row norm as stored (a rounding bound's term)
 
     @property
     def backend(self) -> str:
@@ -250,13 +253,16 @@ class BankSearch(nn.Module):
         keep = min(self.size, k + (SHORTLIST_BF16 if self.shortlist.ranks_in(queries.shape[0], low, tracing)
                                    == torch.bfloat16 else SHORTLIST))
         candidates, next_value, low = self.shortlist.rank(self, queries, keep, low, tracing)
+        # Whether a shortlist so far took products with the rows as stored (see _fresh_centring):
+        # their rounding bound is wider, and taken for every query (a wider bound only costs work).
+        uncentred = self._fresh_centring(queries.shape[0], low, tracing)
         distances = self._rerank(queries, candidates, k)
         if tracing:  # a graph has no data-dependent branch: its float32 shortlist is taken as it is
             return distances
         # Where the products' rounding could hide a row nearer than the k-th found, the query is
         # searched again in a finer precision (bfloat16 -> float32 -> float64, which is exact here).
         for finer in (torch.float32, torch.float64)[0 if low == torch.bfloat16 else 1:]:
-            unsure = ~self._shortlist_holds(queries, distances[:, -1], next_value, low)
+            unsure = ~self._shortlist_holds(queries, distances[:, -1], next_value, low, uncentred)
             if not bool(unsure.any()):
                 break
             # First, in the same precision: every row whose value is within the rounding bound of
@@ -271,6 +277,7 @@ class BankSearch(nn.Module):
             if not bool(unsure.any()):
                 break
             low = finer
+            uncentred = uncentred or self._fresh_centring(int(unsure.sum()), low, tracing)
             again, next_value_again = self._shortlist(queries[unsure], min(self.size, k + SHORTLIST), low, tracing)
             distances[unsure] = self._rerank(queries[unsure], again, k)
             next_value[unsure] = next_value_again.double()
@@ -324,7 +331,7 @@ class BankSearch(nn.Module):
         return exact.topk(k, dim=1, largest=False).values.clamp_min(0).sqrt()
 
     def _shortlist_holds(self, queries: torch.Tensor, kth: torch.Tensor, next_value: torch.Tensor,
-                         dtype: torch.dtype) -> torch.Tensor:
+                         dtype: torch.dtype, uncentred: bool = False) -> torch.Tensor:
         """``(m,)``: whether no row outside the shortlist can be nearer than the exact ``kth`` distance.
 
         A row's ranking value ``|b|^2 - 2 q.b`` (centred) computed with ``dtype`` products and
@@ -334,9 +341,10 @@ class BankSearch(nn.Module):
         ``D + 1`` float32 units ``u`` for the sums; a worst-case bound. So every row outside the
         shortlist has a true value of at least
         ``next_value`` minus that; the query holds when that is not below the ``k``-th's true value
-        ``kth^2 - |q|^2``.
+        ``kth^2 - |q|^2``. ``uncentred``: the products were taken with the rows as stored
+        (:meth:`_fresh_centring`), whose larger norms bound their rounding.
         """
-        error, q_sq = self._value_error(queries, dtype)
+        error, q_sq = self._value_error(queries, dtype, uncentred)
         return next_value.double() - error >= kth.double().pow(2) - q_sq
 
     def _error_terms(self, dtype: torch.dtype) -> tuple[float, float]:
@@ -349,13 +357,23 @@ class BankSearch(nn.Module):
         # (+ D u |q|^2: faiss's values carry |q|^2, computed in float32 too)
         return 2.0 * (operands + (dim + 1) * unit), dim * unit
 
-    def _value_error(self, queries: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _value_error(self, queries: torch.Tensor, dtype: torch.dtype,
+                     uncentred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m,)`` float64: the rounding bound of any row's ranking value for each query (the bank's
-        largest row), and ``|q|^2`` of the centred queries."""
+        largest row), and ``|q|^2`` of the centred queries. ``uncentred``: the products were
+        ``(q - m).b - (q - m).m`` with the rows ``b`` as stored: bounded by ``|q - m| (|b| + |m|)``,
+        with two more roundings (the product with the mean, the difference)."""
         cross, square = self._error_terms(dtype)
         q_sq = (queries - self.mean).double().pow(2).sum(1)
         b_sq = float(self.centred_sq.max())
-        return cross * q_sq.sqrt() * b_sq ** 0.5 + square * (b_sq + q_sq), q_sq
+        b_cross = b_sq ** 0.5
+        if uncentred:
+            if self._row_norm is None:  # in blocks: no float64 copy of the bank
+                self._row_norm = max(float(self.rows[start:start + CHUNK_ROWS].double().pow(2).sum(1).max().sqrt())
+                                     for start in range(0, self.size, CHUNK_ROWS))
+            b_cross = max(b_cross, self._row_norm + float(self.mean.double().norm()))
+            cross += 4.0 * 2.0 ** -24
+        return cross * q_sq.sqrt() * b_cross + square * (b_sq + q_sq), q_sq
 
     def _dtype(self, queries: int) -> torch.dtype:
         """The products' dtype for ``queries`` queries: ``precision``; ``auto`` is bfloat16 where it
@@ -382,8 +400,11 @@ class BankSearch(nn.Module):
         return queries - self.mean if self.stored_centred else queries
 
     def _fresh_centring(self, queries: int, dtype: torch.dtype, tracing: bool) -> bool:
-        """Whether a float32 pass for ``queries`` queries centres each block as it goes instead of
-        caching a centred float32 copy of the bank: for few queries, while no such copy exists."""
+        """Whether a float32 pass for ``queries`` queries takes its products with the rows as stored
+        (``(q - m).b - (q - m).m``: no centred float32 copy of the bank made or read) instead of the
+        centred rows: for few queries, while no such copy exists. Their rounding grows with the
+        rows' norms instead of the centred rows' (:meth:`_value_error` bounds it); in float32 that
+        still certifies nearly every query."""
         return (not tracing and dtype == torch.float32 and not self.stored_centred and queries < FEW_QUERIES
                 and torch.float32 not in self._centred)
 
@@ -419,10 +440,12 @@ class BankSearch(nn.Module):
         step = CHUNK_ROWS if tracing else max(CHUNK_ROWS, elements // max(1, queries.shape[0]))
         fresh = self._fresh_centring(queries.shape[0], dtype, tracing)
         step = FRESH_CENTRING_ROWS if fresh else step
+        if fresh:  # (q - m).(b - m) = (q - m).b - (q - m).m: the rows as stored, no centred copy
+            q_mean = (q.double() @ self.mean.double()).float()[:, None]
         for start in range(0, self.size, step):
-            block = self._centred_rows(start, start + step, dtype, tracing or fresh)
+            block = self.rows[start:start + step] if fresh else self._centred_rows(start, start + step, dtype, tracing)
             # |q|^2 is the same for every row of a query: left out of the ranking.
-            products = q @ block.t()
+            products = q @ block.t() - q_mean if fresh else q @ block.t()
             norms = self.centred_sq[start:start + step]
             if dtype == torch.float64:
                 norms = block.pow(2).sum(1)
