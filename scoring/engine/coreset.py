@@ -83,11 +83,11 @@ class FarthestFirst:
         self.x, self.sq = x, squared_norms(x)
         count = x.shape[0]
         # An upper bound of each row's squared distance to the centres, exact for the centres
-        # self.centres[:synced[row]] it has met (a distance to a centre only lowers it).
+        # centres[:synced[row]] it has met (a distance to a centre only lowers it).
         self.bound = torch.full((count,), float("inf"))
         self.synced = torch.zeros(count, dtype=torch.long)
-        self.centres = torch.empty(capacity, x.shape[1], dtype=torch.float64)
-        self.centre_sq = torch.empty(capacity, dtype=torch.float64)
+        # Per centre [-2 c, |c|^2]: a row [x, 1] times it is |x - c|^2 - |x|^2 in one product.
+        self.centre_terms = torch.empty(capacity, x.shape[1] + 1, dtype=torch.float64)
         self.added = 0
         self.pool_size = min(count, max(POOL_MIN, min(POOL_MAX, int(POOL_SHARE * count))))
         self.pool: torch.Tensor | None = None  # row indices, ascending (argmax then takes the lowest on ties)
@@ -100,7 +100,7 @@ class FarthestFirst:
         """A new centre ``(d,)`` (a float32 row): the pool's distances are updated now."""
         centre = centre.double()
         centre_sq = squared_norms(centre[None])
-        self.centres[self.added], self.centre_sq[self.added] = centre, centre_sq[0]
+        self.centre_terms[self.added, :-1], self.centre_terms[self.added, -1] = -2 * centre, centre_sq[0]
         self.added += 1
         if self.pool is not None:
             dist = torch.addmv(self.pool_sq, self.pool_x, centre, alpha=-2).add_(centre_sq).float()
@@ -175,10 +175,10 @@ class FarthestFirst:
 
     def nearest(self, rows: torch.Tensor, first: int, bound: torch.Tensor) -> torch.Tensor:
         """``(n,)`` rows' bounds lowered by the centres ``first:`` added (float64 products, rounded)."""
-        x, sq = self.x[rows].double(), self.sq[rows]
+        x = torch.cat([self.x[rows].double(), torch.ones(rows.numel(), 1, dtype=torch.float64)], 1)
+        sq = self.sq[rows, None]
         for c0 in range(first, self.added, CATCH_UP_CENTRES):
-            c1 = min(self.added, c0 + CATCH_UP_CENTRES)
-            dist = torch.addmm(sq[:, None], x, self.centres[c0:c1].t(), alpha=-2).add_(self.centre_sq[c0:c1])
+            dist = torch.addmm(sq, x, self.centre_terms[c0:min(self.added, c0 + CATCH_UP_CENTRES)].t())
             bound = torch.minimum(bound, dist.amin(1).float())
         return bound
 
