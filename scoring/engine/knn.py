@@ -53,8 +53,8 @@ BAND_ROWS = 4096  # an unsure query with more rows than this within rounding of 
 # most FAISS_MIN_QUERIES, so these are always ranked by the torch shortlist.
 FEW_QUERIES = FAISS_MIN_QUERIES
 # A float32 pass for few queries multiplies the rows as stored, in blocks of this many (no centred
-# float32 copy of the bank beside the rows; see BankSearch._fresh_centring).
-FRESH_CENTRING_ROWS = 8192
+# float32 copy of the bank beside the rows; see BankSearch._uncentred_products).
+UNCENTRED_BLOCK_ROWS = 8192
 # Bank rows compared with the queries in one product, and queries per product in eager mode:
 # bounds memory (rows x queries x 4 bytes = 64 MB); a traced graph takes all its queries at once
 # against chunks of CHUNK_ROWS. In eager mode few queries take longer chunks (up to CHUNK_ELEMENTS
@@ -253,9 +253,9 @@ class BankSearch(nn.Module):
         keep = min(self.size, k + (SHORTLIST_BF16 if self.shortlist.ranks_in(queries.shape[0], low, tracing)
                                    == torch.bfloat16 else SHORTLIST))
         candidates, next_value, low = self.shortlist.rank(self, queries, keep, low, tracing)
-        # Whether a shortlist so far took products with the rows as stored (see _fresh_centring):
+        # Whether a shortlist so far took products with the rows as stored (see _uncentred_products):
         # their rounding bound is wider, and taken for every query (a wider bound only costs work).
-        uncentred = self._fresh_centring(queries.shape[0], low, tracing)
+        uncentred = self._uncentred_products(queries.shape[0], low, tracing)
         distances = self._rerank(queries, candidates, k)
         if tracing:  # a graph has no data-dependent branch: its float32 shortlist is taken as it is
             return distances
@@ -277,7 +277,7 @@ class BankSearch(nn.Module):
             if not bool(unsure.any()):
                 break
             low = finer
-            uncentred = uncentred or self._fresh_centring(int(unsure.sum()), low, tracing)
+            uncentred = uncentred or self._uncentred_products(int(unsure.sum()), low, tracing)
             again, next_value_again = self._shortlist(queries[unsure], min(self.size, k + SHORTLIST), low, tracing)
             distances[unsure] = self._rerank(queries[unsure], again, k)
             next_value[unsure] = next_value_again.double()
@@ -299,11 +299,12 @@ class BankSearch(nn.Module):
         limit, q_norm = (kth.double().pow(2) - q_sq)[:, None], q_sq.sqrt()[:, None]
         q = (queries - self.mean).to(dtype)
         step = max(CHUNK_ROWS, CHUNK_ELEMENTS // max(1, count))
-        fresh = self._fresh_centring(count, dtype, False)
-        step = FRESH_CENTRING_ROWS if fresh else step
+        # Where the shortlist took uncentred products (no centred copy), the band centres block by block.
+        by_block = self._uncentred_products(count, dtype, False)
+        step = UNCENTRED_BLOCK_ROWS if by_block else step
         hits_q, hits_r = [], []
         for start in range(0, self.size, step):
-            block = self._centred_rows(start, start + step, dtype, fresh)
+            block = self._centred_rows(start, start + step, dtype, by_block)
             b_sq = self.centred_sq[start:start + step]
             approx = b_sq[None, :] - 2.0 * (q @ block.t()).float()
             # Each row's own bound (its own |b|), far tighter than the bank's largest row.
@@ -342,7 +343,7 @@ class BankSearch(nn.Module):
         shortlist has a true value of at least
         ``next_value`` minus that; the query holds when that is not below the ``k``-th's true value
         ``kth^2 - |q|^2``. ``uncentred``: the products were taken with the rows as stored
-        (:meth:`_fresh_centring`), whose larger norms bound their rounding.
+        (:meth:`_uncentred_products`), whose larger norms bound their rounding.
         """
         error, q_sq = self._value_error(queries, dtype, uncentred)
         return next_value.double() - error >= kth.double().pow(2) - q_sq
@@ -379,7 +380,7 @@ class BankSearch(nn.Module):
         """The products' dtype for ``queries`` queries: ``precision``; ``auto`` is bfloat16 where it
         pays, but float32 for fewer than :data:`FEW_QUERIES` queries on the CPU (a pass over the
         bank is then bound by reading it, and a float32 shortlist nearly always holds, where a
-        bfloat16 one often needs the rounding band: 80 ms against 37 for 16 queries x 214,000 rows)."""
+        bfloat16 one often needs the rounding band: 80 ms against 43 for 16 queries x 214,000 rows)."""
         precision = self.precision
         if precision == "auto":
             few = queries < FEW_QUERIES and not self.rows.is_cuda
@@ -399,8 +400,8 @@ class BankSearch(nn.Module):
         """Queries in the frame of ``rows``: as given, or shifted by the mean when the rows are stored centred."""
         return queries - self.mean if self.stored_centred else queries
 
-    def _fresh_centring(self, queries: int, dtype: torch.dtype, tracing: bool) -> bool:
-        """Whether a float32 pass for ``queries`` queries takes its products with the rows as stored
+    def _uncentred_products(self, queries: int, dtype: torch.dtype, tracing: bool) -> bool:
+        """Whether a float32 shortlist of ``queries`` queries takes its products with the rows as stored
         (``(q - m).b - (q - m).m``: no centred float32 copy of the bank made or read) instead of the
         centred rows: for few queries, while no such copy exists. Their rounding grows with the
         rows' norms instead of the centred rows' (:meth:`_value_error` bounds it); in float32 that
@@ -438,14 +439,15 @@ class BankSearch(nn.Module):
         # A GPU takes far larger blocks: per-block Python overhead, not arithmetic, bounds it otherwise.
         elements = CHUNK_ELEMENTS * (GPU_CHUNK_FACTOR if q.is_cuda else 1)
         step = CHUNK_ROWS if tracing else max(CHUNK_ROWS, elements // max(1, queries.shape[0]))
-        fresh = self._fresh_centring(queries.shape[0], dtype, tracing)
-        step = FRESH_CENTRING_ROWS if fresh else step
-        if fresh:  # (q - m).(b - m) = (q - m).b - (q - m).m: the rows as stored, no centred copy
+        uncentred = self._uncentred_products(queries.shape[0], dtype, tracing)
+        step = UNCENTRED_BLOCK_ROWS if uncentred else step
+        if uncentred:  # (q - m).(b - m) = (q - m).b - (q - m).m: the rows as stored, no centred copy
             q_mean = (q.double() @ self.mean.double()).float()[:, None]
         for start in range(0, self.size, step):
-            block = self.rows[start:start + step] if fresh else self._centred_rows(start, start + step, dtype, tracing)
+            block = self.rows[start:start + step] if uncentred else self._centred_rows(start, start + step, dtype,
+                                                                                       tracing)
             # |q|^2 is the same for every row of a query: left out of the ranking.
-            products = q @ block.t() - q_mean if fresh else q @ block.t()
+            products = q @ block.t() - q_mean if uncentred else q @ block.t()
             norms = self.centred_sq[start:start + step]
             if dtype == torch.float64:
                 norms = block.pow(2).sum(1)

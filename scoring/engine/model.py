@@ -403,7 +403,7 @@ class AnomalyScorer(nn.Module):
         """Re-search, in the whole bank, the cells the image score may depend on, highest bound
         first, until no open bound is above the best exact value: then the score *is* the exact
         bank's. Rounds of ``refine``, ``2 refine``, ``4 refine``, ... candidates (one pass over the
-        whole bank each); ``values`` are updated in place. A traced graph runs
+        whole bank each); the entries of ``values`` are replaced as cells turn exact. A traced graph runs
         :data:`EXPORT_ROUNDS` rounds and reports which images are certified. Returns certified
         ``(N,)`` bool and the cells re-searched per image ``(N,)``.
         """
@@ -427,35 +427,25 @@ class AnomalyScorer(nn.Module):
                 per_pick = cells.shape[1] // count
                 valid = (pick.values > float("-inf")).unsqueeze(-1).expand(-1, -1, per_pick).reshape(n, -1)
                 wanted = valid & ~exact[layer].gather(1, cells)
-                if tracing:
-                    values[layer], exact[layer] = self.search_cells(bank, patches[layer], values[layer],
-                                                                    exact[layer], cells, wanted)
-                else:
-                    searched += self.search_cells_(bank, patches[layer], values[layer], exact[layer], cells, wanted)
+                values[layer], exact[layer], fresh = self.search_cells(bank, patches[layer], values[layer],
+                                                                       exact[layer], cells, wanted)
+                searched = searched + fresh
             rounds += 1
 
     def search_cells(self, bank: PatchBank, patches: torch.Tensor, values: torch.Tensor, exact: torch.Tensor,
-                     cells: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Traceable: ``values`` / ``exact`` ``(N, P)`` with the ``wanted`` of ``cells`` ``(N, c)`` searched in
-        the whole bank, each once: the eager :meth:`search_cells_`'s work and result. The cells are
-        chosen with ``nonzero`` (a length known only when the graph runs), so a round searches only
-        the open cells of images not yet certified, and a round after all are certified searches none."""
+                     cells: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``values`` / ``exact`` ``(N, P)`` with the ``wanted`` of ``cells`` ``(N, c)`` searched in the whole
+        bank, each once, and the cells searched per image ``(N,)``. Traceable: the cells are chosen
+        with ``nonzero`` (in a graph, a length known only when it runs), so an exported file's round
+        searches only the open cells of images not yet certified, as ``predict``'s does, and a round
+        after all are certified searches none."""
         chosen = torch.zeros_like(values).scatter_add(1, cells, wanted.float()) > 0
         flat = chosen.flatten().nonzero()[:, 0]
-        fresh = bank.exact(patches[flat.to(patches.device)], self.k).to(values.device)
-        return values.flatten().scatter(0, flat, fresh).view_as(values), exact | chosen
-
-    def search_cells_(self, bank: PatchBank, patches: torch.Tensor, values: torch.Tensor, exact: torch.Tensor,
-                      cells: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
-        """Eager, in place: the ``wanted`` of ``cells`` ``(N, c)`` searched once each in the whole bank;
-        returns the cells searched per image ``(N,)``."""
-        n, count = values.shape
-        flat = torch.unique((cells + torch.arange(n, device=cells.device)[:, None] * count)[wanted])
-        if flat.numel() > 0:  # else this bank's cells of the picked candidates are exact already
+        if torch.jit.is_tracing() or flat.numel() > 0:  # else this bank's picked cells are exact already
             # Features may live on the CPU while the bank (and so the distances) live on a GPU.
-            values.view(-1)[flat] = bank.exact(patches[flat.to(patches.device)], self.k).to(values.device)
-            exact.view(-1)[flat] = True
-        return torch.bincount(flat // count, minlength=n)
+            fresh = bank.exact(patches[flat.to(patches.device)], self.k).to(values.device)
+            values = values.flatten().scatter(0, flat, fresh).view_as(values)
+        return values, exact | chosen, chosen.sum(1)
 
     @torch.no_grad()
     def score(self, feats: list[torch.Tensor], desc: str = "k-NN search") -> tuple[torch.Tensor, torch.Tensor]:
