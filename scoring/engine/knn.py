@@ -447,13 +447,16 @@ class BankSearch(nn.Module):
             block = self.rows[start:start + step] if uncentred else self._centred_rows(start, start + step, dtype,
                                                                                        tracing)
             # |q|^2 is the same for every row of a query: left out of the ranking.
-            products = q @ block.t() - q_mean if uncentred else q @ block.t()
             norms = self.centred_sq[start:start + step]
-            if dtype == torch.float64:
-                norms = block.pow(2).sum(1)
+            if dtype == torch.float32 and not uncentred:  # one fused product (no two passes over the block)
+                approx = torch.addmm(norms[None, :], q, block.t(), alpha=-2)
             else:
-                products = products.float()
-            approx = norms[None, :] - 2.0 * products
+                products = q @ block.t() - q_mean if uncentred else q @ block.t()
+                if dtype == torch.float64:
+                    norms = block.pow(2).sum(1)
+                else:
+                    products = products.float()
+                approx = norms[None, :] - 2.0 * products
             val, idx = approx.topk(min(ranked, block.shape[0]), dim=1, largest=False)
             idx = idx + start
             if best_val is not None and best_idx is not None:
