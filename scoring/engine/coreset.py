@@ -92,7 +92,7 @@ class FarthestFirst:
         self.added = 0
         self.pool_size = min(count, max(POOL_MIN, min(POOL_MAX, int(POOL_SHARE * count))))
         self.pool: torch.Tensor | None = None  # row indices, ascending (argmax then takes the lowest on ties)
-        self.pool_x = self.pool_sq = self.pool_bound = torch.empty(0)
+        self.pool_rows = self.pool_sq = self.pool_bound = torch.empty(0)  # the pool's [x, 1], |x|^2, bounds
         self.ceiling = float("-inf")  # every bound outside the pool is at most this
         self.catch_ups = 0
         self.rows_caught_up = 0
@@ -100,29 +100,31 @@ class FarthestFirst:
     def add(self, centre: torch.Tensor) -> None:
         """A new centre ``(d,)`` (a float32 row): the pool's distances are updated now."""
         centre = centre.double()
-        centre_sq = squared_norms(centre[None])
-        self.centre_terms[self.added, :-1], self.centre_terms[self.added, -1] = -2 * centre, centre_sq[0]
+        terms = self.centre_terms[self.added]
+        terms[:-1], terms[-1] = -2 * centre, squared_norms(centre[None])[0]
         self.added += 1
-        if self.pool is not None:
-            dist = torch.addmv(self.pool_sq, self.pool_x, centre, alpha=-2).add_(centre_sq).float()
+        if self.pool is not None:  # the catch-ups' product, for one centre
+            dist = torch.addmv(self.pool_sq, self.pool_rows, terms).float()
             torch.minimum(self.pool_bound, dist, out=self.pool_bound)
 
     def farthest(self) -> tuple[float, int]:
         """The largest squared distance to the centres and its row (the lowest index on a tie)."""
-        if self.pool is not None:
-            best = int(torch.argmax(self.pool_bound))
-            value = float(self.pool_bound[best])
-            if value > self.ceiling:  # above every bound outside the pool: no row outside is as far
-                return value, int(self.pool[best])
-        self.catch_up()
+        found = self.pool_farthest() if self.pool is not None else None
+        if found is None:
+            self.catch_up()
+            found = self.pool_farthest()
+        if found is None:  # a row outside the pool may tie with the pool's best: settle it over every row
+            self.catch_up(every=True)
+            best = int(torch.argmax(self.bound))
+            found = float(self.bound[best]), best
+        return found
+
+    def pool_farthest(self) -> tuple[float, int] | None:
+        """The pool's farthest row and its squared distance, if it is above every bound outside the
+        pool (then no row outside is as far), else ``None``."""
         best = int(torch.argmax(self.pool_bound))
         value = float(self.pool_bound[best])
-        if value > self.ceiling:
-            return value, int(self.pool[best])
-        # A row outside the pool may tie with the pool's best: settle it over every row, exactly.
-        self.catch_up(every=True)
-        best = int(torch.argmax(self.bound))
-        return float(self.bound[best]), best
+        return (value, int(self.pool[best])) if value > self.ceiling else None
 
     def catch_up(self, every: bool = False) -> None:
         """Bring rows up to date, largest bound first, until the rows not reached cannot enter the
@@ -158,7 +160,7 @@ class FarthestFirst:
             # On a tie with a bound not reached, the pool may hold a row not yet up to date.
             self.meet_centres(self.pool[self.synced[self.pool] < self.added])
             self.ceiling = max(float(top.values[-1]), outside)
-        self.pool_x, self.pool_sq = self.x[self.pool].double(), self.sq[self.pool]
+        self.pool_rows, self.pool_sq = self.augmented(self.pool), self.sq[self.pool]
         self.pool_bound = self.bound[self.pool].clone()
 
     def meet_centres(self, rows: torch.Tensor) -> None:
@@ -176,12 +178,16 @@ class FarthestFirst:
 
     def nearest(self, rows: torch.Tensor, first: int, bound: torch.Tensor) -> torch.Tensor:
         """``(n,)`` rows' bounds lowered by the centres ``first:`` added (float64 products, rounded)."""
-        x = torch.cat([self.x[rows].double(), torch.ones(rows.numel(), 1, dtype=torch.float64)], 1)
-        sq = self.sq[rows, None]
+        x, sq = self.augmented(rows), self.sq[rows, None]
         for c0 in range(first, self.added, CATCH_UP_CENTRES):
             dist = torch.addmm(sq, x, self.centre_terms[c0:min(self.added, c0 + CATCH_UP_CENTRES)].t())
             bound = torch.minimum(bound, dist.amin(1).float())
         return bound
+
+    def augmented(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` row indices -> ``(n, d + 1)`` float64 ``[x, 1]``: times a centre's ``[-2 c, |c|^2]``
+        it is ``|x - c|^2 - |x|^2``."""
+        return torch.cat([self.x[rows].double(), torch.ones(rows.numel(), 1, dtype=torch.float64)], 1)
 
 
 def greedy_coreset(bank: torch.Tensor, fraction: float, seed: int = 0, proj_dim: int = 32,
