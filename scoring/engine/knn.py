@@ -1,7 +1,15 @@
 """Memory bank search: exact k-nearest-neighbour distances (the coreset sampler is :mod:`.coreset`).
 
-:class:`BankSearch` is an ``nn.Module`` holding one bank as buffers; it finds each query's ``k``
-nearest rows in two steps:
+:class:`BankSearch` is an ``nn.Module`` holding one bank as buffers. A bank of
+:data:`PROJECT_MIN_DIMS` dimensions or more (every wave network's) is searched by a *scan of its
+projection* (:meth:`BankSearch._scan`, :mod:`.projection`): each row's projection on the bank's
+:data:`PROJECTION_DIMS` principal axes plus one residual norm gives a lower bound of its distance
+to a query in a sixth of the products; the rows whose bound is within a reach (a known upper
+bound of the ``k``-th nearest distance: found in a first pass, or given, as the certified
+coreset gives its distances) are re-ranked exactly, and no other row can be nearer. On trained
+and untrained wave features that re-ranks ~0.01-0.3% of the rows (``benchmarks/pruning.py``).
+
+A narrower bank is searched in two steps:
 
 1. *shortlist*: the ``k + SHORTLIST`` best candidates by ``|b|^2 - 2 q.b`` on vectors centred on
    the bank mean, computed per chunk of bank rows with a running top-k (memory bounded, and
@@ -12,14 +20,14 @@ nearest rows in two steps:
 2. *exact re-rank*: the shortlist's distances computed directly, ``|b - q|``, in float32; the
    ``k`` smallest are returned.
 
-So every backend and precision returns the same exact distances. A bfloat16 product can be off
+So every path returns the same exact distances. A bfloat16 product can be off
 by ~2^-8 |q| |b|, far more than the gap between near neighbours of trained features (a 16-row
 shortlist missed the nearest row often enough to move image scores by 6% on toothbrush): a
 bfloat16 shortlist is therefore checked against that bound, and every query it cannot certify
 is searched again in float32. A float32 shortlist misses a neighbour only when more than
 ``SHORTLIST`` rows tie with it within float32 rounding, and then returns the exact distance of a
 row as near within that rounding. Inside a traced graph (``torch.jit.trace``, ONNX export) the
-torch shortlist in float32 is used.
+torch shortlist in float32 is used; the projected scan runs traced as it runs eagerly.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from common.errors import SettingError
 from common.runtime import PRECISIONS, bf16_matmul_pays
 
 from ..config import BACKENDS
+from .projection import Projection, projection_rounding
 
 # Candidates beyond k whose exact distances decide, for float32 and for bfloat16 products.
 SHORTLIST = 8
@@ -64,6 +73,19 @@ QUERY_ROWS = 4096
 CHUNK_ELEMENTS = CHUNK_ROWS * QUERY_ROWS
 GPU_CHUNK_FACTOR = 16  # on CUDA: blocks of up to 268 M products (1 GB of float32 scores)
 FAISS_ADD_ROWS = 65536
+# Banks of at least these many dimensions are searched in a projection on their PROJECTION_DIMS
+# principal axes plus one residual norm (see BankSearch._scan): a lower bound of every distance
+# that leaves ~0.01-0.3% of the rows of trained and untrained wave features to re-rank at the
+# nearest distance (docs/speed.md), for a sixth of the products. Every such bank, however small:
+# one way to search, whatever the bank's size.
+PROJECTION_DIMS = 64
+PROJECT_MIN_DIMS = 4 * PROJECTION_DIMS
+PROJECTION_FIT_ROWS = 65536  # rows (evenly spaced) whose covariance gives the axes: any axes keep the bound
+PAIR_ROWS = 65536  # band rows gathered at once for their exact distances (eager mode: bounds memory)
+# Projected values per block of a scan: 16 MB, one buffer reused (see BankSearch._scan_block).
+SCAN_ELEMENTS = 1 << 22
+# Rows per group of a scan's first pass (its lowest value per query is kept; see BankSearch._scan).
+SCAN_GROUP_ROWS = 512
 
 __all__ = ["BACKENDS", "SHORTLISTS", "BankSearch", "FaissShortlist", "Shortlist", "TorchShortlist",
            "faiss_available", "resolve_backend"]
@@ -81,6 +103,48 @@ def faiss_blas_threshold(queries: int) -> Iterator[None]:
         yield
     finally:
         faiss.cvar.distance_compute_blas_threshold = before
+
+
+@contextlib.contextmanager
+def paused_tracing() -> Iterator[None]:
+    """No tracing inside the block: what it computes from a module's buffers enters a traced graph
+    as constants, not as operations run on every call (PyTorch's own trace helpers do the same)."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+def k_smallest_per_query(query_index: torch.Tensor, values: torch.Tensor, count: int, k: int) -> torch.Tensor:
+    """``(n,)`` pairs (a query in ``0..count-1``, a value) -> ``(count, k)`` each query's ``k`` smallest
+    values, ascending, ``inf`` where it has fewer. Traceable (ONNX exports no stable sort): one sort
+    by value, then one by ``query x n + place by value`` (distinct keys), give each pair its rank
+    within its query."""
+    pairs = values.shape[0]
+    by_value = values.argsort()
+    place = torch.empty_like(by_value).scatter_(0, by_value, torch.arange(pairs, device=values.device))
+    grouped = (query_index * pairs + place).argsort()
+    grouped_query, grouped_value = query_index[grouped], values[grouped]
+    counts = torch.zeros(count, dtype=torch.long, device=values.device).scatter_add(
+        0, query_index, torch.ones_like(query_index))
+    rank = torch.arange(grouped_query.shape[0], device=values.device) - (counts.cumsum(0) - counts)[grouped_query]
+    first = (rank < k).nonzero()[:, 0]
+    table = torch.full((count, k), float("inf"), dtype=values.dtype, device=values.device)
+    return table.index_put((grouped_query[first], rank[first]), grouped_value[first])
+
+
+def group_minima(values: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    """``(m, n)`` -> ``(m, ceil(n / group))``: the lowest value of each group of ``group`` columns;
+    ``inf`` for a last group of fewer than ``k`` columns (it cannot name ``k`` rows)."""
+    count, width = values.shape
+    whole = width // group
+    parts = [values[:, :whole * group].reshape(count, whole, group).amin(2)] if whole else []
+    if width > whole * group:
+        rest = values[:, whole * group:]
+        parts.append(rest.amin(1, keepdim=True) if rest.shape[1] >= k else torch.full_like(rest[:, :1], float("inf")))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
 def faiss_available() -> bool:
@@ -221,6 +285,11 @@ class BankSearch(nn.Module):
         self.stored_centred = False
         self._centred: dict[torch.dtype, torch.Tensor] = {}  # eager-mode cache: centred rows per products' dtype
         self._row_norm: float | None = None  # the largest row norm as stored (a rounding bound's term)
+        self._projected: Projection | None = None  # see _projection
+        self._scratch: torch.Tensor | None = None  # eager mode: the projected values of a scan (_scan_block)
+        # The largest |b|^2 of the centred rows (a rounding bound's term; a float, so a trace keeps it as a constant).
+        self._largest_sq = float(self.centred_sq.max()) if rows.shape[0] else 0.0
+        self.dims = int(rows.shape[1])
 
     @property
     def backend(self) -> str:
@@ -231,15 +300,20 @@ class BankSearch(nn.Module):
     def size(self) -> int:
         return self.rows.shape[0]
 
-    def forward(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """``(M, D)`` queries -> ``(M, k)`` distances to the ``k`` nearest rows, ascending."""
+    def forward(self, queries: torch.Tensor, k: int, reach: torch.Tensor | None = None) -> torch.Tensor:
+        """``(M, D)`` queries -> ``(M, k)`` distances to the ``k`` nearest rows, ascending. ``reach``
+        ``(M,)``, optional: an upper bound of each query's ``k``-th nearest distance (e.g. a subset's
+        ``k``-th); a projected bank then searches only within it (rows beyond it come back ``inf``)."""
         if k > self.total:
             raise SettingError("k", k, f"is larger than the memory bank ({self.total} patches); lower it")
         queries = queries.to(self.rows.device, torch.float32)
+        if reach is not None:
+            reach = reach.to(self.rows.device, torch.float32)
         if torch.jit.is_tracing():  # a graph takes any number of queries: no loop over them
-            return self._search(queries, k, tracing=True)
+            return self._search(queries, k, tracing=True, reach=reach)
         mine = min(k, self.size)  # a rank's part may hold fewer than k rows
-        out = [self._search(queries[start:start + QUERY_ROWS], mine, tracing=False)
+        out = [self._search(queries[start:start + QUERY_ROWS], mine, tracing=False,
+                            reach=None if reach is None else reach[start:start + QUERY_ROWS])
                for start in range(0, queries.shape[0], QUERY_ROWS)] if mine else [queries.new_empty(len(queries), 0)]
         found = out[0] if len(out) == 1 else torch.cat(out)
         if self.shards is None:
@@ -248,7 +322,10 @@ class BankSearch(nn.Module):
         # Exact distances, each computed alone: the k smallest of the parts' k smallest are the bank's.
         return torch.cat(all_gather(found, self.shards), 1).topk(k, dim=1, largest=False).values
 
-    def _search(self, queries: torch.Tensor, k: int, tracing: bool) -> torch.Tensor:
+    def _search(self, queries: torch.Tensor, k: int, tracing: bool,
+                reach: torch.Tensor | None = None) -> torch.Tensor:
+        if self._projects():
+            return self._scan(queries, k, tracing, reach)
         low = torch.float32 if tracing else self._dtype(queries.shape[0])
         keep = min(self.size, k + (SHORTLIST_BF16 if self.shortlist.ranks_in(queries.shape[0], low, tracing)
                                    == torch.bfloat16 else SHORTLIST))
@@ -283,6 +360,102 @@ class BankSearch(nn.Module):
             next_value[unsure] = next_value_again.double()
         return distances
 
+    def _scan(self, queries: torch.Tensor, k: int, tracing: bool, reach: torch.Tensor | None = None) -> torch.Tensor:
+        """``(m, D)`` queries -> ``(m, k)`` exact distances to the ``k`` nearest rows of a projected bank
+        (:mod:`.projection`), from its rows' projections, in groups of :data:`SCAN_GROUP_ROWS` rows.
+
+        A row's projected value ``|b~|^2 - 2 q~.b~`` is a lower bound of ``|q - b|^2 - |q|^2``. The
+        first pass keeps each group's lowest value per query; in each query's lowest group its ``k``
+        lowest values name ``k`` rows whose exact distances give a reach (the ``k``-th of them: no
+        farther than the ``k``-th nearest). Given ``reach`` ``(m,)`` (an upper bound of the ``k``-th
+        nearest distance) there is no first pass. The second pass re-ranks exactly every row whose
+        value, less its rounding bound, is within the reach: after a first pass only in the groups
+        whose lowest value is, for the queries it is for. A row outside is farther than the reach, so
+        the ``k`` smallest exact distances found are the bank's. The same operations run traced (no
+        data-dependent branch: queries and rows are chosen with ``nonzero``; groups are blocks).
+        """
+        count = queries.shape[0]
+        projection = self._projection()
+        q, q_sq = projection.queries(self._query_frame(queries))
+        q = q.float()
+        group = CHUNK_ROWS if tracing else SCAN_GROUP_ROWS  # a graph's loops are unrolled: few, large groups
+        step = CHUNK_ROWS if tracing else max(1, SCAN_ELEMENTS // max(1, count) // group) * group  # whole groups
+        lowest = None  # (m, groups): each group's lowest value per query
+        if reach is None:  # pass 1
+            lowest, firsts, reach = self._first_pass(queries, q, k, step, group, tracing)
+        widen = 1.0 + 2 * (self.dims + 3) * 2.0 ** -24  # a float32 sum of D squares is off by (D + 2) units
+        limit = reach.double().pow(2) * widen - q_sq + self._rounding_bound(q_sq, torch.float32, projected=True)
+        limit = (limit + limit.abs() * 2.0 ** -22).float()  # rounded up: the test may only keep more rows
+        hits_q, hits_r = [], []
+        if lowest is None:  # pass 2, every block for every query
+            for start in range(0, self.size, step):  # rows x queries: 2x faster than queries x rows for few queries
+                row, local = (self._scan_block(q, start, step, tracing, by_row=True) <= limit).nonzero(as_tuple=True)
+                hits_q.append(local)
+                hits_r.append(row + start)
+        else:  # pass 2, only where a group's lowest value is within the reach
+            within = lowest <= limit[:, None]
+            for index, chosen, values in firsts:  # each query's lowest group: its values are at hand
+                local, row = (values <= limit[chosen, None]).nonzero(as_tuple=True)
+                hits_q.append(chosen[local])
+                hits_r.append(row + index * group)
+            within = within.index_put((torch.arange(count, device=queries.device), lowest.argmin(1)),
+                                      torch.zeros((), dtype=torch.bool, device=queries.device))
+            for index in self._groups_to_visit(within.t(), tracing):
+                near = within[:, index].nonzero()[:, 0]
+                values = q[near] @ projection.rows[index * group:(index + 1) * group].t()
+                local, row = (values <= limit[near, None]).nonzero(as_tuple=True)
+                hits_q.append(near[local])
+                hits_r.append(row + index * group)
+        query_index = torch.cat(hits_q)
+        exact = self._pair_distances(queries, query_index, torch.cat(hits_r), tracing)
+        best = k_smallest_per_query(query_index, exact, count, k)
+        # A query with non-finite values reaches no row: its distances are NaN, as a brute-force search's.
+        return torch.where(torch.isfinite(q_sq)[:, None], best.clamp_min(0).sqrt(), torch.full_like(best, float("nan")))
+
+    def _first_pass(self, queries: torch.Tensor, q: torch.Tensor, k: int, step: int, group: int,
+                    tracing: bool) -> tuple[torch.Tensor, list, torch.Tensor]:
+        """The first pass of :meth:`_scan`: ``(m, groups)`` each group's lowest projected value per
+        query; per query's lowest group ``(group, its queries, their values (c, group))``; and ``(m,)``
+        the reach, the ``k``-th exact distance of the ``k`` rows of lowest value in that group."""
+        count = queries.shape[0]
+        rows = self._projection().rows
+        lowest = torch.cat([group_minima(self._scan_block(q, start, step, tracing), group, k)
+                            for start in range(0, self.size, step)], 1)
+        first = lowest.argmin(1)
+        seeds = torch.zeros(count, k, dtype=torch.long, device=queries.device)
+        firsts = []
+        groups = torch.arange(lowest.shape[1], device=first.device)
+        for index in self._groups_to_visit(first[None, :] == groups[:, None], tracing):
+            chosen = (first == index).nonzero()[:, 0]
+            values = q[chosen] @ rows[index * group:(index + 1) * group].t()
+            seeds = seeds.index_put((chosen,), values.topk(k, dim=1, largest=False).indices + index * group)
+            firsts.append((index, chosen, values))
+        owner = torch.arange(count, device=queries.device).repeat_interleave(k)
+        reach = self._pair_distances(queries, owner, seeds.reshape(-1), tracing).view(count, k).amax(1).sqrt()
+        return lowest, firsts, reach
+
+    @staticmethod
+    def _groups_to_visit(wanted: torch.Tensor, tracing: bool) -> list[int]:
+        """``(groups, m)`` bool -> the groups some query wants (a traced graph visits every group)."""
+        if tracing:
+            return list(range(wanted.shape[0]))
+        return wanted.any(1).nonzero()[:, 0].tolist()
+
+    def _scan_block(self, q: torch.Tensor, start: int, step: int, tracing: bool, by_row: bool = False) -> torch.Tensor:
+        """``(m, p + 2)`` projected queries -> ``(m, n)`` projected values of rows ``start:start + step``
+        (``by_row``: ``(n, m)``), in eager mode written into one buffer reused across blocks and calls
+        (fresh memory costs its page faults: 45 ms against 17 for 1,024 x 21,402 values); valid until
+        the next block."""
+        block = self._projection().rows[start:start + step]
+        if tracing:
+            return block @ q.t() if by_row else q @ block.t()
+        need = q.shape[0] * block.shape[0]
+        if self._scratch is None or self._scratch.numel() < need or self._scratch.device != q.device:
+            self._scratch = torch.empty(max(need, q.shape[0] * step), device=q.device)
+        if by_row:
+            return torch.mm(block, q.t(), out=self._scratch[:need].view(block.shape[0], -1))
+        return torch.mm(q, block.t(), out=self._scratch[:need].view(q.shape[0], -1))
+
     def _band(self, queries: torch.Tensor, kth: torch.Tensor, k: int,
               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m, D)`` unsure queries with their ``k``-th distance found ``(m,)`` -> ``(m, k)`` exact
@@ -313,17 +486,25 @@ class BankSearch(nn.Module):
             query_index, row_index = (approx.double() - error <= limit).nonzero(as_tuple=True)
             hits_q.append(query_index)
             hits_r.append(row_index + start)
-        query_index, order = torch.cat(hits_q).sort(stable=True)
-        row_index = torch.cat(hits_r)[order]
-        per_query = torch.bincount(query_index, minlength=count)
+        query_index, row_index = torch.cat(hits_q), torch.cat(hits_r)
+        per_query = torch.zeros(count, dtype=torch.long, device=queries.device).scatter_add(
+            0, query_index, torch.ones_like(query_index))
         done = (per_query >= k) & (per_query <= BAND_ROWS)
-        keep = done[query_index]
-        query_index, row_index = query_index[keep], row_index[keep]
-        exact = (self.rows[row_index] - self._query_frame(queries)[query_index]).pow(2).sum(-1)
-        offsets = torch.cumsum(per_query * done, 0) - per_query * done
-        table = torch.full((count, max(k, int((per_query * done).max()))), float("inf"), device=queries.device)
-        table[query_index, torch.arange(len(query_index), device=queries.device) - offsets[query_index]] = exact
-        return table.topk(k, dim=1, largest=False).values.clamp_min(0).sqrt(), done
+        kept = done[query_index]
+        query_index, row_index = query_index[kept], row_index[kept]
+        exact = self._pair_distances(queries, query_index, row_index, False)
+        return k_smallest_per_query(query_index, exact, count, k).clamp_min(0).sqrt(), done
+
+    def _pair_distances(self, queries: torch.Tensor, query_index: torch.Tensor, row_index: torch.Tensor,
+                        tracing: bool) -> torch.Tensor:
+        """``(n,)`` squared exact distances of the pairs (``queries[query_index]``, ``rows[row_index]``),
+        in blocks of :data:`PAIR_ROWS` pairs in eager mode (one gathered copy of that many rows)."""
+        frame = self._query_frame(queries)
+        if tracing:  # one block: a graph's pair count is known only when it runs
+            return (self.rows[row_index] - frame[query_index]).pow(2).sum(-1)
+        parts = [(self.rows[row_index[start:start + PAIR_ROWS]] - frame[query_index[start:start + PAIR_ROWS]]
+                  ).pow(2).sum(-1) for start in range(0, max(1, query_index.shape[0]), PAIR_ROWS)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _rerank(self, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
         """``(m, D)`` queries and ``(m, c)`` candidate rows -> ``(m, k)`` exact distances of the ``k`` nearest."""
@@ -348,25 +529,33 @@ class BankSearch(nn.Module):
         error, q_sq = self._value_error(queries, dtype, uncentred)
         return next_value.double() - error >= kth.double().pow(2) - q_sq
 
-    def _error_terms(self, dtype: torch.dtype) -> tuple[float, float]:
+    def _error_terms(self, dtype: torch.dtype, projected: bool = False) -> tuple[float, float]:
         """``(cross, square)``: a ranking value computed with ``dtype`` products is off by at most
-        ``cross |q| |b| + square (|b|^2 + |q|^2)`` (see :meth:`_shortlist_holds`)."""
-        unit, dim = 2.0 ** -24, self.rows.shape[1]
+        ``cross |q| |b| + square (|b|^2 + |q|^2)`` (see :meth:`_shortlist_holds`); ``projected``: of
+        the projection's ``p + 1 <= D`` values, rounded from float64 (:func:`.projection.projection_rounding`)."""
+        unit, dim = 2.0 ** -24, self.dims
         reduced = dtype == torch.bfloat16 or (dtype == torch.float32
                                               and torch.get_float32_matmul_precision() != "highest")
         operands = 3 * 2.0 ** -8 + 2.0 ** -16 if reduced else 0.0
+        operands += projection_rounding(dim) if projected else 0.0
         # (+ D u |q|^2: faiss's values carry |q|^2, computed in float32 too)
         return 2.0 * (operands + (dim + 1) * unit), dim * unit
 
     def _value_error(self, queries: torch.Tensor, dtype: torch.dtype,
                      uncentred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m,)`` float64: the rounding bound of any row's ranking value for each query (the bank's
-        largest row), and ``|q|^2`` of the centred queries. ``uncentred``: the products were
-        ``(q - m).b - (q - m).m`` with the rows ``b`` as stored: bounded by ``|q - m| (|b| + |m|)``,
-        with two more roundings (the product with the mean, the difference)."""
-        cross, square = self._error_terms(dtype)
+        largest row), and ``|q|^2`` of the centred queries (:meth:`_rounding_bound`)."""
         q_sq = (queries - self.mean).double().pow(2).sum(1)
-        b_sq = float(self.centred_sq.max())
+        return self._rounding_bound(q_sq, dtype, uncentred), q_sq
+
+    def _rounding_bound(self, q_sq: torch.Tensor, dtype: torch.dtype, uncentred: bool = False,
+                        projected: bool = False) -> torch.Tensor:
+        """``(m,)`` float64 ``|q|^2`` -> ``(m,)`` float64: the rounding bound of any row's ranking value
+        (the bank's largest row). ``uncentred``: the products were ``(q - m).b - (q - m).m`` with the
+        rows ``b`` as stored: bounded by ``|q - m| (|b| + |m|)``, with two more roundings (the product
+        with the mean, the difference). ``projected``: the values are the projection's."""
+        cross, square = self._error_terms(dtype, projected)
+        b_sq = self._largest_sq
         b_cross = b_sq ** 0.5
         if uncentred:
             if self._row_norm is None:  # in blocks: no float64 copy of the bank
@@ -374,26 +563,43 @@ class BankSearch(nn.Module):
                                      for start in range(0, self.size, CHUNK_ROWS))
             b_cross = max(b_cross, self._row_norm + float(self.mean.double().norm()))
             cross += 4.0 * 2.0 ** -24
-        return cross * q_sq.sqrt() * b_cross + square * (b_sq + q_sq), q_sq
+        return cross * q_sq.sqrt() * b_cross + square * (b_sq + q_sq)
 
     def _dtype(self, queries: int) -> torch.dtype:
         """The products' dtype for ``queries`` queries: ``precision``; ``auto`` is bfloat16 where it
         pays, but float32 for fewer than :data:`FEW_QUERIES` queries on the CPU (a pass over the
         bank is then bound by reading it, and a float32 shortlist nearly always holds, where a
-        bfloat16 one often needs the rounding band: 80 ms against 43 for 16 queries x 214,000 rows)."""
+        bfloat16 one often needs the rounding band: 80 ms against 43 for 16 queries x 214,000 rows),
+        and float32 for a projected bank (its products are few; bfloat16 would widen its band)."""
         precision = self.precision
         if precision == "auto":
-            few = queries < FEW_QUERIES and not self.rows.is_cuda
+            few = (queries < FEW_QUERIES and not self.rows.is_cuda) or self._projects()
             precision = "bf16" if bf16_matmul_pays(self.rows.device.type) and not few else "fp32"
         return torch.bfloat16 if precision == "bf16" else torch.float32
+
+    def _projects(self) -> bool:
+        """Whether this bank is searched by its projection (:meth:`_scan`): wide enough to pay."""
+        return self.dims >= PROJECT_MIN_DIMS
+
+    def _projection(self) -> Projection:
+        """The bank's projection on its :data:`PROJECTION_DIMS` principal axes (made once, on the rows'
+        device; a traced graph holds it as constants: :meth:`store_centred` makes it before tracing)."""
+        cached = self._projected
+        if cached is None or cached.device != self.rows.device:
+            offset = torch.zeros_like(self.mean) if self.stored_centred else self.mean
+            with paused_tracing():
+                cached = self._projected = Projection.fit(self.rows, offset, PROJECTION_DIMS, PROJECTION_FIT_ROWS)
+        return cached
 
     def store_centred(self) -> BankSearch:
         """Keep the rows centred in place (a traced graph then needs no centring per call, and no
         second copy of the bank); distances are the same. For exported graphs; returns ``self``."""
         if not self.stored_centred:
             self.rows = self.rows - self.mean
-            self.stored_centred, self._centred = True, {}
+            self.stored_centred, self._centred, self._projected = True, {}, None
             self.shortlist.reset()
+        if self._projects():
+            self._projection()  # made here, outside any trace: a graph holds it as constants
         return self
 
     def _query_frame(self, queries: torch.Tensor) -> torch.Tensor:
@@ -470,5 +676,5 @@ class BankSearch(nn.Module):
 
     def __getstate__(self) -> dict:  # deep copies and pickles leave the caches behind
         state = dict(self.__dict__)
-        state["_centred"] = {}
+        state["_centred"], state["_projected"], state["_scratch"] = {}, None, None
         return state

@@ -1,0 +1,119 @@
+"""The projected exact search (scoring.engine.projection, BankSearch._scan): a lower bound that
+prunes, and still the brute-force answer, eager, traced, sharded in blocks and with a reach."""
+
+import pytest
+import torch
+
+import scoring.engine.knn as knn
+from scoring.engine.knn import BankSearch, faiss_available, k_smallest_per_query
+from scoring.engine.projection import Projection
+
+
+def low_rank(rows: int, dim: int = 384, rank: int = 12, seed: int = 0, noise: float = 0.1) -> torch.Tensor:
+    """Features with a large shared mean and most variance in ``rank`` directions (wave network
+    features hold 62-98% of theirs in 16), and ties: a few exact copies."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, dim, generator=torch.Generator().manual_seed(99))  # one subspace for every call
+    points = torch.randn(rows, rank, generator=gen) @ basis + noise * torch.randn(rows, dim, generator=gen) + 5
+    if rows >= 20:
+        points[rows // 2:rows // 2 + 5] = points[:5]  # duplicates: ties at the nearest distance
+    return points
+
+
+def brute(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.cdist(queries.double(), bank.double()).topk(k, dim=1, largest=False).values
+
+
+def test_projection_is_a_lower_bound_with_the_same_norms():
+    bank = low_rank(3000)
+    offset = bank.mean(0)
+    projection = Projection.fit(bank, offset, 64, 1000)
+    queries = low_rank(200, seed=1)
+    q, q_sq = projection.queries(queries)
+    rows = projection.rows.double()
+    # queries @ rows.T = |b|^2 - 2 q~.b~, so |q~ - b~|^2 = that + |q|^2
+    lower = q @ rows.t() + q_sq[:, None]
+    true = torch.cdist(queries.double() - offset.double(), bank.double() - offset.double()).pow(2)
+    assert bool((lower <= true * (1 + 1e-6) + 1e-6).all())
+    assert (lower / true.clamp_min(1e-9)).median() > 0.9  # and a tight one: most of the distance is kept
+    torch.testing.assert_close(rows[:, -1], (bank.double() - offset.double()).pow(2).sum(1), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("blocks", ["one", "many"])
+def test_projected_search_equals_brute_force(k, blocks, monkeypatch):
+    if blocks == "many":  # many blocks and groups, a last group of fewer rows than k
+        monkeypatch.setattr(knn, "SCAN_GROUP_ROWS", 64)
+        monkeypatch.setattr(knn, "SCAN_ELEMENTS", 64 * 300)
+        monkeypatch.setattr(knn, "CHUNK_ROWS", 64)
+    bank = low_rank(2050)
+    queries = torch.cat([low_rank(300, seed=2), bank[:20], bank[1000:1010] + 1e-4])  # exact copies: distance 0
+    search = BankSearch(bank, backend="torch")
+    assert search._projects()
+    got = search(queries, k)
+    torch.testing.assert_close(got.double(), brute(queries, bank, k), rtol=1e-5, atol=1e-5)
+    assert (got[300:320, 0] == 0).all()
+
+
+def test_projected_search_re_ranks_a_small_share_of_the_bank(monkeypatch):
+    """The bound prunes: on features of low intrinsic dimension only a sliver of (query, row)
+    pairs gets an exact distance, not the bank."""
+    bank, queries = low_rank(20000, rank=8, noise=0.02), low_rank(400, rank=8, seed=3, noise=0.02)
+    pairs = []
+    original = BankSearch._pair_distances
+    monkeypatch.setattr(BankSearch, "_pair_distances",
+                        lambda self, q, qi, ri, tracing: pairs.append(qi.numel()) or original(self, q, qi, ri, tracing))
+    got = BankSearch(bank, backend="torch")(queries, 1)
+    torch.testing.assert_close(got.double(), brute(queries, bank, 1), rtol=1e-5, atol=1e-5)
+    assert sum(pairs) < 0.01 * 20000 * 400
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_reach_spares_the_first_pass_and_changes_nothing(k):
+    """A subset's k-th distance bounds the bank's: searching within it returns the same distances,
+    also when it is the k-th itself (a subset holding the nearest rows)."""
+    bank = low_rank(4000)
+    queries = low_rank(150, seed=4)
+    search = BankSearch(bank, backend="torch")
+    plain = search(queries, k)
+    subset = BankSearch(bank[::7], backend="torch")(queries, k)[:, -1]
+    assert torch.equal(search(queries, k, subset), plain)
+    assert torch.equal(search(queries, k, plain[:, -1]), plain)  # the tightest reach there is
+
+
+def test_projected_search_is_the_same_traced_and_eager():
+    bank = low_rank(3000)
+    search = BankSearch(bank, backend="torch", precision="fp32").store_centred()
+    traced = torch.jit.trace(lambda q: search(q, 2), (low_rank(40, seed=5),), check_trace=False)
+    others = low_rank(90, seed=6)  # another number of queries than the trace saw
+    assert torch.equal(traced(others), search(others, 2))
+    torch.testing.assert_close(traced(others).double(), brute(others, bank, 2), rtol=1e-5, atol=1e-5)
+    reach = search(others, 2)[:, -1] * 1.5
+    with_reach = torch.jit.trace(lambda q, r: search(q, 2, r), (others[:40], reach[:40]), check_trace=False)
+    assert torch.equal(with_reach(others, reach), search(others, 2))
+
+
+def test_projected_search_of_rows_stored_centred_and_with_faiss():
+    bank = low_rank(3000)
+    queries = low_rank(200, seed=7)
+    plain = BankSearch(bank, backend="torch")
+    before = plain(queries, 2)
+    assert torch.equal(plain.rows, bank)  # as given: files keep the bank bit for bit
+    torch.testing.assert_close(plain.store_centred()(queries, 2), before, rtol=1e-5, atol=1e-5)
+    if faiss_available():  # the scan is the search of a projected bank, whatever the backend
+        assert torch.equal(BankSearch(bank, backend="faiss")(queries, 2), before)
+
+
+def test_non_finite_queries_get_nan_distances():
+    bank = low_rank(1000)
+    queries = low_rank(4, seed=8)
+    queries[1, 3] = float("nan")
+    got = BankSearch(bank, backend="torch")(queries, 2)
+    assert torch.isnan(got[1]).all() and torch.isfinite(got[[0, 2, 3]]).all()
+
+
+def test_k_smallest_per_query():
+    query_index = torch.tensor([2, 0, 2, 2, 0, 2])
+    values = torch.tensor([5.0, 1.0, 3.0, 3.0, 0.5, 9.0])
+    table = k_smallest_per_query(query_index, values, 3, 2)
+    assert table.tolist() == [[0.5, 1.0], [float("inf"), float("inf")], [3.0, 3.0]]
