@@ -1,5 +1,5 @@
 """The projected exact search (scoring.engine.projection, BankSearch._scan): a lower bound that
-prunes, and still the brute-force answer, eager, traced, sharded in blocks and with a reach."""
+prunes, and still the brute-force answer: eager, traced, in many blocks, with ties."""
 
 import pytest
 import torch
@@ -68,19 +68,6 @@ def test_projected_search_re_ranks_a_small_share_of_the_bank(monkeypatch):
     assert sum(pairs) < 0.01 * 20000 * 400
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_a_reach_spares_the_first_pass_and_changes_nothing(k):
-    """A subset's k-th distance bounds the bank's: searching within it returns the same distances,
-    also when it is the k-th itself (a subset holding the nearest rows)."""
-    bank = low_rank(4000)
-    queries = low_rank(150, seed=4)
-    search = BankSearch(bank, backend="torch")
-    plain = search(queries, k)
-    subset = BankSearch(bank[::7], backend="torch")(queries, k)[:, -1]
-    assert torch.equal(search(queries, k, subset), plain)
-    assert torch.equal(search(queries, k, plain[:, -1]), plain)  # the tightest reach there is
-
-
 def test_projected_search_is_the_same_traced_and_eager():
     bank = low_rank(3000)
     search = BankSearch(bank, backend="torch", precision="fp32").store_centred()
@@ -88,9 +75,6 @@ def test_projected_search_is_the_same_traced_and_eager():
     others = low_rank(90, seed=6)  # another number of queries than the trace saw
     assert torch.equal(traced(others), search(others, 2))
     torch.testing.assert_close(traced(others).double(), brute(others, bank, 2), rtol=1e-5, atol=1e-5)
-    reach = search(others, 2)[:, -1] * 1.5
-    with_reach = torch.jit.trace(lambda q, r: search(q, 2, r), (others[:40], reach[:40]), check_trace=False)
-    assert torch.equal(with_reach(others, reach), search(others, 2))
 
 
 def test_projected_search_of_rows_stored_centred_and_with_faiss():

@@ -4,10 +4,11 @@
 :data:`PROJECT_MIN_DIMS` dimensions or more (every wave network's) is searched by a *scan of its
 projection* (:meth:`BankSearch._scan`, :mod:`.projection`): each row's projection on the bank's
 :data:`PROJECTION_DIMS` principal axes plus one residual norm gives a lower bound of its distance
-to a query in a sixth of the products; the rows whose bound is within a reach (a known upper
-bound of the ``k``-th nearest distance: found in a first pass, or given, as the certified
-coreset gives its distances) are re-ranked exactly, and no other row can be nearer. On trained
-and untrained wave features that re-ranks ~0.01-0.3% of the rows (``benchmarks/pruning.py``).
+to a query in a sixth of the products. A first pass finds, for each query, the group of rows of
+lowest bound, and in it a reach (an exact distance no smaller than the ``k``-th nearest); only
+the rows whose bound is within the reach are re-ranked exactly, and no other row can be nearer.
+On trained and untrained wave features that re-ranks ~0.01-0.3% of the rows
+(``benchmarks/pruning.py``).
 
 A narrower bank is searched in two steps:
 
@@ -81,7 +82,9 @@ FAISS_ADD_ROWS = 65536
 PROJECTION_DIMS = 64
 PROJECT_MIN_DIMS = 4 * PROJECTION_DIMS
 PROJECTION_FIT_ROWS = 65536  # rows (evenly spaced) whose covariance gives the axes: any axes keep the bound
-PAIR_ROWS = 65536  # band rows gathered at once for their exact distances (eager mode: bounds memory)
+# Pairs gathered at once for their exact distances in eager mode: small enough to stay in cache
+# (100,000 pairs: 64 ms in blocks of 2,048, 138 in blocks of 65,536, 235 in one).
+PAIR_ROWS = 2048
 # Projected values per block of a scan: 16 MB, one buffer reused (see BankSearch._scan_block).
 SCAN_ELEMENTS = 1 << 22
 # Rows per group of a scan's first pass (its lowest value per query is kept; see BankSearch._scan).
@@ -300,20 +303,15 @@ class BankSearch(nn.Module):
     def size(self) -> int:
         return self.rows.shape[0]
 
-    def forward(self, queries: torch.Tensor, k: int, reach: torch.Tensor | None = None) -> torch.Tensor:
-        """``(M, D)`` queries -> ``(M, k)`` distances to the ``k`` nearest rows, ascending. ``reach``
-        ``(M,)``, optional: an upper bound of each query's ``k``-th nearest distance (e.g. a subset's
-        ``k``-th); a projected bank then searches only within it (rows beyond it come back ``inf``)."""
+    def forward(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """``(M, D)`` queries -> ``(M, k)`` distances to the ``k`` nearest rows, ascending."""
         if k > self.total:
             raise SettingError("k", k, f"is larger than the memory bank ({self.total} patches); lower it")
         queries = queries.to(self.rows.device, torch.float32)
-        if reach is not None:
-            reach = reach.to(self.rows.device, torch.float32)
         if torch.jit.is_tracing():  # a graph takes any number of queries: no loop over them
-            return self._search(queries, k, tracing=True, reach=reach)
+            return self._search(queries, k, tracing=True)
         mine = min(k, self.size)  # a rank's part may hold fewer than k rows
-        out = [self._search(queries[start:start + QUERY_ROWS], mine, tracing=False,
-                            reach=None if reach is None else reach[start:start + QUERY_ROWS])
+        out = [self._search(queries[start:start + QUERY_ROWS], mine, tracing=False)
                for start in range(0, queries.shape[0], QUERY_ROWS)] if mine else [queries.new_empty(len(queries), 0)]
         found = out[0] if len(out) == 1 else torch.cat(out)
         if self.shards is None:
@@ -322,10 +320,9 @@ class BankSearch(nn.Module):
         # Exact distances, each computed alone: the k smallest of the parts' k smallest are the bank's.
         return torch.cat(all_gather(found, self.shards), 1).topk(k, dim=1, largest=False).values
 
-    def _search(self, queries: torch.Tensor, k: int, tracing: bool,
-                reach: torch.Tensor | None = None) -> torch.Tensor:
+    def _search(self, queries: torch.Tensor, k: int, tracing: bool) -> torch.Tensor:
         if self._projects():
-            return self._scan(queries, k, tracing, reach)
+            return self._scan(queries, k, tracing)
         low = torch.float32 if tracing else self._dtype(queries.shape[0])
         keep = min(self.size, k + (SHORTLIST_BF16 if self.shortlist.ranks_in(queries.shape[0], low, tracing)
                                    == torch.bfloat16 else SHORTLIST))
@@ -360,19 +357,18 @@ class BankSearch(nn.Module):
             next_value[unsure] = next_value_again.double()
         return distances
 
-    def _scan(self, queries: torch.Tensor, k: int, tracing: bool, reach: torch.Tensor | None = None) -> torch.Tensor:
+    def _scan(self, queries: torch.Tensor, k: int, tracing: bool) -> torch.Tensor:
         """``(m, D)`` queries -> ``(m, k)`` exact distances to the ``k`` nearest rows of a projected bank
         (:mod:`.projection`), from its rows' projections, in groups of :data:`SCAN_GROUP_ROWS` rows.
 
         A row's projected value ``|b~|^2 - 2 q~.b~`` is a lower bound of ``|q - b|^2 - |q|^2``. The
         first pass keeps each group's lowest value per query; in each query's lowest group its ``k``
         lowest values name ``k`` rows whose exact distances give a reach (the ``k``-th of them: no
-        farther than the ``k``-th nearest). Given ``reach`` ``(m,)`` (an upper bound of the ``k``-th
-        nearest distance) there is no first pass. The second pass re-ranks exactly every row whose
-        value, less its rounding bound, is within the reach: after a first pass only in the groups
-        whose lowest value is, for the queries it is for. A row outside is farther than the reach, so
-        the ``k`` smallest exact distances found are the bank's. The same operations run traced (no
-        data-dependent branch: queries and rows are chosen with ``nonzero``; groups are blocks).
+        farther than the ``k``-th nearest). The second pass re-ranks exactly every row whose value,
+        less its rounding bound, is within the reach, in the groups whose lowest value is, for the
+        queries it is for. A row outside is farther than the reach, so the ``k`` smallest exact
+        distances found are the bank's. The same operations run traced (no data-dependent branch:
+        queries and rows are chosen with ``nonzero``; a graph's groups are its blocks).
         """
         count = queries.shape[0]
         projection = self._projection()
@@ -380,32 +376,23 @@ class BankSearch(nn.Module):
         q = q.float()
         group = CHUNK_ROWS if tracing else SCAN_GROUP_ROWS  # a graph's loops are unrolled: few, large groups
         step = CHUNK_ROWS if tracing else max(1, SCAN_ELEMENTS // max(1, count) // group) * group  # whole groups
-        lowest = None  # (m, groups): each group's lowest value per query
-        if reach is None:  # pass 1
-            lowest, firsts, reach = self._first_pass(queries, q, k, step, group, tracing)
+        lowest, firsts, reach = self._first_pass(queries, q, k, step, group, tracing)
         widen = 1.0 + 2 * (self.dims + 3) * 2.0 ** -24  # a float32 sum of D squares is off by (D + 2) units
         limit = reach.double().pow(2) * widen - q_sq + self._rounding_bound(q_sq, torch.float32, projected=True)
         limit = (limit + limit.abs() * 2.0 ** -22).float()  # rounded up: the test may only keep more rows
         hits_q, hits_r = [], []
-        if lowest is None:  # pass 2, every block for every query
-            for start in range(0, self.size, step):  # rows x queries: 2x faster than queries x rows for few queries
-                row, local = (self._scan_block(q, start, step, tracing, by_row=True) <= limit).nonzero(as_tuple=True)
-                hits_q.append(local)
-                hits_r.append(row + start)
-        else:  # pass 2, only where a group's lowest value is within the reach
-            within = lowest <= limit[:, None]
-            for index, chosen, values in firsts:  # each query's lowest group: its values are at hand
-                local, row = (values <= limit[chosen, None]).nonzero(as_tuple=True)
-                hits_q.append(chosen[local])
-                hits_r.append(row + index * group)
-            within = within.index_put((torch.arange(count, device=queries.device), lowest.argmin(1)),
-                                      torch.zeros((), dtype=torch.bool, device=queries.device))
-            for index in self._groups_to_visit(within.t(), tracing):
-                near = within[:, index].nonzero()[:, 0]
-                values = q[near] @ projection.rows[index * group:(index + 1) * group].t()
-                local, row = (values <= limit[near, None]).nonzero(as_tuple=True)
-                hits_q.append(near[local])
-                hits_r.append(row + index * group)
+        for index, chosen, values in firsts:  # each query's lowest group: its values are at hand
+            local, row = (values <= limit[chosen, None]).nonzero(as_tuple=True)
+            hits_q.append(chosen[local])
+            hits_r.append(row + index * group)
+        within = (lowest <= limit[:, None]).index_put((torch.arange(count, device=queries.device), lowest.argmin(1)),
+                                                      torch.zeros((), dtype=torch.bool, device=queries.device))
+        for index in self._groups_to_visit(within.t(), tracing):  # the other groups within reach
+            near = within[:, index].nonzero()[:, 0]
+            values = q[near] @ projection.rows[index * group:(index + 1) * group].t()
+            local, row = (values <= limit[near, None]).nonzero(as_tuple=True)
+            hits_q.append(near[local])
+            hits_r.append(row + index * group)
         query_index = torch.cat(hits_q)
         exact = self._pair_distances(queries, query_index, torch.cat(hits_r), tracing)
         best = k_smallest_per_query(query_index, exact, count, k)
@@ -441,19 +428,16 @@ class BankSearch(nn.Module):
             return list(range(wanted.shape[0]))
         return wanted.any(1).nonzero()[:, 0].tolist()
 
-    def _scan_block(self, q: torch.Tensor, start: int, step: int, tracing: bool, by_row: bool = False) -> torch.Tensor:
-        """``(m, p + 2)`` projected queries -> ``(m, n)`` projected values of rows ``start:start + step``
-        (``by_row``: ``(n, m)``), in eager mode written into one buffer reused across blocks and calls
-        (fresh memory costs its page faults: 45 ms against 17 for 1,024 x 21,402 values); valid until
-        the next block."""
+    def _scan_block(self, q: torch.Tensor, start: int, step: int, tracing: bool) -> torch.Tensor:
+        """``(m, p + 2)`` projected queries -> ``(m, n)`` projected values of rows ``start:start + step``,
+        in eager mode written into one buffer reused across blocks and calls (fresh memory costs its
+        page faults: 45 ms against 17 for 1,024 x 21,402 values); valid until the next block."""
         block = self._projection().rows[start:start + step]
         if tracing:
-            return block @ q.t() if by_row else q @ block.t()
+            return q @ block.t()
         need = q.shape[0] * block.shape[0]
         if self._scratch is None or self._scratch.numel() < need or self._scratch.device != q.device:
             self._scratch = torch.empty(max(need, q.shape[0] * step), device=q.device)
-        if by_row:
-            return torch.mm(block, q.t(), out=self._scratch[:need].view(block.shape[0], -1))
         return torch.mm(q, block.t(), out=self._scratch[:need].view(q.shape[0], -1))
 
     def _band(self, queries: torch.Tensor, kth: torch.Tensor, k: int,
@@ -500,10 +484,14 @@ class BankSearch(nn.Module):
         """``(n,)`` squared exact distances of the pairs (``queries[query_index]``, ``rows[row_index]``),
         in blocks of :data:`PAIR_ROWS` pairs in eager mode (one gathered copy of that many rows)."""
         frame = self._query_frame(queries)
+
+        def block(pairs: slice) -> torch.Tensor:  # the gathered rows, in place: no second copy
+            rows = self.rows.index_select(0, row_index[pairs])
+            return rows.sub_(frame.index_select(0, query_index[pairs])).square_().sum(1)
+
         if tracing:  # one block: a graph's pair count is known only when it runs
-            return (self.rows[row_index] - frame[query_index]).pow(2).sum(-1)
-        parts = [(self.rows[row_index[start:start + PAIR_ROWS]] - frame[query_index[start:start + PAIR_ROWS]]
-                  ).pow(2).sum(-1) for start in range(0, max(1, query_index.shape[0]), PAIR_ROWS)]
+            return block(slice(None))
+        parts = [block(slice(start, start + PAIR_ROWS)) for start in range(0, max(1, query_index.shape[0]), PAIR_ROWS)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _rerank(self, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:

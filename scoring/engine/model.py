@@ -287,12 +287,9 @@ class PatchBank(nn.Module):
         distance without a coreset, an upper bound of it with one (a subset's k nearest are no nearer)."""
         return self.search(patches, k).mean(1)
 
-    def exact(self, patches: torch.Tensor, k: int, bound: torch.Tensor | None = None) -> torch.Tensor:
-        """``(M, D)`` -> ``(M,)`` mean distance to the ``k`` nearest rows of the whole bank. ``bound`` ``(M,)``:
-        an upper bound of that mean (the coreset's, :meth:`forward`); the ``k``-th nearest is at most
-        ``k`` times it (distances are not negative), a reach that spares the search a pass."""
-        reach = None if bound is None else bound * k
-        return (self.search if self.whole is None else self.whole)(patches, k, reach).mean(1)
+    def exact(self, patches: torch.Tensor, k: int) -> torch.Tensor:
+        """``(M, D)`` -> ``(M,)`` mean distance to the ``k`` nearest rows of the whole bank."""
+        return (self.search if self.whole is None else self.whole)(patches, k).mean(1)
 
 
 class AnomalyScorer(nn.Module):
@@ -390,8 +387,7 @@ class AnomalyScorer(nn.Module):
                    cells: torch.Tensor) -> torch.Tensor:
         """``values`` ``(N, P)`` with the ``cells`` ``(N, c)`` of each image replaced by their exact distances."""
         rows = (cells + torch.arange(values.shape[0], device=values.device)[:, None] * values.shape[1]).reshape(-1)
-        bound = values.gather(1, cells).reshape(-1)
-        fresh = bank.exact(patches[rows.to(patches.device)], self.k, bound).to(values.device)
+        fresh = bank.exact(patches[rows.to(patches.device)], self.k).to(values.device)
         return values.scatter(1, cells, fresh.view(cells.shape))
 
     def image_bound(self, values: list[torch.Tensor], exact: list[torch.Tensor],
@@ -447,7 +443,7 @@ class AnomalyScorer(nn.Module):
         flat = chosen.flatten().nonzero()[:, 0]
         if torch.jit.is_tracing() or flat.numel() > 0:  # else this bank's picked cells are exact already
             # Features may live on the CPU while the bank (and so the distances) live on a GPU.
-            fresh = bank.exact(patches[flat.to(patches.device)], self.k, values.flatten()[flat]).to(values.device)
+            fresh = bank.exact(patches[flat.to(patches.device)], self.k).to(values.device)
             values = values.flatten().scatter(0, flat, fresh).view_as(values)
         return values, exact | chosen, chosen.sum(1)
 
