@@ -385,12 +385,12 @@ class BankSearch(nn.Module):
         limit = reach.double().pow(2) * widen - q_sq + self._rounding_bound(q_sq, torch.float32, projected=True)
         limit = (limit + limit.abs() * 2.0 ** -22).float()  # rounded up: the test may only keep more rows
         hits_q, hits_r = [], []
+        within = lowest <= limit[:, None]
         for index, chosen, values in firsts:  # each query's lowest group: its values are at hand
             local, row = (values <= limit[chosen, None]).nonzero(as_tuple=True)
             hits_q.append(chosen[local])
             hits_r.append(row + index * group)
-        within = (lowest <= limit[:, None]).index_put((torch.arange(count, device=queries.device), lowest.argmin(1)),
-                                                      torch.zeros((), dtype=torch.bool, device=queries.device))
+            within[chosen, index] = False
         for index in self._groups_to_visit(within.t(), tracing):  # the other groups within reach
             near = within[:, index].nonzero()[:, 0]
             values = q[near] @ projection.rows[index * group:(index + 1) * group].t()
