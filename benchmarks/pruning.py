@@ -2,10 +2,9 @@
 
 **The projected scan** (``scoring.engine.knn.BankSearch._scan``, what every search of a bank of
 256+ dimensions runs): per test patch, the share of the bank's rows it re-ranks exactly (the rows
-its projection cannot rule out), for the coreset and for the whole bank (without a reach, and with
-the coreset's distance as the reach, as the certified coreset's re-searches run it), and the
-milliseconds per 1,000 patches against the brute-force search of the same bank (the float32
-shortlist over every row, what ran before).
+its projection cannot rule out), for the coreset and for the whole bank (the 2% farthest patches
+are the ones the certified coreset re-searches there), and the milliseconds per 1,000 patches
+against the brute-force search of the same bank (the shortlist over every row, what ran before).
 
 **Inverted lists**, measured only:
 
@@ -104,8 +103,7 @@ def test_patches(detector: Detector, data_root: str, category: str, images: int,
     return patches[pick]
 
 
-def scan_share(search: BankSearch, queries: torch.Tensor, k: int,
-               reach: torch.Tensor | None = None) -> torch.Tensor:
+def scan_share(search: BankSearch, queries: torch.Tensor, k: int) -> torch.Tensor:
     """``(m,)``: the share of ``search``'s rows its scan re-ranks exactly for each query."""
     counts = torch.zeros(queries.shape[0], dtype=torch.long)
     original = search._pair_distances
@@ -117,7 +115,7 @@ def scan_share(search: BankSearch, queries: torch.Tensor, k: int,
     search._pair_distances = counting
     try:
         for start in range(0, queries.shape[0], 1024):  # as a test image's patches come
-            search(queries[start:start + 1024], k, None if reach is None else reach[start:start + 1024])
+            search(queries[start:start + 1024], k)
     finally:
         del search._pair_distances
     return counts.double() / search.size
@@ -132,11 +130,10 @@ def brute_force_ms(search: BankSearch, queries: torch.Tensor, k: int) -> float:
         del search._projects
 
 
-def projection_rows(name: str, search: BankSearch, queries: torch.Tensor, k: int,
-                    reach: torch.Tensor | None, top: torch.Tensor) -> list[list]:
+def projection_rows(name: str, search: BankSearch, queries: torch.Tensor, k: int, top: torch.Tensor) -> list[list]:
     """Table rows of :func:`main`'s projection table for one search (random and 2% farthest patches)."""
-    share = scan_share(search, queries, k, reach)
-    scan = 1000 * statistics.median(timed(lambda: search(queries, k, reach), 3, 60.0)) / queries.shape[0]
+    share = scan_share(search, queries, k)
+    scan = 1000 * statistics.median(timed(lambda: search(queries, k), 3, 60.0)) / queries.shape[0]
     brute = brute_force_ms(search, queries, k)
     return [[name, search.size, which, f"{share[index].mean():.5f}", f"{share[index].quantile(0.9):.5f}",
              f"{share[index].max():.4f}", f"{scan:.1f}" if which == "random" else "",
@@ -158,12 +155,10 @@ def main(args: argparse.Namespace) -> None:
         reaches["coreset"] = bank.search(queries, k)[:, -1]
     top = true_reach.topk(max(1, math.ceil(0.02 * len(queries)))).indices
     info = {**system_info(torch.device("cpu")), "detector": args.detector, "k": k, "command": " ".join(sys.argv)}
-    scans = [("coreset", bank.search, None)] if bank.whole is not None else []
-    scans += [("whole bank", whole, None)] + ([("whole bank, coreset reach", whole, reaches["coreset"])]
-                                              if bank.whole is not None else [])
+    scans = ([("coreset", bank.search)] if bank.whole is not None else []) + [("whole bank", whole)]
     header = ["search", "bank rows", "patches", "re-ranked: mean share", "p90", "max", "scan ms / 1,000",
               "brute force ms / 1,000"]
-    table = [row for name, search, reach in scans for row in projection_rows(name, search, queries, k, reach, top)]
+    table = [row for name, search in scans for row in projection_rows(name, search, queries, k, top)]
     print(markdown_table(header, table))
     print("written:", write_results(args.out, f"projection_{args.category}", header, table, info))
     header = ["data set", "bank rows", "lists", "reach", "patches", "mean share", "median", "p90",

@@ -3,12 +3,12 @@
 :class:`BankSearch` is an ``nn.Module`` holding one bank as buffers. A bank of
 :data:`PROJECT_MIN_DIMS` dimensions or more (every wave network's) is searched by a *scan of its
 projection* (:meth:`BankSearch._scan`, :mod:`.projection`): each row's projection on the bank's
-:data:`PROJECTION_DIMS` principal axes plus one residual norm gives a lower bound of its distance
-to a query in a sixth of the products. A first pass finds, for each query, the group of rows of
-lowest bound, and in it a reach (an exact distance no smaller than the ``k``-th nearest); only
-the rows whose bound is within the reach are re-ranked exactly, and no other row can be nearer.
-On trained and untrained wave features that re-ranks ~0.01-0.3% of the rows
-(``benchmarks/pruning.py``).
+principal axes (32, 64 or 128 of them, :func:`.projection.choose_dims`) plus one residual norm
+gives a lower bound of its distance to a query, at a twelfth to a third of the products. A first
+pass finds, for each query, the group of rows of lowest bound, and in it a reach (an exact
+distance no smaller than the ``k``-th nearest); only the rows whose bound is within the reach are
+re-ranked exactly, and no other row can be nearer. On trained and untrained wave features that
+re-ranks ~0.05-0.5% of the rows (``benchmarks/pruning.py``).
 
 A narrower bank is searched in two steps:
 
@@ -74,13 +74,11 @@ QUERY_ROWS = 4096
 CHUNK_ELEMENTS = CHUNK_ROWS * QUERY_ROWS
 GPU_CHUNK_FACTOR = 16  # on CUDA: blocks of up to 268 M products (1 GB of float32 scores)
 FAISS_ADD_ROWS = 65536
-# Banks of at least these many dimensions are searched in a projection on their PROJECTION_DIMS
-# principal axes plus one residual norm (see BankSearch._scan): a lower bound of every distance
-# that leaves ~0.01-0.3% of the rows of trained and untrained wave features to re-rank at the
-# nearest distance (docs/speed.md), for a sixth of the products. Every such bank, however small:
-# one way to search, whatever the bank's size.
-PROJECTION_DIMS = 64
-PROJECT_MIN_DIMS = 4 * PROJECTION_DIMS
+# Banks of at least these many dimensions are searched in a projection on their principal axes
+# plus one residual norm (see BankSearch._scan): a lower bound of every distance that leaves
+# ~0.05-0.5% of the rows of trained and untrained wave features to re-rank (docs/speed.md). Every
+# such bank, however small: one way to search, whatever the bank's size.
+PROJECT_MIN_DIMS = 256
 PROJECTION_FIT_ROWS = 65536  # rows (evenly spaced) whose covariance gives the axes: any axes keep the bound
 # Pairs gathered at once for their exact distances in eager mode: small enough to stay in cache
 # (100,000 pairs: 64 ms in blocks of 2,048, 138 in blocks of 65,536, 235 in one).
@@ -574,12 +572,12 @@ class BankSearch(nn.Module):
         return self.dims >= PROJECT_MIN_DIMS
 
     def _projection(self) -> Projection:
-        """The bank's projection on its :data:`PROJECTION_DIMS` principal axes (made once, on the rows'
-        device, and kept as buffers; :meth:`store_centred` makes it before a graph is traced)."""
+        """The bank's projection on its principal axes (:class:`.projection.Projection`; made once, on
+        the rows' device, and kept as buffers; :meth:`store_centred` makes it before a graph is traced)."""
         if self.projected_rows is None or self.projected_rows.device != self.rows.device:
             offset = torch.zeros_like(self.mean) if self.stored_centred else self.mean
             with paused_tracing():
-                made = Projection.fit(self.rows, offset, PROJECTION_DIMS, PROJECTION_FIT_ROWS)
+                made = Projection.fit(self.rows, offset, PROJECTION_FIT_ROWS)
             self.projection_axes, self.projection_offset, self.projected_rows = made.axes, made.offset, made.rows
         return Projection(self.projection_axes, self.projection_offset, self.projected_rows)
 

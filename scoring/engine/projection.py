@@ -1,5 +1,5 @@
 """A lower bound of every distance to a bank from its principal axes: how the exact search
-(:class:`scoring.engine.knn.BankSearch`) ranks a bank with a sixth of the products and still
+(:class:`scoring.engine.knn.BankSearch`) ranks a bank with a fraction of the products and still
 proves its answer.
 
 For orthonormal axes ``P`` (``D x p``) and a centred vector ``x``, the *projection* is
@@ -13,7 +13,8 @@ value is above the ``k``-th distance found cannot be nearer: the search ranks by
 re-ranks its candidates with the full vectors, and re-ranks every row the projection cannot rule
 out (the band). Any axes keep the bound; principal axes make it tight. Features of trained and
 untrained wave networks hold 62-98% of their variance in 16 axes: with 64, the rows a projection
-cannot rule out at the exact nearest distance are 0.01-0.3% of the bank on average (docs/speed.md).
+cannot rule out at the exact nearest distance are 0.01-0.3% of the bank on average (docs/speed.md);
+:func:`choose_dims` picks how many axes a bank takes.
 
 Rows and queries are projected in float64 from their float32 values (a difference of two float32
 numbers is exact in float64) and kept in float32 for the products; :data:`PROJECTION_ROUNDING`
@@ -28,6 +29,13 @@ from dataclasses import dataclass
 import torch
 
 PROJECT_BLOCK_ROWS = 16384  # rows projected at once (float64: bounds memory)
+# How many axes: the one of these that minimises the scan's estimated cost (choose_dims).
+DIMS_CHOICES = (32, 64, 128)
+# The cost of one exact re-rank (gathering a row: ~0.64 us on 2 cores) in projected values of 66
+# numbers (~1 ns each, their product and the group minima), as measured on an Intel Xeon.
+PAIR_COST = 640.0
+PROBES = 128  # sampled rows whose nearest other sampled row sets the reach of the estimate
+PROBE_SAMPLE = 16384  # rows (evenly spaced) of the estimate
 
 
 def projection_rounding(dim: int) -> float:
@@ -54,6 +62,32 @@ def project(centred: torch.Tensor, axes: torch.Tensor) -> tuple[torch.Tensor, to
     return torch.cat([along, residual[:, None]], 1), squared
 
 
+def choose_dims(rows: torch.Tensor, offset: torch.Tensor, axes: torch.Tensor,
+                choices: tuple[int, ...] = DIMS_CHOICES) -> int:
+    """The number of ``axes`` (one of ``choices``) for which a scan costs least, estimated on the
+    bank itself: in a sample of its rows (evenly spaced, as far apart as a coreset's), ``PROBES`` of
+    them with their nearest other sampled row's distance as the reach; the share ``f`` of the
+    sample whose bound is within it is what a scan re-ranks, so a query costs about
+    ``(p + 2) / 66 + f PAIR_COST`` per row. More axes bound more tightly and cost more to multiply:
+    features whose variance lies in few axes take few, spread ones more."""
+    sample = rows[::max(1, rows.shape[0] // PROBE_SAMPLE)].double() - offset
+    probe_index = torch.arange(0, sample.shape[0], max(1, sample.shape[0] // PROBES), device=rows.device)[:PROBES]
+    probes = sample[probe_index]
+    distance = torch.cdist(probes, sample).pow(2)
+    distance[torch.arange(probes.shape[0], device=rows.device), probe_index] = float("inf")  # not itself
+    reach = distance.amin(1)
+    probe_along, probe_sq = probes @ axes, probes.pow(2).sum(1)
+    along, squared = sample @ axes, sample.pow(2).sum(1)
+    costs = {}
+    for dims in (dims for dims in choices if dims <= axes.shape[1]):
+        probe_rest = (probe_sq - probe_along[:, :dims].pow(2).sum(1)).clamp_min(0).sqrt()
+        rest = (squared - along[:, :dims].pow(2).sum(1)).clamp_min(0).sqrt()
+        bound = torch.cdist(probe_along[:, :dims], along[:, :dims]).pow(2)
+        bound += (probe_rest[:, None] - rest[None, :]).pow(2)
+        costs[dims] = (dims + 2) / 66 + float((bound <= reach[:, None]).double().mean()) * PAIR_COST
+    return min(costs, key=costs.get)
+
+
 @dataclass
 class Projection:
     """A bank's projection: ``axes`` ``(D, p)`` float64, ``offset`` ``(D,)`` float64 (subtracted from rows
@@ -65,10 +99,12 @@ class Projection:
     rows: torch.Tensor
 
     @classmethod
-    def fit(cls, rows: torch.Tensor, offset: torch.Tensor, dims: int, fit_rows: int) -> Projection:
-        """The projection of ``(B, D)`` float32 ``rows`` minus ``offset`` ``(D,)`` on their ``dims`` principal axes."""
+    def fit(cls, rows: torch.Tensor, offset: torch.Tensor, fit_rows: int, dims: int | None = None) -> Projection:
+        """The projection of ``(B, D)`` float32 ``rows`` minus ``offset`` ``(D,)`` on their principal axes
+        (``dims`` of them; by default :func:`choose_dims`'s choice)."""
         offset = offset.double()
-        axes = principal_axes(rows, offset, dims, fit_rows)
+        axes = principal_axes(rows, offset, max(DIMS_CHOICES) if dims is None else dims, fit_rows)
+        axes = axes[:, :choose_dims(rows, offset, axes)].contiguous() if dims is None else axes
         parts = [project(rows[start:start + PROJECT_BLOCK_ROWS].double() - offset, axes)
                  for start in range(0, rows.shape[0], PROJECT_BLOCK_ROWS)]
         return cls(axes, offset, torch.cat([torch.cat([p, n[:, None]], 1) for p, n in parts]).float())
