@@ -104,11 +104,11 @@ def test_k_smallest_per_query():
 
 
 def test_a_bank_takes_as_many_axes_as_pay():
-    """Features whose variance lies in a few axes take the fewest axes offered; features spread over
+    """Features whose variance lies in a few axes take the fewest axes offered (64); features spread over
     every axis (each bound loose) take the most: tighter bounds spare re-ranks that cost ~640x a bound."""
     from scoring.engine.projection import choose_dims, principal_axes
 
-    for rows, expected in ((low_rank(4000, rank=8, noise=0.02), 32),
+    for rows, expected in ((low_rank(4000, rank=8, noise=0.02), 64),
                            (torch.randn(4000, 256, generator=torch.Generator().manual_seed(9)), 128)):
         offset = rows.mean(0).double()
         assert choose_dims(rows, offset, principal_axes(rows, offset, 128, 4000)) == expected

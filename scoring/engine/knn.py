@@ -3,8 +3,8 @@
 :class:`BankSearch` is an ``nn.Module`` holding one bank as buffers. A bank of
 :data:`PROJECT_MIN_DIMS` dimensions or more (every wave network's) is searched by a *scan of its
 projection* (:meth:`BankSearch._scan`, :mod:`.projection`): each row's projection on the bank's
-principal axes (32, 64 or 128 of them, :func:`.projection.choose_dims`) plus one residual norm
-gives a lower bound of its distance to a query, at a twelfth to a third of the products. A first
+principal axes (64 or 128 of them, :func:`.projection.choose_dims`) plus one residual norm
+gives a lower bound of its distance to a query, at a sixth to a third of the products. A first
 pass finds, for each query, the group of rows of lowest bound, and in it a reach (an exact
 distance no smaller than the ``k``-th nearest); only the rows whose bound is within the reach are
 re-ranked exactly, and no other row can be nearer. On trained and untrained wave features that

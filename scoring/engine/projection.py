@@ -29,8 +29,11 @@ from dataclasses import dataclass
 import torch
 
 PROJECT_BLOCK_ROWS = 16384  # rows projected at once (float64: bounds memory)
-# How many axes: the one of these that minimises the scan's estimated cost (choose_dims).
-DIMS_CHOICES = (32, 64, 128)
+# How many axes: the one of these that minimises the scan's estimated cost (choose_dims). Not 32:
+# the estimate preferred it on the untrained latency benchmark (0.73 against 1.10), where
+# `predict` ran as fast with 64 and the exported files 25-35% slower with 32 (their groups are
+# coarser, so a looser bound makes them compute more again).
+DIMS_CHOICES = (64, 128)
 # The cost of one exact re-rank (gathering a row: ~0.64 us on 2 cores) in projected values of 66
 # numbers (~1 ns each, their product and the group minima), as measured on an Intel Xeon.
 PAIR_COST = 640.0
@@ -69,7 +72,8 @@ def choose_dims(rows: torch.Tensor, offset: torch.Tensor, axes: torch.Tensor,
     them with their nearest other sampled row's distance as the reach; the share ``f`` of the
     sample whose bound is within it is what a scan re-ranks, so a query costs about
     ``(p + 2) / 66 + f PAIR_COST`` per row. More axes bound more tightly and cost more to multiply:
-    features whose variance lies in few axes take few, spread ones more."""
+    features whose variance lies in few axes take few (wave18's untrained and toothbrush's 64),
+    spread ones more (Magnetic Tile's 128)."""
     sample = rows[::max(1, rows.shape[0] // PROBE_SAMPLE)].double() - offset
     probe_index = torch.arange(0, sample.shape[0], max(1, sample.shape[0] // PROBES), device=rows.device)[:PROBES]
     probes = sample[probe_index]
