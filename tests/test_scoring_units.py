@@ -474,7 +474,9 @@ def coreset_case(fusion: str, seed: int = 0) -> tuple[list[torch.Tensor], list[t
 @pytest.mark.parametrize("k", [1, 2])
 def test_certified_coreset_scores_equal_the_exact_bank(fusion, k):
     train, test = coreset_case(fusion, seed=k)
-    exact_scores, exact_maps = fit(fusion, train, k=k).score(test)
+    exact_scorer = fit(fusion, train, k=k)
+    exact_scores, exact_maps = exact_scorer.score(test)
+    assert exact_scorer.search_stats["exact_map_cells"] == "all"
     config = ScoreConfig(fusion=fusion, size=32, knn="torch", k=k, coreset=0.1, refine=2)
     certified = AnomalyScorer.fit(config, train)
     scores, maps = certified.score(test)
@@ -482,6 +484,7 @@ def test_certified_coreset_scores_equal_the_exact_bank(fusion, k):
     assert (maps >= exact_maps - 1e-5).all()  # outside the re-searched patches the map is a bound
     stats = certified.search_stats
     assert stats["bank"] == "certified" and stats["certified_images"] == stats["images"] == 12
+    assert stats["exact_map_cells"] == "the re-searched patches"
     assert 0 < stats["re_searched_per_image_mean"] <= stats["re_searched_per_image_max"]
     # The fixed, uncertified re-search of the 2 highest patches does not reach the exact scores.
     fixed = AnomalyScorer.fit(config.replace(certify=False), train)
@@ -491,6 +494,7 @@ def test_certified_coreset_scores_equal_the_exact_bank(fusion, k):
     alone = AnomalyScorer.from_states(config.replace(certify=False, refine=0), bank_states(config, train))
     alone_scores, _ = alone.score(test)
     assert alone.search_stats["bank"] == "coreset only" and alone.search_stats["certified_images"] == 0
+    assert alone.search_stats["exact_map_cells"] == "none"
     assert (alone_scores >= exact_scores - 1e-5).all()  # the coreset alone: bounds, not certified
 
 

@@ -468,11 +468,14 @@ class AnomalyScorer(nn.Module):
 
 def search_report(scorer: AnomalyScorer, certified: torch.Tensor, searched: torch.Tensor) -> dict:
     """What the search did for ``N`` images: whether a coreset was searched, how (``certified``,
-    ``uncertified``, ``coreset only``), how many image scores are certified exact, and the patches
-    re-searched in the whole bank per image (mean and max)."""
+    ``uncertified``, ``coreset only``), which map cells are exact, how many image scores are
+    certified exact, and the patches re-searched in the whole bank per image (mean and max)."""
     mode = "exact bank" if not scorer.coreset else "certified" if scorer.certify_scores else \
         "uncertified" if scorer.refine > 0 else "coreset only"
-    return {"bank": mode, "images": int(certified.numel()), "certified_images": int(certified.sum()),
+    # Which map cells hold the exact bank's distance (the others, a coreset's: an upper bound of it).
+    exact = "all" if not scorer.coreset else "the re-searched patches" if scorer.refine > 0 else "none"
+    return {"bank": mode, "exact_map_cells": exact, "images": int(certified.numel()),
+            "certified_images": int(certified.sum()),
             "re_searched_per_image_mean": float(searched.float().mean()) if searched.numel() else 0.0,
             "re_searched_per_image_max": int(searched.max()) if searched.numel() else 0}
 
