@@ -47,12 +47,13 @@ def test_projected_search_equals_brute_force(k, blocks, monkeypatch):
         monkeypatch.setattr(knn, "SCAN_ELEMENTS", 64 * 300)
         monkeypatch.setattr(knn, "CHUNK_ROWS", 64)
     bank = low_rank(2050)
-    queries = torch.cat([low_rank(300, seed=2), bank[:20], bank[1000:1010] + 1e-4])  # exact copies: distance 0
+    # exact copies (distance 0), also of the rows of a last group shorter than k
+    queries = torch.cat([low_rank(300, seed=2), bank[:20], bank[1000:1010] + 1e-4, bank[-2:]])
     search = BankSearch(bank, backend="torch")
     assert search._projects()
     got = search(queries, k)
     torch.testing.assert_close(got.double(), brute(queries, bank, k), rtol=1e-5, atol=1e-5)
-    assert (got[300:320, 0] == 0).all()
+    assert (got[300:320, 0] == 0).all() and (got[-2:, 0] == 0).all()
 
 
 def test_projected_search_re_ranks_a_small_share_of_the_bank(monkeypatch):

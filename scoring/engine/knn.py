@@ -136,15 +136,13 @@ def k_smallest_per_query(query_index: torch.Tensor, values: torch.Tensor, count:
     return table.index_put((grouped_query[first], rank[first]), grouped_value[first])
 
 
-def group_minima(values: torch.Tensor, group: int, k: int) -> torch.Tensor:
-    """``(m, n)`` -> ``(m, ceil(n / group))``: the lowest value of each group of ``group`` columns;
-    ``inf`` for a last group of fewer than ``k`` columns (it cannot name ``k`` rows)."""
+def group_minima(values: torch.Tensor, group: int) -> torch.Tensor:
+    """``(m, n)`` -> ``(m, ceil(n / group))``: the lowest value of each group of ``group`` columns."""
     count, width = values.shape
     whole = width // group
     parts = [values[:, :whole * group].reshape(count, whole, group).amin(2)] if whole else []
     if width > whole * group:
-        rest = values[:, whole * group:]
-        parts.append(rest.amin(1, keepdim=True) if rest.shape[1] >= k else torch.full_like(rest[:, :1], float("inf")))
+        parts.append(values[:, whole * group:].amin(1, keepdim=True))
     return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
 
 
@@ -408,9 +406,13 @@ class BankSearch(nn.Module):
         the reach, the ``k``-th exact distance of the ``k`` rows of lowest value in that group."""
         count = queries.shape[0]
         rows = self._projection().rows
-        lowest = torch.cat([group_minima(self._scan_block(q, start, step, tracing), group, k)
+        lowest = torch.cat([group_minima(self._scan_block(q, start, step, tracing), group)
                             for start in range(0, self.size, step)], 1)
-        first = lowest.argmin(1)
+        # A last group of fewer than k rows cannot name k rows: not a first group (it is searched in the
+        # second pass like any other).
+        short = self.size % group and self.size % group < k
+        first = (torch.cat([lowest[:, :-1], torch.full_like(lowest[:, -1:], float("inf"))], 1) if short
+                 else lowest).argmin(1)
         seeds = torch.zeros(count, k, dtype=torch.long, device=queries.device)
         firsts = []
         groups = torch.arange(lowest.shape[1], device=first.device)
