@@ -561,11 +561,11 @@ class BankSearch(nn.Module):
         """The products' dtype for ``queries`` queries: ``precision``; ``auto`` is bfloat16 where it
         pays, but float32 for fewer than :data:`FEW_QUERIES` queries on the CPU (a pass over the
         bank is then bound by reading it, and a float32 shortlist nearly always holds, where a
-        bfloat16 one often needs the rounding band: 80 ms against 43 for 16 queries x 214,000 rows),
-        and float32 for a projected bank (its products are few; bfloat16 would widen its band)."""
+        bfloat16 one often needs the rounding band: 80 ms against 43 for 16 queries x 214,000 rows).
+        A projected bank's scan (:meth:`_scan`) always multiplies in float32."""
         precision = self.precision
         if precision == "auto":
-            few = (queries < FEW_QUERIES and not self.rows.is_cuda) or self._projects()
+            few = queries < FEW_QUERIES and not self.rows.is_cuda
             precision = "bf16" if bf16_matmul_pays(self.rows.device.type) and not few else "fp32"
         return torch.bfloat16 if precision == "bf16" else torch.float32
 

@@ -118,7 +118,3 @@ class Projection:
         ``queries @ rows.T`` are the ranking values ``|b|^2 - 2 q~.b~``) and ``(m,)`` float64 ``|q|^2``."""
         projected, squared = project(frame.double() - self.offset, self.axes)
         return torch.cat([-2.0 * projected, torch.ones_like(squared)[:, None]], 1), squared
-
-    @property
-    def device(self) -> torch.device:
-        return self.rows.device

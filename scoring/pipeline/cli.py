@@ -87,9 +87,11 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
                          help="anomaly map: knn (the paper's); for a network trained with --dense also head (its "
                               "segmentation head) or fused (both, each normalised on training images)")
     scoring.add_argument("--knn", default=DEFAULT("knn"), choices=BACKENDS,
-                         help="nearest-neighbour backend (auto = faiss when installed, else torch); same distances")
+                         help="nearest-neighbour backend of banks under 256 dimensions (auto = faiss when installed, "
+                              "else torch); wider banks are scanned in their projection; same distances")
     scoring.add_argument("--knn-precision", default=DEFAULT("knn_precision"), choices=PRECISIONS,
-                         help="torch k-NN shortlist products: fp32, or bf16 (queries its rounding bound cannot certify "
+                         help="torch k-NN shortlist products (banks under 256 dimensions): fp32, or bf16 (queries its "
+                              "rounding bound cannot certify "
                               "are searched again in fp32); auto: bf16 on CUDA and CPUs with AMX. Returned distances "
                               "are exact float32 ones either way")
     scoring.add_argument("--precision", default=DEFAULT("precision"), choices=["fp32", "bf16"],
