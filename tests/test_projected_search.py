@@ -105,11 +105,22 @@ def test_k_smallest_per_query():
 
 
 def test_a_bank_takes_as_many_axes_as_pay():
-    """Features whose variance lies in a few axes take the fewest axes offered (64); features spread over
-    every axis (each bound loose) take the most: tighter bounds spare re-ranks that cost ~640x a bound."""
-    from scoring.engine.projection import choose_dims, principal_axes
+    """Features whose variance lies in a few axes take the fewest axes offered (64), features spread
+    more take more (128); a large bank of features spread over every axis (no bound rules much out,
+    and a re-rank costs ~640x a bound) is not projected at all, and its search is still exact; a
+    small one is (one way to search where either costs little)."""
+    import scoring.engine.projection as projection
 
-    for rows, expected in ((low_rank(4000, rank=8, noise=0.02), 64),
-                           (torch.randn(4000, 256, generator=torch.Generator().manual_seed(9)), 128)):
+    gen = torch.Generator().manual_seed(9)
+    isotropic = torch.randn(4000, 256, generator=gen)
+    for rows, expected in ((low_rank(4000, rank=8, noise=0.02), 64), (low_rank(4000, rank=80, noise=0.05), 128),
+                           (isotropic, 128)):
         offset = rows.mean(0).double()
-        assert choose_dims(rows, offset, principal_axes(rows, offset, 128, 4000)) == expected
+        assert projection.choose_dims(rows, offset, projection.principal_axes(rows, offset, 128, 4000)) == expected
+    queries = torch.randn(50, 256, generator=gen)
+    assert BankSearch(isotropic, backend="torch")._projects()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(projection, "DECIDE_ROWS", 1000)  # as if the bank were large
+        search = BankSearch(isotropic, backend="torch")
+        torch.testing.assert_close(search(queries, 2).double(), brute(queries, isotropic, 2), rtol=1e-5, atol=1e-5)
+        assert not search._projects() and search.projected_rows is None

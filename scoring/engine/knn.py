@@ -289,6 +289,7 @@ class BankSearch(nn.Module):
         # any other tensor as one constant per use: an ONNX file of 1 GB instead of 0.4).
         for name in ("projection_axes", "projection_offset", "projected_rows"):
             self.register_buffer(name, None)
+        self._projection_pays: bool | None = None  # None: not decided yet (see _projects)
         self._scratch: torch.Tensor | None = None  # eager mode: the projected values of a scan (_scan_block)
         # The largest |b|^2 of the centred rows (a rounding bound's term; a float, so a trace keeps it as a constant).
         self._largest_sq = float(self.centred_sq.max()) if rows.shape[0] else 0.0
@@ -570,17 +571,24 @@ class BankSearch(nn.Module):
         return torch.bfloat16 if precision == "bf16" else torch.float32
 
     def _projects(self) -> bool:
-        """Whether this bank is searched by its projection (:meth:`_scan`): wide enough to pay."""
-        return self.dims >= PROJECT_MIN_DIMS
+        """Whether this bank is searched by its projection (:meth:`_scan`): wide enough, and its
+        features lie in few enough axes for the bound to pay (decided on its first search)."""
+        if self.dims < PROJECT_MIN_DIMS or self.size == 0:
+            return False
+        if self._projection_pays is None:
+            self._projection()
+        return bool(self._projection_pays)
 
     def _projection(self) -> Projection:
         """The bank's projection on its principal axes (:class:`.projection.Projection`; made once, on
         the rows' device, and kept as buffers; :meth:`store_centred` makes it before a graph is traced)."""
-        if self.projected_rows is None or self.projected_rows.device != self.rows.device:
+        if self._projection_pays is None or (self._projection_pays and self.projected_rows.device != self.rows.device):
             offset = torch.zeros_like(self.mean) if self.stored_centred else self.mean
             with paused_tracing():
                 made = Projection.fit(self.rows, offset, PROJECTION_FIT_ROWS)
-            self.projection_axes, self.projection_offset, self.projected_rows = made.axes, made.offset, made.rows
+            self._projection_pays = made is not None
+            if made is not None:
+                self.projection_axes, self.projection_offset, self.projected_rows = made.axes, made.offset, made.rows
         return Projection(self.projection_axes, self.projection_offset, self.projected_rows)
 
     def store_centred(self) -> BankSearch:
@@ -589,9 +597,9 @@ class BankSearch(nn.Module):
         if not self.stored_centred:
             self.rows = self.rows - self.mean
             self.stored_centred, self._centred, self.projected_rows = True, {}, None
+            self._projection_pays = None
             self.shortlist.reset()
-        if self._projects():
-            self._projection()  # made here, outside any trace: a graph holds it as constants
+        self._projects()  # decided (and made) here, outside any trace
         return self
 
     def _query_frame(self, queries: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,12 @@ DIMS_CHOICES = (64, 128)
 # The cost of one exact re-rank (gathering a row: ~0.64 us on 2 cores) in projected values of 66
 # numbers (~1 ns each, their product and the group minima), as measured on an Intel Xeon.
 PAIR_COST = 640.0
+# A brute-force search's cost per (query, row) in the same units (4-9 measured on the development
+# sets' banks): where a projection is estimated to cost more (features spread over every axis, whose
+# bounds rule little out), a bank of DECIDE_ROWS rows or more is not projected. A smaller one always
+# is (one way to search; either costs little there).
+BRUTE_FORCE_COST = 4.0
+DECIDE_ROWS = 16384
 PROBES = 128  # sampled rows whose nearest other sampled row sets the reach of the estimate
 PROBE_SAMPLE = 16384  # rows (evenly spaced) of the estimate
 
@@ -66,14 +72,15 @@ def project(centred: torch.Tensor, axes: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def choose_dims(rows: torch.Tensor, offset: torch.Tensor, axes: torch.Tensor,
-                choices: tuple[int, ...] = DIMS_CHOICES) -> int:
+                choices: tuple[int, ...] = DIMS_CHOICES) -> int | None:
     """The number of ``axes`` (one of ``choices``) for which a scan costs least, estimated on the
     bank itself: in a sample of its rows (evenly spaced, as far apart as a coreset's), ``PROBES`` of
     them with their nearest other sampled row's distance as the reach; the share ``f`` of the
     sample whose bound is within it is what a scan re-ranks, so a query costs about
     ``(p + 2) / 66 + f PAIR_COST`` per row. More axes bound more tightly and cost more to multiply:
     features whose variance lies in few axes take few (wave18's untrained and toothbrush's 64),
-    spread ones more (Magnetic Tile's 128)."""
+    spread ones more (Magnetic Tile's 128). ``None`` where even the cheapest is dearer than brute
+    force (:data:`BRUTE_FORCE_COST`) in a bank of :data:`DECIDE_ROWS` rows or more."""
     sample = rows[::max(1, rows.shape[0] // PROBE_SAMPLE)].double() - offset
     probe_index = torch.arange(0, sample.shape[0], max(1, sample.shape[0] // PROBES), device=rows.device)[:PROBES]
     probes = sample[probe_index]
@@ -89,7 +96,8 @@ def choose_dims(rows: torch.Tensor, offset: torch.Tensor, axes: torch.Tensor,
         bound = torch.cdist(probe_along[:, :dims], along[:, :dims]).pow(2)
         bound += (probe_rest[:, None] - rest[None, :]).pow(2)
         costs[dims] = (dims + 2) / 66 + float((bound <= reach[:, None]).double().mean()) * PAIR_COST
-    return min(costs, key=costs.get)
+    best = min(costs, key=costs.get)
+    return best if costs[best] <= BRUTE_FORCE_COST or rows.shape[0] < DECIDE_ROWS else None
 
 
 @dataclass
@@ -103,12 +111,16 @@ class Projection:
     rows: torch.Tensor
 
     @classmethod
-    def fit(cls, rows: torch.Tensor, offset: torch.Tensor, fit_rows: int, dims: int | None = None) -> Projection:
+    def fit(cls, rows: torch.Tensor, offset: torch.Tensor, fit_rows: int, dims: int | None = None) -> Projection | None:
         """The projection of ``(B, D)`` float32 ``rows`` minus ``offset`` ``(D,)`` on their principal axes
-        (``dims`` of them; by default :func:`choose_dims`'s choice)."""
+        (``dims`` of them; by default :func:`choose_dims`'s choice, and ``None`` where none pays)."""
         offset = offset.double()
         axes = principal_axes(rows, offset, max(DIMS_CHOICES) if dims is None else dims, fit_rows)
-        axes = axes[:, :choose_dims(rows, offset, axes)].contiguous() if dims is None else axes
+        if dims is None:
+            dims = choose_dims(rows, offset, axes)
+            if dims is None:
+                return None
+            axes = axes[:, :dims].contiguous()
         parts = [project(rows[start:start + PROJECT_BLOCK_ROWS].double() - offset, axes)
                  for start in range(0, rows.shape[0], PROJECT_BLOCK_ROWS)]
         return cls(axes, offset, torch.cat([torch.cat([p, n[:, None]], 1) for p, n in parts]).float())
