@@ -87,6 +87,7 @@ PAIR_ROWS = 2048
 SCAN_ELEMENTS = 1 << 22
 # Rows per group of a scan's first pass (its lowest value per query is kept; see BankSearch._scan).
 SCAN_GROUP_ROWS = 512
+TRACED_GROUPS = 24  # a traced graph's scan groups (and blocks): at most this many, of SCAN_GROUP_ROWS or more
 
 __all__ = ["BACKENDS", "SHORTLISTS", "BankSearch", "FaissShortlist", "Shortlist", "TorchShortlist",
            "faiss_available", "resolve_backend"]
@@ -375,8 +376,9 @@ class BankSearch(nn.Module):
         projection = self._projection()
         q, q_sq = projection.queries(self._query_frame(queries))
         q = q.float()
-        group = CHUNK_ROWS if tracing else SCAN_GROUP_ROWS  # a graph's loops are unrolled: few, large groups
-        step = CHUNK_ROWS if tracing else max(1, SCAN_ELEMENTS // max(1, count) // group) * group  # whole groups
+        # A graph's loops are unrolled and run for every group, wanted or not: at most TRACED_GROUPS.
+        group = max(SCAN_GROUP_ROWS, -(-self.size // TRACED_GROUPS)) if tracing else SCAN_GROUP_ROWS
+        step = group if tracing else max(1, SCAN_ELEMENTS // max(1, count) // group) * group  # whole groups
         lowest, firsts, reach = self._first_pass(queries, q, k, step, group, tracing)
         widen = 1.0 + 2 * (self.dims + 3) * 2.0 ** -24  # a float32 sum of D squares is off by (D + 2) units
         limit = reach.double().pow(2) * widen - q_sq + self._rounding_bound(q_sq, torch.float32, projected=True)
