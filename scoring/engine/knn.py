@@ -370,7 +370,7 @@ class BankSearch(nn.Module):
         less its rounding bound, is within the reach, in the groups whose lowest value is, for the
         queries it is for. A row outside is farther than the reach, so the ``k`` smallest exact
         distances found are the bank's. The same operations run traced (no data-dependent branch:
-        queries and rows are chosen with ``nonzero``; a graph's groups are its blocks).
+        queries and rows are chosen with ``nonzero``; a graph has at most :data:`TRACED_GROUPS` groups).
         """
         count = queries.shape[0]
         projection = self._projection()
