@@ -408,7 +408,7 @@ class BankSearch(nn.Module):
         query; per query's lowest group ``(group, its queries, their values (c, group))``; and ``(m,)``
         the reach, the ``k``-th exact distance of the ``k`` rows of lowest value in that group."""
         count = queries.shape[0]
-        rows = self._projection().rows
+        rows = self.projected_rows  # made by _scan's self._projection()
         lowest = torch.cat([group_minima(self._scan_block(q, start, step, tracing), group)
                             for start in range(0, self.size, step)], 1)
         # A last group of fewer than k rows cannot name k rows: not a first group (it is searched in the
@@ -439,7 +439,7 @@ class BankSearch(nn.Module):
         """``(m, p + 2)`` projected queries -> ``(m, n)`` projected values of rows ``start:start + step``,
         in eager mode written into one buffer reused across blocks and calls (fresh memory costs its
         page faults: 45 ms against 17 for 1,024 x 21,402 values); valid until the next block."""
-        block = self._projection().rows[start:start + step]
+        block = self.projected_rows[start:start + step]  # made by _scan's self._projection()
         if tracing:
             return q @ block.t()
         need = q.shape[0] * block.shape[0]
@@ -503,9 +503,9 @@ class BankSearch(nn.Module):
 
     def _rerank(self, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
         """``(m, D)`` queries and ``(m, c)`` candidate rows -> ``(m, k)`` exact distances of the ``k`` nearest."""
-        chosen = self.rows[candidates.reshape(-1)].view(candidates.shape[0], candidates.shape[1], self.rows.shape[1])
-        exact = chosen.sub_(self._query_frame(queries)[:, None, :]).square_().sum(-1)  # the gathered copy, in place
-        return exact.topk(k, dim=1, largest=False).values.clamp_min(0).sqrt()
+        owner = torch.arange(candidates.shape[0], device=candidates.device).repeat_interleave(candidates.shape[1])
+        exact = self._pair_distances(queries, owner, candidates.reshape(-1), torch.jit.is_tracing())
+        return exact.view(candidates.shape).topk(k, dim=1, largest=False).values.clamp_min(0).sqrt()
 
     def _shortlist_holds(self, queries: torch.Tensor, kth: torch.Tensor, next_value: torch.Tensor,
                          dtype: torch.dtype, uncentred: bool = False) -> torch.Tensor:

@@ -62,13 +62,17 @@ def principal_axes(rows: torch.Tensor, offset: torch.Tensor, dims: int, fit_rows
     return vectors[:, -dims:].flip(1).contiguous()
 
 
+def residual_norms(squared: torch.Tensor, along: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` ``|x|^2`` and ``(n, p)`` ``P^T x`` (float64) -> ``(n,)`` ``|x - P P^T x|``."""
+    return (squared - along.pow(2).sum(1)).clamp_min(0).sqrt()
+
+
 def project(centred: torch.Tensor, axes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(n, D)`` float64 centred vectors -> ``(n, p + 1)`` float64 projections and ``(n,)`` float64
     squared norms ``|x|^2`` (= ``|x~|^2``)."""
     along = centred @ axes
     squared = centred.pow(2).sum(1)
-    residual = (squared - along.pow(2).sum(1)).clamp_min(0).sqrt()
-    return torch.cat([along, residual[:, None]], 1), squared
+    return torch.cat([along, residual_norms(squared, along)[:, None]], 1), squared
 
 
 def choose_dims(rows: torch.Tensor, offset: torch.Tensor, axes: torch.Tensor,
@@ -91,8 +95,7 @@ def choose_dims(rows: torch.Tensor, offset: torch.Tensor, axes: torch.Tensor,
     along, squared = sample @ axes, sample.pow(2).sum(1)
     costs = {}
     for dims in (dims for dims in choices if dims <= axes.shape[1]):
-        probe_rest = (probe_sq - probe_along[:, :dims].pow(2).sum(1)).clamp_min(0).sqrt()
-        rest = (squared - along[:, :dims].pow(2).sum(1)).clamp_min(0).sqrt()
+        probe_rest, rest = residual_norms(probe_sq, probe_along[:, :dims]), residual_norms(squared, along[:, :dims])
         bound = torch.cdist(probe_along[:, :dims], along[:, :dims]).pow(2)
         bound += (probe_rest[:, None] - rest[None, :]).pow(2)
         costs[dims] = (dims + 2) / 66 + float((bound <= reach[:, None]).double().mean()) * PAIR_COST
