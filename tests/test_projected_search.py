@@ -6,7 +6,7 @@ import torch
 
 import scoring.engine.knn as knn
 from scoring.engine.knn import BankSearch, faiss_available, k_smallest_per_query
-from scoring.engine.projection import Projection
+from scoring.engine.projection import Projection, tree_order
 
 
 def low_rank(rows: int, dim: int = 384, rank: int = 12, seed: int = 0, noise: float = 0.1) -> torch.Tensor:
@@ -124,3 +124,34 @@ def test_a_bank_takes_as_many_axes_as_pay():
         search = BankSearch(isotropic, backend="torch")
         torch.testing.assert_close(search(queries, 2).double(), brute(queries, isotropic, 2), rtol=1e-5, atol=1e-5)
         assert not search._projects() and search.projected_rows is None
+
+
+def test_tree_order_puts_near_rows_in_one_group():
+    """tree_order is a permutation whose groups are compact: rows of 8 well-separated clusters,
+    shuffled (each group of 64 holds rows of all 8), come back with a group holding one or two."""
+    gen = torch.Generator().manual_seed(3)
+    centres = 20 * torch.randn(8, 30, generator=gen)
+    label = torch.randperm(8 * 64, generator=gen) % 8
+    rows = torch.cat([centres[label] + torch.randn(len(label), 30, generator=gen), torch.zeros(len(label), 1)], 1)
+    order = tree_order(rows, 64)
+    assert torch.equal(order.sort().values, torch.arange(len(label)))
+    per_group = [len(set(label[order[start:start + 64]].tolist())) for start in range(0, len(label), 64)]
+    assert max(per_group) <= 3 and sum(per_group) <= 2 * 8
+
+
+def test_tree_order_makes_the_second_pass_visit_fewer_groups(monkeypatch):
+    monkeypatch.setattr(knn, "SCAN_GROUP_ROWS", 64)
+    bank, queries = low_rank(4096, rank=6, noise=0.02)[torch.randperm(4096)], low_rank(200, rank=6, seed=4, noise=0.02)
+    visits = {False: 0, True: 0}
+    visit = knn.BankSearch._groups_to_visit
+    for ordered in (False, True):
+        monkeypatch.setattr(knn, "TREE_ORDER", ordered)
+
+        def counted(want, tracing, ordered=ordered):
+            visits[ordered] += int(want.sum())
+            return visit(want, tracing)
+
+        monkeypatch.setattr(knn.BankSearch, "_groups_to_visit", staticmethod(counted))
+        got = BankSearch(bank, backend="torch")(queries, 2)
+        torch.testing.assert_close(got.double(), brute(queries, bank, 2), rtol=1e-5, atol=1e-5)
+    assert visits[True] < visits[False] / 2

@@ -45,7 +45,7 @@ from common.errors import SettingError
 from common.runtime import PRECISIONS, bf16_matmul_pays
 
 from ..config import BACKENDS
-from .projection import Projection, projection_rounding
+from .projection import Projection, projection_rounding, tree_order
 
 # Candidates beyond k whose exact distances decide, for float32 and for bfloat16 products.
 SHORTLIST = 8
@@ -87,6 +87,7 @@ PAIR_ROWS = 2048
 SCAN_ELEMENTS = 1 << 22
 # Rows per group of a scan's first pass (its lowest value per query is kept; see BankSearch._scan).
 SCAN_GROUP_ROWS = 512
+TREE_ORDER = True  # projected rows in projection.tree_order (False: the bank's order; for comparisons)
 TRACED_GROUPS = 24  # a traced graph's scan groups (and blocks): at most this many, of SCAN_GROUP_ROWS or more
 
 __all__ = ["BACKENDS", "SHORTLISTS", "BankSearch", "FaissShortlist", "Shortlist", "TorchShortlist",
@@ -288,7 +289,7 @@ class BankSearch(nn.Module):
         # The projection (see _projection), made on first use: buffers, so that .to() moves them and
         # a traced graph holds each once (a tracer takes the state dict's tensors as its weights, and
         # any other tensor as one constant per use: an ONNX file of 1 GB instead of 0.4).
-        for name in ("projection_axes", "projection_offset", "projected_rows"):
+        for name in ("projection_axes", "projection_offset", "projected_rows", "projection_order"):
             self.register_buffer(name, None)
         self._projection_pays: bool | None = None  # None: not decided yet (see _projects)
         self._scratch: torch.Tensor | None = None  # eager mode: the projected values of a scan (_scan_block)
@@ -397,7 +398,7 @@ class BankSearch(nn.Module):
             hits_q.append(near[local])
             hits_r.append(row + index * group)
         query_index = torch.cat(hits_q)
-        exact = self._pair_distances(queries, query_index, torch.cat(hits_r), tracing)
+        exact = self._pair_distances(queries, query_index, self.projection_order[torch.cat(hits_r)], tracing)
         best = k_smallest_per_query(query_index, exact, count, k)
         # A query with non-finite values reaches no row: its distances are NaN, as a brute-force search's.
         return torch.where(torch.isfinite(q_sq)[:, None], best.clamp_min(0).sqrt(), torch.full_like(best, float("nan")))
@@ -425,7 +426,8 @@ class BankSearch(nn.Module):
             seeds = seeds.index_put((chosen,), values.topk(k, dim=1, largest=False).indices + index * group)
             firsts.append((index, chosen, values))
         owner = torch.arange(count, device=queries.device).repeat_interleave(k)
-        reach = self._pair_distances(queries, owner, seeds.reshape(-1), tracing).view(count, k).amax(1).sqrt()
+        seeds = self.projection_order[seeds.reshape(-1)]  # as rows of the bank
+        reach = self._pair_distances(queries, owner, seeds, tracing).view(count, k).amax(1).sqrt()
         return lowest, firsts, reach
 
     @staticmethod
@@ -590,7 +592,12 @@ class BankSearch(nn.Module):
                 made = Projection.fit(self.rows, offset, PROJECTION_FIT_ROWS)
             self._projection_pays = made is not None
             if made is not None:
-                self.projection_axes, self.projection_offset, self.projected_rows = made.axes, made.offset, made.rows
+                # Projected rows are scanned in an order that keeps near rows in one group (projection_order[i]:
+                # the bank row of projected row i), so a query's reach takes in few groups.
+                order = (tree_order(made.rows, SCAN_GROUP_ROWS) if TREE_ORDER
+                         else torch.arange(self.size, device=made.rows.device))
+                self.projection_axes, self.projection_offset = made.axes, made.offset
+                self.projected_rows, self.projection_order = made.rows[order].contiguous(), order
         return Projection(self.projection_axes, self.projection_offset, self.projected_rows)
 
     def store_centred(self) -> BankSearch:

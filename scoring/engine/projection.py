@@ -43,6 +43,7 @@ PAIR_COST = 640.0
 # is (one way to search; either costs little there).
 BRUTE_FORCE_COST = 4.0
 DECIDE_ROWS = 16384
+TREE_AXES = 16  # tree_order splits along the first axes (and the residual norm): most of the spread
 PROBES = 128  # sampled rows whose nearest other sampled row sets the reach of the estimate
 PROBE_SAMPLE = 16384  # rows (evenly spaced) of the estimate
 
@@ -133,3 +134,27 @@ class Projection:
         ``queries @ rows.T`` are the ranking values ``|b|^2 - 2 q~.b~``) and ``(m,)`` float64 ``|q|^2``."""
         projected, squared = project(frame.double() - self.offset, self.axes)
         return torch.cat([-2.0 * projected, torch.ones_like(squared)[:, None]], 1), squared
+
+
+def tree_order(rows: torch.Tensor, group: int, axes: int = TREE_AXES, sample: int = 4096) -> torch.Tensor:
+    """``(B, p + 2)`` projected rows -> ``(B,)`` an order of them in which every ``group`` consecutive
+    rows (from the first) lie close together: each range of rows is split in two along its widest
+    direction (the principal axis of a sample of it, in the first ``axes`` axes and the residual
+    norm, where most of the spread is), at a multiple of ``group`` near its middle, until ranges are
+    one group. A scan's groups are then compact, so few of them come within a query's reach."""
+    order = torch.arange(rows.shape[0], device=rows.device)
+    points = torch.cat([rows[:, :min(axes, rows.shape[1] - 2)], rows[:, -2:-1]], 1)  # kept in `order`
+    ranges = [(0, rows.shape[0])]
+    while ranges:
+        low, high = ranges.pop()
+        count = high - low
+        if count <= group:
+            continue
+        picked = points[low:high:max(1, count // sample)].double()
+        picked = picked - picked.mean(0)
+        axis = torch.linalg.eigh(picked.t() @ picked)[1][:, -1].to(points.dtype)
+        sorted_ = (points[low:high] @ axis).argsort()
+        order[low:high], points[low:high] = order[low:high][sorted_], points[low:high][sorted_]
+        cut = low + max(group, min(count - 1, round(count / (2 * group)) * group))
+        ranges += [(low, cut), (cut, high)]
+    return order
