@@ -155,3 +155,20 @@ def test_tree_order_makes_the_second_pass_visit_fewer_groups(monkeypatch):
         got = BankSearch(bank, backend="torch")(queries, 2)
         torch.testing.assert_close(got.double(), brute(queries, bank, 2), rtol=1e-5, atol=1e-5)
     assert visits[True] < visits[False] / 2
+
+
+def test_first_pass_on_half_the_axes_bounds_the_full_projection():
+    """The first pass's values (half the axes and the residual norm), less what they leave out of
+    the query, are at most the full projection's values as the scan computes them (float32), and
+    still close to them: a lower bound, and a useful one."""
+    bank, queries = low_rank(3000, rank=40), low_rank(300, rank=40, seed=5)
+    search = BankSearch(bank, backend="torch")
+    projection = search._projection()
+    q, q_sq = projection.queries(search._query_frame(queries))
+    reduced, dropped = search._first_pass_queries(q, q_sq)
+    assert reduced.shape[1] == search.first_pass_rows.shape[1] == (projection.rows.shape[1] - 2) // 2 + 2
+    first = (reduced @ search.first_pass_rows.t()).double() - dropped[:, None]
+    full = (q.float() @ search.projected_rows.t()).double()
+    assert bool((first <= full).all())
+    true = full + q_sq[:, None]  # |q~ - b~|^2
+    assert ((first + q_sq[:, None]) / true).median() > 0.5

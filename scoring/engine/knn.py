@@ -45,7 +45,7 @@ from common.errors import SettingError
 from common.runtime import PRECISIONS, bf16_matmul_pays
 
 from ..config import BACKENDS
-from .projection import Projection, projection_rounding, tree_order
+from .projection import Projection, first_pass_rows, projection_rounding, tree_order
 
 # Candidates beyond k whose exact distances decide, for float32 and for bfloat16 products.
 SHORTLIST = 8
@@ -289,7 +289,7 @@ class BankSearch(nn.Module):
         # The projection (see _projection), made on first use: buffers, so that .to() moves them and
         # a traced graph holds each once (a tracer takes the state dict's tensors as its weights, and
         # any other tensor as one constant per use: an ONNX file of 1 GB instead of 0.4).
-        for name in ("projection_axes", "projection_offset", "projected_rows", "projection_order"):
+        for name in ("projection_axes", "projection_offset", "projected_rows", "projection_order", "first_pass_rows"):
             self.register_buffer(name, None)
         self._projection_pays: bool | None = None  # None: not decided yet (see _projects)
         self._scratch: torch.Tensor | None = None  # eager mode: the projected values of a scan (_scan_block)
@@ -376,16 +376,18 @@ class BankSearch(nn.Module):
         count = queries.shape[0]
         projection = self._projection()
         q, q_sq = projection.queries(self._query_frame(queries))
+        reduced, dropped = self._first_pass_queries(q, q_sq)
         q = q.float()
         # A graph's loops are unrolled and run for every group, wanted or not: at most TRACED_GROUPS.
         group = max(SCAN_GROUP_ROWS, -(-self.size // TRACED_GROUPS)) if tracing else SCAN_GROUP_ROWS
         step = group if tracing else max(1, SCAN_ELEMENTS // max(1, count) // group) * group  # whole groups
-        lowest, firsts, reach = self._first_pass(queries, q, k, step, group, tracing)
+        lowest, firsts, reach = self._first_pass(queries, q, reduced, k, step, group, tracing)
         widen = 1.0 + 2 * (self.dims + 3) * 2.0 ** -24  # a float32 sum of D squares is off by (D + 2) units
-        limit = reach.double().pow(2) * widen - q_sq + self._rounding_bound(q_sq, torch.float32, projected=True)
-        limit = (limit + limit.abs() * 2.0 ** -22).float()  # rounded up: the test may only keep more rows
+        limit = self._round_up(reach.double().pow(2) * widen - q_sq
+                               + self._rounding_bound(q_sq, torch.float32, projected=True))
         hits_q, hits_r = [], []
-        within = lowest <= limit[:, None]
+        # The first pass's values are lower by the query's part in the axes it leaves out.
+        within = lowest <= self._round_up(limit.double() + dropped)[:, None]
         for index, chosen, values in firsts:  # each query's lowest group: its values are at hand
             local, row = (values <= limit[chosen, None]).nonzero(as_tuple=True)
             hits_q.append(chosen[local])
@@ -403,14 +405,14 @@ class BankSearch(nn.Module):
         # A query with non-finite values reaches no row: its distances are NaN, as a brute-force search's.
         return torch.where(torch.isfinite(q_sq)[:, None], best.clamp_min(0).sqrt(), torch.full_like(best, float("nan")))
 
-    def _first_pass(self, queries: torch.Tensor, q: torch.Tensor, k: int, step: int, group: int,
-                    tracing: bool) -> tuple[torch.Tensor, list, torch.Tensor]:
+    def _first_pass(self, queries: torch.Tensor, q: torch.Tensor, reduced: torch.Tensor, k: int, step: int,
+                    group: int, tracing: bool) -> tuple[torch.Tensor, list, torch.Tensor]:
         """The first pass of :meth:`_scan`: ``(m, groups)`` each group's lowest projected value per
         query; per query's lowest group ``(group, its queries, their values (c, group))``; and ``(m,)``
         the reach, the ``k``-th exact distance of the ``k`` rows of lowest value in that group."""
         count = queries.shape[0]
         rows = self.projected_rows  # made by _scan's self._projection()
-        lowest = torch.cat([group_minima(self._scan_block(q, start, step, tracing), group)
+        lowest = torch.cat([group_minima(self._scan_block(reduced, start, step, tracing), group)
                             for start in range(0, self.size, step)], 1)
         # A last group of fewer than k rows cannot name k rows: not a first group (it is searched in the
         # second pass like any other).
@@ -431,6 +433,26 @@ class BankSearch(nn.Module):
         return lowest, firsts, reach
 
     @staticmethod
+    def _round_up(limit: torch.Tensor) -> torch.Tensor:
+        """``(m,)`` float64 -> float32 no smaller (a test against it may only keep more rows)."""
+        return (limit + limit.abs() * 2.0 ** -22).float()
+
+    def _first_pass_queries(self, q: torch.Tensor, q_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m, p + 2)`` float64 projected queries (:meth:`.Projection.queries`) -> ``(m, s + 2)`` float32
+        ``[-2 q_s, -2 r_q, 1]`` for the first pass's rows (:func:`.projection.first_pass_rows`: the first
+        ``s`` axes and the residual norm), and ``(m,)`` float64 what their values leave out: the
+        query's squared part in the other axes, plus a rounding margin. The first pass's value
+        ``|b_s|^2 + r_b^2 - 2 q_s.b_s - 2 r_q r_b`` less that part is at most the full projection's
+        (dropping axes only lowers a squared distance), so its group minima bound the full values'."""
+        axes = self.first_pass_rows.shape[1] - 2
+        reduced = torch.cat([q[:, :axes], q[:, -2:]], 1)
+        dropped = q[:, axes:-2].pow(2).sum(1) / 4  # q holds -2 q~
+        # The first pass's float32 values carry their own rounding, bounded as the full ones' (their
+        # operands are no longer); the float32 queries' squared norm is off by a few units.
+        margin = self._rounding_bound(q_sq, torch.float32, projected=True) + 2.0 ** -21 * (q_sq + self._largest_sq)
+        return reduced.float(), dropped + margin
+
+    @staticmethod
     def _groups_to_visit(wanted: torch.Tensor, tracing: bool) -> list[int]:
         """``(groups, m)`` bool -> the groups some query wants (a traced graph visits every group)."""
         if tracing:
@@ -441,7 +463,7 @@ class BankSearch(nn.Module):
         """``(m, p + 2)`` projected queries -> ``(m, n)`` projected values of rows ``start:start + step``,
         in eager mode written into one buffer reused across blocks and calls (fresh memory costs its
         page faults: 45 ms against 17 for 1,024 x 21,402 values); valid until the next block."""
-        block = self.projected_rows[start:start + step]  # made by _scan's self._projection()
+        block = self.first_pass_rows[start:start + step]  # made by _scan's self._projection()
         if tracing:
             return q @ block.t()
         need = q.shape[0] * block.shape[0]
@@ -598,6 +620,7 @@ class BankSearch(nn.Module):
                          else torch.arange(self.size, device=made.rows.device))
                 self.projection_axes, self.projection_offset = made.axes, made.offset
                 self.projected_rows, self.projection_order = made.rows[order].contiguous(), order
+                self.first_pass_rows = first_pass_rows(self.projected_rows)
         return Projection(self.projection_axes, self.projection_offset, self.projected_rows)
 
     def store_centred(self) -> BankSearch:
@@ -605,7 +628,7 @@ class BankSearch(nn.Module):
         second copy of the bank); distances are the same. For exported graphs; returns ``self``."""
         if not self.stored_centred:
             self.rows = self.rows - self.mean
-            self.stored_centred, self._centred, self.projected_rows = True, {}, None
+            self.stored_centred, self._centred, self.projected_rows, self.first_pass_rows = True, {}, None, None
             self._projection_pays = None
             self.shortlist.reset()
         self._projects()  # decided (and made) here, outside any trace

@@ -43,6 +43,7 @@ PAIR_COST = 640.0
 # is (one way to search; either costs little there).
 BRUTE_FORCE_COST = 4.0
 DECIDE_ROWS = 16384
+FIRST_PASS_SHARE = 2  # a scan's first pass takes this fraction of the axes (first_pass_rows)
 TREE_AXES = 16  # tree_order splits along the first axes (and the residual norm): most of the spread
 PROBES = 128  # sampled rows whose nearest other sampled row sets the reach of the estimate
 PROBE_SAMPLE = 16384  # rows (evenly spaced) of the estimate
@@ -158,3 +159,14 @@ def tree_order(rows: torch.Tensor, group: int, axes: int = TREE_AXES, sample: in
         cut = low + max(group, min(count - 1, round(count / (2 * group)) * group))
         ranges += [(low, cut), (cut, high)]
     return order
+
+
+def first_pass_rows(rows: torch.Tensor, axes: int | None = None) -> torch.Tensor:
+    """``(B, p + 2)`` projected rows (:class:`Projection`) -> ``(B, s + 2)`` float32 ``[b_s, r_b, |b_s|^2 +
+    r_b^2]``: the first ``s`` axes (by default half of them) and the residual norm, for a first pass
+    at about half the products. ``|q_s - b_s|^2 + (r_q - r_b)^2`` drops the other axes' terms, so it is
+    still a lower bound of ``|q - b|^2``, a looser one."""
+    axes = axes or (rows.shape[1] - 2) // FIRST_PASS_SHARE
+    kept = torch.cat([rows[:, :axes], rows[:, -2:-1]], 1)
+    return torch.cat([kept, kept.double().pow(2).sum(1, keepdim=True).float()], 1).contiguous()
+
