@@ -5,9 +5,11 @@
 projection* (:meth:`BankSearch._scan`, :mod:`.projection`): each row's projection on the bank's
 principal axes (64 or 128 of them, :func:`.projection.choose_dims`) plus one residual norm
 gives a lower bound of its distance to a query, at a sixth to a third of the products. A first
-pass finds, for each query, the group of rows of lowest bound, and in it a reach (an exact
-distance no smaller than the ``k``-th nearest); only the rows whose bound is within the reach are
-re-ranked exactly, and no other row can be nearer. On trained and untrained wave features that
+pass (on half the axes: a looser bound at half the products) finds, for each query, the group of
+rows of lowest bound, and in it a reach (an exact distance no smaller than the ``k``-th nearest);
+only the rows whose bound is within the reach are re-ranked exactly, and no other row can be
+nearer. The projected rows are kept in a tree order (:func:`.projection.tree_order`), so that a
+group holds near rows and a reach takes in few groups. On trained and untrained wave features that
 re-ranks ~0.05-0.5% of the rows (``benchmarks/pruning.py``).
 
 A narrower bank is searched in two steps:
