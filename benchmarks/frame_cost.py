@@ -105,6 +105,8 @@ class Row:
 
 
 def main(args: argparse.Namespace) -> None:
+    if args.repeats < 1:
+        raise SystemExit(f"frame_cost: --repeats {args.repeats}: give 1 or more timing rounds")
     device = torch.device("cpu")
     network, info = load_network(args.checkpoint, device)
     paths = train_images(args.data_root, args.category)

@@ -3,6 +3,8 @@ certified coreset's image scores equal to the exact bank's at the same (non-squa
 
 import json
 
+import pytest
+
 from benchmarks import frame_cost
 
 
@@ -24,3 +26,10 @@ def test_frame_cost_rows_rounds_and_certified_scores(one_epoch, tiny_root, tmp_p
     # A smaller bank searched; every image score certified, so image AUROC is the exact bank's.
     assert int(coreset["bank rows searched"]) < int(exact["bank rows searched"])
     assert coreset["certified"] == "6/6" and coreset["image AUROC"] == exact["image AUROC"]
+
+
+def test_frame_cost_refuses_no_timing_rounds(tmp_path):
+    args = frame_cost.get_args_parser().parse_args(
+        ["--checkpoint", "x.pt", "--data-root", str(tmp_path), "--c", "widget", "--repeats", "0"])
+    with pytest.raises(SystemExit, match="--repeats 0"):
+        frame_cost.main(args)
