@@ -409,9 +409,10 @@ class BankSearch(nn.Module):
 
     def _first_pass(self, queries: torch.Tensor, q: torch.Tensor, reduced: torch.Tensor, k: int, step: int,
                     group: int, tracing: bool) -> tuple[torch.Tensor, list, torch.Tensor]:
-        """The first pass of :meth:`_scan`: ``(m, groups)`` each group's lowest projected value per
-        query; per query's lowest group ``(group, its queries, their values (c, group))``; and ``(m,)``
-        the reach, the ``k``-th exact distance of the ``k`` rows of lowest value in that group."""
+        """The first pass of :meth:`_scan`: ``(m, groups)`` each group's lowest first-pass value per query
+        (``reduced`` queries against :attr:`first_pass_rows`: half the axes, see :meth:`_first_pass_queries`);
+        per query's lowest group ``(group, its queries, their full projected values (c, group))``; and
+        ``(m,)`` the reach, the ``k``-th exact distance of the ``k`` rows of lowest value in that group."""
         count = queries.shape[0]
         rows = self.projected_rows  # made by _scan's self._projection()
         lowest = torch.cat([group_minima(self._scan_block(reduced, start, step, tracing), group)
@@ -462,7 +463,8 @@ class BankSearch(nn.Module):
         return wanted.any(1).nonzero()[:, 0].tolist()
 
     def _scan_block(self, q: torch.Tensor, start: int, step: int, tracing: bool) -> torch.Tensor:
-        """``(m, p + 2)`` projected queries -> ``(m, n)`` projected values of rows ``start:start + step``,
+        """``(m, s + 2)`` first-pass queries -> ``(m, n)`` their values against :attr:`first_pass_rows`
+        ``start:start + step``,
         in eager mode written into one buffer reused across blocks and calls (fresh memory costs its
         page faults: 45 ms against 17 for 1,024 x 21,402 values); valid until the next block."""
         block = self.first_pass_rows[start:start + step]  # made by _scan's self._projection()
