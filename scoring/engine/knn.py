@@ -464,9 +464,9 @@ class BankSearch(nn.Module):
 
     def _scan_block(self, q: torch.Tensor, start: int, step: int, tracing: bool) -> torch.Tensor:
         """``(m, s + 2)`` first-pass queries -> ``(m, n)`` their values against :attr:`first_pass_rows`
-        ``start:start + step``,
-        in eager mode written into one buffer reused across blocks and calls (fresh memory costs its
-        page faults: 45 ms against 17 for 1,024 x 21,402 values); valid until the next block."""
+        ``start:start + step``, in eager mode written into one buffer reused across blocks and calls
+        (fresh memory costs its page faults: 45 ms against 17 for 1,024 x 21,402 values); valid until
+        the next block."""
         block = self.first_pass_rows[start:start + step]  # made by _scan's self._projection()
         if tracing:
             return q @ block.t()

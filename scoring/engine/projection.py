@@ -137,6 +137,12 @@ class Projection:
         return torch.cat([-2.0 * projected, torch.ones_like(squared)[:, None]], 1), squared
 
 
+def leading_coordinates(rows: torch.Tensor, axes: int) -> torch.Tensor:
+    """``(B, p + 2)`` projected rows -> ``(B, a + 1)``: their first ``a = min(axes, p)`` axes and their
+    residual norm (where most of a projection's spread is)."""
+    return torch.cat([rows[:, :min(axes, rows.shape[1] - 2)], rows[:, -2:-1]], 1)
+
+
 def tree_order(rows: torch.Tensor, group: int, axes: int = TREE_AXES, sample: int = 4096) -> torch.Tensor:
     """``(B, p + 2)`` projected rows -> ``(B,)`` an order of them in which every ``group`` consecutive
     rows (from the first) lie close together: each range of rows is split in two along its widest
@@ -144,7 +150,7 @@ def tree_order(rows: torch.Tensor, group: int, axes: int = TREE_AXES, sample: in
     norm, where most of the spread is), at a multiple of ``group`` near its middle, until ranges are
     one group. A scan's groups are then compact, so few of them come within a query's reach."""
     order = torch.arange(rows.shape[0], device=rows.device)
-    points = torch.cat([rows[:, :min(axes, rows.shape[1] - 2)], rows[:, -2:-1]], 1)  # kept in `order`
+    points = leading_coordinates(rows, axes)  # kept in `order`
     ranges = [(0, rows.shape[0])]
     while ranges:
         low, high = ranges.pop()
@@ -166,7 +172,6 @@ def first_pass_rows(rows: torch.Tensor, axes: int | None = None) -> torch.Tensor
     r_b^2]``: the first ``s`` axes (by default half of them) and the residual norm, for a first pass
     at about half the products. ``|q_s - b_s|^2 + (r_q - r_b)^2`` drops the other axes' terms, so it is
     still a lower bound of ``|q - b|^2``, a looser one."""
-    axes = axes or (rows.shape[1] - 2) // FIRST_PASS_SHARE
-    kept = torch.cat([rows[:, :axes], rows[:, -2:-1]], 1)
+    kept = leading_coordinates(rows, axes or (rows.shape[1] - 2) // FIRST_PASS_SHARE)
     return torch.cat([kept, kept.double().pow(2).sum(1, keepdim=True).float()], 1).contiguous()
 
