@@ -47,6 +47,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     data.add_argument("--frame", default=DEFAULT("frame"),
                       help="what images are resized to: square (size x size, the paper), auto (the training "
                            "images' aspect ratio and size, up to 4x the area; trains on size x size tiles) or HxW")
+    data.add_argument("--whole-share", type=float, default=DEFAULT("whole_share"),
+                      help="with a frame larger than the size: the share of training samples that are the whole "
+                           "image resized to size x size (the paper's view) instead of a tile; 0: tiles only")
     data.add_argument("--antialias", action="store_true",
                       help="antialiased resize (the paper's checkpoints were trained without)")
     model = parser.add_argument_group("Model")

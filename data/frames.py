@@ -4,7 +4,8 @@ The paper squashes every image to ``size x size``: a 900 x 900 bottle becomes a 
 patches at 128 px, and a 500 x 1,260 commutator is squashed 2.5:1 on top. The network is fully
 convolutional and the memory bank is a set of patches, so neither needs a square: a frame keeps
 the images' aspect ratio and may be larger than the network's training input (``size``), which
-then trains on ``size x size`` tiles cut from frame-sized images (:class:`data.TrainSet`).
+then trains on ``size x size`` tiles cut from frame-sized images (:class:`data.TrainSet`); a share
+of the samples may instead be the whole image squashed to ``size x size`` (:func:`whole_draws`).
 
 Frame specifications (``TrainConfig.frame`` / ``ScoreConfig.frame``):
 
@@ -129,3 +130,20 @@ def random_tiles(images: torch.Tensor, size: int, rng: torch.Generator) -> torch
     cols = (left[:, None] + steps)[:, None, :]  # (B, 1, size)
     batch = torch.arange(count, device=images.device)[:, None, None]
     return images.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+
+def whole_draws(count: int, share: float, rng: torch.Generator) -> torch.Tensor:
+    """Which of ``count`` training samples are whole images rather than tiles: ``(count,)`` bool,
+    each true with probability ``share``. Draws ``count`` uniforms from ``rng`` (on its device),
+    none when ``share`` is 0 (the tiles-only stream unchanged)."""
+    if share <= 0:
+        return torch.zeros(count, dtype=torch.bool, device=rng.device)
+    return torch.rand(count, generator=rng, device=rng.device) < share
+
+
+def mixed_views(tiles: torch.Tensor, wholes: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``wholes`` where ``whole`` (``(B,)`` bool, :func:`whole_draws`), else ``tiles``: both
+    ``(B, C, S, S)``, the same images (``wholes`` the whole frame resized to ``S x S``) ->
+    ``(B, C, S, S)``."""
+    return torch.where(whole[:, None, None, None], wholes, tiles)

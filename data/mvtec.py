@@ -28,7 +28,7 @@ import augment
 from augment import make_anomalies, other_index, sample_seed
 from common.errors import SettingError, UserError
 
-from .frames import Frame, as_frame, random_tiles
+from .frames import Frame, as_frame, random_tiles, whole_draws
 from .images import (
     is_mask_name,
     list_images,
@@ -183,12 +183,14 @@ class TrainSet(Dataset):
 
     Images are resized to ``frame`` ``(H, W)`` (default ``(size, size)``, the paper). A larger frame
     trains on tiles: each sample is a random ``size x size`` tile of its frame-sized image (and each
-    anomaly source a random tile of another image), so the anomalies are made per tile.
+    anomaly source a random tile of another image), so the anomalies are made per tile. With
+    ``whole_share`` > 0 each sample is, with that probability, the whole image resized to
+    ``size x size`` instead (the paper's view of it), and its anomaly sources are whole images too.
     """
 
     def __init__(self, root: str | Path, category: str, size: int, augs: list[str], seed: int = 0,
                  antialias: bool = False, cache: bool = True, rotflip: bool = False, with_masks: bool = False,
-                 frame: Frame | None = None):
+                 frame: Frame | None = None, whole_share: float = 0.0):
         self.paths = train_images(root, category)
         self.size, self.augs, self.seed, self.antialias = size, augs, seed, antialias
         self.frame = as_frame(frame or size)
@@ -196,6 +198,10 @@ class TrainSet(Dataset):
         self.makers = [augment.MAKERS[name] for name in augs]
         self.epoch = 0
         self.images = load_cached(self.paths, self.frame, antialias, f"{category}: caching train") if cache else None
+        # A square frame's tile is already the whole image: no draws, the paper's stream.
+        self.whole_share = whole_share if self.frame != (size, size) else 0.0
+        self.wholes = load_cached(self.paths, size, antialias, f"{category}: caching whole") \
+            if cache and self.whole_share > 0 else None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -214,6 +220,16 @@ class TrainSet(Dataset):
         random tile of it."""
         return random_tiles(self.image(index)[None], self.size, rng)[0]
 
+    def whole(self, index: int) -> torch.Tensor:
+        """``(3, S, S)`` float: image ``index`` resized whole to ``size x size``."""
+        raw = self.wholes[index] if self.wholes is not None else load_image(self.paths[index], self.size,
+                                                                              self.antialias)
+        return to_float(raw)
+
+    def view(self, index: int, whole: bool, rng: torch.Generator) -> torch.Tensor:
+        """``(3, S, S)``: image ``index`` whole or as a random tile (:meth:`tile`)."""
+        return self.whole(index) if whole else self.tile(index, rng)
+
     def sample(self, index: int, epoch: int | None = None,
                seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Training sample ``index`` of ``epoch`` under ``seed`` (default: the set's own):
@@ -221,9 +237,11 @@ class TrainSet(Dataset):
         random training image, as in the paper."""
         epoch = self.epoch if epoch is None else epoch
         rng = torch.Generator().manual_seed(sample_seed(self.seed if seed is None else seed, epoch, index))
-        normal = self.tile(index, rng)
+        whole = bool(whole_draws(1, self.whole_share, rng)[0])
+        normal = self.view(index, whole, rng)
         return make_anomalies(normal, self.makers,
-                              lambda rng: self.tile(other_index(index, len(self), rng), rng), rng, self.rotflip)
+                              lambda rng: self.view(other_index(index, len(self), rng), whole, rng), rng,
+                              self.rotflip)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         normal, anomalies, masks = self.sample(index)

@@ -134,3 +134,52 @@ def test_tiled_features_are_each_windows_core_stitched():
         assert stitched.shape == full.shape
         assert not torch.allclose(stitched, full, rtol=1e-3, atol=1e-4)  # context beyond the halo matters
         assert (stitched - full).abs().mean() < 0.2 * full.abs().mean()  # but the halo gives most of it
+
+
+def test_whole_share_mixes_whole_images_into_the_tiles(tall):
+    """``whole_share``: that share of the samples (and their anomaly sources) are the whole image at the
+    training size, the rest tiles; 0 draws nothing, so the tiles-only stream is unchanged."""
+    root, _ = tall
+    makers = ["cutpaste", "perlin"]
+    tiles_only = TrainSet(root, "tall", 32, makers, frame=(96, 32))
+    zero = TrainSet(root, "tall", 32, makers, frame=(96, 32), whole_share=0.0)
+    assert zero.wholes is None and all(torch.equal(a, b) for i in range(3)
+                                       for a, b in zip(tiles_only.sample(i), zero.sample(i)))
+    everything = TrainSet(root, "tall", 32, makers, frame=(96, 32), whole_share=1.0)
+    assert everything.wholes.shape == (8, 3, 32, 32)
+    for index in range(len(everything)):
+        assert torch.equal(everything.sample(index)[0], everything.whole(index))
+    half = TrainSet(root, "tall", 32, makers, frame=(96, 32), whole_share=0.5)
+    whole = [torch.equal(half.sample(i, epoch=e)[0], half.whole(i)) for e in range(4) for i in range(len(half))]
+    assert 4 <= sum(whole) <= 28  # 32 draws of a fair coin
+    # A square frame's tile is the whole image already: no whole cache, no draws.
+    square = TrainSet(root, "tall", 32, makers, whole_share=0.5)
+    assert square.whole_share == 0 and square.wholes is None
+
+
+def test_whole_share_on_the_device_path_matches_the_images(tall):
+    from torch.utils.data import SequentialSampler
+
+    from training.device_batches import DeviceBatches
+
+    root, _ = tall
+    dataset = TrainSet(root, "tall", 32, ["cutpaste"], frame=(96, 32), whole_share=1.0)
+    batch = next(iter(DeviceBatches(dataset, SequentialSampler(dataset), 4, torch.device("cpu"))))
+    assert torch.equal(batch[0], dataset.wholes[:4].float() / 255)
+    tiles = DeviceBatches(TrainSet(root, "tall", 32, ["cutpaste"], frame=(96, 32)),
+                          SequentialSampler(dataset), 4, torch.device("cpu"))
+    normal = next(iter(tiles))[0]
+    assert normal.shape == (4, 3, 32, 32) and not torch.equal(normal, batch[0])
+
+
+def test_whole_share_is_checked_and_recorded(tall, tmp_path):
+    with pytest.raises(ValueError, match="whole_share=1.5: must be a share from 0 to 1"):
+        TrainConfig(whole_share=1.5)
+    with pytest.raises(ValueError, match="whole_share=0.5: needs a frame larger than the size"):
+        TrainConfig(whole_share=0.5)
+    root, _ = tall
+    ckpt_dir = tmp_path / "ckpt"
+    train_main.main(train_main.parse_args(["--c", "tall", "--data-root", str(root), "--ckpt-dir", str(ckpt_dir),
+                                           *TRAIN_FLAGS, "--e", "1", "--frame", "auto", "--whole-share", "0.5"]))
+    ckpt = torch.load(ckpt_dir / "tall-wave18" / "model.pt", map_location="cpu", weights_only=False)
+    assert ckpt["args"]["whole_share"] == 0.5 and ckpt["frame"] == [96, 32]

@@ -56,6 +56,7 @@ class TrainConfig(Settings):
     wavelet: str = _setting("bior2.2", "weights", resume="refuse")  # models.DEFAULT_WAVELET
     size: int = _setting(256, "weights", resume="refuse")
     frame: str = _setting("square", "weights")  # data.frames: square (the paper), auto or HxW; tiles of size
+    whole_share: float = _setting(0.0, "weights")  # of the samples: the whole image at size x size, not a tile
     antialias: bool = _setting(False, "weights")
     augs: tuple[str, ...] = _setting(("cutpaste", "perlin"), "weights", resume="refuse")
     rotflip: bool = _setting(False, "weights")
@@ -95,6 +96,10 @@ class TrainConfig(Settings):
             ("frame", frame_problem(self.frame) is not None or not is_whole(self.size, MIN_SIZE)
              or min(parse_frame(self.frame) or (self.size,)) >= self.size,  # the rules always fit
              f"each side must be at least the size ({self.size} px): the network trains on tiles of that size"),
+            ("whole_share", is_number(self.whole_share) and 0 <= self.whole_share <= 1,
+             "must be a share from 0 to 1 (0: tiles only)"),
+            ("whole_share", not self.whole_share or self.frame != "square",
+             "needs a frame larger than the size (auto or HxW): with a square frame each tile is the whole image"),
             ("epochs", is_whole(self.epochs, 0), "must be 0 or more (the paper: 1600)"),
             ("batch_size", is_whole(self.batch_size, 1), "must be at least 1"),
             ("lr", is_number(self.lr) and self.lr > 0, "must be a positive finite number (the paper: 0.03)"),

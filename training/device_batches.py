@@ -23,7 +23,7 @@ from torch.utils.data import Sampler
 from augment import batch_seed, make_anomalies_batch, other_indices
 from augment.batched import BATCH_MAKERS
 from data import TrainSet, to_float
-from data.frames import random_tiles
+from data.frames import mixed_views, random_tiles, whole_draws
 
 
 class DeviceBatches:
@@ -39,6 +39,10 @@ class DeviceBatches:
             raise ValueError("DeviceBatches needs the in-memory image cache of the training set")
         self.dataset, self.sampler, self.batch_size, self.device = dataset, sampler, batch_size, device
         self.images = dataset.images.to(device)  # (N, 3, H, W) uint8 (the frame; tiles of S x S are cut)
+        if dataset.whole_share > 0 and dataset.wholes is None:
+            raise ValueError("DeviceBatches needs the in-memory whole-image cache of the training set")
+        # (N, 3, S, S) uint8: the whole images a share of the samples are (TrainSet's whole_share)
+        self.wholes = dataset.wholes.to(device) if dataset.whole_share > 0 else None
         self.makers = [BATCH_MAKERS[name] for name in dataset.augs]
 
     def __len__(self) -> int:
@@ -55,9 +59,16 @@ class DeviceBatches:
     def make(self, index: torch.Tensor, rng: torch.Generator) -> tuple[torch.Tensor, ...]:
         """Training indices ``(B,)`` -> ``(normal (B, 3, S, S), anomalies (B, G, 3, S, S))`` in [0, 1]
         (and their masks, see the class)."""
-        size = self.dataset.size
+        whole = whole_draws(len(index), self.dataset.whole_share, rng)
         normal, anomalies, masks = make_anomalies_batch(
-            to_float(random_tiles(self.images[index], size, rng)), self.makers,
-            lambda rng: to_float(random_tiles(self.images[other_indices(index, len(self.images), rng)], size, rng)),
+            self.views(index, whole, rng), self.makers,
+            lambda rng: self.views(other_indices(index, len(self.images), rng), whole, rng),
             rng, self.dataset.rotflip)
         return (normal, anomalies, masks) if self.dataset.with_masks else (normal, anomalies)
+
+    def views(self, index: torch.Tensor, whole: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        """Training indices ``(B,)`` -> ``(B, 3, S, S)`` float: a random tile of each image, or the
+        whole image where ``whole`` ``(B,)`` is true."""
+        tiles = random_tiles(self.images[index], self.dataset.size, rng)
+        return to_float(tiles if self.wholes is None else mixed_views(tiles, self.wholes[index], whole))
+

@@ -98,7 +98,8 @@ def make_dataset(config: TrainConfig, run: TrainRun, category: str, dist_info: D
     """The category's training set; a batch larger than a process's share of it is a ``UserError``."""
     frame = frame_for_images(config.frame, config.size, train_images(run.data_root, category))
     dataset = TrainSet(run.data_root, category, config.size, list(config.augs), seed=config.seed,
-                       antialias=config.antialias, rotflip=config.rotflip, with_masks=config.dense, frame=frame)
+                       antialias=config.antialias, rotflip=config.rotflip, with_masks=config.dense, frame=frame,
+                       whole_share=config.whole_share)
     per_rank = math.ceil(len(dataset) / dist_info.world_size)
     if config.batch_size > per_rank:
         raise SettingError("batch_size", config.batch_size, f"is larger than the {len(dataset)} training images of "
