@@ -132,7 +132,6 @@ def random_tiles(images: torch.Tensor, size: int, rng: torch.Generator) -> torch
     return images.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
-
 def whole_draws(count: int, share: float, rng: torch.Generator) -> torch.Tensor:
     """Which of ``count`` training samples are whole images rather than tiles: ``(count,)`` bool,
     each true with probability ``share``. Draws ``count`` uniforms from ``rng`` (on its device),
