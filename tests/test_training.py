@@ -168,9 +168,9 @@ def test_every_setting_is_a_flag_with_the_configs_default():
 
 
 def test_setting_lists_follow_the_roles():
-    assert WEIGHT_SETTINGS == ("arch", "wavelet", "size", "frame", "whole_share", "antialias", "augs", "rotflip", "dense",
-                               "dense_weight", "epochs", "batch_size", "lr", "weight_decay", "momentum", "sched",
-                               "warmup", "seed", "precision", "anomalies_on")
+    assert WEIGHT_SETTINGS == ("arch", "wavelet", "size", "frame", "whole_share", "antialias", "augs", "rotflip",
+                               "dense", "dense_weight", "epochs", "batch_size", "lr", "weight_decay", "momentum",
+                               "sched", "warmup", "seed", "precision", "anomalies_on")
     assert RESUME_WARN_SETTINGS == ("frame", "whole_share", "antialias", "rotflip", "dense_weight", "batch_size", "lr",
                                     "weight_decay", "momentum", "sched", "warmup", "seed", "precision", "anomalies_on")
     assert set(TrainConfig.names("speed")) == {"workers", "pin_memory", "channels_last", "cudnn_benchmark", "compile",
