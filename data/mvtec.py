@@ -211,9 +211,12 @@ class TrainSet(Dataset):
 
     def image(self, index: int) -> torch.Tensor:
         """``(3, H, W)`` float in [0, 1]: the whole frame-sized image."""
-        raw = self.images[index] if self.images is not None else load_image(
-            self.paths[index], self.frame, self.antialias)
-        return to_float(raw)
+        return self._decoded(self.images, index, self.frame)
+
+    def _decoded(self, cache: torch.Tensor | None, index: int, size: int | Frame) -> torch.Tensor:
+        """Image ``index`` at ``size`` as float in [0, 1]: from ``cache`` (uint8, the set's images at
+        that size) when there is one, else read from its file."""
+        return to_float(cache[index] if cache is not None else load_image(self.paths[index], size, self.antialias))
 
     def tile(self, index: int, rng: torch.Generator) -> torch.Tensor:
         """``(3, S, S)`` float: image ``index`` itself (square frame, drawing nothing from ``rng``) or a
@@ -222,9 +225,7 @@ class TrainSet(Dataset):
 
     def whole(self, index: int) -> torch.Tensor:
         """``(3, S, S)`` float: image ``index`` resized whole to ``size x size``."""
-        raw = self.wholes[index] if self.wholes is not None else load_image(self.paths[index], self.size,
-                                                                              self.antialias)
-        return to_float(raw)
+        return self._decoded(self.wholes, index, self.size)
 
     def view(self, index: int, whole: bool, rng: torch.Generator) -> torch.Tensor:
         """``(3, S, S)``: image ``index`` whole or as a random tile (:meth:`tile`)."""

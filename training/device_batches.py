@@ -39,9 +39,8 @@ class DeviceBatches:
             raise ValueError("DeviceBatches needs the in-memory image cache of the training set")
         self.dataset, self.sampler, self.batch_size, self.device = dataset, sampler, batch_size, device
         self.images = dataset.images.to(device)  # (N, 3, H, W) uint8 (the frame; tiles of S x S are cut)
-        if dataset.whole_share > 0 and dataset.wholes is None:
-            raise ValueError("DeviceBatches needs the in-memory whole-image cache of the training set")
-        # (N, 3, S, S) uint8: the whole images a share of the samples are (TrainSet's whole_share)
+        # (N, 3, S, S) uint8: the whole images a share of the samples are (TrainSet's whole_share; smaller
+        # than the frame-sized cache, so cached whenever it is)
         self.wholes = dataset.wholes.to(device) if dataset.whole_share > 0 else None
         self.makers = [BATCH_MAKERS[name] for name in dataset.augs]
 
