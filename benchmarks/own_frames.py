@@ -1,0 +1,103 @@
+"""A frame per image, scoring only: does keeping each image's own shape win back image detection?
+
+A detector scores every image at its one frame (``--frame auto``: the training images' median
+shape). On a data set of mixed shapes that stretches some images and shrinks others. Here the
+same detector's network scores every training and test image at a frame of its own: its own
+aspect ratio at the area of the detector's frame (sides multiples of 32, each at least the
+training size). One bank holds every training image's patches (the detector's coreset fraction,
+certified, so every image score is the exact bank's); each test image's score is the maximum of
+its own patch map. Prints image AUROC overall and per defect for both ways; nothing is changed in
+the detector.
+
+    python -m benchmarks.own_frames --detector runs/magnetic_tile.detector.pt \\
+        --data-root ../shared/datasets --c magnetic_tile
+
+(``DET`` from ``inference_concatenation.py --recipe best ... --save-detector DET``; concatenation.)
+A prototype for issue 36's "frame per image": the training was at the one frame, and only the
+image score is measured (maps at different shapes are not compared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from benchmarks.common import markdown_table
+from data import train_images
+from data.frames import FRAME_STEP, Frame
+from data.images import network_input, read_rgb
+from scoring import Detector, metrics
+from scoring.engine.coreset import GreedyCoresetSampler
+from scoring.engine.model import AnomalyScorer, concat_layers, to_patches
+from scoring.pipeline.evaluation import category_test_set
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--detector", required=True, help="a detector file (--save-detector), concatenation")
+    parser.add_argument("--data-root", required=True)
+    parser.add_argument("--c", dest="category", required=True)
+    return parser
+
+
+def own_frame(height: int, width: int, area: float, least: int) -> Frame:
+    """An image's own aspect ratio at ``area``, sides rounded to multiples of 32, each at least ``least``."""
+    def side(value: float) -> int:
+        return max(least, FRAME_STEP * round(value / FRAME_STEP))
+    return side(math.sqrt(area * height / width)), side(math.sqrt(area * width / height))
+
+
+def patch_grid(detector: Detector, path, area: float) -> torch.Tensor:
+    """One image at its own frame -> its ``(1, D, h, w)`` concatenated patch grid."""
+    raw = read_rgb(path, None)
+    frame = own_frame(*raw.shape[-2:], area, detector.size)
+    layers = len(detector.config.layers)
+    return concat_layers(detector.features(network_input(raw[None], frame))[:layers])
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.set_grad_enabled(False)
+    detector = Detector.load(args.detector, device="cpu")
+    config = detector.config
+    if config.fusion != "concatenation":
+        raise SystemExit(f"error: --detector {args.detector}: a concatenation detector is needed")
+    area = float(detector.frame[0] * detector.frame[1])
+    test_set = category_test_set(args.data_root, args.category, config)
+    train_paths = train_images(args.data_root, args.category)
+    rows = torch.cat([to_patches(patch_grid(detector, p, area))
+                      for p in tqdm(train_paths, desc="training images, own frames")]).float().contiguous()
+    keep = GreedyCoresetSampler(config.coreset, config.coreset_dim, config.seed).select(rows)
+    state = {"rows": rows[keep].contiguous(), "full": rows if config.coreset < 1 else None,
+             "coreset": config.coreset, "coreset_dim": config.coreset_dim, "seed": config.seed}
+    scorer = AnomalyScorer.from_states(config, [state])
+    own_scores, certified = [], 0
+    for sample in tqdm(test_set.samples, desc="test images, own frames"):
+        grid = patch_grid(detector, sample.path, area)
+        patches = to_patches(grid)
+        values = [scorer.banks[0](patches, scorer.k).view(1, -1)]
+        if scorer.coreset:
+            certified += int(scorer.certify(values, [patches], [tuple(grid.shape[-2:])])[0][0])
+        own_scores.append(float(values[0].max()))
+    one_scores = detector.score_features(
+        [torch.cat(parts) for parts in zip(*(detector.features(test_set[i]["image"][None])
+                                             for i in tqdm(range(len(test_set)), desc="test images, one frame")))])[0]
+    labels = np.array([s.label for s in test_set.samples])
+    defects = [s.defect for s in test_set.samples]
+    table = []
+    for name, keep_mask in [("all", np.ones(len(labels), bool))] + [
+            (d, np.array([x in ("good", d) for x in defects])) for d in sorted(set(defects) - {"good"})]:
+        table.append([name, int(keep_mask.sum()),
+                      f"{metrics.image_auroc(labels[keep_mask], one_scores.numpy()[keep_mask]):.4f}",
+                      f"{metrics.image_auroc(labels[keep_mask], np.array(own_scores)[keep_mask]):.4f}"])
+    print(f"bank {rows.shape[0]} rows at own frames (area {area:.0f} px), {state['rows'].shape[0]} searched; "
+          f"{certified if scorer.coreset else len(labels)} of {len(labels)} image scores certified exact")
+    print(markdown_table(["test images", "count", f"one frame {detector.frame[0]}x{detector.frame[1]}",
+                          "own frames"], table))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
