@@ -139,6 +139,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # The recipe's settings win over the demo's where both set one (e.g. the batch size).
         parser.set_defaults(**{**(DEMO_DEFAULTS if args.demo else {}), **train_overrides(args.recipe)})
         args = parser.parse_args(argv)
+    if args.frame == "square" and args.whole_share:
+        parser.set_defaults(whole_share=None)
+        if parser.parse_args(argv).whole_share is None:
+            # The recipe's share, not one asked for: at a square frame every tile is the whole image already.
+            args.whole_share = 0.0
     return args
 
 

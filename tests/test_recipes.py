@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import main as train_main
+from common.errors import SettingError
 from common.recipes import RECIPES, check_recipe, recipe_flags, train_overrides
 from data import TrainSet
 from scoring import ScoreConfig
@@ -42,6 +43,20 @@ def test_recipe_sets_defaults_but_flags_win():
         assert getattr(score_args, key) == value
     assert score_cli.parse_args("concatenation", ["--recipe", "best", "--k", "7"]).k == 7
 
+
+
+def test_recipe_whole_share_yields_to_a_square_frame_but_a_given_share_does_not():
+    """`--recipe best --frame square` (the paper's view) trains as before: the recipe's share of whole
+    images means nothing there and is dropped; a share the user asks for is still refused with it."""
+    share = RECIPES["best"]["train"].get("whole_share", 0)
+    assert train_main.parse_args(["--recipe", "best"]).whole_share == share
+    args = train_main.parse_args(["--recipe", "best", "--frame", "square"])
+    assert args.whole_share == 0 and train_main.config_from_args(args).whole_share == 0
+    assert train_main.parse_args(["--recipe", "best", "--frame", "320x160"]).whole_share == share
+    given = train_main.parse_args(["--recipe", "best", "--frame", "square", "--whole-share", "0.5"])
+    assert given.whole_share == 0.5
+    with pytest.raises(SettingError, match="whole_share"):
+        train_main.config_from_args(given)
 
 def test_demo_defaults_and_given_flags_win():
     args = train_main.parse_args(["--demo", "--e", "3"])
