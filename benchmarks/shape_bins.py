@@ -56,14 +56,20 @@ def frame_of(settings: dict) -> tuple[int, int]:
     return int(settings["size"]), int(settings["size"])
 
 
-def bin_index(value: float, edges: tuple[float, ...]) -> int:
-    return next(i for i in range(len(edges) - 1) if edges[i] <= value < edges[i + 1])
+def image_bins(width: int, height: int, frame: tuple[int, int]) -> list[str]:
+    """The ``aspect`` and ``scale`` bins of an image of ``width`` x ``height`` px against ``frame`` ``(H, W)``."""
+    aspect = abs(math.log((height / width) / (frame[0] / frame[1])))
+    scale = math.sqrt(frame[0] * frame[1] / (height * width))
+    names = []
+    for name, value, edges in (("aspect", aspect, ASPECT_EDGES), ("scale", scale, SCALE_EDGES)):
+        i = next(i for i in range(len(edges) - 1) if edges[i] <= value < edges[i + 1])
+        names.append(f"{name} {edges[i]:g}-{edges[i + 1]:g}")
+    return names
 
 
 def bin_aurocs(run: Path, frame: tuple[int, int], sizes: dict[str, tuple[int, int]]) -> dict[str, float]:
     """``{bin name: AUROC of all normal images against that bin's defective ones}`` for one run, its
     images binned against ``frame`` ``(H, W)``."""
-    height, width = frame
     with open(run / "image_scores.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     normal = [float(r["score"]) for r in rows if int(r["label"]) == 0]
@@ -74,12 +80,8 @@ def bin_aurocs(run: Path, frame: tuple[int, int], sizes: dict[str, tuple[int, in
         if r["path"] not in sizes:
             with Image.open(r["path"]) as image:
                 sizes[r["path"]] = image.size
-        w, h = sizes[r["path"]]
-        aspect = abs(math.log((h / w) / (height / width)))
-        scale = math.sqrt(height * width / (h * w))
-        for name, value, edges in (("aspect", aspect, ASPECT_EDGES), ("scale", scale, SCALE_EDGES)):
-            i = bin_index(value, edges)
-            bins.setdefault(f"{name} {edges[i]:g}-{edges[i + 1]:g}", []).append(float(r["score"]))
+        for name in image_bins(*sizes[r["path"]], frame):
+            bins.setdefault(name, []).append(float(r["score"]))
     return {name: float(roc_auc_score([0] * len(normal) + [1] * len(scores), normal + scores))
             for name, scores in sorted(bins.items()) if normal}
 
@@ -102,12 +104,9 @@ def main(args: argparse.Namespace) -> None:
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             rows.append([variant, name, "", f"{statistics.mean(values):.3f} ± {spread:.3f}"])
     counts: dict[str, int] = {}
-    for w, h in sizes.values():
-        for name, value, edges in (("aspect", abs(math.log((h / w) / (frame[0] / frame[1]))), ASPECT_EDGES),
-                                   ("scale", math.sqrt(frame[0] * frame[1] / (h * w)), SCALE_EDGES)):
-            i = bin_index(value, edges)
-            key = f"{name} {edges[i]:g}-{edges[i + 1]:g}"
-            counts[key] = counts.get(key, 0) + 1
+    for width, height in sizes.values():
+        for name in image_bins(width, height, frame):
+            counts[name] = counts.get(name, 0) + 1
     for row in rows:
         row[2] = str(counts.get(row[1], ""))
     print(f"bins against the frame {frame[0]}x{frame[1]} (H x W)")

@@ -44,7 +44,6 @@ def test_recipe_sets_defaults_but_flags_win():
     assert score_cli.parse_args("concatenation", ["--recipe", "best", "--k", "7"]).k == 7
 
 
-
 def test_recipe_whole_share_yields_to_a_square_frame_but_a_given_share_does_not():
     """`--recipe best --frame square` (the paper's view) trains as before: the recipe's share of whole
     images means nothing there and is dropped; a share the user asks for is still refused with it."""
@@ -57,6 +56,7 @@ def test_recipe_whole_share_yields_to_a_square_frame_but_a_given_share_does_not(
     assert given.whole_share == 0.5
     with pytest.raises(SettingError, match="whole_share"):
         train_main.config_from_args(given)
+
 
 def test_demo_defaults_and_given_flags_win():
     args = train_main.parse_args(["--demo", "--e", "3"])
