@@ -28,11 +28,11 @@ from tqdm import tqdm
 
 from benchmarks.common import markdown_table
 from data import train_images
-from data.frames import FRAME_STEP, Frame
+from data.frames import FRAME_STEP, frame_at_area
 from data.images import network_input, read_rgb
 from scoring import Detector, metrics
 from scoring.engine.coreset import GreedyCoresetSampler
-from scoring.engine.model import AnomalyScorer, concat_layers, to_patches
+from scoring.engine.model import AnomalyScorer, bank_grids, to_patches
 from scoring.pipeline.evaluation import category_test_set
 
 
@@ -44,19 +44,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def own_frame(height: int, width: int, area: float, least: int) -> Frame:
-    """An image's own aspect ratio at ``area``, sides rounded to multiples of 32, each at least ``least``."""
-    def side(value: float) -> int:
-        return max(least, FRAME_STEP * round(value / FRAME_STEP))
-    return side(math.sqrt(area * height / width)), side(math.sqrt(area * width / height))
-
-
-def patch_grid(detector: Detector, path, area: float) -> torch.Tensor:
-    """One image at its own frame -> its ``(1, D, h, w)`` concatenated patch grid."""
+def own_features(detector: Detector, path, area: float) -> list[torch.Tensor]:
+    """One image at its own aspect ratio and ``area`` -> per layer ``(1, C_l, h_l, w_l)`` features."""
     raw = read_rgb(path, None)
-    frame = own_frame(*raw.shape[-2:], area, detector.size)
-    layers = len(detector.config.layers)
-    return concat_layers(detector.features(network_input(raw[None], frame))[:layers])
+    height, width = raw.shape[-2:]
+    frame = frame_at_area(height / width, area, FRAME_STEP * math.ceil(detector.size / FRAME_STEP))
+    return detector.features(network_input(raw[None], frame))
+
+
+def bank_rows(detector: Detector, feats: list[torch.Tensor]) -> torch.Tensor:
+    """One image's features -> its ``(h w, D)`` rows of the (concatenation's one) bank."""
+    return to_patches(bank_grids(detector.config.fusion, feats[:len(detector.config.layers)])[0])
 
 
 def main(args: argparse.Namespace) -> None:
@@ -68,7 +66,7 @@ def main(args: argparse.Namespace) -> None:
     area = float(detector.frame[0] * detector.frame[1])
     test_set = category_test_set(args.data_root, args.category, config)
     train_paths = train_images(args.data_root, args.category)
-    rows = torch.cat([to_patches(patch_grid(detector, p, area))
+    rows = torch.cat([bank_rows(detector, own_features(detector, p, area))
                       for p in tqdm(train_paths, desc="training images, own frames")]).float().contiguous()
     keep = GreedyCoresetSampler(config.coreset, config.coreset_dim, config.seed).select(rows)
     state = {"rows": rows[keep].contiguous(), "full": rows if config.coreset < 1 else None,
@@ -76,12 +74,10 @@ def main(args: argparse.Namespace) -> None:
     scorer = AnomalyScorer.from_states(config, [state])
     own_scores, certified = [], 0
     for sample in tqdm(test_set.samples, desc="test images, own frames"):
-        grid = patch_grid(detector, sample.path, area)
-        patches = to_patches(grid)
-        values = [scorer.banks[0](patches, scorer.k).view(1, -1)]
-        if scorer.coreset:
-            certified += int(scorer.certify(values, [patches], [tuple(grid.shape[-2:])])[0][0])
-        own_scores.append(float(values[0].max()))
+        # The scorer's own search and certification; the image score is the patch map's maximum.
+        patch_maps, image_certified, _ = scorer.knn_maps(own_features(detector, sample.path, area))
+        certified += int(image_certified[0])
+        own_scores.append(float(patch_maps[0].max()))
     one_scores = detector.score_features(
         [torch.cat(parts) for parts in zip(*(detector.features(test_set[i]["image"][None])
                                              for i in tqdm(range(len(test_set)), desc="test images, one frame")))])[0]
@@ -94,7 +90,7 @@ def main(args: argparse.Namespace) -> None:
                       f"{metrics.image_auroc(labels[keep_mask], one_scores.numpy()[keep_mask]):.4f}",
                       f"{metrics.image_auroc(labels[keep_mask], np.array(own_scores)[keep_mask]):.4f}"])
     print(f"bank {rows.shape[0]} rows at own frames (area {area:.0f} px), {state['rows'].shape[0]} searched; "
-          f"{certified if scorer.coreset else len(labels)} of {len(labels)} image scores certified exact")
+          f"{certified} of {len(labels)} image scores certified exact")
     print(markdown_table(["test images", "count", f"one frame {detector.frame[0]}x{detector.frame[1]}",
                           "own frames"], table))
 

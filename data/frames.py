@@ -78,7 +78,12 @@ def auto_frame(image_sizes: Sequence[tuple[int, int]], size: int, max_area: floa
     areas = sorted(h * w for h, w in image_sizes)
     aspect, area = aspects[len(aspects) // 2], areas[len(areas) // 2]
     area = min(max(area, size * size), max_area * size * size)
-    least = FRAME_STEP * math.ceil(size / FRAME_STEP)
+    return frame_at_area(aspect, area, FRAME_STEP * math.ceil(size / FRAME_STEP))
+
+
+def frame_at_area(aspect: float, area: float, least: int) -> Frame:
+    """The ``(H, W)`` of aspect ratio ``aspect`` (H / W) and about ``area`` px: sides rounded to
+    multiples of :data:`FRAME_STEP`, each from ``least`` to :data:`MAX_SIZE`."""
     return _round_side(math.sqrt(area * aspect), least), _round_side(math.sqrt(area / aspect), least)
 
 
