@@ -44,6 +44,7 @@ class ScoreConfig(Settings):
     coreset: float = setting(1.0, "bank")
     coreset_dim: int = setting(32, "bank")
     seed: int = setting(0, "bank")  # coreset and calibration split
+    cells: int = setting(0, "bank")  # coreset and k = 1: rows of each patch's coreset cell read (scoring.engine.cells)
     k: int = setting(1, "score")
     refine: int = setting(16, "score")  # with a coreset: patches re-searched in the whole bank per round
     certify: bool = setting(True, "score")  # with a coreset: image scores certified equal to the exact bank's
@@ -95,6 +96,7 @@ class ScoreConfig(Settings):
             ("coreset_dim", is_whole(self.coreset_dim, 0), "must be 0 or more"),
             ("k", is_whole(self.k, 1), "must be at least 1"),
             ("refine", is_whole(self.refine, 0), "must be 0 or more"),
+            ("cells", is_whole(self.cells, 0), "must be 0 (off) or more"),
             ("refine", not (self.certify and is_number(self.coreset) and self.coreset < 1 and self.refine == 0),
              "must be at least 1 for certified coreset scores (0 = the coreset alone, uncertified: add "
              "`certify=False`)"),

@@ -276,6 +276,11 @@ def detector_state_problem(state: dict) -> str | None:
         for name, tensor in (("rows", rows), ("whole bank", full)):
             if isinstance(tensor, torch.Tensor) and not bool(torch.isfinite(tensor).all()):
                 return f"memory bank {i}'s {name} hold NaN or infinite values"
+        starts = bank.get("cell_starts")
+        if starts is not None and not (isinstance(starts, torch.Tensor) and isinstance(full, torch.Tensor)
+                                       and starts.shape == rows.shape[:1] and not starts.is_floating_point()
+                                       and bool(((starts >= 0) & (starts < full.shape[0])).all())):
+            return f"memory bank {i}'s cell starts are not one place in its whole bank per coreset row"
     if "threshold" not in state:
         return "it has no threshold entry (None when it has no threshold)"
     threshold = state["threshold"]

@@ -26,10 +26,10 @@ from scoring.export import export, read_metadata, run_exported
 from scoring.pipeline import cli as score_cli
 
 # name -> fusion, frame and flags of the scoring run, for a network trained on 32 px: both fusions,
-# the certified coreset (the recipe's; its certified scores are the exact bank's), a frame whole and
-# in tiles. The exact bank at a frame: test_frames; both fusions' exported files: test_export.
+# the certified coreset with its cells read (the recipe's; its certified scores are the exact bank's),
+# a frame whole and in tiles. The exact bank at a frame: test_frames; both fusions' exported files: test_export.
 VARIANTS = {
-    "certified-coreset": ("concatenation", "64x32", ["--coreset", "0.5", "--refine", "2"]),
+    "certified-coreset": ("concatenation", "64x32", ["--coreset", "0.5", "--refine", "2", "--cells", "16"]),
     # TILE_SIDE patched to 64: 2 tiles of a 96 px side (not a multiple of the tile: ceil(96 / 64))
     "tiled": ("multiplication", "96x32", ["--coreset", "0.5"]),
 }

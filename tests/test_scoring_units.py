@@ -113,7 +113,7 @@ def test_bf16_shortlist_is_checked_where_rounding_hides_the_nearest_row():
     ref = torch.cdist(queries.double(), bank.double()).topk(2, largest=False).values
     search = BankSearch(bank, backend="torch", precision="bf16")
     candidates, _ = search._shortlist(queries, 2 + knn_module.SHORTLIST_BF16, torch.bfloat16, False)
-    unchecked = search._rerank(queries, candidates, 2)
+    unchecked = search._rerank(queries, candidates, 2)[0]
     assert (unchecked.double() > ref + 1e-4).any()  # the bfloat16 shortlist alone is wrong here...
     torch.testing.assert_close(search(queries, 2).double(), ref, rtol=1e-5, atol=1e-5)  # ...the search is not
 
@@ -484,7 +484,7 @@ def test_certified_coreset_scores_equal_the_exact_bank(fusion, k):
     assert (maps >= exact_maps - 1e-5).all()  # outside the re-searched patches the map is a bound
     stats = certified.search_stats
     assert stats["bank"] == "certified" and stats["certified_images"] == stats["images"] == 12
-    assert stats["exact_map_cells"] == "the re-searched patches"
+    assert stats["exact_map_cells"].startswith("the re-searched patches")
     assert 0 < stats["re_searched_per_image_mean"] <= stats["re_searched_per_image_max"]
     # The fixed, uncertified re-search of the 2 highest patches does not reach the exact scores.
     fixed = AnomalyScorer.fit(config.replace(certify=False), train)
@@ -499,14 +499,19 @@ def test_certified_coreset_scores_equal_the_exact_bank(fusion, k):
 
 
 @pytest.mark.parametrize("fusion", ["concatenation", "multiplication"])
-def test_traced_certification_scores_and_maps_as_eager(fusion):
+@pytest.mark.parametrize("cells", [0, 16])  # also with the coreset's cells read (scoring.engine.cells)
+def test_traced_certification_scores_and_maps_as_eager(fusion, cells):
     train, test = coreset_case(fusion, seed=5)
-    scorer = AnomalyScorer.fit(ScoreConfig(fusion=fusion, size=32, knn="torch", coreset=0.1, refine=2), train)
+    scorer = AnomalyScorer.fit(ScoreConfig(fusion=fusion, size=32, knn="torch", coreset=0.1, refine=2, cells=cells),
+                               train)
+    assert (scorer.banks[0].cell_starts is not None) == (cells > 0)
     eager_scores, eager_maps, eager_certified, _ = scorer.search_maps(test)
     traced = torch.jit.trace(lambda a, b: scorer.search_maps([a, b])[:3], tuple(t[:5] for t in test),
                              check_trace=False)
     scores, maps, certified = traced(*test)  # another batch size than the trace saw
-    assert eager_certified.all() and certified.any() and not certified.all()  # 4 rounds of 2, 4, 8, 16 cells
+    assert eager_certified.all() and certified.any()
+    # 4 rounds of 2, 4, 8, 16 cells leave some open; the cells' tighter bounds leave fewer to search
+    assert cells > 0 or not certified.all()
     # Certified within the graph's fixed rounds: the same exact scores and maps as eager; the others
     # say so, and their scores are bounds of the exact ones.
     torch.testing.assert_close(scores[certified], eager_scores[certified], rtol=1e-6, atol=0)

@@ -122,11 +122,13 @@ def paused_tracing() -> Iterator[None]:
         torch._C._set_tracing_state(state)
 
 
-def k_smallest_per_query(query_index: torch.Tensor, values: torch.Tensor, count: int, k: int) -> torch.Tensor:
+def k_smallest_per_query(query_index: torch.Tensor, values: torch.Tensor, count: int, k: int,
+                         payload: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``(n,)`` pairs (a query in ``0..count-1``, a value) -> ``(count, k)`` each query's ``k`` smallest
     values, ascending, ``inf`` where it has fewer. Traceable (ONNX exports no stable sort): one sort
     by value, then one by ``query x n + place by value`` (distinct keys), give each pair its rank
-    within its query."""
+    within its query. With ``payload`` ``(n,)`` (e.g. each pair's bank row) also the ``(count, k)``
+    payloads of those values, ``-1`` where a query has fewer."""
     pairs = values.shape[0]
     by_value = values.argsort()
     place = torch.empty_like(by_value).scatter_(0, by_value, torch.arange(pairs, device=values.device))
@@ -137,7 +139,11 @@ def k_smallest_per_query(query_index: torch.Tensor, values: torch.Tensor, count:
     rank = torch.arange(grouped_query.shape[0], device=values.device) - (counts.cumsum(0) - counts)[grouped_query]
     first = (rank < k).nonzero()[:, 0]
     table = torch.full((count, k), float("inf"), dtype=values.dtype, device=values.device)
-    return table.index_put((grouped_query[first], rank[first]), grouped_value[first])
+    table = table.index_put((grouped_query[first], rank[first]), grouped_value[first])
+    if payload is None:
+        return table
+    carried = torch.full((count, k), -1, dtype=payload.dtype, device=payload.device)
+    return table, carried.index_put((grouped_query[first], rank[first]), payload[grouped][first])
 
 
 def group_minima(values: torch.Tensor, group: int) -> torch.Tensor:
@@ -314,18 +320,39 @@ class BankSearch(nn.Module):
             raise SettingError("k", k, f"is larger than the memory bank ({self.total} patches); lower it")
         queries = queries.to(self.rows.device, torch.float32)
         if torch.jit.is_tracing():  # a graph takes any number of queries: no loop over them
-            return self._search(queries, k, tracing=True)
+            return self._search(queries, k, tracing=True)[0]
         mine = min(k, self.size)  # a rank's part may hold fewer than k rows
-        out = [self._search(queries[start:start + QUERY_ROWS], mine, tracing=False)
-               for start in range(0, queries.shape[0], QUERY_ROWS)] if mine else [queries.new_empty(len(queries), 0)]
-        found = out[0] if len(out) == 1 else torch.cat(out)
+        found = self._searched(queries, mine)[0]
         if self.shards is None:
             return found
         found = torch.nn.functional.pad(found, (0, k - mine), value=float("inf"))
         # Exact distances, each computed alone: the k smallest of the parts' k smallest are the bank's.
         return torch.cat(all_gather(found, self.shards), 1).topk(k, dim=1, largest=False).values
 
-    def _search(self, queries: torch.Tensor, k: int, tracing: bool) -> torch.Tensor:
+    def nearest(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, D)`` queries -> :meth:`forward`'s ``(M, k)`` distances and the ``(M, k)`` rows they are
+        to (indices into :attr:`rows`; of equally near rows, whichever the search met). One process's
+        bank only (a sharded bank's rows are spread over the processes)."""
+        if self.shards is not None:
+            raise ValueError("nearest() needs the whole bank in this process (not a sharded bank)")
+        if k > self.total:
+            raise SettingError("k", k, f"is larger than the memory bank ({self.total} patches); lower it")
+        queries = queries.to(self.rows.device, torch.float32)
+        if torch.jit.is_tracing():
+            return self._search(queries, k, tracing=True)
+        return self._searched(queries, k)
+
+    def _searched(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eager :meth:`_search` over any number of queries, :data:`QUERY_ROWS` at a time."""
+        if k == 0:
+            return queries.new_empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long)
+        out = [self._search(queries[start:start + QUERY_ROWS], k, tracing=False)
+               for start in range(0, queries.shape[0], QUERY_ROWS)]
+        return (out[0][0], out[0][1]) if len(out) == 1 else (torch.cat([o[0] for o in out]),
+                                                              torch.cat([o[1] for o in out]))
+
+    def _search(self, queries: torch.Tensor, k: int, tracing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m, D)`` -> ``(m, k)`` exact distances, ascending, and the ``(m, k)`` rows they are to."""
         if self._projects():
             return self._scan(queries, k, tracing)
         low = torch.float32 if tracing else self._dtype(queries.shape[0])
@@ -335,9 +362,9 @@ class BankSearch(nn.Module):
         # Whether a shortlist so far took products with the rows as stored (see _uncentred_products):
         # their rounding bound is wider, and taken for every query (a wider bound only costs work).
         uncentred = self._uncentred_products(queries.shape[0], low, tracing)
-        distances = self._rerank(queries, candidates, k)
+        distances, rows = self._rerank(queries, candidates, k)
         if tracing:  # a graph has no data-dependent branch: its float32 shortlist is taken as it is
-            return distances
+            return distances, rows
         # Where the products' rounding could hide a row nearer than the k-th found, the query is
         # searched again in a finer precision (bfloat16 -> float32 -> float64, which is exact here).
         for finer in (torch.float32, torch.float64)[0 if low == torch.bfloat16 else 1:]:
@@ -348,8 +375,9 @@ class BankSearch(nn.Module):
             # the k-th found is re-ranked exactly (usually a handful; a float64 pass over the whole
             # bank cost seconds a query batch). Only queries with too many such rows go finer.
             which = unsure.nonzero()[:, 0]
-            band, done = self._band(queries[which], distances[which, -1], k, low)
+            band, band_rows, done = self._band(queries[which], distances[which, -1], k, low)
             distances[which[done]] = band[done]
+            rows[which[done]] = band_rows[done]
             next_value = next_value.double()  # a copy, in the finest precision yet
             next_value[which[done]] = float("inf")
             unsure[which[done]] = False
@@ -358,11 +386,11 @@ class BankSearch(nn.Module):
             low = finer
             uncentred = uncentred or self._uncentred_products(int(unsure.sum()), low, tracing)
             again, next_value_again = self._shortlist(queries[unsure], min(self.size, k + SHORTLIST), low, tracing)
-            distances[unsure] = self._rerank(queries[unsure], again, k)
+            distances[unsure], rows[unsure] = self._rerank(queries[unsure], again, k)
             next_value[unsure] = next_value_again.double()
-        return distances
+        return distances, rows
 
-    def _scan(self, queries: torch.Tensor, k: int, tracing: bool) -> torch.Tensor:
+    def _scan(self, queries: torch.Tensor, k: int, tracing: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m, D)`` queries -> ``(m, k)`` exact distances to the ``k`` nearest rows of a projected bank
         (:mod:`.projection`), from its rows' projections, in groups of :data:`SCAN_GROUP_ROWS` rows.
 
@@ -401,11 +429,12 @@ class BankSearch(nn.Module):
             local, row = (values <= limit[near, None]).nonzero(as_tuple=True)
             hits_q.append(near[local])
             hits_r.append(row + index * group)
-        query_index = torch.cat(hits_q)
-        exact = self._pair_distances(queries, query_index, self.projection_order[torch.cat(hits_r)], tracing)
-        best = k_smallest_per_query(query_index, exact, count, k)
+        query_index, bank_rows = torch.cat(hits_q), self.projection_order[torch.cat(hits_r)]
+        exact = self._pair_distances(queries, query_index, bank_rows, tracing)
+        best, rows = k_smallest_per_query(query_index, exact, count, k, bank_rows)
         # A query with non-finite values reaches no row: its distances are NaN, as a brute-force search's.
-        return torch.where(torch.isfinite(q_sq)[:, None], best.clamp_min(0).sqrt(), torch.full_like(best, float("nan")))
+        best = torch.where(torch.isfinite(q_sq)[:, None], best.clamp_min(0).sqrt(), torch.full_like(best, float("nan")))
+        return best, rows
 
     def _first_pass(self, queries: torch.Tensor, q: torch.Tensor, reduced: torch.Tensor, k: int, step: int,
                     group: int, tracing: bool) -> tuple[torch.Tensor, list, torch.Tensor]:
@@ -476,9 +505,9 @@ class BankSearch(nn.Module):
         return torch.mm(q, block.t(), out=self._scratch[:need].view(q.shape[0], -1))
 
     def _band(self, queries: torch.Tensor, kth: torch.Tensor, k: int,
-              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(m, D)`` unsure queries with their ``k``-th distance found ``(m,)`` -> ``(m, k)`` exact
-        distances and ``(m,)`` whether each is final.
+        distances, the ``(m, k)`` rows they are to, and ``(m,)`` whether each is final.
 
         A row nearer than the ``k``-th found has a ranking value (``dtype`` products) of at most
         ``kth^2 - |q|^2`` plus the rounding bound of :meth:`_value_error`; every such row is
@@ -512,7 +541,8 @@ class BankSearch(nn.Module):
         kept = done[query_index]
         query_index, row_index = query_index[kept], row_index[kept]
         exact = self._pair_distances(queries, query_index, row_index, False)
-        return k_smallest_per_query(query_index, exact, count, k).clamp_min(0).sqrt(), done
+        best, rows = k_smallest_per_query(query_index, exact, count, k, row_index)
+        return best.clamp_min(0).sqrt(), rows, done
 
     def _pair_distances(self, queries: torch.Tensor, query_index: torch.Tensor, row_index: torch.Tensor,
                         tracing: bool) -> torch.Tensor:
@@ -529,11 +559,36 @@ class BankSearch(nn.Module):
         parts = [block(slice(start, start + PAIR_ROWS)) for start in range(0, max(1, query_index.shape[0]), PAIR_ROWS)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _rerank(self, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
-        """``(m, D)`` queries and ``(m, c)`` candidate rows -> ``(m, k)`` exact distances of the ``k`` nearest."""
+    def nearest_among(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``(M, D)`` queries and ``(M, w)`` rows of this bank each -> ``(M,)`` the exact distance to the row
+        of each query's ``w`` ranked nearest by products (the row nearest to it, or one as near within
+        the products' rounding): always the distance to a row of the bank, computed as the search
+        computes one."""
+        queries = queries.to(self.rows.device, torch.float32)
+        frame, centred = self._query_frame(queries), queries - self.mean
+
+        def block(part: slice) -> torch.Tensor:
+            wanted = rows[part]
+            gathered = self.rows.index_select(0, wanted.reshape(-1)).view(*wanted.shape, -1)
+            # |q - b|^2 less the query's own terms: |b - m|^2 - 2 (q - m).b (rows as stored, see store_centred)
+            ranking = self.centred_sq[wanted] - 2 * torch.bmm(gathered, centred[part, :, None])[..., 0]
+            best = wanted.gather(1, ranking.argmin(1, keepdim=True))[:, 0]
+            return self.rows.index_select(0, best).sub_(frame[part]).square_().sum(1).sqrt()
+
+        if torch.jit.is_tracing():  # one block: a graph's query count is known only when it runs
+            return block(slice(None))
+        step = max(1, 2 * PAIR_ROWS // max(1, rows.shape[1]))  # 6 MB gathered a block (64 queries x 64 rows: 51 ms
+        # per 4,032 queries, against 66 at 256 and 104 at 16)
+        parts = [block(slice(start, start + step)) for start in range(0, max(1, queries.shape[0]), step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _rerank(self, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m, D)`` queries and ``(m, c)`` candidate rows -> ``(m, k)`` exact distances of the ``k``
+        nearest and their rows."""
         owner = torch.arange(candidates.shape[0], device=candidates.device).repeat_interleave(candidates.shape[1])
         exact = self._pair_distances(queries, owner, candidates.reshape(-1), torch.jit.is_tracing())
-        return exact.view(candidates.shape).topk(k, dim=1, largest=False).values.clamp_min(0).sqrt()
+        best = exact.view(candidates.shape).topk(k, dim=1, largest=False)
+        return best.values.clamp_min(0).sqrt(), candidates.gather(1, best.indices)
 
     def _shortlist_holds(self, queries: torch.Tensor, kth: torch.Tensor, next_value: torch.Tensor,
                          dtype: torch.dtype, uncentred: bool = False) -> torch.Tensor:

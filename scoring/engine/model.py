@@ -43,6 +43,7 @@ from data.images import network_input
 from models import HEAD_STAGES
 
 from ..config import ScoreConfig
+from .cells import cell_order, tightened
 from .coreset import GreedyCoresetSampler
 from .dense import uses_head
 from .features import batched_features, pooled_features
@@ -231,8 +232,10 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
     """The banks of the config's fusion from normal images' per-layer features ``(N, C_l, h_l, w_l)``
     (entries past ``config.layers``, a head's logits, are not banked): per bank ``rows`` (with
     ``config.coreset < 1`` the rows ``sampler`` keeps: the config's :class:`GreedyCoresetSampler`
-    unless another is given), ``full`` (the whole bank beside a coreset, else ``None``) and the
-    coreset's settings. Plain tensors and values: the bank cache and detector files hold these.
+    unless another is given), ``full`` (the whole bank beside a coreset, else ``None``; with
+    ``config.cells`` in one process in the cell order of :mod:`.cells`), ``cell_starts`` (there, where
+    each coreset row's cell starts in ``full``, else ``None``) and the coreset's settings. Plain tensors and
+    values: the bank cache and detector files hold these.
     With ``shards`` (torchrun, a sharded bank) ``train_feats`` are this rank's block of images and
     the states its part of each bank: its rows of the coreset one process would choose."""
     sampler = sampler or GreedyCoresetSampler(config.coreset, config.coreset_dim, config.seed)
@@ -246,9 +249,18 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
             keep = sampler.select(patches, device, shards) - offset
             keep = keep[(keep >= 0) & (keep < patches.shape[0])]  # this rank's rows of the whole bank's coreset
             rows, full = patches[keep].contiguous(), patches
-        states.append({"rows": rows, "full": full, "coreset": config.coreset, "coreset_dim": config.coreset_dim,
-                       "seed": config.seed})
+        starts = None
+        if full is not None and config.cells > 0 and (shards is None or not shards.enabled):  # (not across processes)
+            full, starts = cell_ordered(BankSearch(rows, config.knn), full)
+        states.append({"rows": rows, "full": full, "cell_starts": starts, "coreset": config.coreset,
+                       "coreset_dim": config.coreset_dim, "seed": config.seed})
     return states
+
+
+def cell_ordered(coreset: BankSearch, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole bank ``(B, D)`` in :func:`.cells.cell_order`'s order (the same rows) and its cell starts ``(C,)``."""
+    order, starts = cell_order(coreset, full)
+    return full[order].contiguous(), starts
 
 
 def check_coreset_size(fraction: float, rows: int, per_image: int) -> None:
@@ -264,27 +276,40 @@ def check_coreset_size(fraction: float, rows: int, per_image: int) -> None:
 
 class PatchBank(nn.Module):
     """One memory bank: its searched rows (a coreset or the whole bank), and beside a coreset the
-    whole bank, in which :class:`AnomalyScorer` re-searches the patches the image score depends on.
+    whole bank, in which :class:`AnomalyScorer` re-searches the patches the image score depends on,
+    and the coreset rows' cells (:mod:`.cells`: the whole bank in their order), which bring the other
+    cells' values near the whole bank's (made here when a state has none: a bank saved before them).
     """
 
     def __init__(self, state: dict, refine: int = 0, backend: str = "auto", precision: str = "auto",
-                 shards: DistInfo | None = None):
+                 shards: DistInfo | None = None, cells: int = 0):
         super().__init__()
         self.search = BankSearch(state["rows"], backend, precision, shards)
         refining = state.get("full") is not None and refine > 0
+        full, starts = state.get("full"), state.get("cell_starts")
+        listing = refining and self.search.shards is None and cells > 0
+        self.cells = cells if listing else 0  # rows read per patch from its coreset row's cell
+        if listing and starts is None:
+            full, starts = cell_ordered(self.search, full)
         # The whole bank is searched for the patches certification picks (BankSearch takes the torch
         # search for a handful of queries, which faiss scans without BLAS).
-        self.whole = BankSearch(state["full"], backend, precision, shards) if refining else None
+        self.whole = BankSearch(full, backend, precision, shards) if refining else None
         self.coreset, self.coreset_dim, self.seed = state["coreset"], state["coreset_dim"], state["seed"]
+        # A buffer: it moves with .to() and a traced graph holds it once.
+        self.register_buffer("cell_starts", starts if listing else None)
 
     def state(self) -> dict:
-        """What :func:`bank_states` made (the whole bank only when it is searched)."""
+        """What :func:`bank_states` made (the whole bank and its cell starts only when they are searched)."""
         return {"rows": self.search.rows.cpu(), "full": None if self.whole is None else self.whole.rows.cpu(),
+                "cell_starts": None if self.cell_starts is None else self.cell_starts.cpu(),
                 "coreset": self.coreset, "coreset_dim": self.coreset_dim, "seed": self.seed}
 
     def forward(self, patches: torch.Tensor, k: int) -> torch.Tensor:
         """``(M, D)`` patches -> ``(M,)`` mean distance to their ``k`` nearest searched rows: the exact
-        distance without a coreset, an upper bound of it with one (a subset's k nearest are no nearer)."""
+        distance without a coreset, an upper bound of it with one (a subset's k nearest are no nearer),
+        for ``k = 1`` tightened by the nearest coreset row's cell list (:func:`.cells.tightened`)."""
+        if self.cell_starts is not None and k == 1:
+            return tightened(self.search, self.whole, self.cell_starts, patches, self.cells)
         return self.search(patches, k).mean(1)
 
     def exact(self, patches: torch.Tensor, k: int) -> torch.Tensor:
@@ -322,7 +347,8 @@ class AnomalyScorer(nn.Module):
                     device: torch.device | str = "cpu", shards: DistInfo | None = None) -> AnomalyScorer:
         """The scorer of :func:`bank_states`' states; with ``shards`` (a sharded bank) the states
         are this rank's parts and every search returns the whole bank's answer."""
-        banks = [PatchBank(state, config.refine, config.knn, config.knn_precision, shards) for state in states]
+        banks = [PatchBank(state, config.refine, config.knn, config.knn_precision, shards, config.cells)
+                 for state in states]
         return cls(banks, config, map_norm).to(device)
 
     @classmethod
@@ -474,6 +500,8 @@ def search_report(scorer: AnomalyScorer, certified: torch.Tensor, searched: torc
         "uncertified" if scorer.refine > 0 else "coreset only"
     # Which map cells hold the exact bank's distance (the others, a coreset's: an upper bound of it).
     exact = "all" if not scorer.coreset else "the re-searched patches" if scorer.refine > 0 else "none"
+    if exact != "all" and scorer.k == 1 and any(bank.cell_starts is not None for bank in scorer.banks):
+        exact += " and those whose nearest row is among their coreset row's cell rows (scoring.engine.cells)"
     return {"bank": mode, "exact_map_cells": exact, "images": int(certified.numel()),
             "certified_images": int(certified.sum()),
             "re_searched_per_image_mean": float(searched.float().mean()) if searched.numel() else 0.0,

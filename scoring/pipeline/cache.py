@@ -24,8 +24,9 @@ from ..config import ScoreConfig
 
 # 3: training files keyed by content; 4: banks stored as MemoryBank state dicts; 5: thresholds (and map
 # normalisations) kept per scoring settings ("calibrations"), not one per bank. The bank states of
-# scoring.engine.model.bank_states are the same dicts as format 4's and 5's.
-BANK_FORMAT = 5
+# scoring.engine.model.bank_states are the same dicts as format 4's and 5's; 6: coreset banks hold their
+# cell lists (scoring.engine.cells).
+BANK_FORMAT = 6
 
 
 def bank_settings(config: ScoreConfig, ckpt_sha: str, train_digest: str) -> dict:
