@@ -6,7 +6,8 @@ One trained network, three ways of scoring its test set:
 - ``frame, exact``: the checkpoint's (or ``--frame``'s) frame, the exact bank (``--exact``; slow
   on a CPU for large banks);
 - ``frame, coreset C``: the same frame with a certified coreset of each ``--coresets`` fraction
-  (image scores equal to the exact bank's).
+  (image scores equal to the exact bank's), reading each patch's ``--cells`` rows of its coreset
+  row's cell (the recipe's 64 by default; ``--cells 0,64`` gives both rows).
 
 Per row: milliseconds per test image for the features and for the k-NN search with fusion (medians
 of ``--repeats`` rounds, every row timed once a round, so that a shared host's drift falls on all
@@ -29,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import checkpoint_parser, markdown_table, system_info, write_results
+from common.recipes import RECIPES
 from data import train_images
 from scoring import ScoreConfig, metrics
 from scoring.building import features_of, load_network, resolve_config
@@ -36,11 +38,16 @@ from scoring.engine.features import ImageFiles
 from scoring.engine.model import AnomalyScorer
 from scoring.pipeline.evaluation import category_test_set
 
+RECIPE_CELLS = RECIPES["best"]["score"]["cells"]
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = checkpoint_parser(__doc__)
     parser.add_argument("--frame", default=None, help="the larger frame (default: the checkpoint's)")
     parser.add_argument("--coresets", default="0.1", help="comma list of coreset fractions (certified)")
+    parser.add_argument("--cells", default=f"{RECIPE_CELLS}",
+                        help="comma list of the coreset rows' cells read per patch (scoring.engine.cells), one row "
+                             f"each per coreset (default: --recipe best's {RECIPE_CELLS}; 0: off)")
     parser.add_argument("--exact", action="store_true", help="also the exact bank at the frame")
     parser.add_argument("--fusion", default="concatenation")
     parser.add_argument("--repeats", type=int, default=3,
@@ -116,7 +123,9 @@ def main(args: argparse.Namespace) -> None:
                 *features(network, paper, paths, args.data_root, args.category, device))]
     at_frame = features(network, frame, paths, args.data_root, args.category, device)
     variants = [("frame, exact", frame)] if args.exact else []
-    variants += [(f"frame, coreset {c} certified", frame.replace(coreset=float(c))) for c in args.coresets.split(",")]
+    variants += [(f"frame, coreset {c} certified" + (f", cells {n}" if int(n) else ""),
+                  frame.replace(coreset=float(c), cells=int(n)))
+                 for c in args.coresets.split(",") for n in args.cells.split(",")]
     rows += [Row(name, config, *at_frame) for name, config in variants]
     # Rows timed in turn, --repeats rounds: a shared host's speed drifts, so each row's median is
     # taken over the same stretch of time as the paper row's it is divided by.

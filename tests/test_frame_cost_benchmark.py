@@ -10,22 +10,25 @@ from benchmarks import frame_cost
 
 def test_frame_cost_rows_rounds_and_certified_scores(one_epoch, tiny_root, tmp_path):
     argv = ["--checkpoint", str(one_epoch / "widget-wave18" / "model.pt"), "--data-root", str(tiny_root),
-            "--c", "widget", "--frame", "64x32", "--coresets", "0.5", "--exact", "--repeats", "2",
+            "--c", "widget", "--frame", "64x32", "--coresets", "0.5", "--cells", "0,16", "--exact", "--repeats", "2",
             "--out", str(tmp_path)]
     frame_cost.main(frame_cost.get_args_parser().parse_args(argv))
     result = json.loads((tmp_path / "frame_cost_widget.json").read_text())
-    paper, exact, coreset = result["rows"]
+    paper, exact, coreset, cells = result["rows"]
+    assert coreset["scoring"] == "frame, coreset 0.5 certified"
+    assert cells["scoring"] == "frame, coreset 0.5 certified, cells 16"
     assert result["info"]["repeats"] == 2 and (tmp_path / "frame_cost_widget.md").is_file()
     assert (paper["frame"], exact["frame"], coreset["frame"]) == ("32x32", "64x32", "64x32")
     assert paper["x paper"] == "1.00" and paper["x paper by round"] == "1.00-1.00"
-    for row in (exact, coreset):
+    for row in (exact, coreset, cells):
         low, high = (float(v) for v in row["x paper by round"].split("-"))
         assert 0 < low <= high
         total = float(row["features ms / img"]) + float(row["k-NN ms / img"])
         assert abs(total - float(row["total ms / img"])) < 0.11
     # A smaller bank searched; every image score certified, so image AUROC is the exact bank's.
     assert int(coreset["bank rows searched"]) < int(exact["bank rows searched"])
-    assert coreset["certified"] == "6/6" and coreset["image AUROC"] == exact["image AUROC"]
+    for row in (coreset, cells):
+        assert row["certified"] == "6/6" and row["image AUROC"] == exact["image AUROC"]
 
 
 def test_frame_cost_refuses_no_timing_rounds(tmp_path):
