@@ -320,9 +320,9 @@ class BankSearch(nn.Module):
             raise SettingError("k", k, f"is larger than the memory bank ({self.total} patches); lower it")
         queries = queries.to(self.rows.device, torch.float32)
         if torch.jit.is_tracing():  # a graph takes any number of queries: no loop over them
-            return self._search(queries, k, tracing=True)[0]
+            return self._search(queries, k, tracing=True, named=False)[0]
         mine = min(k, self.size)  # a rank's part may hold fewer than k rows
-        found = self._searched(queries, mine)[0]
+        found = self._searched(queries, mine, named=False)[0]
         if self.shards is None:
             return found
         found = torch.nn.functional.pad(found, (0, k - mine), value=float("inf"))
@@ -342,19 +342,22 @@ class BankSearch(nn.Module):
             return self._search(queries, k, tracing=True)
         return self._searched(queries, k)
 
-    def _searched(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _searched(self, queries: torch.Tensor, k: int, named: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Eager :meth:`_search` over any number of queries, :data:`QUERY_ROWS` at a time."""
         if k == 0:
             return queries.new_empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long)
-        out = [self._search(queries[start:start + QUERY_ROWS], k, tracing=False)
+        out = [self._search(queries[start:start + QUERY_ROWS], k, tracing=False, named=named)
                for start in range(0, queries.shape[0], QUERY_ROWS)]
-        return (out[0][0], out[0][1]) if len(out) == 1 else (torch.cat([o[0] for o in out]),
-                                                              torch.cat([o[1] for o in out]))
+        if len(out) == 1:
+            return out[0]
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out]) if named else None
 
-    def _search(self, queries: torch.Tensor, k: int, tracing: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(m, D)`` -> ``(m, k)`` exact distances, ascending, and the ``(m, k)`` rows they are to."""
+    def _search(self, queries: torch.Tensor, k: int, tracing: bool,
+                named: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(m, D)`` -> ``(m, k)`` exact distances, ascending, and the ``(m, k)`` rows they are to (the
+        projected scan names them only when ``named``; the other paths have them at hand)."""
         if self._projects():
-            return self._scan(queries, k, tracing)
+            return self._scan(queries, k, tracing, named)
         low = torch.float32 if tracing else self._dtype(queries.shape[0])
         keep = min(self.size, k + (SHORTLIST_BF16 if self.shortlist.ranks_in(queries.shape[0], low, tracing)
                                    == torch.bfloat16 else SHORTLIST))
@@ -390,7 +393,8 @@ class BankSearch(nn.Module):
             next_value[unsure] = next_value_again.double()
         return distances, rows
 
-    def _scan(self, queries: torch.Tensor, k: int, tracing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scan(self, queries: torch.Tensor, k: int, tracing: bool,
+              named: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(m, D)`` queries -> ``(m, k)`` exact distances to the ``k`` nearest rows of a projected bank
         (:mod:`.projection`), from its rows' projections, in groups of :data:`SCAN_GROUP_ROWS` rows.
 
@@ -431,7 +435,8 @@ class BankSearch(nn.Module):
             hits_r.append(row + index * group)
         query_index, bank_rows = torch.cat(hits_q), self.projection_order[torch.cat(hits_r)]
         exact = self._pair_distances(queries, query_index, bank_rows, tracing)
-        best, rows = k_smallest_per_query(query_index, exact, count, k, bank_rows)
+        best, rows = (k_smallest_per_query(query_index, exact, count, k, bank_rows) if named
+                      else (k_smallest_per_query(query_index, exact, count, k), None))
         # A query with non-finite values reaches no row: its distances are NaN, as a brute-force search's.
         best = torch.where(torch.isfinite(q_sq)[:, None], best.clamp_min(0).sqrt(), torch.full_like(best, float("nan")))
         return best, rows
