@@ -20,7 +20,6 @@ image score is measured (maps at different shapes are not compared).
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from benchmarks.common import markdown_table
 from data import train_images
-from data.frames import FRAME_STEP, frame_at_area
+from data.frames import frame_at_area
 from data.images import network_input, read_rgb
 from scoring import Detector, metrics
 from scoring.engine.coreset import GreedyCoresetSampler
@@ -48,7 +47,7 @@ def own_features(detector: Detector, path, area: float) -> list[torch.Tensor]:
     """One image at its own aspect ratio and ``area`` -> per layer ``(1, C_l, h_l, w_l)`` features."""
     raw = read_rgb(path, None)
     height, width = raw.shape[-2:]
-    frame = frame_at_area(height / width, area, FRAME_STEP * math.ceil(detector.size / FRAME_STEP))
+    frame = frame_at_area(height / width, area, detector.size)
     return detector.features(network_input(raw[None], frame))
 
 

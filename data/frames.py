@@ -78,12 +78,14 @@ def auto_frame(image_sizes: Sequence[tuple[int, int]], size: int, max_area: floa
     areas = sorted(h * w for h, w in image_sizes)
     aspect, area = aspects[len(aspects) // 2], areas[len(areas) // 2]
     area = min(max(area, size * size), max_area * size * size)
-    return frame_at_area(aspect, area, FRAME_STEP * math.ceil(size / FRAME_STEP))
+    return frame_at_area(aspect, area, size)
 
 
-def frame_at_area(aspect: float, area: float, least: int) -> Frame:
+def frame_at_area(aspect: float, area: float, size: int) -> Frame:
     """The ``(H, W)`` of aspect ratio ``aspect`` (H / W) and about ``area`` px: sides rounded to
-    multiples of :data:`FRAME_STEP`, each from ``least`` to :data:`MAX_SIZE`."""
+    multiples of :data:`FRAME_STEP`, each from ``size`` (rounded up: a training tile must fit) to
+    :data:`MAX_SIZE`."""
+    least = FRAME_STEP * math.ceil(size / FRAME_STEP)
     return _round_side(math.sqrt(area * aspect), least), _round_side(math.sqrt(area / aspect), least)
 
 

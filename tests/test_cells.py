@@ -7,7 +7,7 @@ import torch
 
 import scoring.engine.cells as cells
 from scoring.config import ScoreConfig
-from scoring.engine.cells import cell_order, tightened
+from scoring.engine.cells import in_cell_order, tightened
 from scoring.engine.knn import BankSearch
 from scoring.engine.model import AnomalyScorer, PatchBank, bank_states
 from tests.test_projected_search import low_rank
@@ -40,12 +40,12 @@ def test_cell_order_keeps_the_rows_and_puts_each_in_its_nearest_coreset_rows_cel
     full = clustered(3000, 384, seed=0)
     keep = torch.randperm(3000, generator=torch.Generator().manual_seed(1))[:300]
     coreset = full[keep]
-    order, starts = cell_order(BankSearch(coreset), full)
-    assert sorted(order.tolist()) == list(range(3000))  # the same rows, each once
-    owner = torch.cdist(full.double(), coreset.double()).argmin(1)[order]  # each row's nearest coreset row
+    ordered, starts = in_cell_order(BankSearch(coreset), full)
+    assert sorted(map(tuple, ordered.tolist())) == sorted(map(tuple, full.tolist()))  # the same rows, each once
+    owner = torch.cdist(ordered.double(), coreset.double()).argmin(1)  # each row's nearest coreset row
     assert bool((owner[1:] >= owner[:-1]).all())  # cell by cell
     assert starts.tolist() == [int((owner < c).sum()) for c in range(300)]  # where each cell starts
-    to_centre = (full[order] - coreset[owner]).double().norm(dim=1)
+    to_centre = (ordered - coreset[owner]).double().norm(dim=1)
     same_cell = owner[1:] == owner[:-1]
     assert bool((to_centre[1:][same_cell] >= to_centre[:-1][same_cell] - 1e-6).all())  # nearest first
 
@@ -54,8 +54,7 @@ def test_tightened_values_are_upper_bounds_exact_where_listed_and_closer_than_th
     full = clustered(4000, 384, seed=0)
     keep = torch.randperm(4000, generator=torch.Generator().manual_seed(1))[:400]
     coreset = BankSearch(full[keep])
-    order, starts = cell_order(coreset, full)
-    full = full[order]
+    full, starts = in_cell_order(coreset, full)
     whole = BankSearch(full)
     queries = torch.cat([clustered(500, 384, seed=5), 4 + clustered(20, 384, seed=6)])  # normal, and far
     value = tightened(coreset, whole, starts, queries)

@@ -7,7 +7,7 @@ by about the coreset's spacing. Ranked over a test set's pixels those inflated n
 0.35 (toothbrush) to 0.7 (KolektorSDD) points of pixel AUROC against the whole bank (docs/speed.md).
 
 Each coreset row stands for the rows of the whole bank nearest to it (its *cell*: every row of
-the whole bank belongs to its nearest coreset row). :func:`cell_order` orders the whole bank cell
+the whole bank belongs to its nearest coreset row). :func:`in_cell_order` orders the whole bank cell
 by cell, each cell's rows nearest to its coreset row first, and notes where each cell starts. A
 patch's value is then the smaller of its coreset distance and its distances to the ``cells``
 rows from its nearest coreset row's start (:func:`tightened`: that cell's rows,
@@ -35,10 +35,10 @@ LIST_ROWS = 64  # the recipe's rows per patch (toothbrush pixel AUROC: 8 rows 0.
 ASSIGN_ROWS = 16384  # whole-bank rows placed in their cells per search (a progress bar step)
 
 
-def cell_order(coreset: BankSearch, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The coreset's search and the ``(B, D)`` whole bank -> ``(B,)`` an order of the whole bank's rows,
-    cell by cell (every row is in the cell of its nearest coreset row, found by the exact search),
-    each cell's rows nearest to its coreset row first, and ``(C,)`` where each cell starts in it."""
+def in_cell_order(coreset: BankSearch, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coreset's search and the ``(B, D)`` whole bank -> the same rows ``(B, D)`` cell by cell (every
+    row is in the cell of its nearest coreset row, found by the exact search), each cell's rows
+    nearest to its coreset row first, and ``(C,)`` where each cell starts in them."""
     found, owner = [], []
     for start in tqdm(range(0, full.shape[0], ASSIGN_ROWS), desc="cell lists", unit="block", leave=False,
                       disable=full.shape[0] <= 4 * ASSIGN_ROWS, dynamic_ncols=True):
@@ -49,14 +49,14 @@ def cell_order(coreset: BankSearch, full: torch.Tensor) -> tuple[torch.Tensor, t
     order = distance.argsort(stable=True)  # by distance, then (stable) by cell
     order = order[owner[order].argsort(stable=True)]
     sizes = torch.bincount(owner, minlength=coreset.size)
-    return order, sizes.cumsum(0) - sizes
+    return full[order].contiguous(), sizes.cumsum(0) - sizes
 
 
 def tightened(coreset: BankSearch, whole: BankSearch, starts: torch.Tensor, patches: torch.Tensor,
               width: int = LIST_ROWS) -> torch.Tensor:
     """``(M, D)`` patches -> ``(M,)`` the smaller of each patch's nearest coreset distance and its
     distance to the nearest of the ``width`` whole-bank rows from that coreset row's cell start
-    (``whole`` in :func:`cell_order`'s order, ``starts`` its cell starts): an upper bound of its
+    (``whole`` in :func:`in_cell_order`'s order, ``starts`` its cell starts): an upper bound of its
     distance to the whole bank, equal to it where the nearest row is among them."""
     distance, row = coreset.nearest(patches, 1)
     window = torch.arange(width, device=row.device)

@@ -43,7 +43,7 @@ from data.images import network_input
 from models import HEAD_STAGES
 
 from ..config import ScoreConfig
-from .cells import cell_order, tightened
+from .cells import in_cell_order, tightened
 from .coreset import GreedyCoresetSampler
 from .dense import uses_head
 from .features import batched_features, pooled_features
@@ -251,16 +251,10 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
             rows, full = patches[keep].contiguous(), patches
         starts = None
         if full is not None and config.cells > 0 and (shards is None or not shards.enabled):  # (not across processes)
-            full, starts = cell_ordered(BankSearch(rows, config.knn), full)
+            full, starts = in_cell_order(BankSearch(rows, config.knn), full)
         states.append({"rows": rows, "full": full, "cell_starts": starts, "coreset": config.coreset,
                        "coreset_dim": config.coreset_dim, "seed": config.seed})
     return states
-
-
-def cell_ordered(coreset: BankSearch, full: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The whole bank ``(B, D)`` in :func:`.cells.cell_order`'s order (the same rows) and its cell starts ``(C,)``."""
-    order, starts = cell_order(coreset, full)
-    return full[order].contiguous(), starts
 
 
 def check_coreset_size(fraction: float, rows: int, per_image: int) -> None:
@@ -290,7 +284,7 @@ class PatchBank(nn.Module):
         listing = refining and self.search.shards is None and cells > 0
         self.cells = cells if listing else 0  # rows read per patch from its coreset row's cell
         if listing and starts is None:
-            full, starts = cell_ordered(self.search, full)
+            full, starts = in_cell_order(self.search, full)
         # The whole bank is searched for the patches certification picks (BankSearch takes the torch
         # search for a handful of queries, which faiss scans without BLAS).
         self.whole = BankSearch(full, backend, precision, shards) if refining else None
