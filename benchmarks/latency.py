@@ -5,8 +5,10 @@ For each arch and bank (exact, ``--coreset 0.1``, ``0.01``) a detector is built 
 the weights; 209 images is MVTec AD bottle's training set), saved, exported, and each form is
 timed in a process of its own (so its peak RSS is its own): p50 / p95 ms per image at batch 1
 over ``--repeats`` calls after a warm-up, images/s at batch ``--batch``, and for ``predict`` where
-the time goes (network features vs k-NN + fusion). Inputs are uint8 ``S x S`` RGB arrays, so
-file decoding is not counted.
+the time goes (network features vs k-NN + fusion). The forms take turns ``--rounds`` times (a
+shared host drifts by tens of percent within minutes): the table gives medians over rounds, each
+round's p50 range, and each exported form's time over ``predict``'s of the same round. Inputs are
+uint8 ``S x S`` RGB arrays, so file decoding is not counted.
 
     python -m benchmarks.latency                                 # wave18 and wave50 at 256 px
     python -m benchmarks.latency --archs wave18 --coresets 0.1   # the inspection-line target
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import models
 from benchmarks.common import markdown_table, system_info, write_results
@@ -53,6 +57,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=20, help="timed batch-1 calls (fewer when slow)")
     parser.add_argument("--budget-s", type=float, default=30.0, help="time limit of one form's batch-1 timing")
     parser.add_argument("--batch", type=int, default=16, help="batch size of the throughput row")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times every form is timed, in turn, each in a fresh process (medians reported)")
     parser.add_argument("--out", default="results/benchmarks")
     return parser
 
@@ -87,34 +93,61 @@ def build_detectors(arch: str, args, work: Path) -> dict[str, Path]:
     return files
 
 
+def timed_rounds(files: dict[str, Path], forms: list[str], rounds: int, passthrough: list[str]) -> dict:
+    """``{(bank, form): [one child's JSON result per round]}``: every form of a bank timed in turn,
+    ``rounds`` times, each time in a fresh process, so a host's drift falls on every form alike."""
+    results: dict = {}
+    for bank, detector_file in files.items():
+        for _ in tqdm(range(rounds), desc=f"{bank}: rounds of {','.join(forms)}", leave=False):
+            for form in forms:
+                path = detector_file if form == "predict" else detector_file.with_name(
+                    detector_file.name.replace("detector.pt", SUFFIX[form]))
+                run = subprocess.run([sys.executable, "-m", "benchmarks.latency_child", form, str(path),
+                                      *passthrough], capture_output=True, text=True, cwd=REPO)
+                if run.returncode != 0:
+                    print(run.stderr[-2000:], file=sys.stderr)
+                    continue
+                result = json.loads(run.stdout.strip().splitlines()[-1])
+                results.setdefault((bank, form), []).append({**result, "file_mb": path.stat().st_size / 2**20})
+    return results
+
+
+def summary_row(arch: str, bank: str, form: str, runs: list[dict], predict_runs: list[dict] | None) -> list[str]:
+    """One table row: medians over rounds; ``x predict`` is the median of each round's own ratio."""
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    p50s = [r["p50_ms"] for r in runs]
+    spread = f"{min(p50s):.0f}-{max(p50s):.0f}" if len(p50s) > 1 else ""
+    ratio = ""
+    if predict_runs and form != "predict":
+        ratio = f"{statistics.median(r['p50_ms'] / p['p50_ms'] for r, p in zip(runs, predict_runs)):.2f}"
+    return [arch, bank, form, f"{median('p50_ms'):.0f}", spread, ratio, f"{median('p95_ms'):.0f}",
+            f"{median('batch_images_per_s'):.1f}",
+            f"{median('features_ms'):.0f}" if "features_ms" in runs[0] else "",
+            f"{median('knn_ms'):.0f}" if "knn_ms" in runs[0] else "",
+            f"{runs[0]['file_mb']:.0f}", f"{max(r['peak_rss_mb'] for r in runs):.0f}"]
+
+
 def main(args: argparse.Namespace) -> None:
-    header = ["arch", "bank", "form", "p50 ms", "p95 ms", f"img/s @{args.batch}", "features ms", "k-NN ms",
-              "file MB", "peak RSS MB"]
+    header = ["arch", "bank", "form", "p50 ms", "p50 by round", "x predict", "p95 ms", f"img/s @{args.batch}",
+              "features ms", "k-NN ms", "file MB", "peak RSS MB"]
     rows = []
     passthrough = ["--size", str(args.size), "--repeats", str(args.repeats), "--budget-s", str(args.budget_s),
                    "--batch", str(args.batch)]
+    forms = args.forms.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
             print(f"{arch}: building banks from {args.train_images} images at {args.size} px ...", flush=True)
             files = build_detectors(arch, args, Path(tmp))
-            for bank, detector_file in files.items():
-                for form in args.forms.split(","):
-                    path = detector_file if form == "predict" else detector_file.with_name(
-                        detector_file.name.replace("detector.pt", SUFFIX[form]))
-                    run = subprocess.run([sys.executable, "-m", "benchmarks.latency_child", form, str(path),
-                                          *passthrough], capture_output=True, text=True, cwd=REPO)
-                    if run.returncode != 0:
-                        print(run.stderr[-2000:], file=sys.stderr)
-                        continue
-                    r = json.loads(run.stdout.strip().splitlines()[-1])
-                    rows.append([arch, bank, form, f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}",
-                                 f"{r['batch_images_per_s']:.1f}",
-                                 f"{r['features_ms']:.0f}" if "features_ms" in r else "",
-                                 f"{r['knn_ms']:.0f}" if "knn_ms" in r else "",
-                                 f"{path.stat().st_size / 2**20:.0f}", f"{r['peak_rss_mb']:.0f}"])
-                    print(markdown_table(header, rows[-1:]).splitlines()[-1], flush=True)
+            results = timed_rounds(files, forms, args.rounds, passthrough)
+            for bank in files:
+                for form in forms:
+                    if (bank, form) in results:
+                        rows.append(summary_row(arch, bank, form, results[bank, form], results.get((bank, "predict"))))
+                        print(markdown_table(header, rows[-1:]).splitlines()[-1], flush=True)
     info = {**system_info(torch.device("cpu")), "size": args.size, "train_images": args.train_images,
-            "inputs": "uint8 S x S RGB arrays (no decoding)", "command": " ".join(sys.argv)}
+            "rounds": args.rounds, "inputs": "uint8 S x S RGB arrays (no decoding)", "command": " ".join(sys.argv)}
     print()
     print(markdown_table(header, rows))
     print("written:", write_results(args.out, "latency", header, rows, info))

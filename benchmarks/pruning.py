@@ -125,7 +125,7 @@ def brute_force_ms(search: BankSearch, queries: torch.Tensor, k: int) -> float:
     """Milliseconds per 1,000 queries of the same bank searched without its projection."""
     search._projects = lambda: False
     try:
-        return 1000 * statistics.median(timed(lambda: search(queries, k), 3, 60.0)) / queries.shape[0]
+        return 1000 * statistics.median(timed(lambda: search(queries, k), 3, 60.0, warmup=1)) / queries.shape[0]
     finally:
         del search._projects
 
@@ -133,7 +133,7 @@ def brute_force_ms(search: BankSearch, queries: torch.Tensor, k: int) -> float:
 def projection_rows(name: str, search: BankSearch, queries: torch.Tensor, k: int, top: torch.Tensor) -> list[list]:
     """Table rows of :func:`main`'s projection table for one search (random and 2% farthest patches)."""
     share = scan_share(search, queries, k)
-    scan = 1000 * statistics.median(timed(lambda: search(queries, k), 3, 60.0)) / queries.shape[0]
+    scan = 1000 * statistics.median(timed(lambda: search(queries, k), 3, 60.0, warmup=1)) / queries.shape[0]
     brute = brute_force_ms(search, queries, k)
     return [[name, search.size, which, f"{share[index].mean():.5f}", f"{share[index].quantile(0.9):.5f}",
              f"{share[index].max():.4f}", f"{scan:.1f}" if which == "random" else "",
