@@ -58,8 +58,10 @@ def example_input(detector: Detector, batch: int = 2) -> torch.Tensor:
 @torch.no_grad()
 def export_torchscript(detector: Detector, out: Path) -> Path:
     core = ExportModel(detector.model)
-    traced = torch.jit.trace(core, example_input(detector), check_trace=False)
-    scripted = torch.jit.script((AnyRankCertified if core.reports_certified else AnyRank)(traced))
+    # Traced on one image with a scratch input: the scripted front calls it image by image.
+    elements = core.scratch_elements()
+    traced = torch.jit.trace(core, (example_input(detector, batch=1), torch.empty(elements)), check_trace=False)
+    scripted = torch.jit.script((AnyRankCertified if core.reports_certified else AnyRank)(traced, elements))
     extra = {"metadata.json": json.dumps(metadata(detector))}
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
         tmp = Path(work) / out.name

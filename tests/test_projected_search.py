@@ -78,6 +78,35 @@ def test_projected_search_is_the_same_traced_and_eager():
     torch.testing.assert_close(traced(others).double(), brute(others, bank, 2), rtol=1e-5, atol=1e-5)
 
 
+def test_traced_scan_writes_into_the_scratch_it_is_given_and_each_call_stands_alone():
+    """A TorchScript file's scans write into one scratch tensor per call (a graph input): the
+    graph reads it, every call overwrites it, and the answers are each call's own."""
+    bank = low_rank(3000)
+    search = BankSearch(bank, backend="torch", precision="fp32").store_centred()
+    queries = 40
+    elements = search.traced_scratch_elements(queries)
+    assert elements == queries * search.traced_group > 0
+
+    def with_scratch(q, scratch):
+        search.traced_scratch = scratch
+        try:
+            return search(q, 2)
+        finally:
+            search.traced_scratch = None
+
+    traced = torch.jit.trace(with_scratch, (low_rank(queries, seed=5), torch.empty(elements)), check_trace=False)
+    assert search.traced_scratch is None
+    scratch = torch.full((elements,), float("nan"))
+    for seed in (6, 7):  # the same scratch for both: the second call must not read the first's values
+        others = low_rank(queries, seed=seed)
+        got = traced(others, scratch)
+        assert torch.equal(got, search(others, 2))
+        torch.testing.assert_close(got.double(), brute(others, bank, 2), rtol=1e-5, atol=1e-5)
+        assert not scratch.isnan().all()  # the graph wrote its scan into it
+    # A bank too narrow for the projection is not scanned: it needs no scratch.
+    assert BankSearch(low_rank(300, dim=8), backend="torch").traced_scratch_elements(queries) == 0
+
+
 def test_projected_search_of_rows_stored_centred_and_with_faiss():
     bank = low_rank(3000)
     queries = low_rank(200, seed=7)
