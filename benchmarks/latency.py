@@ -113,16 +113,19 @@ def timed_rounds(files: dict[str, Path], forms: list[str], rounds: int, passthro
 
 
 def summary_row(arch: str, bank: str, form: str, runs: list[dict], predict_runs: list[dict] | None) -> list[str]:
-    """One table row: medians over rounds; ``x predict`` is the median of each round's own ratio."""
+    """One table row: medians over rounds; ``x predict`` (an export's p50 over ``predict``'s) and ``x
+    features`` (``predict``'s p50 over its network's, timed in turn) are medians of each round's ratio."""
     def median(key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
     p50s = [r["p50_ms"] for r in runs]
     spread = f"{min(p50s):.0f}-{max(p50s):.0f}" if len(p50s) > 1 else ""
-    ratio = ""
+    ratio, over_features = "", ""
     if predict_runs and form != "predict":
         ratio = f"{statistics.median(r['p50_ms'] / p['p50_ms'] for r, p in zip(runs, predict_runs)):.2f}"
-    return [arch, bank, form, f"{median('p50_ms'):.0f}", spread, ratio, f"{median('p95_ms'):.0f}",
+    if "features_ms" in runs[0]:
+        over_features = f"{statistics.median(r['p50_ms'] / r['features_ms'] for r in runs):.2f}"
+    return [arch, bank, form, f"{median('p50_ms'):.0f}", spread, ratio, over_features, f"{median('p95_ms'):.0f}",
             f"{median('batch_images_per_s'):.1f}",
             f"{median('features_ms'):.0f}" if "features_ms" in runs[0] else "",
             f"{median('knn_ms'):.0f}" if "knn_ms" in runs[0] else "",
@@ -130,8 +133,8 @@ def summary_row(arch: str, bank: str, form: str, runs: list[dict], predict_runs:
 
 
 def main(args: argparse.Namespace) -> None:
-    header = ["arch", "bank", "form", "p50 ms", "p50 by round", "x predict", "p95 ms", f"img/s @{args.batch}",
-              "features ms", "k-NN ms", "file MB", "peak RSS MB"]
+    header = ["arch", "bank", "form", "p50 ms", "p50 by round", "x predict", "x features", "p95 ms",
+              f"img/s @{args.batch}", "features ms", "k-NN ms", "file MB", "peak RSS MB"]
     rows = []
     passthrough = ["--size", str(args.size), "--repeats", str(args.repeats), "--budget-s", str(args.budget_s),
                    "--batch", str(args.batch)]

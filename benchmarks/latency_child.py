@@ -4,7 +4,8 @@
 
 Imports only what ``FORM`` needs (``onnx``: onnxruntime and NumPy, as a deployment would) and
 prints one JSON line: p50 / p95 ms at batch 1, images/s at batch N, peak RSS (and for ``predict``
-the milliseconds of the network features and of the k-NN search + fusion).
+the milliseconds of the network features and of the k-NN search + fusion, timed in turn with
+``predict`` itself).
 """
 
 from __future__ import annotations
@@ -41,38 +42,47 @@ WARMUP_CALLS = 3
 def timed(fn, repeats: int, budget_s: float, warmup: int = WARMUP_CALLS) -> list[float]:
     """Milliseconds of ``fn()`` calls after ``warmup`` untimed ones, up to ``repeats`` or ``budget_s``
     (at least 3)."""
+    return timed_in_turn([fn], repeats, budget_s, warmup)[0]
+
+
+def timed_in_turn(fns: list, repeats: int, budget_s: float, warmup: int = WARMUP_CALLS) -> list[list[float]]:
+    """:func:`timed` of several functions called in turn, one call each per repeat, so that a
+    shared host's drift falls on all of them alike (their ratios are of the same moments)."""
     for _ in range(warmup):
-        fn()
-    times, start = [], time.perf_counter()
-    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1000)
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < repeats and (len(times[0]) < 3 or time.perf_counter() - start < budget_s):
+        for fn, spent in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            spent.append((time.perf_counter() - t0) * 1000)
     return times
 
 
-def runners(form: str, path: Path, one: np.ndarray, batch: np.ndarray, budget_s: float):
-    """``(run batch 1, run batch N, extra numbers)`` for one form."""
+def runners(form: str, path: Path, one: np.ndarray, batch: np.ndarray) -> tuple[dict, object]:
+    """``({name: run batch 1}, run batch N)`` for one form: ``p50`` the form itself, and for ``predict``
+    also its two parts (``features``: the network; ``knn``: the k-NN search + fusion), timed in turn."""
     warnings.simplefilter("ignore")
     if form == "onnx":
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return (lambda: session.run(None, {"images": one}), lambda: session.run(None, {"images": batch}), {})
+        return {"p50": lambda: session.run(None, {"images": one})}, lambda: session.run(None, {"images": batch})
     import torch
 
     torch.set_grad_enabled(False)
     if form == "torchscript":
         module = torch.jit.load(str(path))
-        return (lambda: module(torch.from_numpy(one)), lambda: module(torch.from_numpy(batch)), {})
+        return {"p50": lambda: module(torch.from_numpy(one))}, lambda: module(torch.from_numpy(batch))
     from scoring import Detector
 
     detector = Detector.load(path, device="cpu")
     x = torch.from_numpy(one).permute(0, 3, 1, 2).float() / 255
     feats = detector.features(x)
-    split = {"features_ms": statistics.median(timed(lambda: detector.features(x), 5, budget_s / 4)),
-             "knn_ms": statistics.median(timed(lambda: detector.score_features(feats), 5, budget_s / 4))}
-    return lambda: detector.predict(one), lambda: detector.predict(batch), split
+    return ({"p50": lambda: detector.predict(one), "features": lambda: detector.features(x),
+             "knn": lambda: detector.score_features(feats)}, lambda: detector.predict(batch))
 
 
 def peak_rss_mb() -> float:
@@ -98,10 +108,12 @@ def main() -> None:
     args = parser.parse_args()
     one = synthetic_images(1, args.size, seed=2)
     batch = synthetic_images(args.batch, args.size, seed=3)
-    run_one, run_batch, extra = runners(args.form, args.file, one, batch, args.budget_s)
-    times = timed(run_one, args.repeats, args.budget_s)
+    run_one, run_batch = runners(args.form, args.file, one, batch)
+    samples = dict(zip(run_one, timed_in_turn(list(run_one.values()), args.repeats, args.budget_s)))
+    times = samples.pop("p50")
     batch_ms = timed(run_batch, 3, args.budget_s / 2)
-    print(json.dumps({**extra, "p50_ms": statistics.median(times), "p95_ms": float(np.percentile(times, 95)),
+    parts = {f"{name}_ms": statistics.median(spent) for name, spent in samples.items()}
+    print(json.dumps({**parts, "p50_ms": statistics.median(times), "p95_ms": float(np.percentile(times, 95)),
                       "calls": len(times), "batch_images_per_s": args.batch / (statistics.median(batch_ms) / 1000),
                       "peak_rss_mb": peak_rss_mb()}))
 
