@@ -1,6 +1,8 @@
 """The projected exact search (scoring.engine.projection, BankSearch._scan): a lower bound that
 prunes, and still the brute-force answer: eager, traced, in many blocks, with ties."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -201,3 +203,22 @@ def test_first_pass_on_half_the_axes_bounds_the_full_projection():
     assert bool((first <= full).all())
     true = full + q_sq[:, None]  # |q~ - b~|^2
     assert ((first + q_sq[:, None]) / true).median() > 0.5
+
+
+def test_threads_sharing_one_search_each_get_their_own_answer(monkeypatch):
+    """The scan's eager buffer is per thread: searches of one bank from several threads at once
+    (a server sharing one detector) give each its own brute-force answer."""
+    monkeypatch.setattr(knn, "SCAN_GROUP_ROWS", 64)  # many blocks per search: many chances to interleave
+    monkeypatch.setattr(knn, "SCAN_ELEMENTS", 64 * 400)
+    bank = low_rank(6000)
+    search = BankSearch(bank, backend="torch", precision="fp32")
+    assert search._projects()
+    queries = [low_rank(300, seed=seed) for seed in range(10, 18)]
+    expected = [search(q, 1) for q in queries]  # one thread: the reference
+    for q, want in zip(queries, expected):
+        torch.testing.assert_close(want.double(), brute(q, bank, 1), rtol=1e-5, atol=1e-5)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda q: search(q, 1), queries))
+            for g, want in zip(got, expected):
+                assert torch.equal(g, want)

@@ -36,6 +36,7 @@ torch shortlist in float32 is used; the projected scan runs traced as it runs ea
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -300,7 +301,9 @@ class BankSearch(nn.Module):
         for name in ("projection_axes", "projection_offset", "projected_rows", "projection_order", "first_pass_rows"):
             self.register_buffer(name, None)
         self._projection_pays: bool | None = None  # None: not decided yet (see _projects)
-        self._scratch: torch.Tensor | None = None  # eager mode: the projected values of a scan (_scan_block)
+        # Eager mode: the projected values of a scan (_scan_block), one buffer per thread (threads
+        # sharing a detector each search their own queries; torch's products release the GIL).
+        self._scratch = threading.local()
         # While a TorchScript file is traced (:class:`.model.ExportModel`): the graph's input its scan
         # blocks write into, as eager mode's scratch (``None``: each block a fresh tensor, as ONNX takes).
         self.traced_scratch: torch.Tensor | None = None
@@ -522,9 +525,9 @@ class BankSearch(nn.Module):
                 return q @ block.t()
             scratch = self.traced_scratch
         else:
-            if self._scratch is None or self._scratch.numel() < need or self._scratch.device != q.device:
-                self._scratch = torch.empty(max(need, q.shape[0] * step), device=q.device)
-            scratch = self._scratch
+            scratch = getattr(self._scratch, "values", None)
+            if scratch is None or scratch.numel() < need or scratch.device != q.device:
+                scratch = self._scratch.values = torch.empty(max(need, q.shape[0] * step), device=q.device)
         return torch.mm(q, block.t(), out=scratch[:need].view(q.shape[0], block.shape[0]))
 
     def _band(self, queries: torch.Tensor, kth: torch.Tensor, k: int,
@@ -792,3 +795,7 @@ class BankSearch(nn.Module):
         state = dict(self.__dict__)
         state["_centred"], state["_scratch"], state["traced_scratch"] = {}, None, None
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._scratch = threading.local()
