@@ -516,7 +516,7 @@ class BankSearch(nn.Module):
         """``(m, s + 2)`` first-pass queries -> ``(m, n)`` their values against :attr:`first_pass_rows`
         ``start:start + step``, written into one buffer reused across blocks and calls (fresh memory
         costs its page faults: 45 ms against 17 for 1,024 x 21,402 values; a traced TorchScript graph
-        15,700 faults per 256 px image, 30% of its time); valid until the next block. In a traced
+        ~16,000 faults per 256 px image, a fifth of its time); valid until the next block. In a traced
         graph the buffer is :attr:`traced_scratch` (a graph input, sized for one image) or none."""
         block = self.first_pass_rows[start:start + step]  # made by _scan's self._projection()
         need = q.shape[0] * block.shape[0]

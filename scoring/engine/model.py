@@ -599,7 +599,7 @@ class AnyRank(nn.Module):
     """TorchScript front of a traced :class:`ExportModel`: also takes grayscale ``(N, H, W)`` batches,
     and runs the graph (traced on one image) image by image, each call's scans writing into one
     scratch tensor of its own (glibc returns a freed block of a few MB to the system and the next
-    one faults it back in: 15,700 page faults per 256 px image without it)."""
+    one faults it back in: ~16,000 page faults per 256 px image without it)."""
 
     def __init__(self, traced: nn.Module, scratch_elements: int):
         super().__init__()
