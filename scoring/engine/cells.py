@@ -61,4 +61,4 @@ def tightened(coreset: BankSearch, whole: BankSearch, starts: torch.Tensor, patc
     distance, row = coreset.nearest(patches, 1)
     window = torch.arange(width, device=row.device)
     rows = (starts.to(row.device)[row[:, 0]][:, None] + window).clamp_max(whole.size - 1)
-    return torch.minimum(distance[:, 0], whole.nearest_among(patches, rows).to(distance.dtype))
+    return torch.minimum(distance[:, 0], whole.nearest_among(patches, rows, width).to(distance.dtype))

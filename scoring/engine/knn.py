@@ -92,6 +92,10 @@ SCAN_ELEMENTS = 1 << 22
 SCAN_GROUP_ROWS = 512
 TREE_ORDER = True  # projected rows in projection.tree_order (False: the bank's order; for comparisons)
 TRACED_GROUPS = 24  # a traced graph's scan groups (and blocks): at most this many, of SCAN_GROUP_ROWS or more
+# nearest_among on a projected bank: a query's listed rows are ranked by their first-pass projection
+# (34 floats a row, against 384), and only the lowest this many measured exactly. KolektorSDD's 64
+# listed rows a patch, 2 cores of an AMD EPYC: 31 -> ~7 ms a test image (docs/speed.md "Cell lists, ranked").
+WINDOW_EXACT_ROWS = 8
 
 __all__ = ["BACKENDS", "SHORTLISTS", "BankSearch", "FaissShortlist", "Shortlist", "TorchShortlist",
            "faiss_available", "resolve_backend"]
@@ -301,6 +305,10 @@ class BankSearch(nn.Module):
         for name in ("projection_axes", "projection_offset", "projected_rows", "projection_order", "first_pass_rows"):
             self.register_buffer(name, None)
         self._projection_pays: bool | None = None  # None: not decided yet (see _projects)
+        # Set by a bank that reads cell lists (:meth:`nearest_among`): its projection then also keeps the
+        # first-pass rows in the bank's own order (``window_rows``), where a cell's rows lie together.
+        self.ranks_windows = False
+        self.register_buffer("window_rows", None)
         # Eager mode: the projected values of a scan (_scan_block), one buffer per thread (threads
         # sharing a detector each search their own queries; torch's products release the GIL).
         self._scratch = threading.local()
@@ -585,16 +593,31 @@ class BankSearch(nn.Module):
         parts = [block(slice(start, start + PAIR_ROWS)) for start in range(0, max(1, query_index.shape[0]), PAIR_ROWS)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def nearest_among(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``(M, D)`` queries and ``(M, w)`` rows of this bank each -> ``(M,)`` the exact distance to the row
-        of each query's ``w`` ranked nearest by products (the row nearest to it, or one as near within
-        the products' rounding): always the distance to a row of the bank, computed as the search
-        computes one."""
+    def nearest_among(self, queries: torch.Tensor, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """``(M, D)`` queries and ``(M, w)`` rows of this bank each (``width``: ``w``, given where a traced
+        graph knows it) -> ``(M,)`` an exact distance to one of them, always to a row of the bank and
+        computed as the search computes one. Which row: where
+        the bank is projected and :attr:`ranks_windows` is set, the nearest of the
+        :data:`WINDOW_EXACT_ROWS` ranked lowest by their first-pass projection (a lower bound of each
+        distance; the nearest listed row is nearly always among them); else the row ranked nearest by
+        products (the nearest, or one as near within their rounding)."""
         queries = queries.to(self.rows.device, torch.float32)
-        frame, centred = self._query_frame(queries), queries - self.mean
+        frame = self._query_frame(queries)
+        width = int(rows.shape[1]) if width is None else width
+        ranked = self.ranks_windows and width > WINDOW_EXACT_ROWS and self._projects()
+        if ranked:
+            reduced = self._first_pass_queries(*self._projection().queries(frame))[0]
+        else:
+            centred = queries - self.mean
 
         def block(part: slice) -> torch.Tensor:
             wanted = rows[part]
+            if ranked:  # the lowest few by projection (a tenth of the values read), then their exact distances
+                projected = self.window_rows.index_select(0, wanted.reshape(-1)).view(*wanted.shape, -1)
+                values = torch.bmm(projected, reduced[part, :, None])[..., 0]
+                wanted = wanted.gather(1, values.topk(WINDOW_EXACT_ROWS, dim=1, largest=False).indices)
+                gathered = self.rows.index_select(0, wanted.reshape(-1)).view(*wanted.shape, -1)
+                return gathered.sub_(frame[part, None]).square_().sum(2).amin(1).sqrt()
             gathered = self.rows.index_select(0, wanted.reshape(-1)).view(*wanted.shape, -1)
             # |q - b|^2 less the query's own terms: |b - m|^2 - 2 (q - m).b (rows as stored, see store_centred)
             ranking = self.centred_sq[wanted] - 2 * torch.bmm(gathered, centred[part, :, None])[..., 0]
@@ -603,8 +626,9 @@ class BankSearch(nn.Module):
 
         if torch.jit.is_tracing():  # one block: a graph's query count is known only when it runs
             return block(slice(None))
-        step = max(1, 2 * PAIR_ROWS // max(1, rows.shape[1]))  # 6 MB gathered a block (64 queries x 64 rows: 51 ms
-        # per 4,032 queries, against 66 at 256 and 104 at 16)
+        # 6 MB gathered a block (64 queries x 64 rows: 51 ms per 4,032 queries, against 66 at 256 and
+        # 104 at 16); ranked, a block gathers the same number of exact rows.
+        step = max(1, 2 * PAIR_ROWS // (WINDOW_EXACT_ROWS if ranked else max(1, width)))
         parts = [block(slice(start, start + step)) for start in range(0, max(1, queries.shape[0]), step)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -706,6 +730,10 @@ class BankSearch(nn.Module):
                 self.projection_axes, self.projection_offset = made.axes, made.offset
                 self.projected_rows, self.projection_order = made.rows[order].contiguous(), order
                 self.first_pass_rows = first_pass_rows(self.projected_rows)
+                if self.ranks_windows:  # in the bank's order (nearest_among reads a cell's rows together)
+                    inverse = torch.empty_like(order)
+                    inverse[order] = torch.arange(order.shape[0], device=order.device)
+                    self.window_rows = self.first_pass_rows[inverse].contiguous()
         return Projection(self.projection_axes, self.projection_offset, self.projected_rows)
 
     def store_centred(self) -> BankSearch:
@@ -714,6 +742,7 @@ class BankSearch(nn.Module):
         if not self.stored_centred:
             self.rows = self.rows - self.mean
             self.stored_centred, self._centred, self.projected_rows, self.first_pass_rows = True, {}, None, None
+            self.window_rows = None
             self._projection_pays = None
             self.shortlist.reset()
         self._projects()  # decided (and made) here, outside any trace

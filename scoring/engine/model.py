@@ -288,6 +288,8 @@ class PatchBank(nn.Module):
         # The whole bank is searched for the patches certification picks (BankSearch takes the torch
         # search for a handful of queries, which faiss scans without BLAS).
         self.whole = BankSearch(full, backend, precision, shards) if refining else None
+        if self.whole is not None:
+            self.whole.ranks_windows = self.cells > 0
         self.coreset, self.coreset_dim, self.seed = state["coreset"], state["coreset_dim"], state["seed"]
         # A buffer: it moves with .to() and a traced graph holds it once.
         self.register_buffer("cell_starts", starts if listing else None)
