@@ -39,6 +39,11 @@ STANDALONE = textwrap.dedent("""
             with torch.no_grad():
                 outputs = [o.numpy() for o in model(torch.from_numpy(images))]
                 gray_scores = model(torch.from_numpy(np.ascontiguousarray(images[..., 0])))[0].numpy()
+                try:
+                    model(torch.from_numpy(images[:0]))
+                    empty = "scored"
+                except Exception as error:  # noqa: BLE001 (torch.jit.Error: what a user of the file sees)
+                    empty = str(error)
             threshold = json.loads(extra["metadata.json"])["threshold"]
         else:
             import onnxruntime
@@ -46,9 +51,10 @@ STANDALONE = textwrap.dedent("""
             outputs = session.run(None, {"images": images})
             gray_scores = session.run(None, {"images": np.ascontiguousarray(images[..., :1])})[0]
             threshold = json.loads(session.get_modelmeta().custom_metadata_map["threshold"])
+            empty = "not checked"  # (ONNX Runtime: a graph cannot say it in words)
         certified = outputs[2] if len(outputs) == 3 else np.ones(len(outputs[0]), bool)  # a certified coreset's
         np.savez(path + ".npz", scores=outputs[0], maps=outputs[1], gray_scores=gray_scores, threshold=threshold,
-                 certified=certified, outputs=len(outputs))
+                 certified=certified, outputs=len(outputs), empty=empty)
 """)
 VARIANTS = {"concatenation": {}, "multiplication": {"fusion": "multiplication"},
             "coreset": {"coreset": 0.3, "refine": 4, "k": 2}}  # frames: test_one_way_in
@@ -104,6 +110,8 @@ def test_exported_files_score_as_predict_in_a_fresh_process(fmt, detectors, imag
         assert float(got["threshold"]) == pytest.approx(detector.threshold)
         # A certified coreset's file says so per image (third output); the others keep two outputs.
         assert int(got["outputs"]) == (3 if name == "coreset" else 2) and got["certified"].all()
+        if fmt == "torchscript":  # an empty batch is refused in words, both fronts (two and three outputs)
+            assert "an empty batch (N = 0)" in str(got["empty"])
         meta = read_metadata(files[name], fmt)
         assert meta["size"] == 32 and meta["config"]["fusion"] == detector.config.fusion
         assert meta["frame"] == list(detector.frame) and got["maps"].shape[1:] == detector.frame

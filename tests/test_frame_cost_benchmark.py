@@ -36,3 +36,20 @@ def test_frame_cost_refuses_no_timing_rounds(tmp_path):
         ["--checkpoint", "x.pt", "--data-root", str(tmp_path), "--c", "widget", "--repeats", "0"])
     with pytest.raises(SystemExit, match="--repeats 0"):
         frame_cost.main(args)
+
+
+def test_cell_lists_benchmark_times_both_ways_and_they_agree(one_epoch, tiny_root, tmp_path):
+    from benchmarks import cell_lists
+
+    argv = ["--checkpoint", str(one_epoch / "widget-wave18" / "model.pt"), "--data-root", str(tiny_root),
+            "--c", "widget", "--coreset", "0.5", "--cells", "16", "--repeats", "2", "--out", str(tmp_path)]
+    cell_lists.main(cell_lists.get_args_parser().parse_args(argv))
+    result = json.loads((tmp_path / "cell_lists_widget.json").read_text())
+    ranked, every = result["rows"]
+    assert (ranked["cell rows"], every["cell rows"]) == ("ranked", "every row")
+    assert every["values equal to every row's"] == "100.00%"
+    for row in (ranked, every):
+        assert len(row["rounds"].split(" / ")) == 2 and float(row["ms / test image (median)"]) > 0
+    # The tiny network's patches: the lowest 8 of 16 ranked rows nearly always hold the nearest.
+    assert float(ranked["values equal to every row's"].rstrip("%")) > 90
+    assert abs(float(ranked["pixel AUROC"]) - float(every["pixel AUROC"])) < 0.01

@@ -610,6 +610,8 @@ class AnyRank(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.dim() == 3:
             images = images.unsqueeze(-1)
+        if images.shape[0] == 0:  # (torch.cat of no outputs would fail with an interpreter error)
+            raise ValueError("an empty batch (N = 0): give at least one image")
         scratch = torch.empty(self.scratch_elements)
         scores, maps = [], []
         for one in images.split(1):
@@ -625,6 +627,8 @@ class AnyRankCertified(AnyRank):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if images.dim() == 3:
             images = images.unsqueeze(-1)
+        if images.shape[0] == 0:  # (torch.cat of no outputs would fail with an interpreter error)
+            raise ValueError("an empty batch (N = 0): give at least one image")
         scratch = torch.empty(self.scratch_elements)
         scores, maps, certified = [], [], []
         for one in images.split(1):
