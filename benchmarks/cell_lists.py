@@ -23,7 +23,6 @@ import argparse
 import statistics
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -79,7 +78,7 @@ def main(args: argparse.Namespace) -> None:
     table = []
     for way, ranked in ways.items():
         bank.whole.ranks_windows = ranked
-        _, maps = scorer.score(test_feats, desc=f"k-NN search ({way})")
+        scores, maps = scorer.score(test_feats, desc=f"k-NN search ({way})")  # (scores: certified, either way)
         same = (found[way] == found["every row"]).float().mean()
         every = found["every row"]  # (a patch equal to a bank row is 0 away: no relative difference)
         worst = ((found[way] - every).abs() / every.clamp_min(torch.finfo(every.dtype).tiny)).max()
@@ -91,7 +90,7 @@ def main(args: argparse.Namespace) -> None:
     meta = {**system_info(device), "checkpoint": args.checkpoint, "category": args.category, "frame": config.frame,
             "test_images": len(labels), "patches": int(patches.shape[0]), "whole_bank_rows": bank.whole.size,
             "cells": args.cells, "coreset": args.coreset, "repeats": args.repeats,
-            "image_auroc": float(metrics.image_auroc(labels, np.asarray(scorer.score(test_feats)[0])))}
+            "image_auroc": float(metrics.image_auroc(labels, scores.numpy()))}
     print("written:", write_results(args.out, f"cell_lists_{args.category}", HEADER, table, meta))
 
 
