@@ -14,8 +14,8 @@ rows from its nearest coreset row's start (:func:`tightened`: that cell's rows,
 and past a small cell the next cells' rows): still the distance to a real row of the bank, so
 still an upper bound (the certification's reasoning is unchanged), and the exact distance
 whenever the patch's nearest row is among them and found. Per patch that is ``cells`` rows that lie
-together in memory, not a search: in a projected bank (wide features) each ranked by its 34-float
-first-pass projection, a lower bound of its distance, and only the lowest
+together in memory, not a search: in a projected bank (wide features) each ranked by its first-pass
+projection (34 or 66 floats), a lower bound of its distance, and only the lowest
 :data:`.knn.WINDOW_EXACT_ROWS` measured exactly (the nearest listed row is nearly always among them:
 the maps of the development sets' detectors were unchanged to 4 decimals); else every row by products.
 

@@ -93,8 +93,9 @@ SCAN_GROUP_ROWS = 512
 TREE_ORDER = True  # projected rows in projection.tree_order (False: the bank's order; for comparisons)
 TRACED_GROUPS = 24  # a traced graph's scan groups (and blocks): at most this many, of SCAN_GROUP_ROWS or more
 # nearest_among on a projected bank: a query's listed rows are ranked by their first-pass projection
-# (34 floats a row, against 384), and only the lowest this many measured exactly. KolektorSDD's 64
-# listed rows a patch, 2 cores of an AMD EPYC: 31 -> ~7 ms a test image (docs/speed.md "Cell lists, ranked").
+# (34 floats a row with 64 axes, 66 with 128; against 384), and only the lowest this many measured
+# exactly. KolektorSDD's 64 listed rows a patch, 2 cores of an AMD EPYC: 32 -> 6.5 ms a test image
+# (docs/speed.md, "Cell lists ranked by their projection").
 WINDOW_EXACT_ROWS = 8  # (toothbrush: 4 rows 93% of values as every row's, 8 rows 97.5%, 16 rows 99%)
 
 __all__ = ["BACKENDS", "SHORTLISTS", "BankSearch", "FaissShortlist", "Shortlist", "TorchShortlist",
