@@ -48,7 +48,7 @@ from common.errors import SettingError
 from common.runtime import PRECISIONS, bf16_matmul_pays
 
 from ..config import BACKENDS
-from .projection import Projection, first_pass_rows, projection_rounding, tree_order
+from .projection import Projection, first_pass_rows, project, projection_rounding, tree_order
 
 # Candidates beyond k whose exact distances decide, for float32 and for bfloat16 products.
 SHORTLIST = 8
@@ -638,11 +638,9 @@ class BankSearch(nn.Module):
         against :attr:`window_rows` (as :meth:`_first_pass_queries`), projected in float32: they only
         rank a window's rows, whose chosen few are then measured exactly (the float64 projection
         that the scan's bounds need took half of :meth:`nearest_among`'s time)."""
-        centred = frame - self.projection_offset.float()
-        along = centred @ self.projection_axes.float()
-        rest = (centred.square().sum(1) - along.square().sum(1)).clamp_min(0).sqrt()[:, None]
+        projected, _ = project(frame - self.projection_offset.float(), self.projection_axes.float())
         kept = self.window_rows.shape[1] - 2
-        return torch.cat([-2 * along[:, :kept], -2 * rest, torch.ones_like(rest)], 1)
+        return torch.cat([-2 * projected[:, :kept], -2 * projected[:, -1:], torch.ones_like(projected[:, :1])], 1)
 
     def _rerank(self, queries: torch.Tensor, candidates: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(m, D)`` queries and ``(m, c)`` candidate rows -> ``(m, k)`` exact distances of the ``k``

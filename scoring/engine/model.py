@@ -597,6 +597,16 @@ class ExportModel(nn.Module):
         return (scores, maps, certified) if self.reports_certified else (scores, maps)
 
 
+def channels_last_batch(images: torch.Tensor) -> torch.Tensor:
+    """A TorchScript front's input ``(N, H, W)`` or ``(N, H, W, C)`` -> ``(N, H, W, C)``; an empty batch is
+    refused in words (the graph's outputs, joined image by image, would fail with an interpreter error)."""
+    if images.dim() == 3:
+        images = images.unsqueeze(-1)
+    if images.shape[0] == 0:
+        raise ValueError("an empty batch (N = 0): give at least one image")
+    return images
+
+
 class AnyRank(nn.Module):
     """TorchScript front of a traced :class:`ExportModel`: also takes grayscale ``(N, H, W)`` batches,
     and runs the graph (traced on one image) image by image, each call's scans writing into one
@@ -608,10 +618,7 @@ class AnyRank(nn.Module):
         self.traced, self.scratch_elements = traced, scratch_elements
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.dim() == 3:
-            images = images.unsqueeze(-1)
-        if images.shape[0] == 0:  # (torch.cat of no outputs would fail with an interpreter error)
-            raise ValueError("an empty batch (N = 0): give at least one image")
+        images = channels_last_batch(images)
         scratch = torch.empty(self.scratch_elements)
         scores, maps = [], []
         for one in images.split(1):
@@ -625,10 +632,7 @@ class AnyRankCertified(AnyRank):
     """:class:`AnyRank` of a file with a certified coreset (TorchScript needs the outputs' count)."""
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if images.dim() == 3:
-            images = images.unsqueeze(-1)
-        if images.shape[0] == 0:  # (torch.cat of no outputs would fail with an interpreter error)
-            raise ValueError("an empty batch (N = 0): give at least one image")
+        images = channels_last_batch(images)
         scratch = torch.empty(self.scratch_elements)
         scores, maps, certified = [], [], []
         for one in images.split(1):

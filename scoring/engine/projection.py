@@ -70,8 +70,9 @@ def residual_norms(squared: torch.Tensor, along: torch.Tensor) -> torch.Tensor:
 
 
 def project(centred: torch.Tensor, axes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(n, D)`` float64 centred vectors -> ``(n, p + 1)`` float64 projections and ``(n,)`` float64
-    squared norms ``|x|^2`` (= ``|x~|^2``)."""
+    """``(n, D)`` centred vectors and ``(D, p)`` axes, float64 for the bounds (float32 where the values
+    only rank rows, :meth:`.knn.BankSearch.nearest_among`) -> ``(n, p + 1)`` projections and ``(n,)``
+    squared norms ``|x|^2`` (= ``|x~|^2``), in that dtype."""
     along = centred @ axes
     squared = centred.pow(2).sum(1)
     return torch.cat([along, residual_norms(squared, along)[:, None]], 1), squared
