@@ -613,17 +613,18 @@ class BankSearch(nn.Module):
 
         def block(part: slice) -> torch.Tensor:
             wanted = rows[part]
-            if ranked:  # the lowest few by projection (a tenth of the values read), then their exact distances
+            if ranked:  # the lowest few by projection (a tenth of the values read)
                 projected = self.window_rows.index_select(0, wanted.reshape(-1)).view(*wanted.shape, -1)
                 values = torch.bmm(projected, reduced[part, :, None])[..., 0]
                 wanted = wanted.gather(1, values.topk(WINDOW_EXACT_ROWS, dim=1, largest=False).indices)
+            else:  # the nearest by products
                 gathered = self.rows.index_select(0, wanted.reshape(-1)).view(*wanted.shape, -1)
-                return gathered.sub_(frame[part, None]).square_().sum(2).amin(1).sqrt()
-            gathered = self.rows.index_select(0, wanted.reshape(-1)).view(*wanted.shape, -1)
-            # |q - b|^2 less the query's own terms: |b - m|^2 - 2 (q - m).b (rows as stored, see store_centred)
-            ranking = self.centred_sq[wanted] - 2 * torch.bmm(gathered, centred[part, :, None])[..., 0]
-            best = wanted.gather(1, ranking.argmin(1, keepdim=True))[:, 0]
-            return self.rows.index_select(0, best).sub_(frame[part]).square_().sum(1).sqrt()
+                # |q - b|^2 less the query's own terms: |b - m|^2 - 2 (q - m).b (rows as stored, see store_centred)
+                ranking = self.centred_sq[wanted] - 2 * torch.bmm(gathered, centred[part, :, None])[..., 0]
+                wanted = wanted.gather(1, ranking.argmin(1, keepdim=True))
+            # The chosen rows' exact distances, and the nearest of them.
+            chosen = self.rows.index_select(0, wanted.reshape(-1)).view(*wanted.shape, -1)
+            return chosen.sub_(frame[part, None]).square_().sum(2).amin(1).sqrt()
 
         if torch.jit.is_tracing():  # one block: a graph's query count is known only when it runs
             return block(slice(None))
