@@ -7,7 +7,8 @@ One trained network, three ways of scoring its test set:
   on a CPU for large banks);
 - ``frame, coreset C``: the same frame with a certified coreset of each ``--coresets`` fraction
   (image scores equal to the exact bank's), reading each patch's ``--cells`` rows of its coreset
-  row's cell (the recipe's 64 by default; ``--cells 0,64`` gives both rows).
+  row's cell (the recipe's 64 by default; ``--cells 0,64`` gives both rows); with ``--layers``,
+  these rows once for each set of stages (``--layers 2,3 2``), each with features of its own.
 
 Per row: milliseconds per test image for the features and for the k-NN search with fusion (medians
 of ``--repeats`` rounds, every row timed once a round, so that a shared host's drift falls on all
@@ -49,6 +50,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="comma list of the coreset rows' cells read per patch (scoring.engine.cells), one row "
                              f"each per coreset (default: --recipe best's {RECIPE_CELLS}; 0: off)")
     parser.add_argument("--exact", action="store_true", help="also the exact bank at the frame")
+    parser.add_argument("--layers", nargs="+", default=["2,3"],
+                        help="the stages the frame's rows score, one or more sets (e.g. 2,3 2); the paper row keeps 2,3")
     parser.add_argument("--fusion", default="concatenation")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timing rounds (every row timed once a round; medians are reported)")
@@ -121,12 +124,16 @@ def main(args: argparse.Namespace) -> None:
     frame = resolve_config(ScoreConfig(batch_size=16, fusion=args.fusion, frame=args.frame), info, paths)
     rows = [Row("paper (training size, exact)", paper,
                 *features(network, paper, paths, args.data_root, args.category, device))]
-    at_frame = features(network, frame, paths, args.data_root, args.category, device)
-    variants = [("frame, exact", frame)] if args.exact else []
-    variants += [(f"frame, coreset {c} certified" + (f", cells {n}" if int(n) else ""),
-                  frame.replace(coreset=float(c), cells=int(n)))
-                 for c in args.coresets.split(",") for n in args.cells.split(",")]
-    rows += [Row(name, config, *at_frame) for name, config in variants]
+    for layers in args.layers:
+        at_layers = frame.replace(layers=tuple(int(x) for x in layers.split(",")))
+        # Each set of stages its own features: a network run only up to its last stage costs less.
+        at_frame = features(network, at_layers, paths, args.data_root, args.category, device)
+        named = "" if layers == "2,3" else f", layers {layers}"
+        variants = [(f"frame, exact{named}", at_layers)] if args.exact else []
+        variants += [(f"frame, coreset {c} certified" + (f", cells {n}" if int(n) else "") + named,
+                      at_layers.replace(coreset=float(c), cells=int(n)))
+                     for c in args.coresets.split(",") for n in args.cells.split(",")]
+        rows += [Row(name, config, *at_frame) for name, config in variants]
     # Rows timed in turn, --repeats rounds: a shared host's speed drifts, so each row's median is
     # taken over the same stretch of time as the paper row's it is divided by.
     for _ in tqdm(range(args.repeats), desc="timing rounds", unit="round", dynamic_ncols=True):
@@ -135,7 +142,7 @@ def main(args: argparse.Namespace) -> None:
     table = [row.cells(rows[0]) for row in rows]
     print(markdown_table(HEADER, table))
     meta = {**system_info(device), "checkpoint": args.checkpoint, "category": args.category,
-            "test_images": len(at_frame[2]), "train_images": len(paths), "size": paper.size,
+            "test_images": len(rows[0].labels), "train_images": len(paths), "size": paper.size,
             "repeats": args.repeats}
     print("written:", write_results(args.out, f"frame_cost_{args.category}", HEADER, table, meta))
 

@@ -31,6 +31,19 @@ def test_frame_cost_rows_rounds_and_certified_scores(one_epoch, tiny_root, tmp_p
         assert row["certified"] == "6/6" and row["image AUROC"] == exact["image AUROC"]
 
 
+def test_frame_cost_scores_each_set_of_stages_with_its_own_features(one_epoch, tiny_root, tmp_path):
+    argv = ["--checkpoint", str(one_epoch / "widget-wave18" / "model.pt"), "--data-root", str(tiny_root),
+            "--c", "widget", "--frame", "64x32", "--coresets", "0.5", "--cells", "0", "--layers", "2,3", "2",
+            "--repeats", "1", "--out", str(tmp_path)]
+    frame_cost.main(frame_cost.get_args_parser().parse_args(argv))
+    paper, both, second = json.loads((tmp_path / "frame_cost_widget.json").read_text())["rows"]
+    assert both["scoring"] == "frame, coreset 0.5 certified"
+    assert second["scoring"] == "frame, coreset 0.5 certified, layers 2"
+    # The same patches (layer 2's grid), so the same coreset size; other features, so other scores.
+    assert second["bank rows searched"] == both["bank rows searched"] and second["certified"] == "6/6"
+    assert (second["image AUROC"], second["pixel AUROC"]) != (both["image AUROC"], both["pixel AUROC"])
+
+
 def test_frame_cost_refuses_no_timing_rounds(tmp_path):
     args = frame_cost.get_args_parser().parse_args(
         ["--checkpoint", "x.pt", "--data-root", str(tmp_path), "--c", "widget", "--repeats", "0"])
