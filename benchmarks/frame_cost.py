@@ -37,6 +37,7 @@ from scoring import ScoreConfig, metrics
 from scoring.building import features_of, load_network, resolve_config
 from scoring.engine.features import ImageFiles
 from scoring.engine.model import AnomalyScorer
+from scoring.pipeline.cli import parse_layers
 from scoring.pipeline.evaluation import category_test_set
 
 RECIPE_CELLS = RECIPES["best"]["score"]["cells"]
@@ -50,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="comma list of the coreset rows' cells read per patch (scoring.engine.cells), one row "
                              f"each per coreset (default: --recipe best's {RECIPE_CELLS}; 0: off)")
     parser.add_argument("--exact", action="store_true", help="also the exact bank at the frame")
-    parser.add_argument("--layers", nargs="+", default=["2,3"],
+    parser.add_argument("--layers", nargs="+", type=parse_layers, default=[[2, 3]],
                         help="stages the frame's rows score, one or more sets (e.g. 2,3 2); the paper row keeps 2,3")
     parser.add_argument("--fusion", default="concatenation")
     parser.add_argument("--repeats", type=int, default=3,
@@ -125,10 +126,10 @@ def main(args: argparse.Namespace) -> None:
     rows = [Row("paper (training size, exact)", paper,
                 *features(network, paper, paths, args.data_root, args.category, device))]
     for layers in args.layers:
-        at_layers = frame.replace(layers=tuple(int(x) for x in layers.split(",")))
+        at_layers = frame.replace(layers=tuple(layers))
         # Each set of stages its own features: a network run only up to its last stage costs less.
         at_frame = features(network, at_layers, paths, args.data_root, args.category, device)
-        named = "" if layers == "2,3" else f", layers {layers}"
+        named = "" if at_layers.layers == paper.layers else f", layers {','.join(map(str, layers))}"
         variants = [(f"frame, exact{named}", at_layers)] if args.exact else []
         variants += [(f"frame, coreset {c} certified" + (f", cells {n}" if int(n) else "") + named,
                       at_layers.replace(coreset=float(c), cells=int(n)))

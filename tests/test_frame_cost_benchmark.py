@@ -44,6 +44,13 @@ def test_frame_cost_scores_each_set_of_stages_with_its_own_features(one_epoch, t
     assert (second["image AUROC"], second["pixel AUROC"]) != (both["image AUROC"], both["pixel AUROC"])
 
 
+def test_frame_cost_refuses_a_set_of_stages_it_cannot_read(capsys):
+    with pytest.raises(SystemExit):
+        frame_cost.get_args_parser().parse_args(["--checkpoint", "x.pt", "--data-root", ".", "--c", "w",
+                                                 "--layers", "2,3", "2,x"])
+    assert "'2,x' is not a comma list of stage numbers" in capsys.readouterr().err
+
+
 def test_frame_cost_refuses_no_timing_rounds(tmp_path):
     args = frame_cost.get_args_parser().parse_args(
         ["--checkpoint", "x.pt", "--data-root", str(tmp_path), "--c", "widget", "--repeats", "0"])
