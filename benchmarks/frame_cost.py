@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="comma list of the coreset rows' cells read per patch (scoring.engine.cells), one row "
                              f"each per coreset (default: --recipe best's {RECIPE_CELLS}; 0: off)")
     parser.add_argument("--exact", action="store_true", help="also the exact bank at the frame")
-    parser.add_argument("--layers", nargs="+", type=parse_layers, default=[[2, 3]],
+    parser.add_argument("--layers", nargs="+", type=parse_layers, default=[list(ScoreConfig.default("layers"))],
                         help="stages the frame's rows score, one or more sets (e.g. 2,3 2); the paper row keeps 2,3")
     parser.add_argument("--fusion", default="concatenation")
     parser.add_argument("--repeats", type=int, default=3,
