@@ -36,10 +36,26 @@ from scoring.engine.model import AnomalyScorer, PatchBank, bank_grids, to_patche
 from scoring.pipeline.evaluation import category_test_set
 
 
+def powers(text: str) -> list[float]:
+    """``--alphas``: a comma list of non-negative numbers (argparse turns a ValueError into one line)."""
+    values = [float(part) for part in text.split(",")]
+    if any(not value >= 0 for value in values):
+        raise ValueError(text)
+    return values
+
+
+def positive(text: str) -> int:
+    if int(text) < 1:
+        raise ValueError(text)
+    return int(text)
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     parser = checkpoint_parser(__doc__)
-    parser.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="comma list of the density's powers")
-    parser.add_argument("--neighbours", type=int, default=5, help="coreset rows a row's spacing is measured to")
+    parser.add_argument("--alphas", type=powers, default="0,0.25,0.5,0.75,1",
+                        help="comma list of the density's powers, each 0 or more (0: the detector's own score)")
+    parser.add_argument("--neighbours", type=positive, default=5,
+                        help="coreset rows (1 or more) a row's spacing is measured to")
     parser.add_argument("--coreset", type=float, default=RECIPES["best"]["score"]["coreset"])
     parser.add_argument("--frame", default=None, help="default: the checkpoint's")
     parser.add_argument("--out", default="results/benchmarks")
@@ -78,7 +94,7 @@ def certified_maxima(bank: PatchBank, patches: torch.Tensor, upper: torch.Tensor
 
 def main(args: argparse.Namespace) -> None:
     torch.set_grad_enabled(False)
-    alphas = [float(a) for a in args.alphas.split(",")]
+    alphas = args.alphas
     device = torch.device("cpu")
     network, info = load_network(args.checkpoint, device)
     paths = train_images(args.data_root, args.category)

@@ -4,6 +4,7 @@ distances, and on the tiny data set its alpha-0 row is the scorer's own certifie
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks import bank_density
@@ -51,3 +52,11 @@ def test_alpha_zero_is_the_scorers_own_certified_score(one_epoch, tiny_root, tmp
     scores = AnomalyScorer.fit(config, train).score(test)[0].numpy()
     labels = np.concatenate([np.asarray(e["label"]) for e in extras])
     assert zero["image AUROC all"] == f"{metrics.image_auroc(labels, scores):.4f}"
+
+
+def test_bad_powers_and_neighbours_are_one_argparse_line(capsys):
+    for flag, value in (("--alphas", "0,x"), ("--alphas", "-1"), ("--neighbours", "0")):
+        with pytest.raises(SystemExit):
+            bank_density.get_args_parser().parse_args(["--checkpoint", "x.pt", "--data-root", ".", "--c", "w",
+                                                       flag, value])
+        assert f"argument {flag}: invalid" in capsys.readouterr().err
