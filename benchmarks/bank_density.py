@@ -92,8 +92,8 @@ def certified_maxima(bank: PatchBank, patches: torch.Tensor, upper: torch.Tensor
     return best, int((~known.isnan()).sum())
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): a caller's (a test's) training must keep its gradients
 def main(args: argparse.Namespace) -> None:
-    torch.set_grad_enabled(False)
     alphas = args.alphas
     device = torch.device("cpu")
     network, info = load_network(args.checkpoint, device)

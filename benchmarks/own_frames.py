@@ -56,8 +56,8 @@ def bank_rows(detector: Detector, feats: list[torch.Tensor]) -> torch.Tensor:
     return to_patches(bank_grids(detector.config.fusion, feats[:len(detector.config.layers)])[0])
 
 
+@torch.no_grad()  # not set_grad_enabled(False): a caller in the same process keeps its gradients
 def main(args: argparse.Namespace) -> None:
-    torch.set_grad_enabled(False)
     detector = Detector.load(args.detector, device="cpu")
     config = detector.config
     if config.fusion != "concatenation":

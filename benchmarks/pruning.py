@@ -141,8 +141,8 @@ def projection_rows(name: str, search: BankSearch, queries: torch.Tensor, k: int
             for which, index in (("random", slice(None)), ("2% farthest", top))]
 
 
+@torch.no_grad()  # not set_grad_enabled(False): a caller in the same process keeps its gradients
 def main(args: argparse.Namespace) -> None:
-    torch.set_grad_enabled(False)
     detector = Detector.load(args.detector, device="cpu")
     bank = detector.model.scorer.banks[0]
     whole = bank.whole if bank.whole is not None else bank.search

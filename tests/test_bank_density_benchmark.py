@@ -60,3 +60,10 @@ def test_bad_powers_and_neighbours_are_one_argparse_line(capsys):
             bank_density.get_args_parser().parse_args(["--checkpoint", "x.pt", "--data-root", ".", "--c", "w",
                                                        flag, value])
         assert f"argument {flag}: invalid" in capsys.readouterr().err
+
+
+def test_the_benchmark_leaves_gradients_on_for_its_caller(one_epoch, tiny_root, tmp_path):
+    argv = ["--checkpoint", str(one_epoch / "widget-wave18" / "model.pt"), "--data-root", str(tiny_root),
+            "--c", "widget", "--coreset", "0.5", "--alphas", "0", "--out", str(tmp_path)]
+    bank_density.main(bank_density.get_args_parser().parse_args(argv))
+    assert torch.is_grad_enabled()
