@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import checkpoint_parser, markdown_table, system_info, write_results
+from benchmarks.common import checkpoint_parser, defect_groups, markdown_table, system_info, write_results
 from common.recipes import RECIPES
 from data import train_images
 from scoring import ScoreConfig, metrics
@@ -115,9 +115,7 @@ def main(args: argparse.Namespace) -> None:
         for alpha in alphas:
             scores[alpha].append(best[alpha])
     labels = np.concatenate([np.asarray(e["label"]) for e in extras])
-    defects = [s.defect for s in test_set.samples]
-    groups = [("all", np.ones(len(labels), bool))] + [
-        (d, np.array([x in ("good", d) for x in defects])) for d in sorted(set(defects) - {"good"})]
+    groups = defect_groups([s.defect for s in test_set.samples])
     header = ["alpha"] + [f"image AUROC {name}" for name, _ in groups]
     table = [[f"{alpha:g}"] + [f"{metrics.image_auroc(labels[keep], np.array(scores[alpha])[keep]):.4f}"
                                for _, keep in groups] for alpha in alphas]

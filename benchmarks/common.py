@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from scoring.outputs.report import markdown_table  # noqa: F401  (re-exported for the benchmark scripts)
@@ -25,6 +26,14 @@ def checkpoint_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--c", dest="category", required=True)
     return parser
+
+
+def defect_groups(defects: list[str]) -> list[tuple[str, np.ndarray]]:
+    """Test images' defect names (``good`` for normal) -> ``("all", every image)``, then per defect kind
+    its images with the normal ones: the masks an image AUROC per defect is taken over."""
+    groups = [("all", np.ones(len(defects), bool))]
+    return groups + [(kind, np.array([d in ("good", kind) for d in defects]))
+                     for kind in sorted(set(defects) - {"good"})]
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import markdown_table
+from benchmarks.common import defect_groups, markdown_table
 from data import train_images
 from data.frames import frame_at_area
 from data.images import network_input, read_rgb
@@ -81,10 +81,8 @@ def main(args: argparse.Namespace) -> None:
         [torch.cat(parts) for parts in zip(*(detector.features(test_set[i]["image"][None])
                                              for i in tqdm(range(len(test_set)), desc="test images, one frame")))])[0]
     labels = np.array([s.label for s in test_set.samples])
-    defects = [s.defect for s in test_set.samples]
     table = []
-    for name, keep_mask in [("all", np.ones(len(labels), bool))] + [
-            (d, np.array([x in ("good", d) for x in defects])) for d in sorted(set(defects) - {"good"})]:
+    for name, keep_mask in defect_groups([s.defect for s in test_set.samples]):
         table.append([name, int(keep_mask.sum()),
                       f"{metrics.image_auroc(labels[keep_mask], one_scores.numpy()[keep_mask]):.4f}",
                       f"{metrics.image_auroc(labels[keep_mask], np.array(own_scores)[keep_mask]):.4f}"])

@@ -1,5 +1,6 @@
 """benchmarks/bank_density.py: its certified maxima are the brute-force maxima of the divided
-distances, and on the tiny data set its alpha-0 row is the scorer's own certified image score."""
+distances, and on the tiny data set its alpha-0 row is the scorer's own certified image score (with
+gradients left on for its caller)."""
 
 import json
 
@@ -40,6 +41,7 @@ def test_alpha_zero_is_the_scorers_own_certified_score(one_epoch, tiny_root, tmp
     argv = ["--checkpoint", str(checkpoint), "--data-root", str(tiny_root), "--c", "widget", "--frame", "64x32",
             "--coreset", "0.5", "--alphas", "0,1", "--neighbours", "2", "--out", str(tmp_path)]
     bank_density.main(bank_density.get_args_parser().parse_args(argv))
+    assert torch.is_grad_enabled()  # its no_grad is its own: a caller's training keeps its gradients
     result = json.loads((tmp_path / "bank_density_widget.json").read_text())
     zero, one = result["rows"]
     assert (zero["alpha"], one["alpha"]) == ("0", "1") and result["info"]["frame"] == "64x32"
@@ -60,10 +62,3 @@ def test_bad_powers_and_neighbours_are_one_argparse_line(capsys):
             bank_density.get_args_parser().parse_args(["--checkpoint", "x.pt", "--data-root", ".", "--c", "w",
                                                        flag, value])
         assert f"argument {flag}: invalid" in capsys.readouterr().err
-
-
-def test_the_benchmark_leaves_gradients_on_for_its_caller(one_epoch, tiny_root, tmp_path):
-    argv = ["--checkpoint", str(one_epoch / "widget-wave18" / "model.pt"), "--data-root", str(tiny_root),
-            "--c", "widget", "--coreset", "0.5", "--alphas", "0", "--out", str(tmp_path)]
-    bank_density.main(bank_density.get_args_parser().parse_args(argv))
-    assert torch.is_grad_enabled()
