@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from common.distributed import DistInfo, block
 from common.errors import SettingError, UserError
@@ -39,6 +41,7 @@ from .engine import dense
 from .engine.calibration import Threshold, cross_fitted_calibration
 from .engine.features import ImageFiles, extract
 from .engine.model import AnomalyModel, AnomalyScorer, bank_states
+from .engine.views import choose_view, chosen_config, view_text
 from .pipeline.cache import BankCache
 
 
@@ -132,7 +135,7 @@ def features_of(network: torch.nn.Module, dataset, config: ScoreConfig, device: 
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda")
     return extract(network, loader, list(config.layers), device, config.precision == "bf16", desc,
-                   head=dense.uses_head(config.map_source))
+                   head=dense.uses_head(config.map_source), view=config.view_preprocessing)
 
 
 def decide_threshold(config: ScoreConfig, calibrated: Threshold | None) -> Threshold | None:
@@ -177,19 +180,28 @@ def build_detector(network: torch.nn.Module, info: dict, config: ScoreConfig, tr
             paths, desc = [paths[i] for i in share], f"{desc} (part {shards.rank + 1}/{shards.world_size})"
         feats, _ = features_of(network, ImageFiles(paths, config.preprocessing), config, device,
                                f"{desc} features", workers=workers)
+        chosen_scores = None
         if entry is None:
-            entry = {"banks": bank_states(config, feats, device, part),
-                     "train_images": len(train.paths)}
+            record = None
+            if config.image_view == "auto":  # chosen once, with the banks (scoring.engine.views)
+                _, record, chosen_scores = choose_view(config, feats, device)
+                tqdm.write(f"image view: {view_text(record)}", file=sys.stderr)
+            entry = {"banks": bank_states(chosen_config(config, record), feats, device, part),
+                     "train_images": len(train.paths),
+                     **({"image_view": record} if record else {})}
         if need_threshold or need_norm:
             if sharded:
                 raise UserError("a sharded bank cannot calibrate: give a threshold (see scoring.pipeline.sharding)")
             # Once the maps are cross-fitted for the normalisation, the threshold costs nothing more: kept too.
-            threshold, norm = cross_fitted_calibration(config, feats, device)
+            threshold, norm = cross_fitted_calibration(chosen_config(config, entry.get("image_view")), feats, device,
+                                                       chosen_scores)
             calibration = {**calibration, "threshold": threshold.to_dict(), **({"map_norm": norm} if norm else {})}
         if cache is not None:
             cache.write(entry, config, calibration)
     # calibrate=False: no threshold, whether this call made one for the norm or the cache held one.
     if not calibrate:
         calibration = {k: v for k, v in calibration.items() if k != "threshold"}
-    detector = assemble(network, config, entry["banks"], calibration, provenance(info, train), device, part)
+    resolved = chosen_config(config, entry.get("image_view"))
+    origin = {**provenance(info, train), **({"image_view": entry["image_view"]} if "image_view" in entry else {})}
+    detector = assemble(network, resolved, entry["banks"], calibration, origin, device, part)
     return detector, cached

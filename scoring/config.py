@@ -24,6 +24,7 @@ from .inputs import Preprocessing
 FUSIONS = ("concatenation", "multiplication")
 BACKENDS = ("auto", "torch", "faiss")  # scoring.engine.knn
 MAP_SOURCES = ("knn", "head", "fused")  # scoring.engine.dense
+IMAGE_VIEWS = ("frame", "square", "auto")  # scoring.engine.views
 MAX_SMOOTH = 100  # px: a Gaussian sigma; its kernel is 8 sigma wide, wider than any frame side it could matter on
 
 
@@ -45,6 +46,7 @@ class ScoreConfig(Settings):
     coreset_dim: int = setting(32, "bank")
     seed: int = setting(0, "bank")  # coreset and calibration split
     cells: int = setting(0, "bank")  # coreset and k = 1: rows of each patch's coreset cell read (scoring.engine.cells)
+    image_view: str = setting("frame", "bank")  # the image score's view: frame, square or auto (scoring.engine.views)
     k: int = setting(1, "score")
     refine: int = setting(16, "score")  # with a coreset: patches re-searched in the whole bank per round
     certify: bool = setting(True, "score")  # with a coreset: image scores certified equal to the exact bank's
@@ -73,6 +75,21 @@ class ScoreConfig(Settings):
         if self.frame in (None, "square") and self.size is not None:
             return self.size, self.size
         raise ValueError(f"config.frame={self.frame!r} must be resolved first (scoring.building.resolve_config)")
+
+    @property
+    def view_preprocessing(self) -> Preprocessing | None:
+        """The square view the image score is taken at besides the frame's maps (``image_view`` square,
+        or auto before it is chosen): ``size x size`` made from the frame's input; ``None`` where
+        the image score is the frame's map's maximum, or the frame is the square already."""
+        if self.image_view == "frame" or self.frame_hw == (self.size, self.size):
+            return None
+        return Preprocessing((self.size, self.size), self.antialias)
+
+    @property
+    def view_config(self) -> ScoreConfig:
+        """The settings of the square view's bank: these with the square frame; no cells and no
+        smoothing (its maps are not kept, only its image scores)."""
+        return self.replace(frame="square", image_view="frame", cells=0, smooth=0.0)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -104,6 +121,9 @@ class ScoreConfig(Settings):
                                 and self.map_source == "fused"),
              "certified coreset scores cover the knn and head maps, not the fused one; add `certify=False` "
              "(uncertified) or keep the whole bank (`coreset=1`)"),
+            ("image_view", self.image_view in IMAGE_VIEWS, f"choose one of {', '.join(IMAGE_VIEWS)}"),
+            ("image_view", self.image_view == "frame" or self.map_source == "knn",
+             "a square view scores images with the k-NN map only; use map_source knn or image_view frame"),
             ("smooth", is_number(self.smooth) and 0 <= self.smooth <= MAX_SMOOTH,
              f"must be a number from 0 to {MAX_SMOOTH} px (a Gaussian sigma; PatchCore uses 4)"),
             ("threshold", self.threshold is None or (is_number(self.threshold) and self.threshold > 0),

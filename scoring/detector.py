@@ -16,6 +16,7 @@ scripts score with the same module, so ``predict`` gives the scores of their
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -180,7 +181,7 @@ class Detector:
                         "num_classes": self.provenance.get("num_classes"),
                         "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()}},
             # The whole bank beside a coreset is kept only where it is searched (refinement).
-            "banks": [bank.state() for bank in self.model.scorer.banks],
+            "banks": [bank.state() for bank in self.model.scorer.all_banks()],
             "config": self.config.to_dict(),
             "threshold": None if self.calibration is None else self.calibration.to_dict(),
             "map_norm": self.model.scorer.map_norm,
@@ -230,7 +231,7 @@ class Detector:
         threshold = "none" if self.threshold is None else f"{self.threshold:.4g}"
         return (f"Detector({self.provenance.get('arch')}, {self.config.fusion}, {self.size} px, "
                 f"frame {self.config.frame}, "
-                f"banks {[tuple(b.search.rows.shape) for b in self.model.scorer.banks]}, threshold {threshold})")
+                f"banks {[tuple(b.search.rows.shape) for b in self.model.scorer.all_banks()]}, threshold {threshold})")
 
 
 
@@ -265,6 +266,10 @@ def detector_state_problem(state: dict) -> str | None:
         return f"its settings cannot be read ({type(exc).__name__}: {str(exc)[:120]})"
     banks = state.get("banks")
     wanted = 1 if config.fusion == "concatenation" else len(config.layers)
+    with contextlib.suppress(ValueError):  # an unresolved frame: named by the checks below or by load
+        wanted *= 1 + (config.image_view != "auto" and config.view_preprocessing is not None)
+    if config.image_view == "auto":
+        return "its image view is auto, never chosen (a detector holds the view it chose)"
     if not isinstance(banks, list) or len(banks) != wanted:
         return f"{config.fusion} over layers {list(config.layers)} needs {wanted} memory bank(s), the file holds " \
                f"{len(banks) if isinstance(banks, list) else type(banks).__name__}"
@@ -312,7 +317,8 @@ def bank_widths(network: torch.nn.Module, config: ScoreConfig, device: torch.dev
     side = config.size or 64
     probe = torch.zeros(1, 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
     feats = pooled_features(network, probe, list(config.layers))
-    return [int(grid.shape[1]) for grid in bank_grids(config.fusion, feats)]
+    widths = [int(grid.shape[1]) for grid in bank_grids(config.fusion, feats)]
+    return widths * 2 if config.view_preprocessing is not None else widths  # the square view's banks too
 
 
 def detector_state(path: Path) -> dict | None:

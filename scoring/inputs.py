@@ -124,6 +124,12 @@ class Preprocessing:
         values, own = eight_bit_values(image, min(self.frame))
         return network_input(values[None], self.frame, self.antialias)[0], own
 
+    def from_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Network inputs of another frame ``(N, 3, H, W)`` (whole 8-bit values / 255) -> ``(N, 3, *frame)``:
+        the same resize and rounding, from what the other frame made of the image (how a second
+        view is made from the one input every way in gives; traceable)."""
+        return network_input(images.mul(255).round(), self.frame, self.antialias)
+
     def file(self, path: Path) -> torch.Tensor:
         """An image file -> ``(3, *frame)`` float in [0, 1] (unreadable: a ``UserError`` naming it)."""
         return network_input(read_rgb(path, min(self.frame))[None], self.frame, self.antialias)[0]

@@ -1,7 +1,8 @@
 """One image, one score: every way in gives the same numbers at the settings users run.
 
 A checkpoint scored at a non-square frame larger than its training side (as ``--recipe best``'s
-auto frame), through the tiled path, with a certified coreset, and in both fusions: the test
+auto frame), through the tiled path, with a certified coreset, in both fusions, and with the image
+scores at the square view (``--image-view``): the test
 set's ``image_scores.csv``, ``--images``' ``scores.csv``, ``Detector.predict`` on paths, uint8
 arrays and float tensors, and the exported TorchScript and ONNX graphs give each image the same
 score (1e-4 relative; exported graphs run other convolution kernels, see ``test_export``).
@@ -32,12 +33,16 @@ VARIANTS = {
     "certified-coreset": ("concatenation", "64x32", ["--coreset", "0.5", "--refine", "2", "--cells", "16"]),
     # TILE_SIDE patched to 64: 2 tiles of a 96 px side (not a multiple of the tile: ceil(96 / 64))
     "tiled": ("multiplication", "96x32", ["--coreset", "0.5"]),
+    # image scores at the square view remade from the frame's input, maps at the frame (--image-view;
+    # --recipe best's auto chooses it or the frame): scoring.engine.views
+    "square-view": ("concatenation", "64x32", ["--coreset", "0.5", "--refine", "2", "--cells", "16",
+                                               "--image-view", "square"]),
 }
 RTOL = 1e-4
 # Exported here at the recipe's settings (test_export checks both plain fusions' files against
 # predict): the certified coreset in both formats, the tiled frame in ONNX (whose integer division
 # once broke its tile layout; TorchScript runs the same traced graph).
-EXPORTED = {"certified-coreset": ("torchscript", "onnx"), "tiled": ("onnx",)}
+EXPORTED = {"certified-coreset": ("torchscript", "onnx"), "tiled": ("onnx",), "square-view": ("torchscript", "onnx")}
 
 
 def run_cli(fusion: str, argv: list[str], capsys) -> None:

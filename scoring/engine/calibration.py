@@ -53,7 +53,8 @@ def cross_fitted_maps(config: ScoreConfig, train_feats: list[torch.Tensor], devi
     order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed))
     halves = [order[: count // 2], order[count // 2:]]
     # The k-NN maps alone; smoothing only where the maps are kept (image scores are taken before it).
-    knn_config = config.replace(map_source="knn", smooth=config.smooth if keep_maps else 0.0)
+    # The frame's maps alone (a square view's image scores are cross-fitted on its own features).
+    knn_config = config.replace(map_source="knn", smooth=config.smooth if keep_maps else 0.0, image_view="frame")
     layers = len(config.layers)
     scores = torch.empty(count)
     maps = torch.empty(count, *config.frame_hw) if keep_maps else None
@@ -71,20 +72,28 @@ def cross_fitted_maps(config: ScoreConfig, train_feats: list[torch.Tensor], devi
     return scores, maps
 
 
-def cross_fitted_calibration(config: ScoreConfig, train_feats: list[torch.Tensor],
-              device: torch.device) -> tuple[Threshold, dict | None]:
+def cross_fitted_calibration(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device,
+                              scores: torch.Tensor | None = None) -> tuple[Threshold, dict | None]:
     """The calibrated threshold and, for a head map source, the maps' normalisation (else ``None``).
 
     ``train_feats``: the training images' per-layer features, then the head's logits for a head
-    map source (:func:`scoring.engine.features.pooled_features`).
+    map source, then a square view's features (:func:`scoring.engine.features.pooled_features`).
+    ``scores``: the image scores' view's cross-fitted training scores ``(N,)`` where they are known
+    already (:func:`scoring.engine.views.choose_view`; k-NN map source only).
     """
     norm, knn_maps = None, None
-    if config.map_source != "head":  # the head's map alone needs no k-NN map
+    view = config.image_view == "square" and config.view_preprocessing is not None
+    if scores is not None and config.map_source == "knn":
+        pass
+    elif view:  # the square view gives the image scores (scoring.engine.views)
+        scores, _ = cross_fitted_maps(config.view_config, train_feats[-len(config.layers):], device, keep_maps=False)
+    elif config.map_source != "head":  # the head's map alone needs no k-NN map
         scores, knn_maps = cross_fitted_maps(config, train_feats, device, keep_maps=config.map_source == "fused")
     if dense.uses_head(config.map_source):
         head = train_feats[len(config.layers)]
         norm = dense.map_norm(knn_maps, head_map(head, config.frame_hw))
         scores, _ = combine_head(config.map_source, knn_maps, head, norm, config.frame_hw)
     value = float(np.percentile(scores.numpy(), config.calib_percentile))
-    return Threshold(value, f"cross-fitted training scores, {config.calib_percentile}th percentile",
+    return Threshold(value, f"cross-fitted training scores{' (square view)' if view else ''}, "
+                            f"{config.calib_percentile}th percentile",
                      float(scores.mean()), float(scores.max())), norm

@@ -55,10 +55,13 @@ class ImageFiles(Dataset):
         return {"image": image, "path": str(path), "ok": ok, "reason": reason}
 
 
-def pooled_features(model: torch.nn.Module, images: torch.Tensor, layers: list[int],
-                    head: bool = False, tile: int | None = None, halo: int | None = None) -> list[torch.Tensor]:
+def pooled_features(model: torch.nn.Module, images: torch.Tensor, layers: list[int], head: bool = False,
+                    tile: int | None = None, halo: int | None = None,
+                    view: Preprocessing | None = None) -> list[torch.Tensor]:
     """``(N, 3, H, W)`` -> ``[(N, C_l, H / 2**(l+1), W / 2**(l+1)) for l in layers]`` (1-based stages),
-    followed by the segmentation head's logits ``(N, 1, H/4, W/4)`` when ``head`` (dense networks).
+    followed by the segmentation head's logits ``(N, 1, H/4, W/4)`` when ``head`` (dense networks),
+    then, with a ``view`` (``ScoreConfig.view_preprocessing``), the layers' features of the images
+    remade at the view's frame (``view.from_input``): ``[(N, C_l, h'_l, w'_l) for l in layers]``.
 
     A frame with a side over ``tile`` (default :data:`TILE_SIDE`; both sides multiples of
     :data:`TILE_STEP`) goes through the
@@ -73,8 +76,20 @@ def pooled_features(model: torch.nn.Module, images: torch.Tensor, layers: list[i
         # image's score must not depend on the images beside it (predict, the scripts, torchrun's
         # shares). It costs little there: wave18, 2 cores, 256 px 20 against 24 ms an image in a
         # batch of 16, 128 px 7.5 against 6.0. A GPU keeps its batches (and its own rounding).
-        parts = [pooled_features(model, one, layers, head, tile, halo) for one in images.split(1)]
+        parts = [pooled_features(model, one, layers, head, tile, halo, view) for one in images.split(1)]
         return [torch.cat(level) for level in zip(*parts)]
+    feats = _tiled_features(model, images, layers, head, tile, halo)
+    if view is None:
+        return feats
+    remade = view.from_input(images)
+    if images.is_contiguous(memory_format=torch.channels_last):  # as the frame's input runs
+        remade = remade.contiguous(memory_format=torch.channels_last)
+    return feats + _tiled_features(model, remade, layers, False, tile, halo)
+
+
+def _tiled_features(model: torch.nn.Module, images: torch.Tensor, layers: list[int], head: bool,
+                    tile: int | None, halo: int | None) -> list[torch.Tensor]:
+    """:func:`pooled_features` of one view, in tiles where the frame is large."""
     # Read here, not bound as defaults: a test (or a user with little memory) may set the module's values.
     tile, halo = TILE_SIDE if tile is None else tile, TILE_HALO if halo is None else halo
     # Plain ints, also in a traced graph (the frame is fixed there: images are resized to it first):
@@ -120,23 +135,24 @@ def _pooled(model: torch.nn.Module, images: torch.Tensor, layers: list[int], hea
 
 
 @torch.no_grad()
-def extract(model: torch.nn.Module, loader, layers: list[int], device: torch.device,
-            bf16: bool = False, desc: str = "features", head: bool = False) -> tuple[list[torch.Tensor], list[dict]]:
+def extract(model: torch.nn.Module, loader, layers: list[int], device: torch.device, bf16: bool = False,
+            desc: str = "features", head: bool = False,
+            view: Preprocessing | None = None) -> tuple[list[torch.Tensor], list[dict]]:
     """Run ``model`` over every batch of ``loader`` (dicts with an ``image`` entry).
 
     Returns:
         per layer one float32 CPU tensor ``(N, C_l, h_l, w_l)`` (then the head's logits when
-        ``head``, see :func:`pooled_features`), and the batches' other entries (labels, masks,
+        ``head``, then a ``view``'s, see :func:`pooled_features`), and the batches' other entries (labels, masks,
         paths, ...) as a list of dicts, one per batch.
     """
     model.eval()
-    chunks: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + head)]
+    chunks: list[list[torch.Tensor]] = [[] for _ in range(len(layers) * (1 + (view is not None)) + head)]
     extras = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False, dynamic_ncols=True):
         images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast:
-            feats = pooled_features(model, images, layers, head)
+            feats = pooled_features(model, images, layers, head, view=view)
         for store, feat in zip(chunks, feats):
             store.append(feat.float().cpu())
         extras.append({k: v for k, v in batch.items() if k != "image"})
@@ -145,15 +161,16 @@ def extract(model: torch.nn.Module, loader, layers: list[int], device: torch.dev
 
 @torch.no_grad()
 def batched_features(model: torch.nn.Module, images: torch.Tensor, layers: list[int], batch_size: int,
-                     device: torch.device, bf16: bool = False, head: bool = False) -> list[torch.Tensor]:
+                     device: torch.device, bf16: bool = False, head: bool = False,
+                     view: Preprocessing | None = None) -> list[torch.Tensor]:
     """``(N, 3, S, S)`` float images -> per layer ``(N, C_l, h_l, w_l)`` float32 CPU features (then the
-    head's logits when ``head``)."""
-    out: list[list[torch.Tensor]] = [[] for _ in range(len(layers) + head)]
+    head's logits when ``head``, then a ``view``'s features: :func:`pooled_features`)."""
+    out: list[list[torch.Tensor]] = [[] for _ in range(len(layers) * (1 + (view is not None)) + head)]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].to(device).contiguous(memory_format=torch.channels_last)
         with autocast:
-            feats = pooled_features(model, batch, layers, head)
+            feats = pooled_features(model, batch, layers, head, view=view)
         for store, feat in zip(out, feats):
             store.append(feat.float().cpu())
     return [torch.cat(store) for store in out]

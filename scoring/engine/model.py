@@ -237,7 +237,11 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
     each coreset row's cell starts in ``full``, else ``None``) and the coreset's settings. Plain tensors and
     values: the bank cache and detector files hold these.
     With ``shards`` (torchrun, a sharded bank) ``train_feats`` are this rank's block of images and
-    the states its part of each bank: its rows of the coreset one process would choose."""
+    the states its part of each bank: its rows of the coreset one process would choose.
+    With a square view (``config.view_preprocessing``) its banks follow, of the last ``len(layers)``
+    features (:func:`scoring.engine.features.pooled_features`), at ``config.view_config``."""
+    if config.image_view == "auto":
+        raise ValueError("image_view auto must be chosen first (scoring.engine.views.choose_view)")
     sampler = sampler or GreedyCoresetSampler(config.coreset, config.coreset_dim, config.seed)
     states = []
     for grid in bank_grids(config.fusion, train_feats[:len(config.layers)]):
@@ -254,6 +258,8 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
             full, starts = in_cell_order(BankSearch(rows, config.knn), full)
         states.append({"rows": rows, "full": full, "cell_starts": starts, "coreset": config.coreset,
                        "coreset_dim": config.coreset_dim, "seed": config.seed})
+    if config.view_preprocessing is not None:
+        states += bank_states(config.view_config, train_feats[-len(config.layers):], device, shards)
     return states
 
 
@@ -322,7 +328,8 @@ class AnomalyScorer(nn.Module):
     ``head`` and ``fused`` map sources only.
     """
 
-    def __init__(self, banks: list[PatchBank], config: ScoreConfig, map_norm: dict | None = None):
+    def __init__(self, banks: list[PatchBank], config: ScoreConfig, map_norm: dict | None = None,
+                 view: AnomalyScorer | None = None):
         super().__init__()
         if config.size is None:
             raise ValueError("config.size must be resolved (the network's input size)")
@@ -337,21 +344,34 @@ class AnomalyScorer(nn.Module):
         self.coreset = any(bank.coreset < 1 for bank in banks)  # searched rows whose distances are bounds
         self.search_stats: dict = {}  # of the last :meth:`score` call (re-searched patches, certified images)
         self.search_counts: tuple[torch.Tensor, torch.Tensor] | None = None  # its per-image counts
+        # The square view's scorer where it gives the image scores (scoring.engine.views), else None.
+        self.view = view
 
     @classmethod
     def from_states(cls, config: ScoreConfig, states: list[dict], map_norm: dict | None = None,
                     device: torch.device | str = "cpu", shards: DistInfo | None = None) -> AnomalyScorer:
         """The scorer of :func:`bank_states`' states; with ``shards`` (a sharded bank) the states
         are this rank's parts and every search returns the whole bank's answer."""
+        if config.image_view == "auto":
+            raise ValueError("image_view auto must be chosen first (scoring.engine.views.choose_view)")
+        view = None
+        if config.view_preprocessing is not None:  # the frame's banks, then the square view's (bank_states)
+            half = len(states) // 2
+            view = cls.from_states(config.view_config, states[half:], None, device, shards)
+            states = states[:half]
         banks = [PatchBank(state, config.refine, config.knn, config.knn_precision, shards, config.cells)
                  for state in states]
-        return cls(banks, config, map_norm).to(device)
+        return cls(banks, config, map_norm, view).to(device)
 
     @classmethod
     def fit(cls, config: ScoreConfig, train_feats: list[torch.Tensor], map_norm: dict | None = None,
             device: torch.device | str = "cpu") -> AnomalyScorer:
         """Banks from normal images' per-layer features ``(N, C_l, h_l, w_l)`` (see :func:`bank_states`)."""
         return cls.from_states(config, bank_states(config, train_feats, device), map_norm, device)
+
+    def all_banks(self) -> list[PatchBank]:
+        """The frame's banks, then the square view's (the order of :func:`bank_states`)."""
+        return list(self.banks) + (list(self.view.banks) if self.view is not None else [])
 
     @property
     def backend(self) -> str:
@@ -366,7 +386,9 @@ class AnomalyScorer(nn.Module):
     def search_maps(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`forward`, and per image whether its score is certified exact ``(N,)`` bool and how
         many patches were re-searched in the whole bank ``(N,)`` (see :meth:`knn_maps`). ``smooth``
-        blurs the k-NN maps only; their image scores are taken before it (the paper's)."""
+        blurs the k-NN maps only; their image scores are taken before it (the paper's). With a square
+        view (:attr:`view`) the image scores, and whether they are certified, are the view's: the
+        maximum of its map over the last ``len(layers)`` features; the maps stay the frame's."""
         if self.map_source == "head":  # no k-NN search: the head's map alone
             scores, maps = combine_head("head", None, feats[self.layer_count], self.map_norm, self.size)
             searched = torch.zeros_like(scores, dtype=torch.long)
@@ -376,6 +398,9 @@ class AnomalyScorer(nn.Module):
         maps = gaussian_smooth(maps, self.smooth)
         if self.map_source == "fused":
             scores, maps = combine_head("fused", maps, feats[self.layer_count], self.map_norm, self.size)
+        if self.view is not None:
+            scores, _, certified, view_searched = self.view.search_maps(feats[-self.layer_count:])
+            searched = searched + view_searched
         return scores, maps, certified, searched
 
     # -- nearest-neighbour maps, with a coreset certified -----------------------------------
@@ -516,7 +541,7 @@ class AnomalyModel(nn.Module):
     def features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """``(N, 3, S, S)`` -> per layer ``(N, C_l, h_l, w_l)`` (then the head's logits; see
         :func:`scoring.engine.features.pooled_features`)."""
-        return pooled_features(self.network, images, self.layers, self.head)
+        return pooled_features(self.network, images, self.layers, self.head, view=self.config.view_preprocessing)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scorer(self.features(images))
@@ -525,7 +550,7 @@ class AnomalyModel(nn.Module):
         """Eager :meth:`features` over any number of images, ``config.batch_size`` at a time on
         ``device`` (bfloat16 autocast with ``precision="bf16"``); float32 CPU tensors."""
         return batched_features(self.network, images, self.layers, self.config.batch_size, device, self.bf16,
-                                self.head)
+                                self.head, self.config.view_preprocessing)
 
     def score_images(self, images: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Eager :meth:`forward` over any number of images (batched features, then :meth:`AnomalyScorer.score`)."""
@@ -577,16 +602,19 @@ class ExportModel(nn.Module):
         patches per image times its traced group, the largest over banks (searched one after another)."""
         height, width = self.size
         feats = self.core.features(torch.zeros(1, 3, height, width))
-        grids = self.core.scorer.fusion_rule.grids(feats[:self.core.scorer.layer_count])
-        return max((bank.search.traced_scratch_elements(grid.shape[-2] * grid.shape[-1])
-                    for bank, grid in zip(self.core.scorer.banks, grids)), default=0)
+        scorer = self.core.scorer
+        pairs = list(zip(scorer.banks, scorer.fusion_rule.grids(feats[:scorer.layer_count])))
+        if scorer.view is not None:
+            pairs += zip(scorer.view.banks, scorer.fusion_rule.grids(feats[-scorer.layer_count:]))
+        return max((bank.search.traced_scratch_elements(grid.shape[-2] * grid.shape[-1]) for bank, grid in pairs),
+                   default=0)
 
     def forward(self, images: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """uint8 ``(N, H, W, C)`` -> scores ``(N,)``, maps ``(N, S, S)`` (and certified ``(N,)`` bool).
         With ``scratch`` (:meth:`scratch_elements` floats; TorchScript traces, one image per call) the
         banks' scans write into it instead of fresh memory."""
         feats = self.core.features(prepare_uint8(images, self.size, self.antialias))
-        searches = [bank.search for bank in self.core.scorer.banks]
+        searches = [bank.search for bank in self.core.scorer.all_banks()]
         for search in searches:
             search.traced_scratch = scratch
         try:

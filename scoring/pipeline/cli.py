@@ -20,7 +20,7 @@ from common.recipes import RECIPES
 from common.runtime import PRECISIONS, resolve_device
 from data import resolve_categories
 
-from ..config import BACKENDS, FUSIONS, MAP_SOURCES, ScoreConfig
+from ..config import BACKENDS, FUSIONS, IMAGE_VIEWS, MAP_SOURCES, ScoreConfig
 from .runner import score_categories
 from .runs import ScoringRun
 from .synthetic_check import CHECK_AUGS, HELD_OUT_KINDS
@@ -80,6 +80,10 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     scoring.add_argument("--cells", type=int, default=DEFAULT("cells"), metavar="N",
                          help="with --coreset < 1 and --k 1: read N rows of each patch's coreset cell, so that the "
                               "maps come within ~0.1 pixel AUROC of the whole bank's (0 = off; --recipe best: 64)")
+    scoring.add_argument("--image-view", dest="image_view", default=DEFAULT("image_view"), choices=IMAGE_VIEWS,
+                         help="where image scores come from: frame (the map's maximum), square (the image remade "
+                              "at the training size, the paper's view; maps stay the frame's) or auto (the view "
+                              "whose cross-fitted training scores spread less; --recipe best)")
     scoring.add_argument("--uncertified", dest="certify", action="store_false",
                          help="with --coreset < 1: re-search only each image's --refine highest patches, once "
                               "(faster; image scores may lie above the exact bank's); with --refine 0 none "

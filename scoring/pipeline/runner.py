@@ -248,7 +248,10 @@ def scored_record(detector, info: dict, run: ScoringRun, category: str, out_dir:
         "settings": settings_record(config, detector.model.scorer.backend),
         "bank": {"patches": [bank.search.total for bank in detector.model.scorer.banks],
                  "dim": [int(b.shape[1]) for b in banks],
-                 "train_images": detector.provenance["train_images"]},
+                 "train_images": detector.provenance["train_images"],
+                 # image_view auto: the view chosen and the two spreads it read (scoring.engine.views)
+                 **({"image_view": detector.provenance["image_view"]} if "image_view" in detector.provenance
+                    else {})},
     }
     if run.shard_bank and shards.enabled:
         # Every rank searches its part of the bank for every image, in step; rank 0 alone writes.

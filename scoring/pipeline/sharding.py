@@ -31,6 +31,9 @@ def check_shardable(config: ScoreConfig, need_threshold: bool, detector_file: Pa
         raise UserError("a sharded bank (--shard-bank, ScoringRun.shard_bank) cannot calibrate a threshold: give "
                         "one (--threshold T, ScoreConfig.threshold), e.g. the threshold in the results.json of a "
                         "one-process run")
+    if config.image_view != "frame" and config.view_preprocessing is not None:
+        raise SettingError("image_view", config.image_view, "needs the square view's bank and its choice in one "
+                                                            "process; use {setting}frame with a sharded bank")
     if uses_head(config.map_source):
         raise SettingError("map_source", config.map_source, "needs a map normalisation calibrated on the whole "
                                                              "bank; use {setting}knn with a sharded bank")

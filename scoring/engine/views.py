@@ -1,0 +1,76 @@
+"""Which view gives a detector's image scores: the frame's map, or the image squashed to the
+network's training side (``ScoreConfig.image_view``).
+
+The frame (:mod:`data.frames`) keeps the images' shape and scale: its maps localise better on
+every development data set, and on most of them it detects better too. On some (Magnetic Tile
+here, a grainy tire texture held out) the same network detects better at ``size x size``, the
+paper's view, where its many small patches do not raise normal images' maxima. A detector can
+take its maps at the frame and its image scores at the square view: the image is remade at
+``size x size`` from the frame's input (:meth:`scoring.inputs.Preprocessing.from_input`: one
+input for every way in, the exported files' too), banked and searched as the paper does (the
+detector's coreset, certified).
+
+``image_view="auto"`` chooses between the two without labels: each view's cross-fitted training
+scores (every normal training image scored against a bank of the other half, as the threshold's
+calibration does, :func:`scoring.engine.calibration.cross_fitted_maps`), and the view whose
+normal scores spread less around their mean (coefficient of variation, std / mean) scores the
+images. A view where normal images' maxima scatter widely is one where defects stand out less.
+On the three development data sets it chose the view with the better test image AUROC on every
+network measured (docs/results.md "The image score's view").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ScoreConfig
+from .calibration import cross_fitted_maps
+
+
+def spread(scores: torch.Tensor) -> float:
+    """Normal images' scores ``(N,)`` -> their coefficient of variation (std / mean; scale-free,
+    so the two views' distances compare)."""
+    scores = scores.double()
+    return float(scores.std() / scores.mean()) if float(scores.mean()) > 0 else float("inf")
+
+
+def view_scores(config: ScoreConfig, train_feats: list[torch.Tensor],
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """Both views' cross-fitted training image scores ``{"frame": (N,), "square": (N,)}``;
+    ``train_feats`` as :func:`scoring.engine.features.pooled_features` gives them with the view."""
+    layers = len(config.layers)
+    frame, _ = cross_fitted_maps(config.replace(image_view="frame"), train_feats[:layers], device, keep_maps=False)
+    square, _ = cross_fitted_maps(config.view_config, train_feats[-layers:], device, keep_maps=False)
+    return {"frame": frame, "square": square}
+
+
+def choose_view(config: ScoreConfig, train_feats: list[torch.Tensor],
+                device: torch.device) -> tuple[ScoreConfig, dict, torch.Tensor]:
+    """``config`` with ``image_view`` auto -> the config with the chosen view, what the choice read
+    (``{"chosen", "frame_spread", "square_spread"}``, kept with the banks and in the provenance)
+    and the chosen view's cross-fitted training scores ``(N,)`` (the threshold's calibration
+    reuses them)."""
+    if config.view_preprocessing is None:  # the frame is the square: one view
+        return config.replace(image_view="frame"), {"chosen": "frame", "reason": "the frame is square"}, None
+    scores = view_scores(config, train_feats, device)
+    spreads = {name: spread(values) for name, values in scores.items()}
+    chosen = "square" if spreads["square"] < spreads["frame"] else "frame"
+    record = {"chosen": chosen, "frame_spread": spreads["frame"], "square_spread": spreads["square"]}
+    return config.replace(image_view=chosen), record, scores[chosen]
+
+
+def chosen_config(config: ScoreConfig, record: dict | None) -> ScoreConfig:
+    """``config`` with the view a bank's ``record`` (:func:`choose_view`) holds, where it is auto."""
+    if config.image_view != "auto":
+        return config
+    if not record or record.get("chosen") not in ("frame", "square"):
+        raise ValueError("image_view auto needs the view chosen with the banks (choose_view)")
+    return config.replace(image_view=record["chosen"])
+
+
+def view_text(record: dict) -> str:
+    """One line of what :func:`choose_view` chose and why."""
+    if "frame_spread" not in record:
+        return f"{record['chosen']} ({record.get('reason', '')})"
+    spreads = f"frame {record['frame_spread']:.3f}, square {record['square_spread']:.3f}"
+    return f"{record['chosen']} (cross-fitted training scores' spread, std / mean: {spreads}; the lower one scores images)"
