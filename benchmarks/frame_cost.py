@@ -8,7 +8,9 @@ One trained network, three ways of scoring its test set:
 - ``frame, coreset C``: the same frame with a certified coreset of each ``--coresets`` fraction
   (image scores equal to the exact bank's), reading each patch's ``--cells`` rows of its coreset
   row's cell (the recipe's 64 by default; ``--cells 0,64`` gives both rows); with ``--layers``,
-  these rows once for each set of stages (``--layers 2,3 2``), each with features of its own.
+  these rows once for each set of stages (``--layers 2,3 2``), each with features of its own;
+  with ``--square-view`` each coreset row again with the image scores at the square view
+  (``image_view`` square, :mod:`scoring.engine.views`: its features and search counted too).
 
 Per row: milliseconds per test image for the features and for the k-NN search with fusion (medians
 of ``--repeats`` rounds, every row timed once a round, so that a shared host's drift falls on all
@@ -51,6 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="comma list of the coreset rows' cells read per patch (scoring.engine.cells), one row "
                              f"each per coreset (default: --recipe best's {RECIPE_CELLS}; 0: off)")
     parser.add_argument("--exact", action="store_true", help="also the exact bank at the frame")
+    parser.add_argument("--square-view", action="store_true",
+                        help="also each coreset row with the image scores at the square view (--image-view square)")
     parser.add_argument("--layers", nargs="+", type=parse_layers, default=[list(ScoreConfig.default("layers"))],
                         help="stages the frame's rows score, one or more sets (e.g. 2,3 2); the paper row keeps 2,3")
     parser.add_argument("--fusion", default="concatenation")
@@ -135,6 +139,11 @@ def main(args: argparse.Namespace) -> None:
                       at_layers.replace(coreset=float(c), cells=int(n)))
                      for c in args.coresets.split(",") for n in args.cells.split(",")]
         rows += [Row(name, config, *at_frame) for name, config in variants]
+        if args.square_view:  # the same rows with the square view's features and banks added
+            viewed = features(network, at_layers.replace(image_view="square"), paths, args.data_root,
+                              args.category, device)
+            rows += [Row(f"{name}, square view", config.replace(image_view="square"), *viewed)
+                     for name, config in variants if config.coreset < 1]
     # Rows timed in turn, --repeats rounds: a shared host's speed drifts, so each row's median is
     # taken over the same stretch of time as the paper row's it is divided by.
     for _ in tqdm(range(args.repeats), desc="timing rounds", unit="round", dynamic_ncols=True):

@@ -37,7 +37,10 @@ RECIPES: dict[str, dict[str, dict]] = {
                   "dense": True, "frame": "auto", "whole_share": 0.25},
         # Since 2026-12-06 its maps read 64 rows of each patch's coreset cell (`cells`): pixel AUROC
         # within 0.1 point of the whole bank's instead of 0.35-0.7 below (docs/speed.md "Cell lists").
-        "score": {"coreset": 0.1, "cells": 64},
+        # Since 2026-12-06 (late) its image scores come from the view whose cross-fitted training scores
+        # spread less, the frame's map or the image remade at the training size (`image_view` auto;
+        # maps stay the frame's): docs/results.md "The image score's view".
+        "score": {"coreset": 0.1, "cells": 64, "image_view": "auto"},
     },
     # Dense self-supervision alone on the paper protocol: a segmentation head learns each synthetic
     # anomaly's mask beside the classifier. Score with --map knn (default), head or fused.

@@ -81,8 +81,8 @@ class ScoreConfig(Settings):
         """The square view the image score is taken at besides the frame's maps (``image_view`` square,
         or auto before it is chosen): ``size x size`` made from the frame's input; ``None`` where
         the image score is the frame's map's maximum, or the frame is the square already."""
-        if self.image_view == "frame" or self.frame_hw == (self.size, self.size):
-            return None
+        if self.image_view == "frame" or self.map_source != "knn" or self.frame_hw == (self.size, self.size):
+            return None  # (auto with a head map source: the frame, see scoring.engine.views)
         return Preprocessing((self.size, self.size), self.antialias)
 
     @property
@@ -122,7 +122,7 @@ class ScoreConfig(Settings):
              "certified coreset scores cover the knn and head maps, not the fused one; add `certify=False` "
              "(uncertified) or keep the whole bank (`coreset=1`)"),
             ("image_view", self.image_view in IMAGE_VIEWS, f"choose one of {', '.join(IMAGE_VIEWS)}"),
-            ("image_view", self.image_view == "frame" or self.map_source == "knn",
+            ("image_view", self.image_view != "square" or self.map_source == "knn",
              "a square view scores images with the k-NN map only; use map_source knn or image_view frame"),
             ("smooth", is_number(self.smooth) and 0 <= self.smooth <= MAX_SMOOTH,
              f"must be a number from 0 to {MAX_SMOOTH} px (a Gaussian sigma; PatchCore uses 4)"),

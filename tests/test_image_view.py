@@ -103,6 +103,8 @@ def test_views_refused_where_they_cannot_hold():
         ScoreConfig(image_view="sideways")
     with pytest.raises(SettingError, match="image_view"):
         ScoreConfig(image_view="square", map_source="head")
+    # auto with the head's maps (the recipe with --map head): the frame, no second view
+    assert ScoreConfig(size=32, frame=FRAME, image_view="auto", map_source="head").view_preprocessing is None
     config = ScoreConfig(size=32, frame=FRAME, image_view="auto", threshold=1.0)
     with pytest.raises(SettingError, match="image_view"):
         check_shardable(config, need_threshold=False, detector_file=None)

@@ -10,7 +10,8 @@ take its maps at the frame and its image scores at the square view: the image is
 input for every way in, the exported files' too), banked and searched as the paper does (the
 detector's coreset, certified).
 
-``image_view="auto"`` chooses between the two without labels: each view's cross-fitted training
+``image_view="auto"`` chooses between the two without labels (the frame where the frame is
+square or the maps read the segmentation head, whose maps score the images): each view's cross-fitted training
 scores (every normal training image scored against a bank of the other half, as the threshold's
 calibration does, :func:`scoring.engine.calibration.cross_fitted_maps`), and the view whose
 normal scores spread less around their mean (coefficient of variation, std / mean) scores the
@@ -50,8 +51,9 @@ def choose_view(config: ScoreConfig, train_feats: list[torch.Tensor],
     (``{"chosen", "frame_spread", "square_spread"}``, kept with the banks and in the provenance)
     and the chosen view's cross-fitted training scores ``(N,)`` (the threshold's calibration
     reuses them)."""
-    if config.view_preprocessing is None:  # the frame is the square: one view
-        return config.replace(image_view="frame"), {"chosen": "frame", "reason": "the frame is square"}, None
+    if config.view_preprocessing is None:  # one view
+        reason = "the frame is square" if config.map_source == "knn" else f"the {config.map_source} map source"
+        return config.replace(image_view="frame"), {"chosen": "frame", "reason": reason}, None
     scores = view_scores(config, train_feats, device)
     spreads = {name: spread(values) for name, values in scores.items()}
     chosen = "square" if spreads["square"] < spreads["frame"] else "frame"
@@ -73,4 +75,4 @@ def view_text(record: dict) -> str:
     if "frame_spread" not in record:
         return f"{record['chosen']} ({record.get('reason', '')})"
     spreads = f"frame {record['frame_spread']:.3f}, square {record['square_spread']:.3f}"
-    return f"{record['chosen']} (cross-fitted training scores' spread, std / mean: {spreads}; the lower one scores images)"
+    return f"{record['chosen']} (cross-fitted training scores' std / mean: {spreads}; the lower one scores images)"
