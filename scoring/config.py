@@ -123,7 +123,7 @@ class ScoreConfig(Settings):
              "(uncertified) or keep the whole bank (`coreset=1`)"),
             ("image_view", self.image_view in IMAGE_VIEWS, f"choose one of {', '.join(IMAGE_VIEWS)}"),
             ("image_view", self.image_view != "square" or self.map_source == "knn",
-             "a square view scores images with the k-NN map only; use map_source knn or image_view frame"),
+             "a square view scores images with the k-NN map only; use {setting}frame or `map_source=knn`"),
             ("smooth", is_number(self.smooth) and 0 <= self.smooth <= MAX_SMOOTH,
              f"must be a number from 0 to {MAX_SMOOTH} px (a Gaussian sigma; PatchCore uses 4)"),
             ("threshold", self.threshold is None or (is_number(self.threshold) and self.threshold > 0),

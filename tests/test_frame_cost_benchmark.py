@@ -73,3 +73,16 @@ def test_cell_lists_benchmark_times_both_ways_and_they_agree(one_epoch, tiny_roo
     # The tiny network's patches: the lowest 8 of 16 ranked rows nearly always hold the nearest.
     assert float(ranked["values equal to every row's"].rstrip("%")) > 90
     assert abs(float(ranked["pixel AUROC"]) - float(every["pixel AUROC"])) < 0.01
+
+
+def test_frame_cost_square_view_rows_keep_the_maps_and_take_the_views_image_scores(one_epoch, tiny_root, tmp_path):
+    argv = ["--checkpoint", str(one_epoch / "widget-wave18" / "model.pt"), "--data-root", str(tiny_root),
+            "--c", "widget", "--frame", "64x32", "--coresets", "0.5", "--cells", "16", "--repeats", "1",
+            "--square-view", "--out", str(tmp_path)]
+    frame_cost.main(frame_cost.get_args_parser().parse_args(argv))
+    paper, frame, viewed = json.loads((tmp_path / "frame_cost_widget.json").read_text())["rows"]
+    assert viewed["scoring"] == frame["scoring"] + ", square view" and viewed["frame"] == "64x32"
+    assert (viewed["pixel AUROC"], viewed["AUPRO"]) == (frame["pixel AUROC"], frame["AUPRO"])  # the frame's maps
+    assert viewed["certified"] == "6/6"  # the view's image scores, certified
+    # Its features: the frame's pass and a 32 x 32 one (the view's costs are counted, not left out).
+    assert float(viewed["features ms / img"]) > 0 and float(viewed["total ms / img"]) > 0
