@@ -265,11 +265,11 @@ def detector_state_problem(state: dict) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any malformed settings entry, named in one line
         return f"its settings cannot be read ({type(exc).__name__}: {str(exc)[:120]})"
     banks = state.get("banks")
-    wanted = 1 if config.fusion == "concatenation" else len(config.layers)
-    with contextlib.suppress(ValueError):  # an unresolved frame: named by the checks below or by load
-        wanted *= 1 + (config.image_view != "auto" and config.view_preprocessing is not None)
     if config.image_view == "auto":
         return "its image view is auto, never chosen (a detector holds the view it chose)"
+    wanted = 1 if config.fusion == "concatenation" else len(config.layers)
+    with contextlib.suppress(ValueError):  # an unresolved frame: named by the checks below or by load
+        wanted *= 1 + (config.view_preprocessing is not None)  # the square view's banks follow the frame's
     if not isinstance(banks, list) or len(banks) != wanted:
         return f"{config.fusion} over layers {list(config.layers)} needs {wanted} memory bank(s), the file holds " \
                f"{len(banks) if isinstance(banks, list) else type(banks).__name__}"

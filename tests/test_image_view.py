@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import SettingError
+from common.errors import SettingError, UserError
 from scoring import Detector, ScoreConfig
 from scoring.building import features_of, load_network, resolve_config
 from scoring.engine.features import ImageFiles, batched_features
@@ -66,6 +66,12 @@ def test_a_square_view_detector_file_scores_as_the_detector(trained, tiny_root, 
     assert loaded.config.image_view == "square" and len(loaded.model.scorer.view.banks) == 1
     np.testing.assert_array_equal(loaded.predict(paths).scores, viewed.predict(paths).scores)
     assert loaded.threshold == viewed.threshold
+    # A file whose view was never chosen (edited) is refused in one line, not scored at some view.
+    state = torch.load(tmp_path / "d.pt", weights_only=True)
+    state["config"]["image_view"] = "auto"
+    torch.save(state, tmp_path / "edited.pt")
+    with pytest.raises(UserError, match="image view is auto"):
+        Detector.load(tmp_path / "edited.pt", device="cpu")
 
 
 def test_auto_takes_the_view_whose_training_scores_spread_less(trained, tiny_root, paths, train_paths):

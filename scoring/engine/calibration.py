@@ -83,7 +83,7 @@ def cross_fitted_calibration(config: ScoreConfig, train_feats: list[torch.Tensor
     """
     norm, knn_maps = None, None
     view = config.image_view == "square" and config.view_preprocessing is not None
-    if scores is not None and config.map_source == "knn":
+    if scores is not None:  # known already: the k-NN map's (a head map source is never given them)
         pass
     elif view:  # the square view gives the image scores (scoring.engine.views)
         scores, _ = cross_fitted_maps(config.view_config, train_feats[-len(config.layers):], device, keep_maps=False)
