@@ -184,7 +184,7 @@ def build_detector(network: torch.nn.Module, info: dict, config: ScoreConfig, tr
         if entry is None:
             record = None
             if config.image_view == "auto":  # chosen once, with the banks (scoring.engine.views)
-                _, record, chosen_scores = choose_view(config, feats, device)
+                record, chosen_scores = choose_view(config, feats, device)
                 tqdm.write(f"image view: {view_text(record)}", file=sys.stderr)
             entry = {"banks": bank_states(chosen_config(config, record), feats, device, part),
                      "train_images": len(train.paths),

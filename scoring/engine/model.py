@@ -227,6 +227,12 @@ def combine_head(map_source: str, knn_maps: torch.Tensor | None, head_logits: to
 
 
 # -- memory banks ---------------------------------------------------------------------------
+def require_chosen_view(config: ScoreConfig) -> None:
+    """Banks and scorers are of one view: ``image_view`` auto must be chosen first (a ``ValueError``)."""
+    if config.image_view == "auto":
+        raise ValueError("image_view auto must be chosen first (scoring.engine.views.choose_view)")
+
+
 def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device | str = "cpu",
                 shards: DistInfo | None = None, sampler: GreedyCoresetSampler | None = None) -> list[dict]:
     """The banks of the config's fusion from normal images' per-layer features ``(N, C_l, h_l, w_l)``
@@ -240,8 +246,7 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
     the states its part of each bank: its rows of the coreset one process would choose.
     With a square view (``config.view_preprocessing``) its banks follow, of the last ``len(layers)``
     features (:func:`scoring.engine.features.pooled_features`), at ``config.view_config``."""
-    if config.image_view == "auto":
-        raise ValueError("image_view auto must be chosen first (scoring.engine.views.choose_view)")
+    require_chosen_view(config)
     sampler = sampler or GreedyCoresetSampler(config.coreset, config.coreset_dim, config.seed)
     states = []
     for grid in bank_grids(config.fusion, train_feats[:len(config.layers)]):
@@ -352,8 +357,7 @@ class AnomalyScorer(nn.Module):
                     device: torch.device | str = "cpu", shards: DistInfo | None = None) -> AnomalyScorer:
         """The scorer of :func:`bank_states`' states; with ``shards`` (a sharded bank) the states
         are this rank's parts and every search returns the whole bank's answer."""
-        if config.image_view == "auto":
-            raise ValueError("image_view auto must be chosen first (scoring.engine.views.choose_view)")
+        require_chosen_view(config)
         view = None
         if config.view_preprocessing is not None:  # the frame's banks, then the square view's (bank_states)
             half = len(states) // 2

@@ -46,19 +46,18 @@ def view_scores(config: ScoreConfig, train_feats: list[torch.Tensor],
 
 
 def choose_view(config: ScoreConfig, train_feats: list[torch.Tensor],
-                device: torch.device) -> tuple[ScoreConfig, dict, torch.Tensor]:
-    """``config`` with ``image_view`` auto -> the config with the chosen view, what the choice read
-    (``{"chosen", "frame_spread", "square_spread"}``, kept with the banks and in the provenance)
-    and the chosen view's cross-fitted training scores ``(N,)`` (the threshold's calibration
-    reuses them)."""
+                device: torch.device) -> tuple[dict, torch.Tensor | None]:
+    """``config`` with ``image_view`` auto -> what the choice read (``{"chosen", "frame_spread",
+    "square_spread"}``, kept with the banks and in the provenance; :func:`chosen_config` applies it)
+    and the chosen view's cross-fitted training scores ``(N,)`` (the threshold's calibration reuses
+    them; ``None`` where there is one view)."""
     if config.view_preprocessing is None:  # one view
         reason = "the frame is square" if config.map_source == "knn" else f"the {config.map_source} map source"
-        return config.replace(image_view="frame"), {"chosen": "frame", "reason": reason}, None
+        return {"chosen": "frame", "reason": reason}, None
     scores = view_scores(config, train_feats, device)
     spreads = {name: spread(values) for name, values in scores.items()}
     chosen = "square" if spreads["square"] < spreads["frame"] else "frame"
-    record = {"chosen": chosen, "frame_spread": spreads["frame"], "square_spread": spreads["square"]}
-    return config.replace(image_view=chosen), record, scores[chosen]
+    return {"chosen": chosen, "frame_spread": spreads["frame"], "square_spread": spreads["square"]}, scores[chosen]
 
 
 def chosen_config(config: ScoreConfig, record: dict | None) -> ScoreConfig:
