@@ -10,9 +10,10 @@ import torch
 from common.errors import SettingError, UserError
 from scoring import Detector, ScoreConfig
 from scoring.building import features_of, load_network, resolve_config
+from scoring.engine.calibration import cross_fitted_maps
 from scoring.engine.features import ImageFiles, batched_features
 from scoring.engine.model import AnomalyScorer
-from scoring.engine.views import choose_view, chosen_config, spread
+from scoring.engine.views import VIEW_SPLITS, choose_view, chosen_config, spread
 from scoring.pipeline.sharding import check_shardable
 
 FRAME = "64x32"  # larger than the 32 px training side and not square: two views
@@ -39,8 +40,14 @@ def test_square_view_scores_images_as_the_square_frame_scores_their_remade_input
                                                                                 paths, train_paths):
     viewed = fit(trained, tiny_root, image_view="square", **settings)
     framed = fit(trained, tiny_root, **settings)
+    certified = framed.predict(paths)
+    if settings:  # the frame's maps read its coreset (and cells) alone: no image score reads them
+        framed.model.scorer.certify_scores, framed.model.scorer.refine = False, 0
     got, frame_only = viewed.predict(paths), framed.predict(paths)
     np.testing.assert_allclose(got.maps, frame_only.maps, rtol=1e-5, atol=1e-6)  # the maps: the frame's
+    if settings:  # not re-searched: upper bounds of the certified frame's, above them where it re-searched
+        assert got.search["exact_map_cells"].startswith("none")
+        assert (got.maps >= certified.maps - 1e-5).all() and (got.maps > certified.maps + 1e-3).any()
     assert not np.allclose(got.scores, frame_only.scores)  # the image scores: not the frame's maxima
 
     # By hand: the frame's inputs remade at 32 x 32, banked and searched at the square frame.
@@ -85,7 +92,16 @@ def test_auto_takes_the_view_whose_training_scores_spread_less(trained, tiny_roo
     feats, _ = features_of(network, ImageFiles(train_paths, config.preprocessing), config, CPU, "train")
     again, scores = choose_view(config, feats, CPU)
     assert again == record and chosen_config(config, again).image_view == record["chosen"]
-    assert spread(scores) == pytest.approx(record[f"{record['chosen']}_spread"])
+    # Each view's spread: of each image's mean score over VIEW_SPLITS halvings (seeds 0, 1, ...).
+    layers = len(config.layers)
+    for name, view_config, view_feats in (("frame", config.replace(image_view="frame"), feats[:layers]),
+                                          ("square", config.view_config, feats[-layers:])):
+        halvings = [cross_fitted_maps(view_config.replace(seed=seed), view_feats, CPU, keep_maps=False)[0]
+                    for seed in range(VIEW_SPLITS)]
+        assert record[f"{name}_spread"] == pytest.approx(spread(torch.stack(halvings).mean(0)), rel=1e-6)
+        if name == record["chosen"]:  # the calibration reuses the first halving's: its own split
+            torch.testing.assert_close(scores, halvings[0])
+    assert record["splits"] == VIEW_SPLITS > 1
     # Its scores are the chosen view's detector's, threshold included.
     chosen = fit(trained, tiny_root, image_view=record["chosen"])
     np.testing.assert_array_equal(auto.predict(paths).scores, chosen.predict(paths).scores)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from models.checkpoint import save_atomic
 
 from ..config import ScoreConfig
+from ..engine.views import VIEW_SPLITS
 
 # 3: training files keyed by content; 4: banks stored as MemoryBank state dicts; 5: thresholds (and map
 # normalisations) kept per scoring settings ("calibrations"), not one per bank. The bank states of
@@ -32,7 +33,9 @@ BANK_FORMAT = 6
 def bank_settings(config: ScoreConfig, ckpt_sha: str, train_digest: str) -> dict:
     """Everything the bank depends on; any change makes a new cache entry. Training files count
     by name and content (``train_digest``: :func:`scoring.building.files_digest`)."""
-    return {"format": BANK_FORMAT, "checkpoint_sha256": ckpt_sha, **config.subset("bank"),
+    # auto's choice, kept in the entry, depends on its halvings too (scoring.engine.views).
+    halvings = {"view_splits": VIEW_SPLITS} if config.image_view == "auto" else {}
+    return {"format": BANK_FORMAT, "checkpoint_sha256": ckpt_sha, **config.subset("bank"), **halvings,
             "train_files": train_digest}
 
 
