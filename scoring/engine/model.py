@@ -392,8 +392,7 @@ class AnomalyScorer(nn.Module):
         many patches were re-searched in the whole bank ``(N,)`` (see :meth:`knn_maps`). ``smooth``
         blurs the k-NN maps only; their image scores are taken before it (the paper's). With a square
         view (:attr:`view`) the image scores, and whether they are certified, are the view's: the
-        maximum of its map over the last ``len(layers)`` features; the maps stay the frame's, searched
-        in its coreset only (no image score reads them, so none of their cells is re-searched)."""
+        maximum of its map over the last ``len(layers)`` features; the maps stay the frame's."""
         if self.map_source == "head":  # no k-NN search: the head's map alone
             scores, maps = combine_head("head", None, feats[self.layer_count], self.map_norm, self.size)
             searched = torch.zeros_like(scores, dtype=torch.long)
@@ -426,9 +425,7 @@ class AnomalyScorer(nn.Module):
         device = values[0].device
         searched = torch.zeros(n, dtype=torch.long, device=device)
         certified = (torch.zeros_like if self.coreset else torch.ones_like)(searched, dtype=torch.bool)
-        if self.view is not None:
-            pass  # the view scores the images: the frame's maps keep their coreset (and cell) distances
-        elif self.coreset and self.certify_scores:
+        if self.coreset and self.certify_scores:
             certified, searched = self.certify(values, patches, shapes)
         elif self.coreset and self.refine > 0:
             for layer, bank in enumerate(self.banks):  # each bank's top patches once: fast, uncertified
@@ -527,8 +524,7 @@ def search_report(scorer: AnomalyScorer, certified: torch.Tensor, searched: torc
     mode = "exact bank" if not scorer.coreset else "certified" if scorer.certify_scores else \
         "uncertified" if scorer.refine > 0 else "coreset only"
     # Which map cells hold the exact bank's distance (the others, a coreset's: an upper bound of it).
-    exact = "all" if not scorer.coreset else "the re-searched patches" if scorer.refine > 0 and scorer.view is None \
-        else "none"
+    exact = "all" if not scorer.coreset else "the re-searched patches" if scorer.refine > 0 else "none"
     if exact != "all" and scorer.k == 1 and any(bank.cell_starts is not None for bank in scorer.banks):
         exact += " and those whose nearest row is among their coreset row's cell rows (scoring.engine.cells)"
     return {"bank": mode, "exact_map_cells": exact, "images": int(certified.numel()),
