@@ -18,8 +18,8 @@ mean over :data:`VIEW_SPLITS` random halvings, and the view whose normal scores 
 around their mean (coefficient of variation, std / mean) scores the images. A view where normal
 images' maxima scatter widely is one where defects stand out less. One halving's scores also
 vary with which images share a half, most at the square view: on Magnetic Tile one halving in
-seven chose the other view; the mean over three halvings chose the same view in every set of
-three tried, with a wider margin (docs/results.md "The image score's view"). On the three
+eight chose the other view; the mean over three halvings chose the same view in every set of
+three tried, with a wider margin (docs/results.md "The view chosen over three halvings"). On the three
 development data sets it chose the view with the better test image AUROC on every network measured.
 """
 
@@ -39,7 +39,7 @@ def spread(scores: torch.Tensor) -> float:
 
 
 # Random halvings each training image is cross-fitted against; its score is their mean. One
-# halving's choice flipped on Magnetic Tile (1 split in 7); three agreed in every set tried.
+# halving's choice flipped on Magnetic Tile (1 halving in 8); three agreed in all 56 sets tried.
 VIEW_SPLITS = 3
 
 
