@@ -59,6 +59,9 @@ def test_square_view_scores_images_as_the_square_frame_scores_their_remade_input
     np.testing.assert_allclose(got.scores, expected.numpy(), rtol=1e-5)
     if settings:  # a certified coreset: the view's image scores are certified too
         assert got.search["certified_images"] == len(paths)
+        # The view's banks read their cells as the frame's do (tighter bounds, fewer re-searches).
+        assert [bank.cells for bank in viewed.model.scorer.view.banks] == [settings["cells"]]
+        assert viewed.model.scorer.view.banks[0].cell_starts is not None
 
 
 def test_a_square_view_detector_file_scores_as_the_detector(trained, tiny_root, paths, tmp_path):

@@ -23,6 +23,8 @@ A setting (``ScoreConfig.cells``, ``--cells N``: rows read per patch, 0 = off, t
 ``--recipe best``: :data:`LIST_ROWS`), since the bank's first build searches every whole-bank row
 in the coreset (KolektorSDD +12 s, Magnetic Tile +100 s). At scoring it costs little: a few ms per
 test image, and the certification, whose bounds are tighter, re-searches half as many patches.
+A square view's bank (:mod:`.views`) reads its cells too: only its image scores are kept, but
+its certification re-searches fewer patches (docs/speed.md "Cells in the square view's bank").
 Only for ``k = 1`` (the k-th nearest of a list and of the coreset together would count shared rows
 twice) and for a bank held whole in one process (a sharded bank's cells span the processes);
 elsewhere the setting changes nothing.

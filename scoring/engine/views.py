@@ -8,7 +8,7 @@ paper's view, where its many small patches do not raise normal images' maxima. A
 take its maps at the frame and its image scores at the square view: the image is remade at
 ``size x size`` from the frame's input (:meth:`scoring.inputs.Preprocessing.from_input`: one
 input for every way in, the exported files' too), banked and searched as the paper does (the
-detector's coreset, certified).
+detector's coreset, certified, reading its cells as the frame's banks do: ``view_config``).
 
 ``image_view="auto"`` chooses between the two without labels (the frame where the frame is
 square or the maps read the segmentation head, whose maps score the images): each view's cross-fitted training
