@@ -26,6 +26,7 @@ BACKENDS = ("auto", "torch", "faiss")  # scoring.engine.knn
 MAP_SOURCES = ("knn", "head", "fused")  # scoring.engine.dense
 IMAGE_VIEWS = ("frame", "square", "auto")  # scoring.engine.views
 MAX_SMOOTH = 100  # px: a Gaussian sigma; its kernel is 8 sigma wide, wider than any frame side it could matter on
+MAX_FLOOR = 1.0  # a share of each map's own minimum: 1 puts every map's lowest value at 0
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ScoreConfig(Settings):
     refine: int = setting(16, "score")  # with a coreset: patches re-searched in the whole bank per round
     certify: bool = setting(True, "score")  # with a coreset: image scores certified equal to the exact bank's
     smooth: float = setting(0.0, "score")
+    floor: float = setting(0.0, "score")  # each k-NN map less this share of its own minimum (scoring.engine.model)
     map_source: str = setting("knn", "score")  # the paper's k-NN map; head / fused: networks trained with --dense
     threshold: float | None = setting(None, "score")  # None: calibrated on the training images
     calib_percentile: float = setting(99.0, "score")
@@ -87,10 +89,10 @@ class ScoreConfig(Settings):
 
     @property
     def view_config(self) -> ScoreConfig:
-        """The settings of the square view's bank: these with the square frame and no smoothing (its
+        """The settings of the square view's bank: these with the square frame, no smoothing and no floor (its
         maps are not kept, only its image scores). Its cells stay: they tighten the bounds the
         certification reads, so fewer patches are re-searched in the whole bank (docs/speed.md)."""
-        return self.replace(frame="square", image_view="frame", smooth=0.0)
+        return self.replace(frame="square", image_view="frame", smooth=0.0, floor=0.0)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -127,6 +129,8 @@ class ScoreConfig(Settings):
              "a square view scores images with the k-NN map only; use {setting}frame or `map_source=knn`"),
             ("smooth", is_number(self.smooth) and 0 <= self.smooth <= MAX_SMOOTH,
              f"must be a number from 0 to {MAX_SMOOTH} px (a Gaussian sigma; PatchCore uses 4)"),
+            ("floor", is_number(self.floor) and 0 <= self.floor <= MAX_FLOOR,
+             f"must be a number from 0 (off) to {MAX_FLOOR:g}: the share of each map's own minimum taken off it"),
             ("threshold", self.threshold is None or (is_number(self.threshold) and self.threshold > 0),
              "must be a positive number (scores are distances); leave it out to calibrate one on the training images"),
             ("calib_percentile", is_number(self.calib_percentile) and 0 < self.calib_percentile <= 100,

@@ -1,11 +1,13 @@
 """One image, one score: every way in gives the same numbers at the settings users run.
 
 A checkpoint scored at a non-square frame larger than its training side (as ``--recipe best``'s
-auto frame), through the tiled path, with a certified coreset, in both fusions, and with the image
-scores at the square view (``--image-view``): the test
+auto frame), through the tiled path, with a certified coreset, in both fusions, with the image
+scores at the square view (``--image-view``) and half of each map's floor taken off (``--floor``,
+as the recipe): the test
 set's ``image_scores.csv``, ``--images``' ``scores.csv``, ``Detector.predict`` on paths, uint8
 arrays and float tensors, and the exported TorchScript and ONNX graphs give each image the same
-score (1e-4 relative; exported graphs run other convolution kernels, see ``test_export``).
+score (1e-4 relative; exported graphs run other convolution kernels, see ``test_export``), and
+each image the same map (``maps.npz`` of both runs, ``predict``; the exported graphs within 1e-3).
 Torchrun's share of this is ``test_sharded_scoring`` (a frame job among its jobs).
 """
 
@@ -30,13 +32,14 @@ from scoring.pipeline import cli as score_cli
 # the certified coreset with its cells read (the recipe's; its certified scores are the exact bank's),
 # a frame whole and in tiles. The exact bank at a frame: test_frames; both fusions' exported files: test_export.
 VARIANTS = {
-    "certified-coreset": ("concatenation", "64x32", ["--coreset", "0.5", "--refine", "2", "--cells", "16"]),
+    "certified-coreset": ("concatenation", "64x32", ["--coreset", "0.5", "--refine", "2", "--cells", "16",
+                                                     "--floor", "0.5"]),
     # TILE_SIDE patched to 64: 2 tiles of a 96 px side (not a multiple of the tile: ceil(96 / 64))
     "tiled": ("multiplication", "96x32", ["--coreset", "0.5"]),
     # image scores at the square view remade from the frame's input, maps at the frame (--image-view;
     # --recipe best's auto chooses it or the frame): scoring.engine.views
     "square-view": ("concatenation", "64x32", ["--coreset", "0.5", "--refine", "2", "--cells", "16",
-                                               "--image-view", "square"]),
+                                               "--image-view", "square", "--floor", "0.5"]),
 }
 RTOL = 1e-4
 # Exported here at the recipe's settings (test_export checks both plain fusions' files against
@@ -63,6 +66,15 @@ def assert_same(got, expected, what: str, rtol: float = RTOL) -> None:
     assert np.all(np.abs(got - expected) <= rtol * np.abs(expected)), (what, got, expected)
 
 
+def assert_same_saved_maps(tmp_path: Path, paths: list[str], maps: np.ndarray) -> None:
+    """The test-set and ``--images`` runs' ``maps.npz`` hold ``maps`` ``(N, H, W)`` (predict's, in
+    ``paths``' order): a map setting such as ``--floor`` reaches every way in."""
+    for run in ("test", "images"):
+        saved = np.load(tmp_path / run / "maps.npz")
+        order = {path: i for i, path in enumerate(saved["paths"].tolist())}
+        np.testing.assert_allclose(saved["maps"][[order[p] for p in paths]], maps, rtol=RTOL, atol=1e-6, err_msg=run)
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_every_way_in_gives_each_image_the_same_score(name, tiny_root, trained, tmp_path, monkeypatch, capsys):
     fusion, frame, flags = VARIANTS[name]
@@ -73,12 +85,12 @@ def test_every_way_in_gives_each_image_the_same_score(name, tiny_root, trained, 
     common = ["--c", "widget", "--data-root", str(tiny_root), "--checkpoint", str(checkpoint), "--frame", frame,
               "--batch-size", "4", *flags]
     detector_file = tmp_path / "widget.detector.pt"
-    run_cli(fusion, [*common, "--out", str(tmp_path / "test"), "--no-pictures", "--save-detector",
+    run_cli(fusion, [*common, "--out", str(tmp_path / "test"), "--no-pictures", "--save-maps", "--save-detector",
                      str(detector_file)], capsys)
     test_set = csv_scores(tmp_path / "test" / "image_scores.csv")
     images = tiny_root / "widget" / "test"
     # --images with pictures at the frame: one heatmap per image (the frame, not the training side).
-    run_cli(fusion, [*common, "--images", str(images), "--out", str(tmp_path / "images")], capsys)
+    run_cli(fusion, [*common, "--images", str(images), "--out", str(tmp_path / "images"), "--save-maps"], capsys)
     folder = csv_scores(tmp_path / "images" / "scores.csv")
     assert sorted(folder) == sorted(test_set) and len(folder) == 6
     heatmaps = sorted((tmp_path / "images" / "heatmaps").rglob("*.png"))
@@ -95,6 +107,8 @@ def test_every_way_in_gives_each_image_the_same_score(name, tiny_root, trained, 
     by_path = detector.predict(paths)
     assert by_path.maps.shape == (6, *detector.frame)
     assert_same(by_path.scores, expected, "predict(paths)")
+    assert_same_saved_maps(tmp_path, paths, by_path.maps)
+    assert detector.config.floor == (float(flags[flags.index("--floor") + 1]) if "--floor" in flags else 0.0)
     assert_same(detector.predict(arrays).scores, expected, "predict(uint8 arrays)")
     assert_same(detector.predict(np.stack(arrays)).scores, expected, "predict(a uint8 batch)")
     assert_same(detector.predict(tensors).scores, expected, "predict(float tensors)")
@@ -118,6 +132,7 @@ def test_every_way_in_gives_each_image_the_same_score(name, tiny_root, trained, 
                 pytest.importorskip("onnxruntime")
             out = export(detector, fmt, tmp_path / f"widget.{fmt}")
             assert read_metadata(out, fmt)["frame"] == list(detector.frame)
-            scores = run_exported(out, fmt, np.stack(arrays))[0]
+            scores, maps = run_exported(out, fmt, np.stack(arrays))[:2]
+            np.testing.assert_allclose(maps, by_path.maps, rtol=1e-3, atol=1e-3)
             # 1e-4 relative; a score below the threshold within 1e-4 of the threshold (test_export explains)
             assert np.all(np.abs(scores - expected) <= RTOL * np.maximum(np.abs(expected), detector.threshold)), fmt

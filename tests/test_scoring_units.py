@@ -387,6 +387,27 @@ def test_gaussian_smooth_matches_scipy():
 
 
 @pytest.mark.parametrize("fusion", ["concatenation", "multiplication"])
+@pytest.mark.parametrize("smooth", [0.0, 2.0])
+def test_floor_takes_a_share_of_each_maps_own_minimum_and_leaves_the_scores(fusion, smooth):
+    gen = torch.Generator().manual_seed(1)
+    train = [torch.randn(12, 8, 8, 8, generator=gen), torch.randn(12, 4, 4, 4, generator=gen)]
+    # Two test images far apart: their maps' floors differ, so a shared offset would not do.
+    test = [torch.randn(2, 8, 8, 8, generator=gen) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1),
+            torch.randn(2, 4, 4, 4, generator=gen) * torch.tensor([1.0, 3.0]).view(2, 1, 1, 1)]
+    plain_scores, plain_maps = fit(fusion, train, smooth=smooth).score(test)
+    scores, maps = fit(fusion, train, smooth=smooth, floor=0.5).score(test)
+    torch.testing.assert_close(scores, plain_scores)  # image scores are taken before the floor
+    floors = plain_maps.flatten(1).amin(1)
+    assert floors[1] > 2 * floors[0] > 0
+    torch.testing.assert_close(maps, plain_maps - 0.5 * floors[:, None, None])
+    # All of it (the largest share the setting takes): every map's lowest value is 0.
+    _, lowest = fit(fusion, train, smooth=smooth, floor=1.0).score(test)
+    torch.testing.assert_close(lowest.flatten(1).amin(1), torch.zeros(2), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"floor=1.5: must be a number from 0 \(off\) to 1"):
+        ScoreConfig(floor=1.5)
+
+
+@pytest.mark.parametrize("fusion", ["concatenation", "multiplication"])
 def test_coreset_refine_restores_exact_image_scores(fusion):
     gen = torch.Generator().manual_seed(0)
     train = [torch.randn(20, 8, 8, 8, generator=gen), torch.randn(20, 4, 4, 4, generator=gen)]

@@ -52,9 +52,11 @@ def cross_fitted_maps(config: ScoreConfig, train_feats: list[torch.Tensor], devi
         raise UserError("calibrating a threshold needs at least 2 training images; give a threshold instead")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed))
     halves = [order[: count // 2], order[count // 2:]]
-    # The k-NN maps alone; smoothing only where the maps are kept (image scores are taken before it).
-    # The frame's maps alone (a square view's image scores are cross-fitted on its own features).
-    knn_config = config.replace(map_source="knn", smooth=config.smooth if keep_maps else 0.0, image_view="frame")
+    # The k-NN maps alone; smoothing and the floor only where the maps are kept (image scores are
+    # taken before both). The frame's maps alone (a square view's image scores are cross-fitted on its
+    # own features).
+    knn_config = config.replace(map_source="knn", smooth=config.smooth if keep_maps else 0.0,
+                                floor=config.floor if keep_maps else 0.0, image_view="frame")
     layers = len(config.layers)
     scores = torch.empty(count)
     maps = torch.empty(count, *config.frame_hw) if keep_maps else None

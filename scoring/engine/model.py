@@ -210,6 +210,19 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
                       for one in out.split(1)])[:, 0]
 
 
+def lower_floor(maps: torch.Tensor, share: float) -> torch.Tensor:
+    """``(N, H, W)`` maps, each less ``share`` of its own minimum (``share`` 0: unchanged).
+
+    Pixel AUROC and AUPRO rank every pixel of every test image together, so a map whose normal
+    part sits higher than the others' (a darker or grainier image) puts its normal pixels above
+    other images' defects; taking part of each map's floor off evens that out. Part, not all: on
+    some data (Magnetic Tile) a defective image's whole map sits higher, and its floor is evidence
+    (docs/results.md "A per-image offset of the maps")."""
+    if share <= 0:
+        return maps
+    return maps - share * maps.flatten(1).amin(1)[:, None, None]
+
+
 def head_map(head_logits: torch.Tensor, size: Frame) -> torch.Tensor:
     """A segmentation head's logits ``(N, 1, h, w)`` -> ``(N, H, W)`` (``size``; bilinear, as the k-NN maps)."""
     return resize_map(head_logits[:, 0].float(), size)
@@ -343,6 +356,7 @@ class AnomalyScorer(nn.Module):
             raise ValueError("a head map source needs map_norm (scoring.engine.calibration.cross_fitted_calibration)")
         self.banks = nn.ModuleList(banks)
         self.fusion, self.size, self.k, self.smooth = config.fusion, config.frame_hw, config.k, config.smooth
+        self.floor = config.floor
         self.fusion_rule = FUSION_RULES[config.fusion]
         self.map_source, self.layer_count, self.map_norm = config.map_source, len(config.layers), map_norm
         self.refine, self.certify_scores = config.refine, config.certify
@@ -390,7 +404,8 @@ class AnomalyScorer(nn.Module):
     def search_maps(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`forward`, and per image whether its score is certified exact ``(N,)`` bool and how
         many patches were re-searched in the whole bank ``(N,)`` (see :meth:`knn_maps`). ``smooth``
-        blurs the k-NN maps only; their image scores are taken before it (the paper's). With a square
+        blurs the k-NN maps only, then ``floor`` takes a share of each one's minimum off
+        (:func:`lower_floor`); their image scores are taken before both (the paper's). With a square
         view (:attr:`view`) the image scores, and whether they are certified, are the view's: the
         maximum of its map over the last ``len(layers)`` features; the maps stay the frame's."""
         if self.map_source == "head":  # no k-NN search: the head's map alone
@@ -399,7 +414,7 @@ class AnomalyScorer(nn.Module):
             return scores, maps, torch.ones_like(searched, dtype=torch.bool), searched
         patch_maps, certified, searched = self.knn_maps(feats)
         scores, maps = self.fusion_rule.fuse(patch_maps, self.size)
-        maps = gaussian_smooth(maps, self.smooth)
+        maps = lower_floor(gaussian_smooth(maps, self.smooth), self.floor)
         if self.map_source == "fused":
             scores, maps = combine_head("fused", maps, feats[self.layer_count], self.map_norm, self.size)
         if self.view is not None:

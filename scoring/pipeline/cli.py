@@ -90,6 +90,10 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
                               "(the coreset alone)")
     scoring.add_argument("--smooth", type=float, default=DEFAULT("smooth"),
                          help="Gaussian sigma (px) applied to the maps (0 = the paper; PatchCore uses 4)")
+    scoring.add_argument("--floor", type=float, default=DEFAULT("floor"), metavar="SHARE",
+                         help="take this share of each map's own minimum off it, after --smooth (0 = the paper; "
+                              "--recipe best: 0.5); evens out maps whose normal part sits higher; image scores "
+                              "are taken before it")
     scoring.add_argument("--map", "--map-source", dest="map_source", default=DEFAULT("map_source"), choices=MAP_SOURCES,
                          help="anomaly map: knn (the paper's); for a network trained with --dense also head (its "
                               "segmentation head) or fused (both, each normalised on training images)")

@@ -100,7 +100,8 @@ def detector_target(run: ScoringRun, ckpt_path: Path, fusion: str) -> Path | Non
 PROTOCOL = {
     "mask_protocol": "masks resized with nearest neighbour, defective where >= 128 (or 1 in 0/1 masks) "
                      "(pixel_auroc_paper_masks: bilinear resize, defective where > 0, as the paper's code)",
-    "image_score": "max of the patch map (concatenation) / of the product map (multiplication), before --smooth",
+    "image_score": "max of the patch map (concatenation) / of the product map (multiplication), "
+                   "before --smooth and --floor",
 }
 
 
