@@ -91,7 +91,7 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     scoring.add_argument("--smooth", type=float, default=DEFAULT("smooth"),
                          help="Gaussian sigma (px) applied to the maps (0 = the paper; PatchCore uses 4)")
     scoring.add_argument("--floor", type=float, default=DEFAULT("floor"), metavar="SHARE",
-                         help="take this share of each map's own minimum off it, after --smooth (0 = the paper; "
+                         help="take this share of each k-NN map's own minimum off it, after --smooth (0 = the paper; "
                               "--recipe best: 0.5); evens out maps whose normal part sits higher; image scores "
                               "are taken before it")
     scoring.add_argument("--map", "--map-source", dest="map_source", default=DEFAULT("map_source"), choices=MAP_SOURCES,
