@@ -140,8 +140,13 @@ def test_calibrations_are_kept_per_scoring_setting(dense_ckpt, tiny_root, tmp_pa
     first = threshold(tmp_path / "a", "--map", "knn")
     fused = threshold(tmp_path / "b", "--map", "fused")
     again = threshold(tmp_path / "c", "--map", "knn")
+    # Smoothing and the floor move the k-NN maps only, not the image scores the threshold comes from:
+    # the same calibration serves them. The fused map's normalisation reads the maps: its own.
+    assert threshold(tmp_path / "d", "--map", "knn", "--smooth", "2", "--floor", "0.5") == first
+    threshold(tmp_path / "e", "--map", "fused", "--floor", "0.5")
     assert first == again != fused
     [cache] = (dense_ckpt / "widget-wave18" / "banks").glob("multiplication-*.pt")
     entry = torch.load(cache, weights_only=True)
-    sources = [json.loads(key)["map_source"] for key in entry["calibrations"]]
-    assert {"fused", "knn"} <= set(sources) and len(sources) == len(set(sources))
+    keys = [json.loads(key) for key in entry["calibrations"]]  # (other tests may add the head's)
+    assert sorted((key["map_source"], key.get("floor")) for key in keys if key["map_source"] != "head") == [
+        ("fused", 0.0), ("fused", 0.5), ("knn", None)]

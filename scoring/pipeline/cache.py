@@ -55,9 +55,16 @@ def read_entry(cache: Path, settings: dict) -> dict | None:
     return entry if isinstance(entry, dict) and entry.get("settings") == settings else None
 
 
+# Settings that move the maps only: a k-NN map's threshold comes from image scores taken before them,
+# so trying another --smooth or --floor reuses it; a fused map's normalisation reads the maps.
+MAP_ONLY_SETTINGS = ("smooth", "floor")
+
+
 def calibration_key(config: ScoreConfig) -> str:
-    """The scoring settings a calibration depends on (the given threshold left out)."""
-    return json.dumps({k: v for k, v in config.subset("score").items() if k != "threshold"}, sort_keys=True)
+    """The scoring settings a calibration depends on (the given threshold left out, and for the
+    k-NN map source the settings that move its maps only)."""
+    skipped = {"threshold", *(MAP_ONLY_SETTINGS if config.map_source == "knn" else ())}
+    return json.dumps({k: v for k, v in config.subset("score").items() if k not in skipped}, sort_keys=True)
 
 
 class BankCache:
