@@ -41,7 +41,7 @@ RECIPES: dict[str, dict[str, dict]] = {
         # spread less, the frame's map or the image remade at the training size (`image_view` auto;
         # maps stay the frame's): docs/results.md "The image score's view".
         # Since 2026-12-07 each map loses half its own minimum (`floor`; image scores unchanged): pixel
-        # AUROC and AUPRO up on all eight networks measured on the three sets (docs/results.md "Half
+        # AUROC and AUPRO up on all twelve networks measured on the three sets (docs/results.md "Half
         # of each map's floor").
         "score": {"coreset": 0.1, "cells": 64, "image_view": "auto", "floor": 0.5},
     },

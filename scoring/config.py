@@ -27,6 +27,9 @@ MAP_SOURCES = ("knn", "head", "fused")  # scoring.engine.dense
 IMAGE_VIEWS = ("frame", "square", "auto")  # scoring.engine.views
 MAX_SMOOTH = 100  # px: a Gaussian sigma; its kernel is 8 sigma wide, wider than any frame side it could matter on
 MAX_FLOOR = 1.0  # a share of each map's own minimum: 1 puts every map's lowest value at 0
+# Settings that move the k-NN maps only, after their image scores are taken: where the maps are not
+# kept they are off (a square view's bank, cross-fitted scores) and a k-NN threshold does not depend on them.
+MAP_ONLY_SETTINGS = ("smooth", "floor")
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,12 @@ class ScoreConfig(Settings):
         """The settings of the square view's bank: these with the square frame, no smoothing and no floor (its
         maps are not kept, only its image scores). Its cells stay: they tighten the bounds the
         certification reads, so fewer patches are re-searched in the whole bank (docs/speed.md)."""
-        return self.replace(frame="square", image_view="frame", smooth=0.0, floor=0.0)
+        return self.replace(frame="square", image_view="frame", **self.maps_untouched)
+
+    @property
+    def maps_untouched(self) -> dict:
+        """``{setting: 0.0}`` of :data:`MAP_ONLY_SETTINGS`: the overrides that leave the k-NN maps as searched."""
+        return dict.fromkeys(MAP_ONLY_SETTINGS, 0.0)
 
     @property
     def preprocessing(self) -> Preprocessing:

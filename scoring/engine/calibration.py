@@ -55,8 +55,7 @@ def cross_fitted_maps(config: ScoreConfig, train_feats: list[torch.Tensor], devi
     # The k-NN maps alone; smoothing and the floor only where the maps are kept (image scores are
     # taken before both). The frame's maps alone (a square view's image scores are cross-fitted on its
     # own features).
-    knn_config = config.replace(map_source="knn", smooth=config.smooth if keep_maps else 0.0,
-                                floor=config.floor if keep_maps else 0.0, image_view="frame")
+    knn_config = config.replace(map_source="knn", image_view="frame", **({} if keep_maps else config.maps_untouched))
     layers = len(config.layers)
     scores = torch.empty(count)
     maps = torch.empty(count, *config.frame_hw) if keep_maps else None

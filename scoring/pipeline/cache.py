@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from models.checkpoint import save_atomic
 
-from ..config import ScoreConfig
+from ..config import MAP_ONLY_SETTINGS, ScoreConfig
 from ..engine.views import VIEW_SPLITS
 
 # 3: training files keyed by content; 4: banks stored as MemoryBank state dicts; 5: thresholds (and map
@@ -55,14 +55,11 @@ def read_entry(cache: Path, settings: dict) -> dict | None:
     return entry if isinstance(entry, dict) and entry.get("settings") == settings else None
 
 
-# Settings that move the maps only: a k-NN map's threshold comes from image scores taken before them,
-# so trying another --smooth or --floor reuses it; a fused map's normalisation reads the maps.
-MAP_ONLY_SETTINGS = ("smooth", "floor")
-
-
 def calibration_key(config: ScoreConfig) -> str:
     """The scoring settings a calibration depends on (the given threshold left out, and for the
-    k-NN map source the settings that move its maps only)."""
+    k-NN map source the settings that move its maps only: its threshold comes from image scores
+    taken before them, so trying another ``--smooth`` or ``--floor`` reuses it; a fused map's
+    normalisation reads the maps)."""
     skipped = {"threshold", *(MAP_ONLY_SETTINGS if config.map_source == "knn" else ())}
     return json.dumps({k: v for k, v in config.subset("score").items() if k not in skipped}, sort_keys=True)
 
