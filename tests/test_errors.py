@@ -204,6 +204,13 @@ def test_missing_checkpoint_lists_folder(tiny_root, ckpt_dir, tmp_path, capsys):
     assert code == 2 and "widget-wave50" in one_line(err)
 
 
+def test_a_missing_checkpoint_file_is_named_as_given(tiny_root, tmp_path, capsys):
+    missing = tmp_path / "nope" / "model.pt"
+    code, err = run_score(["--c", "widget", "--data-root", str(tiny_root), "--p", str(missing)], capsys)
+    line = one_line(err)
+    assert code == 2 and f"checkpoint {missing} not found" in line and "model.pt/model.pt" not in line
+
+
 @pytest.mark.parametrize("content", [b"", b"garbage", None], ids=["empty", "garbage", "truncated"])
 def test_broken_checkpoint(tiny_root, ckpt_dir, tmp_path, capsys, content):
     good = ckpt_dir / "widget-wave18" / "model.pt"

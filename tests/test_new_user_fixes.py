@@ -14,6 +14,7 @@ import json
 import math
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +319,24 @@ def test_an_out_folder_inside_the_images_folder_is_not_scored(trained, tiny_root
     assert code == 0, err
     assert (folder / "results" / "scores.csv").read_text() == before
     assert json.loads((folder / "results" / "results.json").read_text())["images"]["scored"] == 3
+
+
+def test_results_written_into_the_images_folder_leave_its_images_scored(trained, tiny_root, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    shutil.copytree(tiny_root / "widget" / "test" / "scratch", folder)
+    images = sorted(p.name for p in folder.iterdir())
+    args = score_args(tiny_root, trained / "widget-wave18" / "model.pt", folder, "--images", str(folder))
+    args.remove("--no-pictures")  # heatmaps (PNG files) and results among the images themselves
+    assert run_score(args, capsys)[0] == 0
+    assert (folder / "heatmaps").is_dir() and (folder / "results.json").is_file()
+    scores = (folder / "scores.csv").read_text()
+    # Scored again, into the same folder and elsewhere: the user's 3 images, not the run's own files.
+    code, err = run_score(args, capsys)
+    assert code == 0, err
+    assert (folder / "scores.csv").read_text() == scores
+    elsewhere = score_args(tiny_root, trained / "widget-wave18" / "model.pt", tmp_path / "o", "--images", str(folder))
+    assert run_score(elsewhere, capsys)[0] == 0
+    record = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert record["images"]["scored"] == len(images) == 3
+    rows = (tmp_path / "o" / "scores.csv").read_text().splitlines()[1:]
+    assert sorted(Path(row.split(",")[0]).name for row in rows) == images

@@ -254,9 +254,14 @@ def test_failed_runs_leave_no_version_and_reruns_keep_their_pictures(tiny_root, 
     base = workdir / "results" / "widget-wave18" / "concatenation"
     pictures = sorted((base / "v0" / "heatmaps").rglob("*.png"))
     assert pictures
-    # The same run without pictures: its own version, whose pictures stay.
+    # The same run without pictures: its own version, whose pictures stay, and its tables still name them.
     assert score(argv + ["--no-pictures"], capsys)[0] == 0
     assert sorted((base / "v0" / "heatmaps").rglob("*.png")) == pictures
+    with open(base / "v0" / "image_scores.csv") as table:
+        named = sorted(base / "v0" / row["heatmap"] for row in csv.DictReader(table))
+    assert named == pictures
+    kept = json.loads((base / "v0" / "results.json").read_text())["files"]["heatmaps"]
+    assert kept is not None and (workdir / kept).resolve() == (base / "v0" / "heatmaps").resolve()
     # A run that fails after it started (another setting: a new version; then a mask of the wrong
     # size) leaves no version behind, and latest where it was.
     mask = next((root / "widget" / "ground_truth").rglob("*_mask.png"))

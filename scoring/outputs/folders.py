@@ -8,8 +8,9 @@ output folder before anything else, so even a run that was killed half-way can b
 - Default folder ``results/<p>/<fusion>``: versioned as anomalib does, ``v0``, ``v1``, ... with
   a ``latest`` link to the newest. A run with the identity of an existing version writes into
   that version (the files it writes again are replaced, the others, e.g. heatmaps of an earlier
-  run with pictures, are kept: they are the same run's); any other identity gets the next
-  version, so results of another checkpoint, other settings or other images are never replaced.
+  run with pictures, are kept and its tables still name them: they are the same run's); any other
+  identity gets the next version, so results of another checkpoint, other settings or other images
+  are never replaced.
 - ``--out DIR``: exactly that folder, the same way; results of another run there are only
   replaced with ``--overwrite``, which moves them to ``DIR.old-<date>-<time>`` first (as
   training's ``--overwrite`` does): nothing is deleted.

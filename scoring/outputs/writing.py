@@ -96,6 +96,15 @@ def save_test_pictures(out_dir: Path, dataset: TestSet, result: TestSetResult, t
     return scale.to_dict()
 
 
+def heatmap_column(out_dir: Path, panels: list[str], pictures: bool) -> tuple[list[str], str | None]:
+    """Each image's heatmap file below ``out_dir`` (``""``: none) and the heatmaps folder (``None``:
+    none). A run without pictures names the panels an earlier run of the same identity left in its
+    folder (:mod:`.folders` keeps them: the same scores and maps), so its tables still lead to them."""
+    heatmaps = out_dir / "heatmaps"
+    column = [f"heatmaps/{panel}" if pictures or (heatmaps / panel).is_file() else "" for panel in panels]
+    return column, str(heatmaps) if pictures or any(column) else None
+
+
 def write_test_set(out_dir: Path, result: TestSetResult, dataset: TestSet, threshold: float | None, title: str,
                    save_maps: bool, pictures: bool) -> dict:
     """``image_scores.csv`` (and ``maps.npz``, the heatmaps and ``roc.png``); returns ``{kind: path}``
@@ -105,12 +114,13 @@ def write_test_set(out_dir: Path, result: TestSetResult, dataset: TestSet, thres
                  labels=result.labels.astype(np.int64), scores=result.scores.astype(np.float32),
                  paths=np.array(result.paths), defects=np.array(result.defects))
     panels = panel_files([f"{defect}/{Path(path).name}" for path, defect in zip(result.paths, result.defects)])
+    column, heatmaps = heatmap_column(out_dir, panels, pictures)
     write_csv(out_dir / "image_scores.csv", ["path", "defect", "label", "score", "heatmap"],
-              [[path, defect, int(label), f"{score:.9g}", f"heatmaps/{panel}" if pictures else ""]
-               for path, defect, label, score, panel in zip(result.paths, result.defects, result.labels,
-                                                            result.scores, panels)])
-    files = {"heatmaps": str(out_dir / "heatmaps") if pictures else None,
-             "roc": str(out_dir / "roc.png") if pictures else None,
+              [[path, defect, int(label), f"{score:.9g}", heatmap]
+               for path, defect, label, score, heatmap in zip(result.paths, result.defects, result.labels,
+                                                              result.scores, column)])
+    files = {"heatmaps": heatmaps,
+             "roc": str(out_dir / "roc.png") if pictures or (out_dir / "roc.png").is_file() else None,
              "maps": str(out_dir / "maps.npz") if save_maps else None,
              "image_scores": str(out_dir / "image_scores.csv")}
     if pictures:
@@ -124,15 +134,16 @@ def write_folder(out_dir: Path, result: FolderResult, folder: Path, threshold: f
     the pictures' colour scale under ``pictures``)."""
     scores = result.scores.tolist()
     panels = panel_files([Path(path).relative_to(folder).as_posix() for path in result.paths])
+    column, heatmaps = heatmap_column(out_dir, panels, pictures)
     # Raw scores are distances whose scale differs from model to model; divided by the threshold,
     # 1.0 is the decision boundary on every model.
     write_csv(out_dir / "scores.csv", ["path", "score", "normalized_score", "verdict", "heatmap"],
-              [[path, f"{score:.9g}", f"{score / threshold:.6f}", verdict(score, threshold),
-                f"heatmaps/{panel}" if pictures else ""] for path, score, panel in zip(result.paths, scores, panels)])
+              [[path, f"{score:.9g}", f"{score / threshold:.6f}", verdict(score, threshold), heatmap]
+               for path, score, heatmap in zip(result.paths, scores, column)])
     if save_maps:
         save_npz(out_dir / "maps.npz", maps=result.maps.astype(np.float32), scores=result.scores,
                  paths=np.array(result.paths))
-    files = {"scores": str(out_dir / "scores.csv"), "heatmaps": str(out_dir / "heatmaps") if pictures else None}
+    files = {"scores": str(out_dir / "scores.csv"), "heatmaps": heatmaps}
     if pictures:
         scale = heat_scale(result.maps, threshold)
         for i, path in enumerate(tqdm(result.paths, desc="images: pictures", unit="img", leave=False)):

@@ -29,7 +29,7 @@ from ..config import ScoreConfig
 from ..detector import Detector
 from ..engine.features import ImageFiles
 from ..engine.model import search_report
-from ..outputs.folders import IDENTITY_FILE
+from ..outputs.folders import IDENTITY_FILE, RUN_FILES
 
 # Why a metric cannot be computed on a test set, by what its labels / masks lack.
 IMAGE_METRICS = ("image_auroc", "image_f1_max")
@@ -158,11 +158,12 @@ def evaluate_test_set(detector: Detector, dataset: TestSet, workers: int = 0, de
 def folder_images(folder: Path) -> tuple[list[Path], list[dict]]:
     """The image files under ``folder`` (by extension, sorted) and the other files, as skipped
     entries (broken links among them)."""
-    # A scoring run's own folder (it holds .identity.json: results, heatmaps) is output, not input,
-    # also when --out lies inside the folder scored.
-    runs = [marker.parent for marker in folder.rglob(IDENTITY_FILE)]
+    # What a scoring run wrote (its results and heatmaps, beside its .identity.json) is output, not
+    # input, also when --out lies inside the folder scored or is the folder itself: only those files
+    # are left out, so the user's own images beside them are still scored.
+    written = {marker.parent / name for marker in folder.rglob(IDENTITY_FILE) for name in RUN_FILES}
     entries = sorted(p for p in folder.rglob("*") if not p.name.startswith(".") and (p.is_file() or p.is_symlink())
-                     and not any(run in p.parents for run in runs))
+                     and p not in written and written.isdisjoint(p.parents))
     broken = [p for p in entries if not p.exists()]  # a link whose target is gone
     candidates = [p for p in entries if p.is_file()]
     paths = [p for p in candidates if p.suffix.lower() in IMAGE_SUFFIXES]

@@ -77,7 +77,10 @@ def resolve_checkpoint(run: ScoringRun, category: str) -> Path:
         found = sorted(folder.glob("*.pt"))
         if len(found) == 1:
             return found[0]
-    # Let read_checkpoint phrase the error with what the checkpoint folder holds.
+    # Let read_checkpoint phrase the error with what the checkpoint folder holds; a name of a file
+    # (``.../model.pt``, ``best.pth``) that is not there is that file, not a folder holding model.pt.
+    if not folder.is_dir() and direct.suffix in (".pt", ".pth"):
+        return direct
     return folder / CHECKPOINT_NAMES[0] if folder.is_dir() else Path(run.ckpt_dir) / name / CHECKPOINT_NAMES[0]
 
 
