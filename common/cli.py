@@ -38,11 +38,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` with each option's default, except for switches: a switch's stored default says
-    nothing a user can read (``--uncertified (default: True)`` meant "certified unless given")."""
+    """``--help`` with each option's default, except for switches and for options whose help says
+    their default in words: a switch's stored default says nothing a user can read (``--uncertified
+    (default: True)`` meant "certified unless given"), nor does ``None`` after "(default: the
+    checkpoint's)"."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.nargs == 0:
+        if action.nargs == 0 or (action.default is None and "default" in (action.help or "")):
             return action.help or ""
         return super()._get_help_string(action)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -118,12 +119,20 @@ def export(detector: Detector, fmt: str, out: str | Path) -> Path:
     return export_torchscript(detector, out) if fmt == "torchscript" else export_onnx(detector, out)
 
 
+def load_torchscript(path: str | Path, **kwargs) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` without its deprecation notice: TorchScript is what this export writes and
+    what a deployment loads, so the notice tells the user of ``export.py`` nothing they can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* deprecated", category=FutureWarning)
+        return torch.jit.load(str(path), **kwargs)
+
+
 def run_exported(path: str | Path, fmt: str, images: np.ndarray) -> tuple[np.ndarray, ...]:
     """Score uint8 ``(N, H, W, C)`` images with an exported file (as a deployment would): scores,
     maps, and for a certified coreset whether each image score is certified."""
     if fmt == "torchscript":
         with torch.no_grad():
-            outputs = torch.jit.load(str(path))(torch.from_numpy(np.ascontiguousarray(images)))
+            outputs = load_torchscript(path)(torch.from_numpy(np.ascontiguousarray(images)))
         return tuple(output.numpy() for output in outputs)
     import onnxruntime
 
@@ -135,7 +144,7 @@ def read_metadata(path: str | Path, fmt: str) -> dict:
     """The metadata stored beside an exported graph (threshold, settings, provenance)."""
     if fmt == "torchscript":
         extra = {"metadata.json": ""}
-        torch.jit.load(str(path), _extra_files=extra)
+        load_torchscript(path, _extra_files=extra)
         return json.loads(extra["metadata.json"])
     import onnxruntime
 

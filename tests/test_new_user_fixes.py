@@ -231,7 +231,10 @@ def test_wrong_flags_are_one_line(trained, tiny_root, tmp_path, capsys):
     assert code == 2 and "--out /proc/no-such/out: cannot be made" in one_line(err)
     from scoring.pipeline import cli as score_cli
 
-    assert "(default: True)" not in score_cli.get_args_parser("concatenation").format_help()
+    text = " ".join(score_cli.get_args_parser("concatenation").format_help().split())  # argparse wraps lines
+    assert "(default: True)" not in text
+    # An option whose help gives its default in words is not followed by "(default: None)" too.
+    assert "(default: whatever the checkpoint holds; wave50 for the default --p) --wavelet" in text
 
 
 def test_resume_from_another_file_into_a_run_folder_says_what_to_do(trained, tiny_root, tmp_path, capsys):

@@ -84,6 +84,13 @@ def test_explicit_out_refuses_other_results_unless_overwrite(tmp_path):
     (own / "photo.png").write_bytes(b"x")
     explicit_dir(own, {"k": 3}, overwrite=False)
     assert (own / "photo.png").exists()
+    # One whose files only share a run's names (no record of a run): refused, and said so.
+    named = tmp_path / "named"
+    named.mkdir()
+    (named / "scores.csv").write_text("mine")
+    with pytest.raises(Exception, match=r"holds files a scoring run writes \(scores.csv\) of no run it knows"):
+        explicit_dir(named, {"k": 3}, overwrite=False)
+    assert (named / "scores.csv").read_text() == "mine"
 
 
 def test_a_failed_run_leaves_no_version_and_latest_where_it_was(tmp_path):

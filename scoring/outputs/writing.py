@@ -194,7 +194,8 @@ def format_record(record: dict) -> str:
         body = (f"image AUROC {m['image_auroc']} | pixel AUROC {m['pixel_auroc']} | "
                 f"AUPRO {m['aupro']} | F1-max {m['image_f1_max']} | pixel AP {m['pixel_ap']}")
     else:
-        body = (f"{record['images']['scored']} images scored, {record['images']['anomalous']} anomalous "
+        scored = record["images"]["scored"]
+        body = (f"{scored} image{'' if scored == 1 else 's'} scored, {record['images']['anomalous']} anomalous "
                 f"(threshold {record['threshold']['value']:.4f} = normalised score 1.0), "
                 f"{len(record['images']['skipped'])} skipped")
     if "synthetic_check" in record:
@@ -206,7 +207,8 @@ def format_record(record: dict) -> str:
         body += (f" | coreset ({search['bank']}): {search['certified_images']}/{search['images']} scores certified "
                  f"exact, {search['re_searched_per_image_mean']:.0f} patches re-searched per image (max "
                  f"{search['re_searched_per_image_max']})")
-    timing = (f"bank {record['timings']['bank_s']:.1f}s{' (cached)' if record['bank']['cached'] else ''}, "
+    # The detector's build: its banks (or the cached ones) and what the cache did not hold (a calibration).
+    timing = (f"detector {record['timings']['bank_s']:.1f}s{' (banks cached)' if record['bank']['cached'] else ''}, "
               f"{record['timings']['s_per_test_image'] * 1000:.0f} ms/image")
     detector = record.get("files", {}).get("detector")
     return f"{head} {body} | {timing} -> {record['out_dir']}" + (f" | detector -> {detector}" if detector else "")
