@@ -180,11 +180,10 @@ def build_detector(network: torch.nn.Module, info: dict, config: ScoreConfig, tr
             paths, desc = [paths[i] for i in share], f"{desc} (part {shards.rank + 1}/{shards.world_size})"
         feats, _ = features_of(network, ImageFiles(paths, config.preprocessing), config, device,
                                f"{desc} features", workers=workers)
-        chosen_scores = None
         if entry is None:
             record = None
             if config.image_view == "auto":  # chosen once, with the banks (scoring.engine.views)
-                record, chosen_scores = choose_view(config, feats, device)
+                record = choose_view(config, feats, device)
                 tqdm.write(f"image view: {view_text(record)}", file=sys.stderr)
             entry = {"banks": bank_states(chosen_config(config, record), feats, device, part),
                      "train_images": len(train.paths),
@@ -193,8 +192,7 @@ def build_detector(network: torch.nn.Module, info: dict, config: ScoreConfig, tr
             if sharded:
                 raise UserError("a sharded bank cannot calibrate: give a threshold (see scoring.pipeline.sharding)")
             # Once the maps are cross-fitted for the normalisation, the threshold costs nothing more: kept too.
-            threshold, norm = cross_fitted_calibration(chosen_config(config, entry.get("image_view")), feats, device,
-                                                       chosen_scores)
+            threshold, norm = cross_fitted_calibration(chosen_config(config, entry.get("image_view")), feats, device)
             calibration = {**calibration, "threshold": threshold.to_dict(), **({"map_norm": norm} if norm else {})}
         if cache is not None:
             cache.write(entry, config, calibration)

@@ -10,7 +10,7 @@ import torch
 from common.errors import SettingError, UserError
 from scoring import Detector, ScoreConfig
 from scoring.building import features_of, load_network, resolve_config
-from scoring.engine.calibration import cross_fitted_maps
+from scoring.engine.calibration import CALIBRATION_FOLDS, cross_fitted_maps
 from scoring.engine.features import ImageFiles, batched_features
 from scoring.engine.model import AnomalyScorer
 from scoring.engine.views import VIEW_SPLITS, choose_view, chosen_config, spread
@@ -87,7 +87,7 @@ def test_auto_takes_the_view_whose_training_scores_spread_less(trained, tiny_roo
     network, info = load_network(trained / "widget-wave18" / "model.pt", CPU)
     config = resolve_config(ScoreConfig(batch_size=4, frame=FRAME, image_view="auto"), info, train_paths)
     feats, _ = features_of(network, ImageFiles(train_paths, config.preprocessing), config, CPU, "train")
-    again, scores = choose_view(config, feats, CPU)
+    again = choose_view(config, feats, CPU)
     assert again == record and chosen_config(config, again).image_view == record["chosen"]
     # Each view's spread: of each image's mean score over VIEW_SPLITS halvings (seeds 0, 1, ...).
     layers = len(config.layers)
@@ -96,8 +96,10 @@ def test_auto_takes_the_view_whose_training_scores_spread_less(trained, tiny_roo
         halvings = [cross_fitted_maps(view_config.replace(seed=seed), view_feats, CPU, keep_maps=False)[0]
                     for seed in range(VIEW_SPLITS)]
         assert record[f"{name}_spread"] == pytest.approx(spread(torch.stack(halvings).mean(0)), rel=1e-6)
-        if name == record["chosen"]:  # the calibration reuses the first halving's: its own split
-            torch.testing.assert_close(scores, halvings[0])
+        if name == record["chosen"]:  # the threshold: the chosen view's scores cross-fitted in 5 folds
+            folds, _ = cross_fitted_maps(view_config, view_feats, CPU, keep_maps=False, folds=CALIBRATION_FOLDS)
+            assert auto.threshold == pytest.approx(float(np.percentile(folds.numpy(), 99.0)), rel=1e-5)
+            assert not torch.equal(folds, halvings[0])
     assert record["splits"] == VIEW_SPLITS > 1
     # Its scores are the chosen view's detector's, threshold included.
     chosen = fit(trained, tiny_root, image_view=record["chosen"])

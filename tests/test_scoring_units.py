@@ -596,3 +596,25 @@ def test_a_bank_sampler_is_passed_in():
     config = ScoreConfig(size=32, layers=(2,), coreset=0.5)
     (state,) = bank_states(config, feats, sampler=EveryOther())
     assert torch.equal(state["rows"], state["full"][::2]) and state["full"].shape == (64, 8)
+
+
+@pytest.mark.parametrize("folds", [2, 5])
+def test_cross_fitting_scores_each_fold_against_a_bank_of_the_others(folds):
+    from scoring.engine.calibration import cross_fitted_maps
+
+    gen = torch.Generator().manual_seed(3)
+    train = [torch.randn(13, 8, 8, 8, generator=gen), torch.randn(13, 4, 4, 4, generator=gen)]
+    config = ScoreConfig(fusion="concatenation", size=32, knn="torch", seed=4)
+    scores, _ = cross_fitted_maps(config, train, "cpu", keep_maps=False, folds=folds)
+    # The same split by hand: the seed's permutation cut at i * N // folds (halves: N // 2 first).
+    order = torch.randperm(13, generator=torch.Generator().manual_seed(4))
+    bounds = [i * 13 // folds for i in range(folds + 1)]
+    assert bounds[1] == (6 if folds == 2 else 2)
+    for start, end in zip(bounds, bounds[1:]):
+        held, rest = order[start:end], torch.cat([order[:start], order[end:]])
+        expected, _ = fit("concatenation", [f[rest] for f in train]).score([f[held] for f in train])
+        torch.testing.assert_close(scores[held], expected)
+    # More folds, larger banks: the held-out scores sit lower on the mean than against halves.
+    if folds == 5:
+        halves, _ = cross_fitted_maps(config, train, "cpu", keep_maps=False, folds=2)
+        assert float(scores.mean()) < float(halves.mean())

@@ -12,8 +12,8 @@ detector's coreset, certified, reading its cells as the frame's banks do: ``view
 
 ``image_view="auto"`` chooses between the two without labels (the frame where the frame is
 square or the maps read the segmentation head, whose maps score the images): each view's cross-fitted training
-scores (every normal training image scored against a bank of the other half, as the threshold's
-calibration does, :func:`scoring.engine.calibration.cross_fitted_maps`), each image's score the
+scores (every normal training image scored against a bank of the other half,
+:func:`scoring.engine.calibration.cross_fitted_maps`), each image's score the
 mean over :data:`VIEW_SPLITS` random halvings, and the view whose normal scores spread less
 around their mean (coefficient of variation, std / mean) scores the images. A view where normal
 images' maxima scatter widely is one where defects stand out less. One halving's scores also
@@ -46,8 +46,8 @@ VIEW_SPLITS = 3
 def view_scores(config: ScoreConfig, train_feats: list[torch.Tensor],
                 device: torch.device) -> dict[str, torch.Tensor]:
     """Both views' cross-fitted training image scores ``{"frame": (R, N), "square": (R, N)}``, one
-    row per halving (:data:`VIEW_SPLITS`, seeds ``config.seed``, ``config.seed + 1``, ...; the first
-    is the threshold's calibration's own); ``train_feats`` as
+    row per halving (:data:`VIEW_SPLITS`, seeds ``config.seed``, ``config.seed + 1``, ...);
+    ``train_feats`` as
     :func:`scoring.engine.features.pooled_features` gives them with the view."""
     layers = len(config.layers)
     scores: dict[str, list[torch.Tensor]] = {"frame": [], "square": []}
@@ -60,21 +60,17 @@ def view_scores(config: ScoreConfig, train_feats: list[torch.Tensor],
     return {name: torch.stack(rows) for name, rows in scores.items()}
 
 
-def choose_view(config: ScoreConfig, train_feats: list[torch.Tensor],
-                device: torch.device) -> tuple[dict, torch.Tensor | None]:
+def choose_view(config: ScoreConfig, train_feats: list[torch.Tensor], device: torch.device) -> dict:
     """``config`` with ``image_view`` auto -> what the choice read (``{"chosen", "frame_spread",
     "square_spread", "splits"}``: the spreads of each image's mean score over the halvings; kept
-    with the banks and in the provenance; :func:`chosen_config` applies it) and the chosen view's
-    cross-fitted training scores of the first halving ``(N,)`` (the threshold's calibration
-    reuses them; ``None`` where there is one view)."""
+    with the banks and in the provenance; :func:`chosen_config` applies it)."""
     if config.view_preprocessing is None:  # one view
         reason = "the frame is square" if config.map_source == "knn" else f"the {config.map_source} map source"
-        return {"chosen": "frame", "reason": reason}, None
-    scores = view_scores(config, train_feats, device)
-    spreads = {name: spread(values.mean(0)) for name, values in scores.items()}
+        return {"chosen": "frame", "reason": reason}
+    spreads = {name: spread(values.mean(0)) for name, values in view_scores(config, train_feats, device).items()}
     chosen = "square" if spreads["square"] < spreads["frame"] else "frame"
     return {"chosen": chosen, "frame_spread": spreads["frame"], "square_spread": spreads["square"],
-            "splits": VIEW_SPLITS}, scores[chosen][0]
+            "splits": VIEW_SPLITS}
 
 
 def chosen_config(config: ScoreConfig, record: dict | None) -> ScoreConfig:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from models.checkpoint import save_atomic
 
 from ..config import MAP_ONLY_SETTINGS, ScoreConfig
+from ..engine.calibration import CALIBRATION_FOLDS
 from ..engine.views import VIEW_SPLITS
 
 # 3: training files keyed by content; 4: banks stored as MemoryBank state dicts; 5: thresholds (and map
@@ -61,7 +62,9 @@ def calibration_key(config: ScoreConfig) -> str:
     taken before them, so trying another ``--smooth`` or ``--floor`` reuses it; a fused map's
     normalisation reads the maps)."""
     skipped = {"threshold", *(MAP_ONLY_SETTINGS if config.map_source == "knn" else ())}
-    return json.dumps({k: v for k, v in config.subset("score").items() if k not in skipped}, sort_keys=True)
+    # The folds too: a threshold cached from halves (before 2026-12-07) is calibrated again.
+    return json.dumps({**{k: v for k, v in config.subset("score").items() if k not in skipped},
+                       "calibration_folds": CALIBRATION_FOLDS}, sort_keys=True)
 
 
 class BankCache:
