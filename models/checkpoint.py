@@ -71,7 +71,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                        for p in folder.glob(pattern)) if folder.is_dir() else []
         hint = f"checkpoints in {folder}/: {', '.join(found[:20])}" if found else \
             f"no .pt files in {folder}/" if folder.is_dir() else f"{folder}/ does not exist"
-        raise UserError(f"checkpoint {path} not found ({hint}); train first with main.py or pass --p")
+        raise UserError(f"checkpoint {path} not found ({hint}); train first with main.py, or pass --p (a "
+                        f"checkpoint file or run folder) and --ckpt-dir (the folder of run folders, relative to "
+                        f"{Path.cwd()})")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except UNREADABLE as exc:
