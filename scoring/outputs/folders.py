@@ -151,9 +151,11 @@ def explicit_dir(folder: Path, identity: dict, overwrite: bool, flag: str = "--o
     another run's results need ``--overwrite``, and are then moved to ``DIR.old-<date>-<time>``."""
     if holds_results(folder) and _read_identity(folder) != identity:
         if not overwrite:
-            held = [name for name in RUN_FILES if (folder / name).exists()]
-            what = ("results of another checkpoint or other settings" if (folder / IDENTITY_FILE).exists() else
-                    f"files a scoring run writes ({', '.join(held[:3])}) of no run it knows")
+            if (folder / IDENTITY_FILE).exists():
+                what = "results of another checkpoint or other settings"
+            else:
+                held = [name for name in RUN_FILES if (folder / name).exists()]
+                what = f"files a scoring run writes ({', '.join(held[:3])}) of no run it knows"
             raise UserError(f"{flag} {folder} holds {what}; pass "
                             f"--overwrite to move them aside (to {folder.name}.old-<date>-<time>), or choose "
                             f"another {flag}")
