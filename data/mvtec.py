@@ -158,8 +158,8 @@ def check_mask_fits(image_path: Path, image_hw: tuple[int, int], mask_path: Path
     """A mask may be scaled, but must have its image's aspect ratio (within 1%)."""
     (ih, iw), (mh, mw) = image_hw, mask_hw
     if abs(ih * mw - iw * mh) > 0.01 * ih * mw:
-        raise UserError(f"mask {mask_path} is {mw}x{mh} but image {image_path} is {iw}x{ih} "
-                        "(another aspect ratio); fix or replace the mask")
+        raise UserError(f"mask {mask_path} is {mh}x{mw} but image {image_path} is {ih}x{iw} (height x width: "
+                        "another aspect ratio); fix or replace the mask")
 
 
 def load_cached(paths: list[Path], size: int | Frame, antialias: bool, desc: str) -> torch.Tensor | None:

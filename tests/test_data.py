@@ -83,7 +83,7 @@ def test_missing_mask_and_bad_ratio(tiny_root, tmp_path):
     shutil.copytree(tiny_root / "widget", root / "widget")
     mask = root / "widget" / "ground_truth" / "scratch" / "000_mask.png"
     Image.open(mask).resize((10, 40)).save(mask)
-    with pytest.raises(UserError, match="000_mask.png is 10x40 but image .*000.png is 40x48"):
+    with pytest.raises(UserError, match=r"000_mask.png is 40x10 but image .*000.png is 48x40 \(height x width"):
         TestSet(root, "widget", 32)[3]
     mask.unlink()
     with pytest.raises(UserError, match="defect image .*000.png has no mask"):

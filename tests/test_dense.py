@@ -118,6 +118,10 @@ def test_fused_detector_saves_loads_and_exports_with_the_same_scores(dense_ckpt,
         "knn_mean", "knn_std", "head_mean", "head_std"}
     # The threshold is a percentile of cross-fitted training scores of the fused map.
     assert detector.calibration.train_score_max >= detector.threshold > detector.calibration.train_score_mean
+    assert detector.calibration.source.startswith("cross-fitted training scores (5 folds)")
+    head = Detector.fit(dense_ckpt / "widget-wave18" / "model.pt", tiny_root / "widget" / "train" / "good",
+                        ScoreConfig(batch_size=4, map_source="head"), device="cpu")
+    assert head.calibration.source.startswith("the training images' head-map scores")  # no bank: not cross-fitted
     paths = sorted((tiny_root / "widget" / "test").rglob("*.png"))
     expected = detector.predict(paths)
     loaded = Detector.load(detector.save(tmp_path / "d.pt"), device="cpu")

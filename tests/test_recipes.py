@@ -12,7 +12,7 @@ from data import TrainSet
 from scoring import ScoreConfig
 from scoring.pipeline import cli as score_cli
 from training import TrainConfig
-from training.loop import lr_at
+from training.loop import lr_at, schedule_note
 
 
 def test_constant_schedule_is_the_paper():
@@ -29,6 +29,17 @@ def test_cosine_with_warmup():
     assert math.isclose(lrs[0], 0.05) and math.isclose(lrs[1], 0.1)
     assert math.isclose(lrs[2], 0.1) and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
     assert lrs[-1] > 0
+
+
+@pytest.mark.parametrize("epochs", [1, 2, 3, 4])
+def test_a_cosine_schedule_too_short_to_decay_is_warned_of(epochs):
+    config = TrainConfig(sched="cosine", warmup=2, epochs=epochs, lr=0.1)
+    decays = min(lr_at(e, config) for e in range(epochs)[2:]) < 0.1 if epochs > 2 else False
+    note = schedule_note(config)
+    assert (note is None) == decays  # warned exactly where the rate never falls below --lr
+    if note:
+        assert "--warmup 2" in note and f"--e {epochs}" in note and "4 epochs" in note
+    assert schedule_note(TrainConfig(warmup=5, epochs=1)) is None  # constant: no decay was asked for
 
 
 def test_recipe_sets_defaults_but_flags_win():

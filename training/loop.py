@@ -73,6 +73,15 @@ def lr_at(epoch: int, config: TrainConfig) -> float:
     return 0.5 * config.lr * (1 + math.cos(math.pi * (epoch - warmup) / span))
 
 
+def schedule_note(config: TrainConfig) -> str | None:
+    """A warning where the cosine schedule cannot decay (fewer than warm-up + 2 epochs: :func:`lr_at`
+    reaches ``lr`` and ends there), else ``None``; short smoke runs of ``--recipe best`` meet it."""
+    if config.sched != "cosine" or config.epochs - config.warmup >= 2:
+        return None
+    return (f"warning: --warmup {config.warmup} leaves no room to decay in --e {config.epochs} epochs: the learning "
+            f"rate rises to --lr and stays there; the cosine schedule needs at least {config.warmup + 2} epochs")
+
+
 def make_batch(normal: torch.Tensor, anomalies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(B, 3, S, S)``, ``(B, G, 3, S, S)`` -> images ``((G+1) B, 3, S, S)``, labels ``((G+1) B,)``.
 

@@ -22,7 +22,7 @@ from common.runtime import resolve_device
 from common.settings import category_list, check_stage_arguments
 
 from .config import TrainConfig, TrainRun
-from .loop import train_category
+from .loop import schedule_note, train_category
 from .rundir import RunClaim
 
 
@@ -44,6 +44,8 @@ def train_categories(config: TrainConfig, run: TrainRun, categories: list[str],
         with claim_runs(config, run, categories, device, dist_info, why_overwrite):
             if banner:
                 print(banner, flush=True)
+            if dist_info.is_main and (note := schedule_note(config)):
+                print(note, flush=True)
             for category in categories:
                 done.append(train_category(config, run, category, device, dist_info))
     finally:

@@ -107,6 +107,8 @@ def cross_fitted_calibration(config: ScoreConfig, train_feats: list[torch.Tensor
         scores, _ = combine_head(config.map_source, knn_maps, head, norm, config.frame_hw)
     value = float(np.percentile(scores.numpy(), config.calib_percentile))
     folds = min(CALIBRATION_FOLDS, len(scores))
-    return Threshold(value, f"cross-fitted training scores ({folds} folds{', square view' if view else ''}), "
-                            f"{config.calib_percentile}th percentile",
+    # The head's map needs no bank, so its training scores are not cross-fitted.
+    scored = ("the training images' head-map scores" if config.map_source == "head" else
+              f"cross-fitted training scores ({folds} folds{', square view' if view else ''})")
+    return Threshold(value, f"{scored}, {config.calib_percentile}th percentile",
                      float(scores.mean()), float(scores.max())), norm
