@@ -105,7 +105,7 @@ def main(args: argparse.Namespace) -> None:
     test_feats, extras = features_of(network, test_set, config, device, "test features")
     bank = AnomalyScorer.fit(config, train_feats).banks[0]
     spread = spacing(bank, args.neighbours)
-    grids = bank_grids(config.fusion, test_feats[:len(config.layers)])
+    grids = bank_grids(config, test_feats[:len(config.layers)])
     scores, searched = {a: [] for a in alphas}, 0
     for grid in tqdm(grids[0].split(1), desc="certified image scores"):
         patches = to_patches(grid).float()

@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> None:
                                                          device)
     scorer = AnomalyScorer.fit(config, train_feats)
     bank = scorer.banks[0]
-    patches = torch.cat([to_patches(grid) for grid in bank_grids(config.fusion, test_feats[:len(config.layers)])])
+    patches = torch.cat([to_patches(grid) for grid in bank_grids(config, test_feats[:len(config.layers)])])
     nearest = torch.cat([bank.search.nearest(patches[start:start + QUERY_BLOCK], 1)[1][:, 0]
                          for start in range(0, patches.shape[0], QUERY_BLOCK)])
     rows = (bank.cell_starts[nearest][:, None] + torch.arange(args.cells)).clamp_max(bank.whole.size - 1)

@@ -53,7 +53,7 @@ def own_features(detector: Detector, path, area: float) -> list[torch.Tensor]:
 
 def bank_rows(detector: Detector, feats: list[torch.Tensor]) -> torch.Tensor:
     """One image's features -> its ``(h w, D)`` rows of the (concatenation's one) bank."""
-    return to_patches(bank_grids(detector.config.fusion, feats[:len(detector.config.layers)])[0])
+    return to_patches(bank_grids(detector.config, feats[:len(detector.config.layers)])[0])
 
 
 @torch.no_grad()  # not set_grad_enabled(False): a caller in the same process keeps its gradients

@@ -98,7 +98,7 @@ def test_patches(detector: Detector, data_root: str, category: str, images: int,
     order = sorted(range(len(dataset)), key=lambda i: -dataset.samples[i].label)[:images]
     batch = torch.stack([dataset[i]["image"] for i in order])
     feats = [torch.cat(parts) for parts in zip(*(detector.features(batch[s:s + 8]) for s in range(0, len(batch), 8)))]
-    patches = to_patches(bank_grids(detector.config.fusion, feats[:len(detector.config.layers)])[0]).float()
+    patches = to_patches(bank_grids(detector.config, feats[:len(detector.config.layers)])[0]).float()
     pick = torch.randperm(patches.shape[0], generator=torch.Generator().manual_seed(0))[:count]
     return patches[pick]
 

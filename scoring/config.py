@@ -25,6 +25,7 @@ FUSIONS = ("concatenation", "multiplication")
 BACKENDS = ("auto", "torch", "faiss")  # scoring.engine.knn
 MAP_SOURCES = ("knn", "head", "fused")  # scoring.engine.dense
 IMAGE_VIEWS = ("frame", "square", "auto")  # scoring.engine.views
+UPSAMPLINGS = ("nearest", "bilinear")  # concatenation: the coarser layers onto the finest grid
 MAX_SMOOTH = 100  # px: a Gaussian sigma; its kernel is 8 sigma wide, wider than any frame side it could matter on
 MAX_FLOOR = 1.0  # a share of each map's own minimum: 1 puts every map's lowest value at 0
 # Settings that move the k-NN maps only, after their image scores are taken: where the maps are not
@@ -45,6 +46,7 @@ class ScoreConfig(Settings):
     frame: str | None = setting(None, "bank")  # data.frames: None = the checkpoint's; square, auto or HxW
     antialias: bool = setting(False, "bank")
     layers: tuple[int, ...] = setting((2, 3), "bank")
+    upsample: str = setting("nearest", "bank")  # concatenation: nearest (the paper) or bilinear (scoring.engine.model)
     precision: str = setting("fp32", "bank")  # feature extraction: fp32 or bf16
     coreset: float = setting(1.0, "bank")
     coreset_dim: int = setting(32, "bank")
@@ -118,6 +120,7 @@ class ScoreConfig(Settings):
             ("layers", isinstance(self.layers, tuple) and bool(self.layers)
              and all(is_whole(layer, 1) and layer <= 4 for layer in self.layers)
              and len(set(self.layers)) == len(self.layers), "stages are numbered 1 to 4, each at most once (e.g. 2,3)"),
+            ("upsample", self.upsample in UPSAMPLINGS, f"choose one of {', '.join(UPSAMPLINGS)}"),
             ("precision", self.precision in ("fp32", "bf16"), "choose fp32 or bf16"),
             ("coreset", is_number(self.coreset) and 0 < self.coreset <= 1,
              "must be in (0, 1]; 1 keeps the whole bank (the paper)"),

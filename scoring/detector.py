@@ -317,7 +317,7 @@ def bank_widths(network: torch.nn.Module, config: ScoreConfig, device: torch.dev
     side = config.size or 64
     probe = torch.zeros(1, 3, side, side, device=device).contiguous(memory_format=torch.channels_last)
     feats = pooled_features(network, probe, list(config.layers))
-    widths = [int(grid.shape[1]) for grid in bank_grids(config.fusion, feats)]
+    widths = [int(grid.shape[1]) for grid in bank_grids(config, feats)]
     return widths * 2 if config.view_preprocessing is not None else widths  # the square view's banks too
 
 

@@ -36,6 +36,31 @@ def test_concat_layers_nearest_upsampling():
     assert out[0, 2].tolist() == [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]
 
 
+def test_concat_layers_bilinear_upsampling_blends_the_coarser_cells():
+    l2 = torch.zeros(1, 1, 4, 4)
+    l3 = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    out = concat_layers([l2, l3], "bilinear")[0, 1]
+    # Half-pixel centres: output cell x reads source (x + 0.5) / 2 - 0.5, clamped at the borders.
+    assert out.tolist() == [[1, 1.25, 1.75, 2], [1.5, 1.75, 2.25, 2.5], [2.5, 2.75, 3.25, 3.5], [3, 3.25, 3.75, 4]]
+    assert torch.equal(concat_layers([l2, l3], "nearest"), concat_layers([l2, l3]))  # the paper's, the default
+
+
+def test_the_upsampling_is_a_bank_setting_of_concatenation():
+    torch.manual_seed(0)
+    train = [torch.randn(3, 4, 8, 8), torch.randn(3, 6, 4, 4)]
+    nearest, bilinear = fit("concatenation", train), fit("concatenation", train, upsample="bilinear")
+    rows = [scorer.banks[0].search.rows for scorer in (nearest, bilinear)]
+    assert torch.equal(rows[0][:, :4], rows[1][:, :4]) and not torch.equal(rows[0][:, 4:], rows[1][:, 4:])
+    test = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    assert not torch.equal(nearest(test)[0], bilinear(test)[0])
+    assert ScoreConfig.names("bank").count("upsample") == 1  # so the bank cache keys on it
+    # Multiplication keeps each layer on its own grid: the setting does not change it.
+    products = [fit("multiplication", train, upsample=mode)(test) for mode in ("nearest", "bilinear")]
+    assert all(torch.equal(a, b) for a, b in zip(*products))
+    with pytest.raises(Exception, match="upsample='cubic': choose one of nearest, bilinear"):
+        ScoreConfig(upsample="cubic")
+
+
 def test_concatenation_scores_by_hand():
     # Bank: one training image whose every patch is the zero vector.
     train = [torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 2, 2)]

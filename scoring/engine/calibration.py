@@ -71,7 +71,7 @@ def cross_fitted_maps(config: ScoreConfig, train_feats: list[torch.Tensor], devi
     layers = len(config.layers)
     scores = torch.empty(count)
     maps = torch.empty(count, *config.frame_hw) if keep_maps else None
-    per_image = math.prod(bank_grids(config.fusion, [f[:1] for f in train_feats[:layers]])[0].shape[-2:])
+    per_image = math.prod(bank_grids(config, [f[:1] for f in train_feats[:layers]])[0].shape[-2:])
     if knn_config.coreset < 1 and math.ceil(knn_config.coreset * per_image * min(len(fit) for fit, _ in parts)) \
             < per_image:
         # A bank of few training images is too small for the coreset fraction (check_coreset_size):

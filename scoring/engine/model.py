@@ -18,8 +18,8 @@ construction.
 
 The fusions (the paper's two ways of fusing multi-level patch features into one map):
 
-- *concatenation*: every chosen layer is upsampled (nearest) onto the first (finest) layer's
-  grid and concatenated on channels; one memory bank; the ``h x w`` distance map is resized
+- *concatenation*: every chosen layer is upsampled (nearest, the paper's; or bilinear) onto the
+  first (finest) layer's grid and concatenated on channels; one memory bank; the ``h x w`` distance map is resized
   bilinearly to ``S x S``; the image score is the maximum of the ``h x w`` map;
 - *multiplication*: one bank and one distance map per layer, each resized bilinearly to
   ``S x S``, multiplied together; the image score is the maximum of the product map.
@@ -62,10 +62,15 @@ def to_patches(feat: torch.Tensor) -> torch.Tensor:
     return feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
 
 
-def concat_layers(feats: list[torch.Tensor]) -> torch.Tensor:
-    """``[(N, C_l, h_l, w_l)]`` -> ``(N, sum C_l, h_0, w_0)``: nearest upsampling onto layer 0's grid."""
+def concat_layers(feats: list[torch.Tensor], upsample: str = "nearest") -> torch.Tensor:
+    """``[(N, C_l, h_l, w_l)]`` -> ``(N, sum C_l, h_0, w_0)``: each layer resized onto layer 0's grid.
+
+    ``nearest`` (the paper's code) repeats each coarser feature over the finer cells it covers, so
+    the map steps at the coarser layer's cell edges; ``bilinear`` (half-pixel centres, PatchCore's
+    choice) blends the neighbouring coarser features instead."""
     target = feats[0].shape[-2:]
-    resized = [f if f.shape[-2:] == target else F.interpolate(f, size=target, mode="nearest") for f in feats]
+    options = {"mode": "nearest"} if upsample == "nearest" else {"mode": "bilinear", "align_corners": False}
+    resized = [f if f.shape[-2:] == target else F.interpolate(f, size=target, **options) for f in feats]
     return torch.cat(resized, dim=1)
 
 
@@ -108,14 +113,17 @@ class Fusion(abc.ABC):
 
 
 class Concatenation(Fusion):
-    """Every chosen layer upsampled (nearest) onto the finest layer's grid and concatenated on
-    channels: one bank; the image score is the maximum of its ``h x w`` map (the terms are its
-    cells), the map that grid resized bilinearly to the frame."""
+    """Every chosen layer upsampled (``upsample``: nearest or bilinear) onto the finest layer's grid and
+    concatenated on channels: one bank; the image score is the maximum of its ``h x w`` map (the terms
+    are its cells), the map that grid resized bilinearly to the frame."""
 
     name = "concatenation"
 
+    def __init__(self, upsample: str = "nearest"):
+        self.upsample = upsample
+
     def grids(self, feats):
-        return [concat_layers(feats)]
+        return [concat_layers(feats, self.upsample)]
 
     def terms(self, values, shapes, frame):
         return values[0]
@@ -180,12 +188,14 @@ class Multiplication(Fusion):
         return maps.flatten(1).max(1).values, maps
 
 
-FUSION_RULES = {fusion.name: fusion for fusion in (Concatenation(), Multiplication())}
+def fusion_rule(config: ScoreConfig) -> Fusion:
+    """The :class:`Fusion` of ``config`` (its ``fusion``; concatenation with its ``upsample``)."""
+    return Concatenation(config.upsample) if config.fusion == Concatenation.name else Multiplication()
 
 
-def bank_grids(fusion: str, feats: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per layer ``(N, C_l, h_l, w_l)`` -> what each bank of ``fusion`` holds (:meth:`Fusion.grids`)."""
-    return FUSION_RULES[fusion].grids(feats)
+def bank_grids(config: ScoreConfig, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per layer ``(N, C_l, h_l, w_l)`` -> what each bank of ``config``'s fusion holds (:meth:`Fusion.grids`)."""
+    return fusion_rule(config).grids(feats)
 
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -262,7 +272,7 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
     require_chosen_view(config)
     sampler = sampler or GreedyCoresetSampler(config.coreset, config.coreset_dim, config.seed)
     states = []
-    for grid in bank_grids(config.fusion, train_feats[:len(config.layers)]):
+    for grid in bank_grids(config, train_feats[:len(config.layers)]):
         patches = to_patches(grid).detach().float().cpu().contiguous()
         rows, full = patches, None
         if config.coreset < 1:
@@ -357,7 +367,7 @@ class AnomalyScorer(nn.Module):
         self.banks = nn.ModuleList(banks)
         self.fusion, self.size, self.k, self.smooth = config.fusion, config.frame_hw, config.k, config.smooth
         self.floor = config.floor
-        self.fusion_rule = FUSION_RULES[config.fusion]
+        self.fusion_rule = fusion_rule(config)
         self.map_source, self.layer_count, self.map_norm = config.map_source, len(config.layers), map_norm
         self.refine, self.certify_scores = config.refine, config.certify
         self.coreset = any(bank.coreset < 1 for bank in banks)  # searched rows whose distances are bounds

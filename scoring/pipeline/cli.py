@@ -20,7 +20,7 @@ from common.recipes import RECIPES
 from common.runtime import PRECISIONS, resolve_device
 from data import resolve_categories
 
-from ..config import BACKENDS, FUSIONS, IMAGE_VIEWS, MAP_SOURCES, ScoreConfig
+from ..config import BACKENDS, FUSIONS, IMAGE_VIEWS, MAP_SOURCES, UPSAMPLINGS, ScoreConfig
 from .runner import score_categories
 from .runs import ScoringRun
 from .synthetic_check import CHECK_AUGS, HELD_OUT_KINDS
@@ -68,6 +68,9 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     scoring = parser.add_argument_group("Scoring")
     scoring.add_argument("--layers", type=parse_layers, default=DEFAULT("layers"),
                          help="stages whose features are scored")
+    scoring.add_argument("--upsample", default=DEFAULT("upsample"), choices=UPSAMPLINGS,
+                         help="concatenation: how the coarser stages reach the finest stage's grid, nearest (the "
+                              "paper's) or bilinear (PatchCore's; --recipe best)")
     scoring.add_argument("--k", type=int, default=DEFAULT("k"),
                          help="nearest neighbours averaged per patch (the paper: 1)")
     scoring.add_argument("--coreset", type=float, default=DEFAULT("coreset"),
