@@ -95,9 +95,11 @@ class ScoreConfig(Settings):
     @property
     def view_config(self) -> ScoreConfig:
         """The settings of the square view's bank: these with the square frame, no smoothing and no floor (its
-        maps are not kept, only its image scores). Its cells stay: they tighten the bounds the
-        certification reads, so fewer patches are re-searched in the whole bank (docs/speed.md)."""
-        return self.replace(frame="square", image_view="frame", **self.maps_untouched)
+        maps are not kept, only its image scores) and the paper's nearest ``upsample`` (a choice for the
+        frame's maps: the view is the paper's, docs/results.md "Layer 3 resized bilinearly"). Its cells stay:
+        they tighten the bounds the certification reads, so fewer patches are re-searched in the whole bank
+        (docs/speed.md)."""
+        return self.replace(frame="square", image_view="frame", upsample="nearest", **self.maps_untouched)
 
     @property
     def maps_untouched(self) -> dict:
