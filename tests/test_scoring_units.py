@@ -20,6 +20,7 @@ from scoring.engine.model import (
     resize_map,
     to_patches,
 )
+from scoring.pipeline.cache import bank_settings
 
 
 def fit(fusion: str, train: list[torch.Tensor], size: int = 32, **settings) -> AnomalyScorer:
@@ -53,7 +54,9 @@ def test_the_upsampling_is_a_bank_setting_of_concatenation():
     assert torch.equal(rows[0][:, :4], rows[1][:, :4]) and not torch.equal(rows[0][:, 4:], rows[1][:, 4:])
     test = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
     assert not torch.equal(nearest(test)[0], bilinear(test)[0])
-    assert ScoreConfig.names("bank").count("upsample") == 1  # so the bank cache keys on it
+    # The bank cache keys on it; nearest leaves the key as it was before the setting existed.
+    keys = [bank_settings(ScoreConfig(upsample=mode), "sha", "files") for mode in ("nearest", "bilinear")]
+    assert "upsample" not in keys[0] and keys[1] == {**keys[0], "upsample": "bilinear"}
     # Multiplication keeps each layer on its own grid: the setting does not change it.
     products = [fit("multiplication", train, upsample=mode)(test) for mode in ("nearest", "bilinear")]
     assert all(torch.equal(a, b) for a, b in zip(*products))

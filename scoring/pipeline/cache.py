@@ -36,8 +36,10 @@ def bank_settings(config: ScoreConfig, ckpt_sha: str, train_digest: str) -> dict
     by name and content (``train_digest``: :func:`scoring.building.files_digest`)."""
     # auto's choice, kept in the entry, depends on its halvings too (scoring.engine.views).
     halvings = {"view_splits": VIEW_SPLITS} if config.image_view == "auto" else {}
-    return {"format": BANK_FORMAT, "checkpoint_sha256": ckpt_sha, **config.subset("bank"), **halvings,
-            "train_files": train_digest}
+    bank = config.subset("bank")
+    if bank["upsample"] == "nearest":  # the banks built before the setting existed: their entries still serve
+        del bank["upsample"]
+    return {"format": BANK_FORMAT, "checkpoint_sha256": ckpt_sha, **bank, **halvings, "train_files": train_digest}
 
 
 def bank_cache_path(ckpt_path: Path, settings: dict) -> Path:
