@@ -72,9 +72,10 @@ def test_two_processes_give_the_one_process_results(tiny_root, trained, tmp_path
         "images-coreset": {"fusion": "concatenation", "coreset": 0.5, "images": scratch},
         # the recipe's settings: a non-square frame larger than the training side, a certified coreset
         "frame-coreset": {"fusion": "multiplication", "coreset": 0.5, "frame": "64x32"},
-        # image scores at the square view, maps at the frame (scoring.engine.views), less half their floor
+        # image scores at the square view, maps at the frame (scoring.engine.views) with layer 3 upsampled
+        # bilinearly, less half their floor
         "square-view": {"fusion": "concatenation", "coreset": 0.5, "frame": "64x32", "image_view": "square",
-                        "cells": 4, "floor": 0.5},
+                        "cells": 4, "floor": 0.5, "upsample": "bilinear"},
         "images-threshold": {"fusion": "multiplication", "coreset": 0.5, "k": 2, "images": scratch,
                              "threshold": 1.0},
     }
