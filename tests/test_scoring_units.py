@@ -8,6 +8,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 import scoring.engine.knn as knn_module
+from common.errors import SettingError
 from scoring import ScoreConfig, metrics
 from scoring.engine.coreset import greedy_coreset
 from scoring.engine.knn import BankSearch, faiss_available
@@ -60,7 +61,7 @@ def test_the_upsampling_is_a_bank_setting_of_concatenation():
     # Multiplication keeps each layer on its own grid: the setting does not change it.
     products = [fit("multiplication", train, upsample=mode)(test) for mode in ("nearest", "bilinear")]
     assert all(torch.equal(a, b) for a, b in zip(*products))
-    with pytest.raises(Exception, match="upsample='cubic': choose one of nearest, bilinear"):
+    with pytest.raises(SettingError, match="upsample='cubic': choose one of nearest, bilinear"):
         ScoreConfig(upsample="cubic")
 
 
@@ -274,7 +275,6 @@ def test_products_with_the_rows_as_stored_stay_within_their_rounding_bound():
 
 
 def test_k_larger_than_the_bank_names_the_setting():
-    from common.errors import SettingError
 
     search = BankSearch(torch.randn(4, 3), backend="torch")
     with pytest.raises(SettingError, match=r"k=5: is larger than the memory bank \(4 patches\)"):
@@ -569,7 +569,6 @@ def test_traced_certification_scores_and_maps_as_eager(fusion, cells):
 
 
 def test_tiny_coresets_are_refused_and_fused_maps_are_not_certified():
-    from common.errors import SettingError
 
     train, _ = coreset_case("concatenation")
     with pytest.raises(SettingError, match=r"coreset=1e-09: keeps 1 of the bank's 1920 patches, fewer than one"):
