@@ -233,7 +233,7 @@ def test_scoring_mask_problems(root, ckpt_dir, tmp_path, capsys):
     Image.open(mask).resize((40, 10)).save(mask)
     code, err = run_score(["--c", "widget", "--data-root", str(root), "--ckpt-dir", str(ckpt_dir),
                            "--p", "widget-wave18", "--out", str(tmp_path / "a")], capsys)
-    assert code == 2 and "001_mask.png is 40x10" in one_line(err)
+    assert code == 2 and "001_mask.png is 10x40" in one_line(err)  # height x width
     mask.unlink()
     code, err = run_score(["--c", "widget", "--data-root", str(root), "--ckpt-dir", str(ckpt_dir),
                            "--p", "widget-wave18", "--out", str(tmp_path / "b")], capsys)

@@ -274,7 +274,7 @@ def test_failed_runs_leave_no_version_and_reruns_keep_their_pictures(tiny_root, 
     mask = next((root / "widget" / "ground_truth").rglob("*_mask.png"))
     Image.open(mask).resize((7, 5)).save(mask)
     code, _, err = score(argv + ["--k", "2"], capsys)
-    assert code == 2 and "is 7x5" in error_line(err)
+    assert code == 2 and "is 5x7" in error_line(err)  # height x width
     assert sorted(p.name for p in base.iterdir()) == ["latest", "v0"] and (base / "latest").resolve().name == "v0"
 
 
