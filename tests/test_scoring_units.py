@@ -58,6 +58,9 @@ def test_the_upsampling_is_a_bank_setting_of_concatenation():
     # The bank cache keys on it; nearest leaves the key as it was before the setting existed.
     keys = [bank_settings(ScoreConfig(upsample=mode), "sha", "files") for mode in ("nearest", "bilinear")]
     assert "upsample" not in keys[0] and keys[1] == {**keys[0], "upsample": "bilinear"}
+    mult_keys = [bank_settings(ScoreConfig(fusion="multiplication", upsample=mode), "sha", "files")
+                 for mode in ("nearest", "bilinear")]
+    assert mult_keys[0] == mult_keys[1]  # multiplication's banks do not depend on it: one cache entry
     # Multiplication keeps each layer on its own grid: the setting does not change it.
     products = [fit("multiplication", train, upsample=mode)(test) for mode in ("nearest", "bilinear")]
     assert all(torch.equal(a, b) for a, b in zip(*products))

@@ -37,7 +37,9 @@ def bank_settings(config: ScoreConfig, ckpt_sha: str, train_digest: str) -> dict
     # auto's choice, kept in the entry, depends on its halvings too (scoring.engine.views).
     halvings = {"view_splits": VIEW_SPLITS} if config.image_view == "auto" else {}
     bank = config.subset("bank")
-    if bank["upsample"] == "nearest":  # the banks built before the setting existed: their entries still serve
+    # Keyed only where it moves the rows (concatenation, bilinear): the banks built before the setting
+    # existed still serve, and a multiplication bank is one entry whatever the recipe sets.
+    if config.fusion != "concatenation" or config.upsample == "nearest":
         del bank["upsample"]
     return {"format": BANK_FORMAT, "checkpoint_sha256": ckpt_sha, **bank, **halvings, "train_files": train_digest}
 
