@@ -47,6 +47,7 @@ class ScoreConfig(Settings):
     antialias: bool = setting(False, "bank")
     layers: tuple[int, ...] = setting((2, 3), "bank")
     upsample: str = setting("nearest", "bank")  # concatenation: nearest (the paper) or bilinear (scoring.engine.model)
+    balance: bool = setting(False, "bank")  # concatenation: layers scaled to vary alike (engine.model.layer_scales)
     precision: str = setting("fp32", "bank")  # feature extraction: fp32 or bf16
     coreset: float = setting(1.0, "bank")
     coreset_dim: int = setting(32, "bank")
@@ -96,10 +97,12 @@ class ScoreConfig(Settings):
     def view_config(self) -> ScoreConfig:
         """The settings of the square view's bank: these with the square frame, no smoothing and no floor (its
         maps are not kept, only its image scores) and the paper's nearest ``upsample`` (a choice for the
-        frame's maps: the view is the paper's, docs/results.md "Layer 3 resized bilinearly"). Its cells stay:
+        frame's maps: the view is the paper's, docs/results.md "Layer 3 resized bilinearly"), its layers
+        unscaled (``balance`` off, the paper's, as ``upsample``). Its cells stay:
         they tighten the bounds the certification reads, so fewer patches are re-searched in the whole bank
         (docs/speed.md)."""
-        return self.replace(frame="square", image_view="frame", upsample="nearest", **self.maps_untouched)
+        return self.replace(frame="square", image_view="frame", upsample="nearest", balance=False,
+                            **self.maps_untouched)
 
     @property
     def maps_untouched(self) -> dict:
@@ -123,6 +126,7 @@ class ScoreConfig(Settings):
              and all(is_whole(layer, 1) and layer <= 4 for layer in self.layers)
              and len(set(self.layers)) == len(self.layers), "stages are numbered 1 to 4, each at most once (e.g. 2,3)"),
             ("upsample", self.upsample in UPSAMPLINGS, f"choose one of {', '.join(UPSAMPLINGS)}"),
+            ("balance", isinstance(self.balance, bool), "must be True (layers scaled to vary alike) or False"),
             ("precision", self.precision in ("fp32", "bf16"), "choose fp32 or bf16"),
             ("coreset", is_number(self.coreset) and 0 < self.coreset <= 1,
              "must be in (0, 1]; 1 keeps the whole bank (the paper)"),

@@ -43,7 +43,7 @@ from .config import ScoreConfig
 from .engine import dense
 from .engine.calibration import Threshold
 from .engine.features import pooled_features
-from .engine.model import AnomalyModel, bank_grids
+from .engine.model import AnomalyModel, balances_layers, bank_grids
 from .inputs import ImageLike, as_image_list
 from .metrics import above_threshold
 
@@ -286,6 +286,10 @@ def detector_state_problem(state: dict) -> str | None:
                                        and starts.shape == rows.shape[:1] and not starts.is_floating_point()
                                        and bool(((starts >= 0) & (starts < full.shape[0])).all())):
             return f"memory bank {i}'s cell starts are not one place in its whole bank per coreset row"
+    scales = banks[0].get("scales") if isinstance(banks[0], dict) else None
+    if balances_layers(config) and not (isinstance(scales, list) and len(scales) == len(config.layers)
+                                        and all(is_number(v) and 0 < v < math.inf for v in scales)):
+        return f"its balanced layers need one positive scale per layer ({list(config.layers)}), it holds {scales!r}"
     if "threshold" not in state:
         return "it has no threshold entry (None when it has no threshold)"
     threshold = state["threshold"]

@@ -64,15 +64,16 @@ def test_square_view_scores_images_as_the_square_frame_scores_their_remade_input
         assert viewed.model.scorer.view.banks[0].cell_starts is not None
 
 
-def test_the_square_view_is_the_papers_whatever_the_frames_upsampling(trained, tiny_root, paths):
-    bilinear = fit(trained, tiny_root, image_view="square", upsample="bilinear")
+def test_the_square_view_is_the_papers_whatever_the_frames_upsampling_and_balance(trained, tiny_root, paths):
+    bilinear = fit(trained, tiny_root, image_view="square", upsample="bilinear", balance=True)
     nearest = fit(trained, tiny_root, image_view="square")
     got, paper = bilinear.predict(paths), nearest.predict(paths)
-    assert bilinear.model.scorer.fusion_rule.upsample == "bilinear"
-    assert bilinear.model.scorer.view.fusion_rule.upsample == "nearest"
+    frame, view = bilinear.model.scorer.fusion_rule, bilinear.model.scorer.view.fusion_rule
+    assert (frame.upsample, view.upsample) == ("bilinear", "nearest")
+    assert len(frame.scales) == 2 and view.scales is None  # the frame's layers scaled, the view's as the paper's
     np.testing.assert_allclose(got.scores, paper.scores, rtol=1e-5)  # image scores: the paper's view
     assert bilinear.threshold == pytest.approx(nearest.threshold, rel=1e-5)  # calibrated on those scores
-    assert not np.allclose(got.maps, paper.maps)  # the maps: the frame's, upsampled bilinearly
+    assert not np.allclose(got.maps, paper.maps)  # the maps: the frame's, upsampled bilinearly, balanced
 
 
 def test_a_square_view_detector_file_scores_as_the_detector(trained, tiny_root, paths, tmp_path):

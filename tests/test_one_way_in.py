@@ -33,13 +33,14 @@ from scoring.pipeline import cli as score_cli
 # a frame whole and in tiles. The exact bank at a frame: test_frames; both fusions' exported files: test_export.
 VARIANTS = {
     "certified-coreset": ("concatenation", "64x32", ["--coreset", "0.5", "--refine", "2", "--cells", "16",
-                                                     "--floor", "0.5", "--upsample", "bilinear"]),
+                                                     "--floor", "0.5", "--upsample", "bilinear", "--balance"]),
     # TILE_SIDE patched to 64: 2 tiles of a 96 px side (not a multiple of the tile: ceil(96 / 64))
     "tiled": ("multiplication", "96x32", ["--coreset", "0.5"]),
     # image scores at the square view remade from the frame's input, maps at the frame (--image-view;
     # --recipe best's auto chooses it or the frame): scoring.engine.views
     "square-view": ("concatenation", "64x32", ["--coreset", "0.5", "--refine", "2", "--cells", "16",
-                                               "--image-view", "square", "--floor", "0.5", "--upsample", "bilinear"]),
+                                               "--image-view", "square", "--floor", "0.5", "--upsample", "bilinear",
+                                               "--balance"]),
 }
 RTOL = 1e-4
 # Exported here at the recipe's settings (test_export checks both plain fusions' files against

@@ -18,6 +18,7 @@ from scoring.engine.model import (
     bank_states,
     concat_layers,
     gaussian_smooth,
+    layer_scales,
     resize_map,
     to_patches,
 )
@@ -66,6 +67,54 @@ def test_the_upsampling_is_a_bank_setting_of_concatenation():
     assert all(torch.equal(a, b) for a, b in zip(*products))
     with pytest.raises(SettingError, match="upsample='cubic': choose one of nearest, bilinear"):
         ScoreConfig(upsample="cubic")
+
+
+def test_layer_scales_give_every_layer_the_coarsest_layers_total_variance():
+    torch.manual_seed(0)
+    fine, coarse = torch.randn(5, 3, 8, 8) * 0.5 + 2.0, torch.randn(5, 4, 4, 4) * 3.0
+    scales = layer_scales([fine, coarse])
+    assert scales[-1] == 1.0
+
+    def total_variance(feat):  # over every patch: the sum of the channels' (population) variances
+        return to_patches(feat).double().var(0, unbiased=False).sum().item()
+
+    assert total_variance(fine * scales[0]) == pytest.approx(total_variance(coarse), rel=1e-6)  # (float32 product)
+    assert scales[0] == pytest.approx(math.sqrt(total_variance(coarse) / total_variance(fine)), rel=1e-9)
+    # A layer that does not vary keeps its features (no division by zero).
+    assert layer_scales([torch.ones(2, 3, 4, 4), coarse])[0] == 1.0
+
+
+def test_a_balanced_bank_holds_its_scales_and_scales_its_queries_alike():
+    torch.manual_seed(1)
+    train = [torch.randn(3, 4, 8, 8) * 0.3, torch.randn(3, 6, 4, 4) * 2.0]
+    test = [torch.randn(2, 4, 8, 8) * 0.3, torch.randn(2, 6, 4, 4) * 2.0]
+    balanced, plain = fit("concatenation", train, balance=True), fit("concatenation", train)
+    scales = layer_scales(train)
+    assert balanced.banks[0].scales == scales and balanced.banks[0].state()["scales"] == scales
+    assert plain.banks[0].scales is None and scales[0] > 2  # the finer layer varies less: weighed up
+    # The same as an unbalanced scorer fed features scaled by hand: the bank and the queries alike.
+    by_hand = fit("concatenation", [f * s for f, s in zip(train, scales)])
+    got, want = balanced(test), by_hand([f * s for f, s in zip(test, scales)])
+    assert torch.allclose(got[0], want[0], rtol=1e-5) and torch.allclose(got[1], want[1], rtol=1e-5)
+    assert not torch.allclose(got[1], plain(test)[1], rtol=1e-3)
+    # Rebuilt from its states (the bank cache, a detector file), it scores the same.
+    again = AnomalyScorer.from_states(balanced_config := ScoreConfig(size=32, knn="torch", balance=True),
+                                      [bank.state() for bank in balanced.banks])
+    assert torch.equal(again(test)[1], got[1]) and again.fusion_rule.scales == scales
+    with pytest.raises(ValueError, match="needs its bank's layer scales"):
+        AnomalyScorer.from_states(balanced_config, [plain.banks[0].state()])
+    # A bank setting of concatenation over more than one layer: keyed there only, so banks made without it
+    # keep their key; multiplication (each layer searched alone) and one layer ignore it.
+    keys = {name: bank_settings(ScoreConfig(**settings), "sha", "files") for name, settings in {
+        "off": {}, "on": {"balance": True}, "mult": {"fusion": "multiplication", "balance": True},
+        "one": {"layers": (2,), "balance": True}, "one off": {"layers": (2,)}}.items()}
+    assert "balance" not in keys["off"] and keys["on"] == {**keys["off"], "balance": True}
+    assert "balance" not in keys["mult"] and keys["one"] == keys["one off"]
+    products = [fit("multiplication", train, balance=flag)(test) for flag in (False, True)]
+    assert all(torch.equal(a, b) for a, b in zip(*products))
+    assert fit("concatenation", train[:1], layers=(2,), balance=True).banks[0].scales is None
+    with pytest.raises(SettingError, match="balance='yes': must be True"):
+        ScoreConfig(balance="yes")
 
 
 def test_concatenation_scores_by_hand():

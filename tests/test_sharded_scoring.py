@@ -65,17 +65,19 @@ def test_two_processes_give_the_one_process_results(tiny_root, trained, tmp_path
     scratch = str(tiny_root / "widget" / "test" / "scratch")
     # name -> the one-process run it must equal, and its settings (shard_bank: split the bank, not the images)
     references = {
-        # refine 1: re-searched means that float32 does not hold exactly; smooth: per-image blurs
-        "concat-coreset-k2": {"fusion": "concatenation", "coreset": 0.5, "k": 2, "refine": 1},
+        # refine 1: re-searched means that float32 does not hold exactly; smooth: per-image blurs; balance:
+        # the layers' scales, summed over the ranks where the bank is split (bank-concat-coreset-k2)
+        "concat-coreset-k2": {"fusion": "concatenation", "coreset": 0.5, "k": 2, "refine": 1, "balance": True},
         "mult-exact": {"fusion": "multiplication", "smooth": 4.0},
         "mult-coreset": {"fusion": "multiplication", "coreset": 0.5},
         "images-coreset": {"fusion": "concatenation", "coreset": 0.5, "images": scratch},
         # the recipe's settings: a non-square frame larger than the training side, a certified coreset
         "frame-coreset": {"fusion": "multiplication", "coreset": 0.5, "frame": "64x32"},
         # image scores at the square view, maps at the frame (scoring.engine.views) with layer 3 upsampled
-        # bilinearly, less half their floor
+        # bilinearly, the layers balanced (their scales summed over the ranks where the bank is split), less
+        # half their floor
         "square-view": {"fusion": "concatenation", "coreset": 0.5, "frame": "64x32", "image_view": "square",
-                        "cells": 4, "floor": 0.5, "upsample": "bilinear"},
+                        "cells": 4, "floor": 0.5, "upsample": "bilinear", "balance": True},
         "images-threshold": {"fusion": "multiplication", "coreset": 0.5, "k": 2, "images": scratch,
                              "threshold": 1.0},
     }

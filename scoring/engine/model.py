@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from common.distributed import DistInfo, part_offset
+from common.distributed import DistInfo, all_reduce_sum, part_offset
 from common.errors import SettingError
 from data.frames import Frame, as_frame
 from data.images import network_input
@@ -62,16 +62,43 @@ def to_patches(feat: torch.Tensor) -> torch.Tensor:
     return feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])
 
 
-def concat_layers(feats: list[torch.Tensor], upsample: str = "nearest") -> torch.Tensor:
+def concat_layers(feats: list[torch.Tensor], upsample: str = "nearest",
+                  scales: list[float] | None = None) -> torch.Tensor:
     """``[(N, C_l, h_l, w_l)]`` -> ``(N, sum C_l, h_0, w_0)``: each layer resized onto layer 0's grid.
 
     ``nearest`` (the paper's code) repeats each coarser feature over the finer cells it covers, so
     the map steps at the coarser layer's cell edges; ``bilinear`` (half-pixel centres, PatchCore's
-    choice) blends the neighbouring coarser features instead."""
+    choice) blends the neighbouring coarser features instead. ``scales`` (one per layer,
+    :func:`layer_scales`) multiply each layer's features first; ``None``: as they are (the paper)."""
+    if scales is not None:
+        feats = [f * scale for f, scale in zip(feats, scales)]
     target = feats[0].shape[-2:]
     options = {"mode": "nearest"} if upsample == "nearest" else {"mode": "bilinear", "align_corners": False}
     resized = [f if f.shape[-2:] == target else F.interpolate(f, size=target, **options) for f in feats]
     return torch.cat(resized, dim=1)
+
+
+def layer_scales(feats: list[torch.Tensor], shards: DistInfo | None = None,
+                 device: torch.device | str = "cpu") -> list[float]:
+    """Per layer ``(N, C_l, h_l, w_l)`` features of the bank's images -> one scale per layer that gives it
+    the last (coarsest) layer's total variance over those patches (the sum of its channels' variances):
+    ``sqrt(total_last / total_l)``; the last layer's is 1. A nearest-neighbour distance over the
+    concatenation then weighs the layers alike, where unscaled the wider, more varied coarse layer
+    outweighs the finer one (wave18: layer 3 varies 1.2-4.3 times as much as layer 2). With
+    ``shards`` (torchrun) the sums cover every rank's images (reduced on ``device``, the collective's), so
+    every rank gets the same scales."""
+    totals = []
+    for feat in feats:
+        patches = to_patches(feat.detach()).double()
+        # (sum of each channel, sum of its squares, the patch count): what the ranks add up
+        packed = torch.cat([patches.sum(0), patches.pow(2).sum(0), patches.new_tensor([patches.shape[0]])])
+        if shards is not None and shards.enabled:
+            packed = all_reduce_sum(packed.to(device), shards).cpu()
+        channels, count = patches.shape[1], packed[-1]
+        mean = packed[:channels] / count
+        totals.append(float((packed[channels:2 * channels] / count - mean.pow(2)).clamp(min=0).sum()))
+    # A layer that does not vary at all (a constant image set) keeps its features as they are.
+    return [math.sqrt(totals[-1] / total) if total > 0 and totals[-1] > 0 else 1.0 for total in totals]
 
 
 def resize_map(maps: torch.Tensor, size: int | Frame) -> torch.Tensor:
@@ -119,11 +146,11 @@ class Concatenation(Fusion):
 
     name = "concatenation"
 
-    def __init__(self, upsample: str = "nearest"):
-        self.upsample = upsample
+    def __init__(self, upsample: str = "nearest", scales: list[float] | None = None):
+        self.upsample, self.scales = upsample, scales
 
     def grids(self, feats):
-        return [concat_layers(feats, self.upsample)]
+        return [concat_layers(feats, self.upsample, self.scales)]
 
     def terms(self, values, shapes, frame):
         return values[0]
@@ -188,14 +215,23 @@ class Multiplication(Fusion):
         return maps.flatten(1).max(1).values, maps
 
 
-def fusion_rule(config: ScoreConfig) -> Fusion:
-    """The :class:`Fusion` of ``config`` (its ``fusion``; concatenation with its ``upsample``)."""
-    return Concatenation(config.upsample) if config.fusion == Concatenation.name else Multiplication()
+def fusion_rule(config: ScoreConfig, scales: list[float] | None = None) -> Fusion:
+    """The :class:`Fusion` of ``config`` (its ``fusion``; concatenation with its ``upsample`` and, with
+    ``balance``, the bank's layer ``scales``: :func:`layer_scales`)."""
+    if config.fusion != Concatenation.name:
+        return Multiplication()
+    return Concatenation(config.upsample, scales if config.balance else None)
 
 
-def bank_grids(config: ScoreConfig, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+def bank_grids(config: ScoreConfig, feats: list[torch.Tensor], scales: list[float] | None = None) -> list[torch.Tensor]:
     """Per layer ``(N, C_l, h_l, w_l)`` -> what each bank of ``config``'s fusion holds (:meth:`Fusion.grids`)."""
-    return fusion_rule(config).grids(feats)
+    return fusion_rule(config, scales).grids(feats)
+
+
+def balances_layers(config: ScoreConfig) -> bool:
+    """Whether ``config``'s bank scales its layers (:func:`layer_scales`): ``balance`` with concatenation
+    over more than one layer (multiplication searches each layer alone, where a scale changes nothing)."""
+    return config.balance and config.fusion == Concatenation.name and len(config.layers) > 1
 
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -263,7 +299,8 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
     ``config.coreset < 1`` the rows ``sampler`` keeps: the config's :class:`GreedyCoresetSampler`
     unless another is given), ``full`` (the whole bank beside a coreset, else ``None``; with
     ``config.cells`` in one process in the cell order of :mod:`.cells`), ``cell_starts`` (there, where
-    each coreset row's cell starts in ``full``, else ``None``) and the coreset's settings. Plain tensors and
+    each coreset row's cell starts in ``full``, else ``None``), ``scales`` (with ``balance``, the layers'
+    :func:`layer_scales` the rows were made with, else ``None``) and the coreset's settings. Plain tensors and
     values: the bank cache and detector files hold these.
     With ``shards`` (torchrun, a sharded bank) ``train_feats`` are this rank's block of images and
     the states its part of each bank: its rows of the coreset one process would choose.
@@ -272,7 +309,9 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
     require_chosen_view(config)
     sampler = sampler or GreedyCoresetSampler(config.coreset, config.coreset_dim, config.seed)
     states = []
-    for grid in bank_grids(config, train_feats[:len(config.layers)]):
+    layers = train_feats[:len(config.layers)]
+    scales = layer_scales(layers, shards, device) if balances_layers(config) else None
+    for grid in bank_grids(config, layers, scales):
         patches = to_patches(grid).detach().float().cpu().contiguous()
         rows, full = patches, None
         if config.coreset < 1:
@@ -285,7 +324,7 @@ def bank_states(config: ScoreConfig, train_feats: list[torch.Tensor], device: to
         if full is not None and config.cells > 0 and (shards is None or not shards.enabled):  # (not across processes)
             full, starts = in_cell_order(BankSearch(rows, config.knn), full)
         states.append({"rows": rows, "full": full, "cell_starts": starts, "coreset": config.coreset,
-                       "coreset_dim": config.coreset_dim, "seed": config.seed})
+                       "coreset_dim": config.coreset_dim, "seed": config.seed, "scales": scales})
     if config.view_preprocessing is not None:
         states += bank_states(config.view_config, train_feats[-len(config.layers):], device, shards)
     return states
@@ -325,6 +364,7 @@ class PatchBank(nn.Module):
         if self.whole is not None:
             self.whole.ranks_windows = self.cells > 0
         self.coreset, self.coreset_dim, self.seed = state["coreset"], state["coreset_dim"], state["seed"]
+        self.scales = state.get("scales")  # the layers' scales its rows hold (balance), queries take them too
         # A buffer: it moves with .to() and a traced graph holds it once.
         self.register_buffer("cell_starts", starts if listing else None)
 
@@ -332,7 +372,7 @@ class PatchBank(nn.Module):
         """What :func:`bank_states` made (the whole bank and its cell starts only when they are searched)."""
         return {"rows": self.search.rows.cpu(), "full": None if self.whole is None else self.whole.rows.cpu(),
                 "cell_starts": None if self.cell_starts is None else self.cell_starts.cpu(),
-                "coreset": self.coreset, "coreset_dim": self.coreset_dim, "seed": self.seed}
+                "coreset": self.coreset, "coreset_dim": self.coreset_dim, "seed": self.seed, "scales": self.scales}
 
     def forward(self, patches: torch.Tensor, k: int) -> torch.Tensor:
         """``(M, D)`` patches -> ``(M,)`` mean distance to their ``k`` nearest searched rows: the exact
@@ -367,7 +407,9 @@ class AnomalyScorer(nn.Module):
         self.banks = nn.ModuleList(banks)
         self.fusion, self.size, self.k, self.smooth = config.fusion, config.frame_hw, config.k, config.smooth
         self.floor = config.floor
-        self.fusion_rule = fusion_rule(config)
+        if balances_layers(config) and not (banks and banks[0].scales):
+            raise ValueError("a balanced concatenation needs its bank's layer scales (bank_states makes them)")
+        self.fusion_rule = fusion_rule(config, banks[0].scales if banks else None)
         self.map_source, self.layer_count, self.map_norm = config.map_source, len(config.layers), map_norm
         self.refine, self.certify_scores = config.refine, config.certify
         self.coreset = any(bank.coreset < 1 for bank in banks)  # searched rows whose distances are bounds

@@ -22,6 +22,7 @@ from models.checkpoint import save_atomic
 
 from ..config import MAP_ONLY_SETTINGS, ScoreConfig
 from ..engine.calibration import CALIBRATION_FOLDS
+from ..engine.model import balances_layers
 from ..engine.views import VIEW_SPLITS
 
 # 3: training files keyed by content; 4: banks stored as MemoryBank state dicts; 5: thresholds (and map
@@ -41,6 +42,8 @@ def bank_settings(config: ScoreConfig, ckpt_sha: str, train_digest: str) -> dict
     # existed still serve, and a multiplication bank is one entry whatever the recipe sets.
     if config.fusion != "concatenation" or config.upsample == "nearest":
         del bank["upsample"]
+    if not balances_layers(config):  # likewise: unscaled layers keep the key they had
+        del bank["balance"]
     return {"format": BANK_FORMAT, "checkpoint_sha256": ckpt_sha, **bank, **halvings, "train_files": train_digest}
 
 

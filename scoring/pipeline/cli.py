@@ -71,6 +71,10 @@ def get_args_parser(fusion: str) -> argparse.ArgumentParser:
     scoring.add_argument("--upsample", default=DEFAULT("upsample"), choices=UPSAMPLINGS,
                          help="concatenation: how the coarser stages reach the finest stage's grid, nearest (the "
                               "paper's) or bilinear (PatchCore's; --recipe best)")
+    scoring.add_argument("--balance", action=argparse.BooleanOptionalAction, default=DEFAULT("balance"),
+                         help="concatenation: scale each stage's features to vary as much over the training "
+                              "patches as the coarsest stage's, so the distance weighs them alike (--recipe best; "
+                              "--no-balance: the paper's, unscaled)")
     scoring.add_argument("--k", type=int, default=DEFAULT("k"),
                          help="nearest neighbours averaged per patch (the paper: 1)")
     scoring.add_argument("--coreset", type=float, default=DEFAULT("coreset"),
