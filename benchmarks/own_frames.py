@@ -31,7 +31,7 @@ from data.frames import frame_at_area
 from data.images import network_input, read_rgb
 from scoring import Detector, metrics
 from scoring.engine.coreset import GreedyCoresetSampler
-from scoring.engine.model import AnomalyScorer, bank_grids, to_patches
+from scoring.engine.model import AnomalyScorer, to_patches
 from scoring.pipeline.evaluation import category_test_set
 
 
@@ -52,8 +52,9 @@ def own_features(detector: Detector, path, area: float) -> list[torch.Tensor]:
 
 
 def bank_rows(detector: Detector, feats: list[torch.Tensor]) -> torch.Tensor:
-    """One image's features -> its ``(h w, D)`` rows of the (concatenation's one) bank."""
-    return to_patches(bank_grids(detector.config, feats[:len(detector.config.layers)])[0])
+    """One image's features -> its ``(h w, D)`` rows of the (concatenation's one) bank (the detector's
+    layer scales where it balances them)."""
+    return to_patches(detector.model.scorer.fusion_rule.grids(feats[:len(detector.config.layers)])[0])
 
 
 @torch.no_grad()  # not set_grad_enabled(False): a caller in the same process keeps its gradients
@@ -69,7 +70,8 @@ def main(args: argparse.Namespace) -> None:
                       for p in tqdm(train_paths, desc="training images, own frames")]).float().contiguous()
     keep = GreedyCoresetSampler(config.coreset, config.coreset_dim, config.seed).select(rows)
     state = {"rows": rows[keep].contiguous(), "full": rows if config.coreset < 1 else None,
-             "coreset": config.coreset, "coreset_dim": config.coreset_dim, "seed": config.seed}
+             "coreset": config.coreset, "coreset_dim": config.coreset_dim, "seed": config.seed,
+             "scales": detector.model.scorer.banks[0].scales}
     scorer = AnomalyScorer.from_states(config, [state])
     own_scores, certified = [], 0
     for sample in tqdm(test_set.samples, desc="test images, own frames"):

@@ -39,7 +39,7 @@ from benchmarks.common import markdown_table, system_info, write_results
 from benchmarks.latency_child import timed
 from scoring import Detector
 from scoring.engine.knn import BankSearch
-from scoring.engine.model import bank_grids, to_patches
+from scoring.engine.model import to_patches
 from scoring.pipeline.evaluation import category_test_set
 
 LLOYD_ROUNDS = 4
@@ -98,7 +98,8 @@ def test_patches(detector: Detector, data_root: str, category: str, images: int,
     order = sorted(range(len(dataset)), key=lambda i: -dataset.samples[i].label)[:images]
     batch = torch.stack([dataset[i]["image"] for i in order])
     feats = [torch.cat(parts) for parts in zip(*(detector.features(batch[s:s + 8]) for s in range(0, len(batch), 8)))]
-    patches = to_patches(bank_grids(detector.config, feats[:len(detector.config.layers)])[0]).float()
+    # the scorer's own fusion: a balanced detector's layer scales too
+    patches = to_patches(detector.model.scorer.fusion_rule.grids(feats[:len(detector.config.layers)])[0]).float()
     pick = torch.randperm(patches.shape[0], generator=torch.Generator().manual_seed(0))[:count]
     return patches[pick]
 

@@ -101,6 +101,7 @@ def run_export(argv, capsys):
     (lambda s: s.update(format_version=str(FORMAT_VERSION)), re.escape("format version '1' (str)")),
     (lambda s: s["threshold"].update(value=float("nan")), "threshold is nan"),
     (lambda s: s["banks"][0]["rows"].__setitem__((0, 0), float("nan")), "NaN or infinite values"),
+    (lambda s: s["config"].update(balance=True), "balanced layers need one positive scale per layer"),
 ])
 def test_edited_detector_files_are_one_line(edit, message, detector_state, tmp_path):
     path = tmp_path / "d.pt"
