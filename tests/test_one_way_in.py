@@ -14,6 +14,7 @@ Torchrun's share of this is ``test_sharded_scoring`` (a frame job among its jobs
 from __future__ import annotations
 
 import csv
+import json
 import warnings
 from pathlib import Path
 
@@ -110,6 +111,10 @@ def test_every_way_in_gives_each_image_the_same_score(name, tiny_root, trained, 
     assert_same(by_path.scores, expected, "predict(paths)")
     assert_same_saved_maps(tmp_path, paths, by_path.maps)
     assert detector.config.floor == (float(flags[flags.index("--floor") + 1]) if "--floor" in flags else 0.0)
+    # --balance: the detector file holds the layer scales the test-set run reports (the last layer's 1)
+    scales = json.loads((tmp_path / "test" / "results.json").read_text())["bank"].get("layer_scales")
+    assert scales == detector.model.scorer.banks[0].scales and (scales is not None) == ("--balance" in flags)
+    assert scales is None or (len(scales) == 2 and scales[-1] == 1.0 and scales[0] > 0)
     assert_same(detector.predict(arrays).scores, expected, "predict(uint8 arrays)")
     assert_same(detector.predict(np.stack(arrays)).scores, expected, "predict(a uint8 batch)")
     assert_same(detector.predict(tensors).scores, expected, "predict(float tensors)")

@@ -243,6 +243,7 @@ def scored_record(detector, info: dict, run: ScoringRun, category: str, out_dir:
     checkpoint's). Under torchrun only rank 0 gets the record (the others ``None``)."""
     config, network, device = detector.config, detector.model.network, detector.device
     banks = [bank.search.rows for bank in detector.model.scorer.banks]
+    scales = detector.model.scorer.banks[0].scales if banks else None
     record = {
         "category": category, "fusion": config.fusion, "checkpoint": dict(info),
         "settings": settings_record(config, detector.model.scorer.backend),
@@ -251,7 +252,9 @@ def scored_record(detector, info: dict, run: ScoringRun, category: str, out_dir:
                  "train_images": detector.provenance["train_images"],
                  # image_view auto: the view chosen and the two spreads it read (scoring.engine.views)
                  **({"image_view": detector.provenance["image_view"]} if "image_view" in detector.provenance
-                    else {})},
+                    else {}),
+                 # balance: each layer's scale in the frame's bank (scoring.engine.model.layer_scales)
+                 **({"layer_scales": scales} if scales else {})},
     }
     if run.shard_bank and shards.enabled:
         # Every rank searches its part of the bank for every image, in step; rank 0 alone writes.
