@@ -79,7 +79,7 @@ def test_layer_scales_give_every_layer_the_coarsest_layers_total_variance():
         return to_patches(feat).double().var(0, unbiased=False).sum().item()
 
     assert total_variance(fine * scales[0]) == pytest.approx(total_variance(coarse), rel=1e-6)  # (float32 product)
-    assert scales[0] == pytest.approx(math.sqrt(total_variance(coarse) / total_variance(fine)), rel=1e-9)
+    assert scales[0] == pytest.approx(math.sqrt(total_variance(coarse) / total_variance(fine)), rel=1e-6)
     # A layer that does not vary keeps its features (no division by zero).
     assert layer_scales([torch.ones(2, 3, 4, 4), coarse])[0] == 1.0
 

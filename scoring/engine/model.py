@@ -71,7 +71,7 @@ def concat_layers(feats: list[torch.Tensor], upsample: str = "nearest",
     choice) blends the neighbouring coarser features instead. ``scales`` (one per layer,
     :func:`layer_scales`) multiply each layer's features first; ``None``: as they are (the paper)."""
     if scales is not None:
-        feats = [f * scale for f, scale in zip(feats, scales)]
+        feats = [f if scale == 1.0 else f * scale for f, scale in zip(feats, scales)]
     target = feats[0].shape[-2:]
     options = {"mode": "nearest"} if upsample == "nearest" else {"mode": "bilinear", "align_corners": False}
     resized = [f if f.shape[-2:] == target else F.interpolate(f, size=target, **options) for f in feats]
@@ -89,12 +89,14 @@ def layer_scales(feats: list[torch.Tensor], shards: DistInfo | None = None,
     every rank gets the same scales."""
     totals = []
     for feat in feats:
-        patches = to_patches(feat.detach()).double()
-        # (sum of each channel, sum of its squares, the patch count): what the ranks add up
-        packed = torch.cat([patches.sum(0), patches.pow(2).sum(0), patches.new_tensor([patches.shape[0]])])
+        feat = feat.detach().float()
+        # (sum of each channel, sum of its squares, the patch count): what the ranks add up; each image's
+        # sums in float32, their total in float64
+        packed = torch.cat([feat.sum((2, 3)).double().sum(0), (feat * feat).sum((2, 3)).double().sum(0),
+                            torch.tensor([feat.numel() // feat.shape[1]], dtype=torch.float64)])
         if shards is not None and shards.enabled:
             packed = all_reduce_sum(packed.to(device), shards).cpu()
-        channels, count = patches.shape[1], packed[-1]
+        channels, count = feat.shape[1], packed[-1]
         mean = packed[:channels] / count
         totals.append(float((packed[channels:2 * channels] / count - mean.pow(2)).clamp(min=0).sum()))
     # A layer that does not vary at all (a constant image set) keeps its features as they are.
