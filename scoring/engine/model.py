@@ -222,7 +222,7 @@ def fusion_rule(config: ScoreConfig, scales: list[float] | None = None) -> Fusio
     ``balance``, the bank's layer ``scales``: :func:`layer_scales`)."""
     if config.fusion != Concatenation.name:
         return Multiplication()
-    return Concatenation(config.upsample, scales if config.balance else None)
+    return Concatenation(config.upsample, scales if balances_layers(config) else None)
 
 
 def bank_grids(config: ScoreConfig, feats: list[torch.Tensor], scales: list[float] | None = None) -> list[torch.Tensor]:
